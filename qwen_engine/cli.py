@@ -1,0 +1,192 @@
+"""The `qwen-engine` command: generate, chat, pull-demo.
+
+Every error the package raises on purpose becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import InputError, QwenEngineError
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return args.run(args)
+    except QwenEngineError as e:
+        print(f"qwen-engine: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into `head`): nothing left to say to anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-engine", description="Run Qwen models locally.")
+    sub = parser.add_subparsers(dest="command")
+
+    gen = sub.add_parser("generate", help="answer one prompt, streaming to stdout")
+    _model_args(gen)
+    _sampling_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    gen.add_argument("--think", choices=["on", "off"], help="enable_thinking for models whose template has it")
+    gen.add_argument("prompt", help="the question or instruction")
+    gen.set_defaults(run=_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (also reads turns from piped stdin)")
+    _model_args(chat)
+    _sampling_args(chat)
+    chat.add_argument("--think", choices=["on", "off"], help="enable_thinking for models whose template has it")
+    chat.set_defaults(run=_chat)
+
+    pull = sub.add_parser("pull-demo", help="assemble and verify the bundled demo model now")
+    pull.set_defaults(run=_pull_demo)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="GGUF file or Hugging Face folder (default: the bundled demo model)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
+    p.add_argument("--system", "-s", help="system message")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, help="most tokens to generate (default: until the model stops)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation config)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--seed", type=int, help="same seed, same answer")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _params(args: argparse.Namespace):
+    from .engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from .api import LLM
+
+    params = _params(args)  # validate flags before spending seconds on loading
+    if sys.stderr.isatty():
+        print(f"loading {args.model or 'the demo model'} …", file=sys.stderr, flush=True)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    return llm, params
+
+
+def _thinking(args: argparse.Namespace) -> dict:
+    return {} if args.think is None else {"enable_thinking": args.think == "on"}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise InputError("the prompt is empty")
+    if args.raw and args.system:
+        raise InputError("--system has no meaning with --raw")
+    llm, params = _load(args)
+    if args.raw:
+        if args.json:
+            print(json.dumps(llm.generate(args.prompt, params)[0].to_dict(), ensure_ascii=False))
+            return 0
+        stream = llm.generate_stream(args.prompt, params)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        if args.json:
+            out = llm.chat(messages, params, **_thinking(args))
+            print(json.dumps(out.to_dict(), ensure_ascii=False))
+            return 0
+        stream = llm.chat_stream(messages, params, **_thinking(args))
+    for delta in stream:
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .text.parsers import prompt_opens_thinking, split_reasoning
+
+    llm, params = _load(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    if interactive:
+        print("Type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history.clear()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        pieces = []
+        prompt = llm.apply_chat_template(system + history, **_thinking(args))
+        try:
+            for delta in llm.generate_stream(prompt, params):
+                pieces.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            history.pop()  # the interrupted turn is forgotten; the chat goes on
+            print("\n(interrupted)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        # Keep only the answer in the history, not the reasoning, as Qwen's templates expect.
+        history.append({"role": "assistant", "content": split_reasoning("".join(pieces), prompt_opens_thinking(prompt))[1]})
+    return 0
+
+
+def _pull_demo(args: argparse.Namespace) -> int:
+    from .weights.demo import demo_model_path
+
+    print(demo_model_path(progress=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The engine: sampling, the KV cache and the generation loop."""

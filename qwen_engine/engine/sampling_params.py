@@ -1,0 +1,100 @@
+"""What a caller may ask of sampling, validated up front so bad values never reach the model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ..errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings. `None` means "the model's default" (its generation config).
+
+    temperature 0 means greedy. top_k 0 (or -1), top_p 1 and min_p 0 switch those filters off.
+    repetition_penalty multiplies down the logits of every token already in the prompt or the answer (as in
+    transformers and vLLM); presence_penalty and frequency_penalty subtract from tokens in the answer (as in
+    OpenAI's API). The same seed gives the same output.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def finite(name: str, value: float | None) -> None:
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+
+        for f in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            finite(f, getattr(self, f))
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature is not None and self.temperature < 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < -1):
+            raise InputError(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise InputError(f"{name} must be in [-2, 2], got {value}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise InputError("stop must be a string or a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise InputError("stop_token_ids must be a list of integers")
+
+    def with_defaults(self, defaults: SamplingParams) -> SamplingParams:
+        """A copy whose unset (None) fields are taken from `defaults`, then from the engine's fallbacks."""
+        merged = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                value = getattr(defaults, f.name)
+            if value is None:
+                value = FALLBACKS.get(f.name)
+            merged[f.name] = value
+        return replace(self, **merged)
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+# Used when neither the caller nor the model's generation config says otherwise (transformers' defaults).
+FALLBACKS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "stop": [],
+    "stop_token_ids": [],
+}

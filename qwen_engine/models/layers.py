@@ -1,0 +1,104 @@
+"""Building blocks shared by the Qwen decoders: RMSNorm, rotary tables, the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the weights' dtype: bf16/fp16 variance loses too much precision.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for each rotated pair, and the factor cos/sin are scaled by (YaRN's attention factor)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    base_freqs = rope.theta**exponents
+    if rope.kind == "default":
+        return 1.0 / base_freqs, 1.0
+    # YaRN: keep high-frequency pairs (short wavelengths) as trained, divide low-frequency ones by `factor`,
+    # and blend linearly in between; the band edges are the pairs that turn beta_fast / beta_slow times
+    # over the original context.
+    factor, original = rope.factor, rope.original_max_position or 32768
+
+    def pair_for_rotations(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = pair_for_rotations(rope.beta_fast), pair_for_rotations(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 where the trained frequency is kept (extrapolation), 0 where it is interpolated
+    inv_freq = (1.0 / (factor * base_freqs)) * (1 - keep) + (1.0 / base_freqs) * keep
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.attention_factor is not None:
+        attention = float(rope.attention_factor)
+    elif rope.mscale and rope.mscale_all_dim:
+        attention = mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim)
+    else:
+        attention = mscale(factor)
+    return inv_freq, attention
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, computed once up to a length and extended on demand."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, initial_length: int = 4096):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_inverse_frequencies(rope, head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.initial_length = initial_length
+
+    def _build(self, length: int) -> None:
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(positions, self.inv_freq.float())
+        angles = torch.cat([freqs, freqs], dim=-1)
+        self.cos = angles.cos() * self.attention_scaling
+        self.sin = angles.sin() * self.attention_scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if self.cos.shape[0] < needed:
+            self._build(max(needed, self.initial_length, 2 * self.cos.shape[0]))
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [tokens, heads, head_dim] by per-token angles; pairs are (i, i + head_dim/2) as in Qwen."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,246 @@
+"""Splitting a Qwen answer into reasoning (`<think>` blocks), content and tool calls.
+
+Qwen3 thinks inside `<think>...</think>` before answering; thinking templates open that block in the prompt
+itself, so the generated text may start inside it. Tool calls come as `<tool_call>` blocks holding either
+Hermes-style JSON (Qwen2.5, Qwen3) or the XML form of newer templates (Qwen3-Coder, Qwen3.5):
+
+    <tool_call>                              <tool_call>
+    {"name": "f", "arguments": {"x": 1}}     <function=f>
+    </tool_call>                             <parameter=x>
+                                             1
+                                             </parameter>
+                                             </function>
+                                             </tool_call>
+
+Parsing never raises: anything that does not parse cleanly stays in the content, verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+ASSISTANT_TURN = "<|im_start|>assistant"
+
+_FUNCTION_OPEN = re.compile(r"<function=([^>\n]+)>")
+_PARAMETER_OPEN = re.compile(r"<parameter=([^>\n]+)>")
+_PARAMETER_CLOSE = "</parameter>"
+_FUNCTION_CLOSE = "</function>"
+_WHITESPACE = re.compile(r"\s*")
+_ID_ALPHABET = string.ascii_letters + string.digits
+_JSON = json.JSONDecoder()
+
+
+# ---------------------------------------------------------------------------------------------- reasoning
+
+
+def prompt_opens_thinking(prompt_text: str) -> bool:
+    """True when the rendered prompt ends inside an open `<think>` block, so generation starts in reasoning.
+
+    Only the tail after the last `<|im_start|>assistant` counts (earlier turns may hold closed think
+    blocks): `...assistant\\n<think>\\n` is open; `...assistant\\n<think>\\n\\n</think>\\n\\n` (thinking
+    switched off) and a tail without `<think>` are not.
+    """
+    start = prompt_text.rfind(ASSISTANT_TURN)
+    tail = prompt_text[start + len(ASSISTANT_TURN) :] if start >= 0 else prompt_text
+    opened = tail.rfind(THINK_OPEN)
+    return opened >= 0 and tail.find(THINK_CLOSE, opened) < 0
+
+
+def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | None, str]:
+    """Return (reasoning, answer), both stripped when there is a think block.
+
+    The block is there when the text (after leading whitespace) starts with `<think>`, or when
+    `starts_in_think` says the prompt opened it. Reasoning runs up to the first `</think>`; when that never
+    comes (generation was cut off) all of the text is reasoning and the answer is "". Without a think block
+    the result is (None, text) with text untouched. An empty think block gives reasoning "".
+    """
+    stripped = text.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        body = stripped[len(THINK_OPEN) :]
+    elif starts_in_think:
+        body = text
+    else:
+        return None, text
+    end = body.find(THINK_CLOSE)
+    if end < 0:
+        return body.strip(), ""
+    return body[:end].strip(), body[end + len(THINK_CLOSE) :].strip()
+
+
+# ---------------------------------------------------------------------------------------------- tool calls
+
+
+def new_tool_call_id() -> str:
+    """A fresh OpenAI-style call id: "call_" and 24 random letters and digits."""
+    return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+    @classmethod
+    def create(cls, name: str, arguments: dict[str, Any]) -> ToolCall:
+        """A call with a newly generated id."""
+        return cls(new_tool_call_id(), name, arguments)
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+    def to_openai(self) -> dict[str, Any]:
+        """The entry of an OpenAI chat completion's `tool_calls` (arguments as a JSON string)."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments_json},
+        }
+
+
+def _skip_whitespace(text: str, pos: int) -> int:
+    return _WHITESPACE.match(text, pos).end()
+
+
+def _call_from_json(obj: Any) -> ToolCall | None:
+    if not isinstance(obj, dict):
+        return None
+    name = obj.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    # Some fine-tunes say "parameters"; a call without arguments is a call with none.
+    arguments = obj["arguments"] if "arguments" in obj else obj.get("parameters")
+    if arguments is None:
+        arguments = {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (ValueError, RecursionError):
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall.create(name.strip(), arguments)
+
+
+def _reject_constant(name: str) -> Any:
+    # json.loads would turn a parameter value "NaN" or "Infinity" into a float; keep such text a string.
+    raise ValueError(name)
+
+
+def _parameter_value(raw: str) -> Any:
+    # The template writes "<parameter=x>\nVALUE\n</parameter>": exactly one newline on each side is framing.
+    if raw.startswith("\n"):
+        raw = raw[1:]
+    if raw.endswith("\n"):
+        raw = raw[:-1]
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return raw
+
+
+def _parse_json_body(text: str, pos: int) -> tuple[ToolCall, int] | None:
+    try:
+        obj, end = _JSON.raw_decode(text, pos)
+    except (ValueError, RecursionError):
+        return None
+    call = _call_from_json(obj)
+    return None if call is None else (call, end)
+
+
+def _parse_xml_body(text: str, pos: int) -> tuple[ToolCall, int] | None:
+    match = _FUNCTION_OPEN.match(text, pos)
+    if match is None or not match.group(1).strip():
+        return None
+    name = match.group(1).strip()
+    arguments: dict[str, Any] = {}
+    pos = match.end()
+    while True:
+        pos = _skip_whitespace(text, pos)
+        if text.startswith(_FUNCTION_CLOSE, pos):
+            return ToolCall.create(name, arguments), pos + len(_FUNCTION_CLOSE)
+        param = _PARAMETER_OPEN.match(text, pos)
+        if param is None:
+            return None
+        # A value is raw text up to its closing tag, whatever it contains (code, JSON, tags).
+        end = text.find(_PARAMETER_CLOSE, param.end())
+        if end < 0:
+            return None
+        arguments[param.group(1).strip()] = _parameter_value(text[param.end() : end])
+        pos = end + len(_PARAMETER_CLOSE)
+
+
+def _parse_block(text: str, body_start: int) -> tuple[ToolCall, int] | None:
+    """The call in the block whose body starts at `body_start` and the position after its `</tool_call>`."""
+    pos = _skip_whitespace(text, body_start)
+    if text.startswith("{", pos):
+        parsed = _parse_json_body(text, pos)
+    elif text.startswith("<function=", pos):
+        parsed = _parse_xml_body(text, pos)
+    else:
+        return None
+    if parsed is None:
+        return None
+    call, pos = parsed
+    pos = _skip_whitespace(text, pos)
+    if not text.startswith(TOOL_CALL_CLOSE, pos):
+        return None
+    return call, pos + len(TOOL_CALL_CLOSE)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Return (content, calls): the `<tool_call>` blocks that parse, in order, and the text around them,
+    stripped. A block with bad JSON, no name, or no closing tag stays in the content verbatim."""
+    pieces: list[str] = []
+    calls: list[ToolCall] = []
+    pos = 0
+    while (start := text.find(TOOL_CALL_OPEN, pos)) >= 0:
+        body_start = start + len(TOOL_CALL_OPEN)
+        parsed = _parse_block(text, body_start)
+        if parsed is not None:
+            call, end = parsed
+            pieces.append(text[pos:start])
+            calls.append(call)
+            pos = end
+            continue
+        # Not a call: keep the block as text. It ends at its closing tag, or where the next block opens
+        # when it was never closed, so a broken call does not swallow the good ones after it.
+        close = text.find(TOOL_CALL_CLOSE, body_start)
+        reopen = text.find(TOOL_CALL_OPEN, body_start)
+        if reopen >= 0 and (close < 0 or reopen < close):
+            end = reopen
+        elif close >= 0:
+            end = close + len(TOOL_CALL_CLOSE)
+        else:
+            break
+        pieces.append(text[pos:end])
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces).strip(), calls
+
+
+# ---------------------------------------------------------------------------------------------- together
+
+
+@dataclass
+class ParsedAnswer:
+    reasoning: str | None  # None when the answer had no think block
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+def parse_answer(text: str, starts_in_think: bool = False) -> ParsedAnswer:
+    """Split a whole generated answer: reasoning first, then tool calls out of what follows it."""
+    reasoning, answer = split_reasoning(text, starts_in_think)
+    content, calls = parse_tool_calls(answer)
+    return ParsedAnswer(reasoning, content, calls)

@@ -1,0 +1,1 @@
+"""Finding and reading model files: GGUF, safetensors folders and the bundled demo model."""

@@ -1,0 +1,204 @@
+"""Reading GGUF files: metadata as plain Python values, tensors dequantised one at a time by the `gguf` package.
+
+The header is parsed here rather than with `gguf.GGUFReader`, which builds a numpy view per array element and
+spends ~13 s on the demo model's 300k vocabulary strings; this parser takes well under a second. Tensor data
+stays memory-mapped, and dequantisation is the `gguf` package's.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError
+
+# llama.cpp tensor names → the Hugging Face names our models use.
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+# GGUF value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64, 12 f64
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_U64 = struct.Struct("<Q")
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: innermost dimension first
+    qtype: Any  # gguf.GGMLQuantizationType
+    offset: int  # from the start of the data section
+    n_bytes: int
+
+
+class GGUFFile:
+    """A memory-mapped GGUF file. Nothing is dequantised until a tensor is asked for."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{self.path}: cannot read file ({e})") from None
+        try:
+            self.metadata, self.tensors, data_start = _parse_header(self._map)
+        except ModelLoadError:
+            raise
+        except (struct.error, ValueError, IndexError, UnicodeDecodeError, KeyError) as e:
+            raise ModelLoadError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self._data_start = data_start
+        end = max((t.offset + t.n_bytes for t in self.tensors.values()), default=0) + data_start
+        if end > len(self._map):
+            raise ModelLoadError(
+                f"{self.path}: file is truncated ({len(self._map)} bytes, its tensors need {end})"
+            )
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture"))
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, shaped [rows, bytes per row] (a view of the memory map)."""
+        t = self.tensors[name]
+        start = self._data_start + t.offset
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        return self._map[start : start + t.n_bytes].reshape(rows, -1)
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """The tensor as float32 in the Hugging Face shape (reversed ggml order)."""
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        try:
+            values = dequantize(self.raw(name), t.qtype)
+        except NotImplementedError:
+            raise ModelLoadError(
+                f"{self.path}: tensor {name} uses quantisation type {t.qtype.name}, which the gguf "
+                f"package cannot dequantise"
+            ) from None
+        values = values.reshape(tuple(reversed(t.shape))).astype(np.float32, copy=False)
+        # F32 tensors come back as read-only views of the memory map; the model gets its own copy.
+        return values if values.flags.writeable else values.copy()
+
+    def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(Hugging Face name, float32 array) for every tensor the text models use, one at a time."""
+        for name in self.tensors:
+            target = hf_name(name)
+            if target is not None:
+                yield target, self.dequantize(name)
+
+
+class _Cursor:
+    def __init__(self, buf: np.ndarray):
+        self.buf = memoryview(buf)
+        self.pos = 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        s = str(self.buf[self.pos : self.pos + n], "utf-8")
+        self.pos += n
+        return s
+
+    def strings(self, count: int) -> list[str]:
+        # The vocabulary and merges are ~300k strings: keep this loop free of attribute look-ups.
+        unpack, buf, pos, out = _U64.unpack_from, self.buf, self.pos, []
+        append = out.append
+        for _ in range(count):
+            (n,) = unpack(buf, pos)
+            pos += 8
+            append(str(buf[pos : pos + n], "utf-8"))
+            pos += n
+        if pos > len(buf):
+            raise ValueError("string array runs past the end of the file")
+        self.pos = pos
+        return out
+
+    def value(self, vtype: int) -> Any:
+        if vtype == 8:
+            return self.string()
+        if vtype == 9:
+            etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype == 8:
+                return self.strings(count)
+            if etype in _NUMPY:
+                arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos)
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(etype) for _ in range(count)]
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        raise ValueError(f"unknown metadata value type {vtype}")
+
+
+def _parse_header(buf: np.ndarray) -> tuple[dict[str, Any], dict[str, TensorInfo], int]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    cur = _Cursor(buf)
+    if bytes(cur.buf[:4]) != b"GGUF":
+        raise ValueError("bad magic")
+    cur.pos = 4
+    version = cur.scalar("<I")
+    if version not in (2, 3):
+        raise ModelLoadError(f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.scalar("<I"))
+    tensors: dict[str, TensorInfo] = {}
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = tuple(cur.scalar("<Q") for _ in range(cur.scalar("<I")))
+        qtype = GGMLQuantizationType(cur.scalar("<I"))
+        offset = cur.scalar("<Q")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n_bytes = int(np.prod(dims)) // block * type_size
+        tensors[name] = TensorInfo(name, dims, qtype, offset, n_bytes)
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = (cur.pos + alignment - 1) // alignment * alignment
+    return metadata, tensors, data_start

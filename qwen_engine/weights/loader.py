@@ -1,0 +1,199 @@
+"""From a model name to a ready model: resolve the path, read config, tokenizer, template and weights.
+
+A model is a GGUF file or a Hugging Face folder (config.json + safetensors); no name means the demo model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..engine.sampling_params import SamplingParams
+from ..errors import ModelLoadError
+from ..models.layers import RotaryEmbedding
+from ..models.qwen import QwenForCausalLM
+
+# A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
+# instruct models (Qwen2.5-Instruct, and Qwen3 in its default thinking mode).
+GGUF_DEFAULTS = {
+    "qwen2": SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05),
+    "qwen3": SamplingParams(temperature=0.6, top_p=0.95, top_k=20),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    config: ModelConfig
+    model: QwenForCausalLM
+    tokenizer: object  # text.tokenizer.QwenTokenizer
+    chat_template: object  # text.template.ChatTemplate
+    defaults: SamplingParams  # from generation_config.json (or the GGUF's family defaults)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+def resolve_model_path(model: str | Path | None, progress: bool = True) -> Path:
+    if model is None:
+        from .demo import demo_model_path
+
+        return demo_model_path(progress=progress)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+    elif str(dtype) in DTYPES:
+        return DTYPES[str(dtype)]
+    raise ModelLoadError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for, but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unsupported device {str(dev)!r}; choose cpu or cuda")
+    return dev
+
+
+def load_model(
+    model: str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    path = resolve_model_path(model, progress)
+    torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if path.is_dir():
+        return _load_hf_folder(path, torch_dtype, torch_device)
+    return _load_gguf(path, torch_dtype, torch_device)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from ..text.template import ChatTemplate
+    from ..text.tokenizer import QwenTokenizer
+    from .gguf import GGUFFile
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model file {str(path)!r}: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
+    gguf = GGUFFile(path)
+    names = gguf.tensor_names()
+    if "token_embd.weight" not in names:
+        raise ModelLoadError(f"{path}: GGUF has no token_embd.weight tensor")
+    vocab_size = int(gguf.tensors["token_embd.weight"].shape[1])
+    config = ModelConfig.from_gguf(gguf.metadata, vocab_size, has_output="output.weight" in names)
+    tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
+    template = ChatTemplate(gguf.metadata.get("tokenizer.chat_template"), tokenizer.special_tokens_map())
+    model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
+    eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
+    return LoadedModel(path, config, model, tokenizer, template, GGUF_DEFAULTS[config.architecture], eos)
+
+
+def _checked(gguf) -> Iterable[tuple[str, np.ndarray]]:
+    try:
+        yield from gguf.hf_tensors()
+    except ModelLoadError:
+        raise
+    except Exception as e:  # a truncated file shows up as a short buffer while dequantising
+        raise ModelLoadError(f"{gguf.path}: damaged tensor data ({type(e).__name__}: {e})") from None
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from ..text.template import ChatTemplate, load_chat_template
+    from ..text.tokenizer import QwenTokenizer
+    from .safetensors import iter_tensors
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json, so this is not a Hugging Face model folder")
+    config = ModelConfig.from_hf(_read_json(config_file))
+    tokenizer = QwenTokenizer.from_dir(path)
+    template = ChatTemplate(load_chat_template(path), tokenizer.special_tokens_map())
+    model = _build(config, iter_tensors(path), dtype, device, path)
+    gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    defaults = _defaults_from_generation_config(gen)
+    eos = gen.get("eos_token_id")
+    eos = _eos_ids(tokenizer, eos if isinstance(eos, list) else [eos])
+    return LoadedModel(path, config, model, tokenizer, template, defaults, eos)
+
+
+def _build(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    path: Path,
+) -> QwenForCausalLM:
+    # Built on the meta device, then filled tensor by tensor: memory never holds more than the final weights
+    # plus the one tensor being converted.
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    expected = {name for name, _ in model.named_parameters()}
+    loaded = set()
+    for name, tensor in tensors:
+        if name not in expected:
+            continue  # e.g. rotary inv_freq saved by old exporters, or vision towers of other families
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+        if tuple(current.shape) != tuple(tensor.shape):
+            raise ModelLoadError(
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}"
+            )
+        setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        loaded.add(name)
+    if config.tie_word_embeddings or "lm_head.weight" not in loaded:
+        if "model.embed_tokens.weight" in loaded:
+            model.lm_head.weight = model.model.embed_tokens.weight
+            loaded.add("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path}: checkpoint lacks tensors {shown}")
+    # Rotary tables are computed, not loaded: build them for real now that we left the meta device.
+    model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    return model.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _defaults_from_generation_config(gen: dict) -> SamplingParams:
+    if gen.get("do_sample") is False:
+        return SamplingParams(temperature=0.0)
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return SamplingParams(**{k: gen[k] for k in keys if gen.get(k) is not None})
+
+
+def _eos_ids(tokenizer, declared: list) -> list[int]:
+    """The model's declared eos ids plus the ChatML end markers, which end every Qwen answer."""
+    ids = [int(i) for i in declared if i is not None]
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            ids.append(token_id)
+    return list(dict.fromkeys(ids))

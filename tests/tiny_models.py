@@ -1,0 +1,69 @@
+"""Small random Qwen2 / Qwen3 checkpoints built and saved by `transformers`, for parity tests.
+
+Weights are drawn more strongly than the default init (N(0, 0.1), norms 1 + N(0, 0.1)): with the default,
+attention is nearly uniform and real bugs move the logits by only ~5e-3 (shared/design/oracle.md §9).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+VOCAB = 151936  # the real size, so the real tokenizer's special ids fit
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.1
+            param.copy_(1.0 + noise if "norm" in name else noise)
+
+
+def build_tiny(
+    arch: str,
+    folder: Path,
+    *,
+    tokenizer_dir: Path,
+    yarn: bool = False,
+    legacy_config: bool = False,
+    shard: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Save a tiny `arch` ("qwen2" or "qwen3") model into `folder`; return the reference model (eager, fp32)."""
+    import transformers
+
+    rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
+    if yarn:
+        rope = {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters=rope,
+        bos_token_id=151643, eos_token_id=151645,
+    )
+    if arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+        cls = transformers.Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    perturb(model, seed)
+    model.eval()
+    model.save_pretrained(folder, max_shard_size="4MB" if shard else "2GB")
+    if legacy_config:
+        # The spelling of checkpoints on the Hub: rope_theta at the top, rope_scaling with "type".
+        path = folder / "config.json"
+        data = json.loads(path.read_text())
+        params = data.pop("rope_parameters")
+        data["rope_theta"] = params.pop("rope_theta")
+        kind = params.pop("rope_type")
+        data["rope_scaling"] = None if kind == "default" else {"type": kind, **params}
+        path.write_text(json.dumps(data, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return model
