@@ -8,24 +8,27 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .engine.generator import Generator
+from .engine.engine import DEFAULT_KV_CACHE_MEMORY, Engine, EngineConfig
 from .engine.sampling_params import SamplingParams
 from .errors import InputError
 from .outputs import RequestOutput, StreamDelta, Usage
-from .text.parsers import parse_answer, prompt_opens_thinking
+from .text.parsers import parse_answer, prompt_opens_thinking, split_reasoning
 from .weights.loader import load_model
 
 
 class LLM:
     """A loaded model ready to chat, complete raw prompts, or return logits.
 
-    `model` is a GGUF file, a Hugging Face folder (config.json + safetensors), or None for the demo model.
+    `model` is a GGUF file, a Hugging Face folder (config.json + safetensors), `ollama:NAME[:TAG]` (a model in
+    ollama's store), a Hugging Face id `ORG/NAME[@REVISION]` (a model in the Hugging Face cache), or None for
+    the demo model. An ollama model's system message and parameters become this LLM's defaults.
     """
 
     def __init__(
@@ -35,6 +38,10 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         max_model_len: int | None = None,
+        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        max_num_seqs: int = 32,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
         progress: bool = True,
     ):
         loaded = load_model(model, dtype=dtype, device=device, progress=progress)
@@ -45,11 +52,25 @@ class LLM:
         self.chat_template = loaded.chat_template
         self.default_params = loaded.defaults
         self.eos_token_ids = loaded.eos_token_ids
+        self.source = loaded.source
+        self.system_prompt = loaded.system_prompt  # used only when a conversation has no system message
         limit = self.config.max_position_embeddings
         if max_model_len is not None and not 0 < max_model_len <= limit:
             raise InputError(f"max_model_len must be in 1..{limit} for this model, got {max_model_len}")
-        self.max_model_len = max_model_len or limit
-        self.generator = Generator(self.model, self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.max_model_len = max_model_len or min(loaded.max_model_len or limit, limit)
+        self._guides = None  # engine.guided.GuideFactory, built on first use of structured output
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            self.eos_token_ids,
+            EngineConfig(
+                max_model_len=self.max_model_len,
+                kv_cache_memory=kv_cache_memory,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+        )
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
@@ -62,7 +83,7 @@ class LLM:
     ) -> str:
         """The prompt text the model's own chat template makes of `messages`."""
         return self.chat_template.render(
-            _normalise_tool_call_arguments(messages),
+            _normalise_messages(self._with_default_system(messages)),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **kwargs,
@@ -76,13 +97,25 @@ class LLM:
         params: SamplingParams | None = None,
         tools: list[dict[str, Any]] | None = None,
         enable_thinking: bool | None = None,
+        *,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> RequestOutput:
-        """Answer a conversation; reasoning and tool calls are split out of the text."""
-        prompt = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs)
-        out = self._complete(prompt, params)
-        parsed = parse_answer(out.raw_text, starts_in_think=prompt_opens_thinking(prompt))
-        out.text, out.reasoning, out.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
+        """Answer a conversation; reasoning and tool calls are split out of the text.
+
+        `tool_choice` is OpenAI's: "auto" (default with tools), "none", "required" or
+        {"type": "function", "function": {"name": …}} — the last two force a call by constrained decoding.
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": …}})
+        constrains the answer to JSON.
+        """
+        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
+        out = self._complete_ids(request.prompt_ids, params, request.make_guide())
+        if request.parse_tools:
+            parsed = parse_answer(out.raw_text, starts_in_think=request.starts_in_think)
+            out.text, out.reasoning, out.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
+        else:
+            out.reasoning, out.text = split_reasoning(out.raw_text, request.starts_in_think)
         return out
 
     def chat_stream(
@@ -91,35 +124,109 @@ class LLM:
         params: SamplingParams | None = None,
         tools: list[dict[str, Any]] | None = None,
         enable_thinking: bool | None = None,
+        *,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> Iterator[StreamDelta]:
-        """Stream the answer as raw text deltas; the last delta carries finish_reason and usage."""
-        prompt = self.apply_chat_template(messages, tools=tools, enable_thinking=enable_thinking, **template_kwargs)
-        return self._stream(self.tokenizer.encode(prompt), self._resolve(params))
+        """Stream the answer as raw text deltas; the last delta carries finish_reason and usage.
+        (`text.stream_parser.StreamParser` splits such a stream into reasoning, content and tool calls.)"""
+        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
+        return self._stream(request.prompt_ids, self._resolve(params), request.make_guide())
+
+    def prepare_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
+        enable_thinking: bool | None = None,
+        **template_kwargs: Any,
+    ) -> ChatRequest:
+        """Everything a chat request needs before generation: prompt, ids, how to parse and constrain the answer."""
+        choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+        if not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
+            raise InputError(f"tool_choice must be none, auto, required or a function, got {choice!r}", "tool_choice")
+        active_tools = tools if tools and choice != "none" else None
+        make_guide = _no_guide
+        if response_format and response_format.get("type", "text") != "text":
+            make_guide = self._guide_maker(lambda g: g.for_response_format(response_format), "response_format")
+        elif choice == "required" or isinstance(choice, dict):
+            if not tools:
+                raise InputError(f"tool_choice {choice!r} needs tools", "tool_choice")
+            name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+            names = {(t.get("function") or {}).get("name") for t in tools if isinstance(t, dict)}
+            if isinstance(choice, dict) and name not in names:
+                raise InputError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+            make_guide = self._guide_maker(lambda g: g.for_tool_call(tools, name), "tools")
+        prompt = self.apply_chat_template(
+            messages, tools=active_tools, enable_thinking=enable_thinking, **template_kwargs
+        )
+        return ChatRequest(
+            prompt=prompt,
+            prompt_ids=self.tokenizer.encode(prompt),
+            starts_in_think=prompt_opens_thinking(prompt),
+            parse_tools=active_tools is not None,
+            make_guide=make_guide,
+        )
+
+    def guide_factory(self):
+        """The structured-output compiler for this model (built on first use; ~1.5 s for a 150k vocabulary)."""
+        if self._guides is None:
+            from .engine.guided import GuideFactory
+
+            self._guides = GuideFactory(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+            self._guides.prepare()
+        return self._guides
+
+    def _guide_maker(self, build, param: str):
+        factory = self.guide_factory()
+        try:
+            build(factory)  # compile (and cache) once now, so a bad schema fails before anything is queued
+        except InputError as e:
+            e.param = e.param or param
+            raise
+        return lambda: build(factory)
 
     def generate(
         self, prompts: str | list[str], params: SamplingParams | None = None
     ) -> list[RequestOutput]:
-        """Complete raw prompts (no chat template), one output per prompt."""
+        """Complete raw prompts (no chat template), batched together; one output per prompt, in order."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return [self._complete(prompt, params) for prompt in prompts]
+        resolved = self._resolve(params)
+        ids = [self._encode(prompt) for prompt in prompts]
+        for prompt_ids in ids:
+            self.engine.check_prompt(prompt_ids)  # all or nothing: validate before queueing any
+        seqs = [self.engine.add_request(prompt_ids, resolved) for prompt_ids in ids]
+        texts = {seq.seq_id: [] for seq in seqs}
+        try:
+            while not all(seq.finished for seq in seqs):
+                for seq in self.engine.step():
+                    if seq.seq_id in texts:
+                        texts[seq.seq_id].append(_take_delta(seq).text)
+        finally:
+            for seq in seqs:
+                self.engine.abort(seq)
+        return [_output(seq, "".join(texts[seq.seq_id])) for seq in seqs]
 
     def generate_stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[StreamDelta]:
         """Stream the completion of one raw prompt (no chat template)."""
-        if not isinstance(prompt, str):
-            raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
-        return self._stream(self.tokenizer.encode(prompt), self._resolve(params))
+        return self._stream(self._encode(prompt), self._resolve(params))
 
-    @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """float32 [len(token_ids), vocab]: the next-token logits at every position."""
-        token_ids = [int(t) for t in token_ids]
-        self.generator.check_prompt(token_ids[:-1] or token_ids)
-        cache = self.generator.new_cache(len(token_ids))
-        return self.generator.prefill(token_ids, cache, all_logits=True)
+        return self.engine.logits([int(t) for t in token_ids])
 
     # -- internals -------------------------------------------------------------------------------------------
+
+    def _with_default_system(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # The source's system message (ollama's system layer) stands in only when the caller gives none.
+        if not self.system_prompt or not isinstance(messages, list) or not messages:  # keep errors for bad input
+            return messages
+        if any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            return messages
+        return [{"role": "system", "content": self.system_prompt}, *messages]
 
     def _resolve(self, params: SamplingParams | None) -> SamplingParams:
         params = params or SamplingParams()
@@ -128,40 +235,98 @@ class LLM:
         params.validate()
         return params.with_defaults(self.default_params)
 
+    def _encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise InputError(f"a prompt must be a string, got {type(prompt).__name__}")
+        return self.tokenizer.encode(prompt)
+
     def _complete(self, prompt: str, params: SamplingParams | None) -> RequestOutput:
-        pieces, token_ids = [], []
-        final: StreamDelta | None = None
-        for delta in self.generate_stream(prompt, params):
+        return self._complete_ids(self._encode(prompt), params)
+
+    def _complete_ids(self, prompt_ids: list[int], params: SamplingParams | None, guide=None) -> RequestOutput:
+        pieces, token_ids, final = [], [], None
+        for delta in self._stream(prompt_ids, self._resolve(params), guide):
             pieces.append(delta.text)
             token_ids.extend(delta.token_ids)
             final = delta
         text = "".join(pieces)
         return RequestOutput(text, token_ids, final.finish_reason, final.usage, raw_text=text)
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
-        self.generator.check_prompt(prompt_ids)  # raise before the caller starts iterating
-        return self._steps(prompt_ids, params)
+    def _stream(self, prompt_ids: list[int], params: SamplingParams, guide=None) -> Iterator[StreamDelta]:
+        seq = self.engine.add_request(prompt_ids, params, guide=guide)  # raises before iteration starts
+        return self._deltas(seq)
 
-    def _steps(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamDelta]:
-        count = 0
-        for step in self.generator.stream(prompt_ids, params):
-            count += 1
-            usage = Usage(len(prompt_ids), count) if step.finish_reason else None
-            yield StreamDelta(step.text, [step.token_id], step.finish_reason, usage)
+    def _deltas(self, seq) -> Iterator[StreamDelta]:
+        try:
+            while not seq.finished:
+                if seq in self.engine.step() and (seq.pending_ids or seq.finished):
+                    yield _take_delta(seq)
+            if seq.pending_ids or seq.pending_text:
+                yield _take_delta(seq)
+        finally:
+            self.engine.abort(seq)  # a consumer that stops early cancels the request and frees its blocks
 
 
-def _normalise_tool_call_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    # OpenAI clients send tool-call arguments as a JSON string; Qwen's templates print them with `tojson`,
-    # which would quote the string a second time. Hand templates the object, as vLLM does.
+@dataclass
+class ChatRequest:
+    prompt: str
+    prompt_ids: list[int]
+    starts_in_think: bool  # the prompt ends inside an open <think>: the answer begins with reasoning
+    parse_tools: bool
+    make_guide: Callable[[], Any]  # a fresh constraint for each generated choice (None: unconstrained)
+
+
+def _no_guide() -> None:
+    return None
+
+
+def _take_delta(seq) -> StreamDelta:
+    text, ids = seq.pending_text, seq.pending_ids
+    seq.pending_text, seq.pending_ids = "", []
+    usage = Usage(len(seq.prompt_ids), len(seq.output_ids)) if seq.finished else None
+    return StreamDelta(text, ids, seq.finish_reason if seq.finished else None, usage)
+
+
+def _output(seq, text: str) -> RequestOutput:
+    usage = Usage(len(seq.prompt_ids), len(seq.output_ids))
+    return RequestOutput(text, list(seq.output_ids), seq.finish_reason, usage, raw_text=text)
+
+
+def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bring OpenAI-style messages into the shape Qwen's text templates read.
+
+    Tool-call arguments arrive as a JSON string, but the templates print them with `tojson`, which would quote
+    the string a second time: hand them the object, as vLLM does. Content given as a list of text parts becomes
+    one string (joined by newlines); any other part (an image, a video) cannot go to a text-only model.
+    """
     if not isinstance(messages, list):
         return messages
     result = []
-    for message in messages:
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
-        if calls:
-            message = dict(message, tool_calls=[_parse_arguments(call) for call in calls])
+    for n, message in enumerate(messages):
+        if isinstance(message, dict):
+            calls = message.get("tool_calls")
+            if calls:
+                message = dict(message, tool_calls=[_parse_arguments(call) for call in calls])
+            content = message.get("content")
+            if isinstance(content, list):
+                message = dict(message, content=_text_of_parts(content, n))
         result.append(message)
     return result
+
+
+def _text_of_parts(parts: list[Any], n: int) -> str:
+    texts = []
+    for k, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(part, dict) and (kind in ("image", "image_url", "video", "video_url") or "image" in part):
+            raise InputError(
+                f"messages[{n}].content[{k}] is a {kind or 'image'} part, but this model takes text only"
+            )
+        else:
+            raise InputError(f"messages[{n}].content[{k}] is not a text part ({{'type': 'text', 'text': …}})")
+    return "\n".join(texts)
 
 
 def _parse_arguments(call: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The `qwen-engine` command: generate, chat, pull-demo.
+"""The `qwen-engine` command: generate, chat, models, pull-demo.
 
 Every error the package raises on purpose becomes one line on stderr and exit code 2.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -55,13 +56,32 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--think", choices=["on", "off"], help="enable_thinking for models whose template has it")
     chat.set_defaults(run=_chat)
 
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    _model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: derived from --model)")
+    serve.add_argument("--kv-cache-memory", default="1GiB", help="KV cache size, e.g. 512MiB, 2GiB (default 1GiB)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    serve.add_argument("--max-num-seqs", type=int, default=32, help="most sequences decoded together")
+    serve.add_argument("--max-waiting", type=int, default=256, help="most queued requests before 429")
+    serve.add_argument("--max-body-bytes", type=int, default=10 << 20, help="largest request body (413 above)")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    serve.set_defaults(run=_serve)
+
     pull = sub.add_parser("pull-demo", help="assemble and verify the bundled demo model now")
     pull.set_defaults(run=_pull_demo)
+
+    models = sub.add_parser("models", help="list the models found: demo model, ollama store, Hugging Face cache")
+    models.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    models.set_defaults(run=_models)
     return parser
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="GGUF file or Hugging Face folder (default: the bundled demo model)")
+    p.add_argument("--model", "-m", help="GGUF file, Hugging Face folder, ollama:NAME[:TAG] or ORG/NAME from the "
+                   "Hugging Face cache (default: the bundled demo model; see `qwen-engine models`)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
@@ -185,6 +205,66 @@ def _pull_demo(args: argparse.Namespace) -> int:
     from .weights.demo import demo_model_path
 
     print(demo_model_path(progress=True))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api import LLM
+    from .server.app import ServerConfig, create_app
+
+    if args.system:
+        raise InputError("--system is not a server option; send a system message in the request")
+    memory = parse_size(args.kv_cache_memory)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              kv_cache_memory=memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=not args.no_prefix_caching)
+    name = args.served_model_name or _default_served_name(args.model, llm)
+    app = create_app(llm, ServerConfig(name, api_key=args.api_key, max_waiting=args.max_waiting,
+                                       max_body_bytes=args.max_body_bytes))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn catches SIGINT/SIGTERM, stops accepting, lets in-flight requests finish (30 s at most), then
+    # re-raises the signal to the handler it found; ours turns that into a clean exit with status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _default_served_name(model: str | None, llm) -> str:
+    if model is None:
+        return "qwen2.5-coder-0.5b-instruct"
+    from pathlib import Path
+
+    return Path(str(model)).name.removesuffix(".gguf") if Path(str(model)).exists() else str(model)
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G', '1000000' → bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.I)
+    if not m:
+        raise InputError(f"cannot read the size {text!r}; write e.g. 512MiB or 2GiB")
+    number, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3).lower().startswith("i")
+    power = "KMGT".find(unit) + 1 if unit else 0
+    return int(number * (1024 if binary or not unit else 1000) ** power)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .weights.catalog import format_table, list_models, searched
+
+    entries = list_models()
+    if args.json:
+        print(json.dumps([e.to_dict() for e in entries], ensure_ascii=False, indent=2))
+        return 0
+    print(format_table(entries))
+    print("\nsearched:\n" + "\n".join(f"  {line}" for line in searched()))
     return 0
 
 

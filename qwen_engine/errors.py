@@ -18,7 +18,11 @@ class DemoModelError(ModelLoadError):
 
 
 class InputError(QwenEngineError):
-    """Bad messages, prompts or sampling parameters."""
+    """Bad messages, prompts or sampling parameters. `param` names the offending field, when there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InputError):

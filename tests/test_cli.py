@@ -149,3 +149,23 @@ def test_pull_demo_prints_the_path(demo_gguf):
     result = run("pull-demo")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(demo_gguf)
+
+
+def test_ctrl_c_in_chat_ends_cleanly(tiny_folder):
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_engine.cli", "chat", "--model", str(tiny_folder), "--max-tokens", "2",
+         *GREEDY],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+    )
+    try:
+        proc.stdin.write("hello\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # the first answer: the chat is now waiting for the next line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err

@@ -60,8 +60,10 @@ def test_greedy_generation_matches_reference(pair):
             torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
         )[0, 20:].tolist()
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
-    out = llm.generator.stream(prompt, params.with_defaults(llm.default_params))
-    assert [step.token_id for step in out] == expected
+    seq = llm.engine.add_request(prompt, params.with_defaults(llm.default_params))
+    while not seq.finished:
+        llm.engine.step()
+    assert seq.output_ids == expected
 
 
 def test_config_features_are_read(pair):

@@ -1,17 +1,36 @@
-"""A contiguous KV cache for one sequence, and the attention that reads it.
+"""KV caches and the attention that reads them.
 
-The model hands every layer's q/k/v to `attend`; the cache stores k/v at the sequence's next positions and
-attends over everything stored so far. Keeping attention behind this one method is what lets a paged,
-multi-sequence cache replace this one without touching the model code.
+The model hands every layer's q/k/v to `attend(layer, q, k, v)`; the cache stores k/v and attends over what
+each sequence holds. Keeping attention behind this one method is what lets the model code ignore how keys and
+values are laid out: one contiguous buffer (`KVCache`, a single sequence, used for `LLM.logits`) or a pool of
+fixed-size blocks shared by many packed sequences (`PagedKVCache` + `PagedBatch`, used by the engine).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 
+def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """q [T, Hq, D] for the last T of S positions; keys/values [S, Hkv, D] → [T, Hq·D]."""
+    count, total = q.shape[0], keys.shape[0]
+    query, keys, values = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+    if count == 1 or count == total:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=count > 1, enable_gqa=True)
+    else:
+        # A chunk after cached tokens: query i sits at absolute position total - count + i.
+        rows = torch.arange(total - count, total, device=q.device)[:, None]
+        mask = torch.arange(total, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1).reshape(count, -1)
+
+
 class KVCache:
+    """One sequence, one contiguous buffer per layer."""
+
     def __init__(
         self,
         num_layers: int,
@@ -21,36 +40,79 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # tokens whose k/v are stored and committed
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] for the T tokens after the committed ones → output [T, Hq·D]."""
-        start, count = self.length, q.shape[0]
-        end = start + count
+        end = self.length + q.shape[0]
         if end > self.capacity:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
-        self.k[layer, :, start:end] = k.transpose(0, 1)
-        self.v[layer, :, start:end] = v.transpose(0, 1)
-        keys, values = self.k[layer, :, :end], self.v[layer, :, :end]
-        query = q.transpose(0, 1)
-        if count == 1 or start == 0:
-            out = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=count > 1, enable_gqa=True
-            )
-        else:
-            # Chunk after a cached prefix: query i sits at absolute position start + i.
-            rows = torch.arange(start, end, device=q.device)[:, None]
-            mask = torch.arange(end, device=q.device)[None, :] <= rows
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
-        return out.transpose(0, 1).reshape(count, -1)
+        self.k[layer, self.length : end] = k
+        self.v[layer, self.length : end] = v
+        return causal_attention(q, self.k[layer, :end], self.v[layer, :end])
 
     def commit(self, count: int) -> None:
         self.length += count
 
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (keeps the storage)."""
-        self.length = min(self.length, length)
+
+class PagedKVCache:
+    """The engine's KV memory: for each layer, `num_blocks × block_size` slots of [kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    def slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of token positions [start, end) of a sequence holding `block_ids`."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_ids, dtype=torch.long)[positions // self.block_size]
+        return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
+
+
+@dataclass
+class SequenceSlice:
+    """One sequence's part of a packed batch: its query rows and the slots of its whole context."""
+
+    query_start: int
+    query_end: int
+    context_slots: torch.Tensor  # slots of positions [0, context_len), the new tokens included
+
+
+class PagedBatch:
+    """The per-step view the model attends through: where new k/v go and what each sequence reads."""
+
+    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, sequences: list[SequenceSlice]):
+        self.cache = cache
+        self.write_slots = write_slots
+        self.sequences = sequences
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
+        k_layer.index_copy_(0, self.write_slots, k)
+        v_layer.index_copy_(0, self.write_slots, v)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        # Each sequence attends over its own context only: packed, never padded into one big mask.
+        for s in self.sequences:
+            keys = k_layer.index_select(0, s.context_slots)
+            values = v_layer.index_select(0, s.context_slots)
+            out[s.query_start : s.query_end] = causal_attention(q[s.query_start : s.query_end], keys, values)
+        return out

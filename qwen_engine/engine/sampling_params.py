@@ -32,6 +32,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None  # None: off; n >= 0: the chosen token's log-prob and the n most likely
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +67,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
             raise InputError("stop must be a string or a list of non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise InputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise InputError("stop_token_ids must be a list of integers")
 

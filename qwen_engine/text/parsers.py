@@ -229,6 +229,114 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return "".join(pieces).strip(), calls
 
 
+# ------------------------------------------------------------------------------------ one block at a time
+# For streaming (stream_parser.py): a block arrives piece by piece, and the parser must know when it is a
+# call, and when it can never become one, without waiting for the end of the answer.
+
+_JSON_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
+# A JSON string cut off by the end of the text: valid characters and escapes so far, maybe a started escape.
+_OPEN_STRING = re.compile(
+    r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*(?:\\(?:u[0-9a-fA-F]{0,4})?)?'
+)
+# The decoder reports a cut-off \uXXXX escape (and the one of a surrogate pair after it) at its "u".
+_OPEN_ESCAPE = re.compile(r"u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,4})?)?")
+_OPEN_NUMBER = re.compile(r"\.|[eE][+-]?")  # what follows the digits of "1." or "1e+" before more digits
+_OPEN_FUNCTION = re.compile(r"<function=[^>\n]*")
+_OPEN_PARAMETER = re.compile(r"<parameter=[^>\n]*")
+_PARAMETER_TAG = "<parameter="
+_FUNCTION_TAG = "<function="
+
+
+def parse_tool_call_block(text: str) -> tuple[ToolCall, int] | None:
+    """The call in the block `text` starts with (`<tool_call>...`) and the position after its
+    `</tool_call>`, or None when that block does not parse. What follows the block does not matter."""
+    if not text.startswith(TOOL_CALL_OPEN):
+        return None
+    return _parse_block(text, len(TOOL_CALL_OPEN))
+
+
+def tool_call_block_may_complete(text: str) -> bool:
+    """Whether some continuation of `text`, the start of a block (`<tool_call>...`), parses as a call.
+
+    False means the block is broken whatever comes next, so parse_tool_calls will leave it in the content.
+    True is also the answer when unsure (a nesting too deep to judge): it only delays the block's text,
+    whereas a wrong False would turn a real call into content.
+    """
+    if not text.startswith(TOOL_CALL_OPEN):
+        return TOOL_CALL_OPEN.startswith(text)
+    pos = _skip_whitespace(text, len(TOOL_CALL_OPEN))
+    if pos == len(text):
+        return True
+    if text[pos] == "{":
+        return _json_may_complete(text, pos)
+    if text.startswith(_FUNCTION_TAG, pos):
+        return _xml_may_complete(text, pos)
+    return _FUNCTION_TAG.startswith(text[pos:])
+
+
+def _closing_may_follow(text: str, pos: int) -> bool:
+    # After the call's body only whitespace and `</tool_call>` may come; the text may stop anywhere in them.
+    rest = text[_skip_whitespace(text, pos) :]
+    return rest.startswith(TOOL_CALL_CLOSE) or TOOL_CALL_CLOSE.startswith(rest)
+
+
+def _json_may_complete(text: str, pos: int) -> bool:
+    try:
+        obj, end = _JSON.raw_decode(text, pos)
+    except RecursionError:
+        return True  # too deep to judge from a prefix; the end of the stream settles it
+    except ValueError as error:
+        return _json_cut_short(text, getattr(error, "pos", None), getattr(error, "msg", ""))
+    return _call_from_json(obj) is not None and _closing_may_follow(text, end)
+
+
+def _json_cut_short(text: str, pos: int | None, message: str = "") -> bool:
+    """Whether a JSON decoding error at `pos` comes only from the text ending too early.
+
+    On a prefix of valid JSON the decoder stops at the end of the text, or earlier at the start of the token
+    the end cut: an unterminated string (at its quote), a \\u escape, a literal ("tr", "-Inf") or a
+    number's fraction or exponent ("1." / "1e+"). Any other error is in the text itself.
+    """
+    if pos is None or pos >= len(text):
+        return True
+    if message.startswith("Unterminated string"):
+        return True  # the decoder checked the string's characters and escapes up to the end already
+    rest = text[pos:]
+    if rest[0] == '"':
+        return _OPEN_STRING.fullmatch(rest) is not None  # in case the decoder words it differently
+    if text[pos - 1] == "\\" and _OPEN_ESCAPE.fullmatch(rest):
+        return True
+    if text[pos - 1] in "0123456789" and _OPEN_NUMBER.fullmatch(rest):
+        return True
+    return any(literal.startswith(rest) for literal in _JSON_LITERALS)
+
+
+def _xml_may_complete(text: str, pos: int) -> bool:
+    # Walks the same steps as _parse_xml_body; a step the text stops in is one that may still complete.
+    match = _FUNCTION_OPEN.match(text, pos)
+    if match is None:
+        return _OPEN_FUNCTION.fullmatch(text, pos) is not None
+    if not match.group(1).strip():
+        return False
+    pos = match.end()
+    while True:
+        pos = _skip_whitespace(text, pos)
+        if text.startswith(_FUNCTION_CLOSE, pos):
+            return _closing_may_follow(text, pos + len(_FUNCTION_CLOSE))
+        param = _PARAMETER_OPEN.match(text, pos)
+        if param is None:
+            rest = text[pos:]
+            return (
+                _FUNCTION_CLOSE.startswith(rest)
+                or _PARAMETER_TAG.startswith(rest)
+                or _OPEN_PARAMETER.fullmatch(rest) is not None
+            )
+        end = text.find(_PARAMETER_CLOSE, param.end())
+        if end < 0:
+            return True
+        pos = end + len(_PARAMETER_CLOSE)
+
+
 # ---------------------------------------------------------------------------------------------- together
 
 

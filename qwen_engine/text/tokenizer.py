@@ -299,10 +299,24 @@ class QwenTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for (b"" for an unknown id)."""
         if self._token_bytes is None:
-            self._token_bytes = [self._bytes_of(self._tok.id_to_token(i)) for i in range(self._max_id + 1)]
+            self._token_bytes = self._all_token_bytes()
         if 0 <= token_id < len(self._token_bytes):
             return self._token_bytes[token_id]
         return b""
+
+    def _all_token_bytes(self) -> list[bytes]:
+        # BPE tokens are spelled in GPT-2's byte alphabet: map each character back to its byte with one
+        # str.translate (fast, in C) and read the result as Latin-1. Added tokens ("<think>", …) stand for
+        # their own UTF-8, as in the byte-level decoder.
+        to_latin1 = {ord(c): b for c, b in self._byte_decoder.items()}
+        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        table = [b""] * (self._max_id + 1)
+        for token, i in vocab.items():
+            table[i] = token.translate(to_latin1).encode("latin-1") if i not in added else b""
+        for i, content in added.items():
+            table[i] = self._bytes_of(content)
+        return table
 
     def _bytes_of(self, token: str | None) -> bytes:
         if token is None:

@@ -126,10 +126,51 @@ class GGUFFile:
                 yield target, self.dequantize(name)
 
 
+_SKIPPED = object()  # an array left unread by a header-only summary
+
+
+@dataclass
+class GGUFSummary:
+    """What a model listing needs from a GGUF: its metadata without arrays, and a few derived facts."""
+
+    metadata: dict[str, Any]
+    n_params: int
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture"))
+
+    @property
+    def file_type(self) -> str | None:
+        """The quantisation mix, e.g. "Q4_K_M", from general.file_type."""
+        from gguf import LlamaFileType
+
+        value = self.metadata.get("general.file_type")
+        try:
+            return LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            return None if value is None else str(value)
+
+
+def read_summary(path: str | Path) -> GGUFSummary:
+    """Metadata and parameter count without decoding the vocabulary: a few tens of milliseconds."""
+    path = Path(path)
+    try:
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        metadata, tensors, _ = _parse_header(buf, skip_arrays=True)
+    except ModelLoadError:
+        raise
+    except (OSError, struct.error, ValueError, IndexError, UnicodeDecodeError, KeyError) as e:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+    return GGUFSummary(metadata, n_params)
+
+
 class _Cursor:
-    def __init__(self, buf: np.ndarray):
+    def __init__(self, buf: np.ndarray, skip_arrays: bool = False):
         self.buf = memoryview(buf)
         self.pos = 0
+        self.skip_arrays = skip_arrays
 
     def scalar(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
@@ -158,11 +199,25 @@ class _Cursor:
         self.pos = pos
         return out
 
+    def skip_strings(self, count: int) -> None:
+        unpack, buf, pos = _U64.unpack_from, self.buf, self.pos
+        for _ in range(count):
+            pos += 8 + unpack(buf, pos)[0]
+        if pos > len(buf):
+            raise ValueError("string array runs past the end of the file")
+        self.pos = pos
+
     def value(self, vtype: int) -> Any:
         if vtype == 8:
             return self.string()
         if vtype == 9:
             etype, count = self.scalar("<I"), self.scalar("<Q")
+            if self.skip_arrays and etype == 8:
+                self.skip_strings(count)
+                return _SKIPPED
+            if self.skip_arrays and etype in _NUMPY:
+                self.pos += count * np.dtype(_NUMPY[etype]).itemsize
+                return _SKIPPED
             if etype == 8:
                 return self.strings(count)
             if etype in _NUMPY:
@@ -175,10 +230,12 @@ class _Cursor:
         raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def _parse_header(buf: np.ndarray) -> tuple[dict[str, Any], dict[str, TensorInfo], int]:
+def _parse_header(
+    buf: np.ndarray, skip_arrays: bool = False
+) -> tuple[dict[str, Any], dict[str, TensorInfo], int]:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    cur = _Cursor(buf)
+    cur = _Cursor(buf, skip_arrays)
     if bytes(cur.buf[:4]) != b"GGUF":
         raise ValueError("bad magic")
     cur.pos = 4
@@ -189,7 +246,9 @@ def _parse_header(buf: np.ndarray) -> tuple[dict[str, Any], dict[str, TensorInfo
     metadata: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
-        metadata[key] = cur.value(cur.scalar("<I"))
+        value = cur.value(cur.scalar("<I"))
+        if value is not _SKIPPED:
+            metadata[key] = value
     tensors: dict[str, TensorInfo] = {}
     for _ in range(n_tensors):
         name = cur.string()

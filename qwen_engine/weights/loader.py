@@ -1,6 +1,7 @@
 """From a model name to a ready model: resolve the path, read config, tokenizer, template and weights.
 
 A model is a GGUF file or a Hugging Face folder (config.json + safetensors); no name means the demo model.
+Names of models in ollama's store or the Hugging Face cache are turned into such paths by weights/sources.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import ModelLoadError
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
+from .sources import ModelSource, merge_defaults, resolve_source
 
 # A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
 # instruct models (Qwen2.5-Instruct, and Qwen3 in its default thinking mode).
@@ -38,17 +40,14 @@ class LoadedModel:
     chat_template: object  # text.template.ChatTemplate
     defaults: SamplingParams  # from generation_config.json (or the GGUF's family defaults)
     eos_token_ids: list[int] = field(default_factory=list)
+    source: ModelSource | None = None  # where the model came from (demo, path, ollama, Hugging Face cache)
+    system_prompt: str | None = None  # the source's default system message (ollama's system layer)
+    max_model_len: int | None = None  # the source's default context length (ollama's num_ctx)
 
 
 def resolve_model_path(model: str | Path | None, progress: bool = True) -> Path:
-    if model is None:
-        from .demo import demo_model_path
-
-        return demo_model_path(progress=progress)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise ModelLoadError(f"model path {str(path)!r} does not exist")
-    return path
+    """The GGUF file or folder that `model` names (see weights/sources.py for the accepted forms)."""
+    return resolve_source(model, progress).path
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -77,11 +76,20 @@ def load_model(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> LoadedModel:
-    path = resolve_model_path(model, progress)
+    source = resolve_source(model, progress)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
-    if path.is_dir():
-        return _load_hf_folder(path, torch_dtype, torch_device)
-    return _load_gguf(path, torch_dtype, torch_device)
+    try:
+        if source.path.is_dir():
+            loaded = _load_hf_folder(source.path, torch_dtype, torch_device)
+        else:
+            loaded = _load_gguf(source.path, torch_dtype, torch_device)
+    except ModelLoadError as e:
+        if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
+            raise ModelLoadError(f"{source.name}: {e}") from None
+        raise
+    loaded.defaults = merge_defaults(source.defaults, loaded.defaults)
+    loaded.source, loaded.system_prompt, loaded.max_model_len = source, source.system_prompt, source.max_model_len
+    return loaded
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
@@ -101,7 +109,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
     if "token_embd.weight" not in names:
         raise ModelLoadError(f"{path}: GGUF has no token_embd.weight tensor")
     vocab_size = int(gguf.tensors["token_embd.weight"].shape[1])
-    config = ModelConfig.from_gguf(gguf.metadata, vocab_size, has_output="output.weight" in names)
+    try:
+        config = ModelConfig.from_gguf(gguf.metadata, vocab_size, has_output="output.weight" in names)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
     template = ChatTemplate(gguf.metadata.get("tokenizer.chat_template"), tokenizer.special_tokens_map())
     model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
@@ -126,7 +137,11 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> Loa
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{path}: no config.json, so this is not a Hugging Face model folder")
-    config = ModelConfig.from_hf(_read_json(config_file))
+    raw_config = _read_json(config_file)
+    try:
+        config = ModelConfig.from_hf(raw_config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{config_file}: {e}") from None
     tokenizer = QwenTokenizer.from_dir(path)
     template = ChatTemplate(load_chat_template(path), tokenizer.special_tokens_map())
     model = _build(config, iter_tensors(path), dtype, device, path)

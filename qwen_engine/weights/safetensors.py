@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,3 +45,19 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
         except (OSError, RuntimeError, ValueError) as e:
             raise ModelLoadError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def count_parameters(files: list[Path]) -> int:
+    """The number of values in the checkpoint, from the files' JSON headers alone (no tensor is read)."""
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, ValueError, struct.error) as e:
+            raise ModelLoadError(f"{path}: cannot read safetensors header ({e})") from None
+        for name, info in header.items():
+            if name != "__metadata__":
+                total += math.prod(info.get("shape", []))
+    return total

@@ -1,0 +1,209 @@
+"""The engine: requests in, one batched model step at a time, tokens and text out.
+
+    engine = Engine(model, tokenizer, eos_token_ids, max_model_len)
+    seq = engine.add_request(prompt_ids, params)
+    while engine.has_work():
+        for seq in engine.step(): ...   # sequences that produced tokens this step
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..errors import ContextLengthError, InputError
+from .block_manager import BlockManager
+from .kv_cache import KVCache, PagedBatch, PagedKVCache, SequenceSlice
+from .sampler import Sampler, compute_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class Guide(Protocol):
+    """Constrains sampling to a grammar (see engine/guided.py)."""
+
+    def mask_logits(self, logits: torch.Tensor) -> torch.Tensor: ...  # [vocab] → [vocab], banned = -inf
+
+    def accept(self, token_id: int) -> None: ...
+
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB: ~43k tokens of the 0.5B demo model in float32
+
+
+@dataclass
+class EngineConfig:
+    max_model_len: int
+    kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], config: EngineConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = list(eos_token_ids)
+        self.config = config
+        cfg = model.config
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        per_block = PagedKVCache.bytes_per_block(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype
+        )
+        num_blocks = config.kv_cache_memory // per_block
+        if num_blocks < 2:
+            raise InputError(
+                f"kv cache memory of {config.kv_cache_memory} bytes holds fewer than 2 blocks "
+                f"({per_block} bytes each)"
+            )
+        self.cache = PagedKVCache(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InputError("the prompt is empty")
+        limit = self.config.max_model_len
+        if len(prompt_ids) >= limit:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens, but the model's context holds {limit} "
+                f"(including at least one generated token)"
+            )
+        if len(prompt_ids) >= self.capacity_tokens:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens, but the whole KV cache holds {self.capacity_tokens}; "
+                f"give it more memory (kv_cache_memory)"
+            )
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        guide: Guide | None = None,
+    ) -> Sequence:
+        """Queue a request. `params` must be resolved (see SamplingParams.with_defaults). A `guide` constrains
+        which tokens may be sampled (structured output)."""
+        self.check_prompt(prompt_ids)
+        room = self.config.max_model_len - len(prompt_ids)
+        stop_ids = set(params.stop_token_ids or [])
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        seq = Sequence(prompt_ids, params, self.tokenizer, stop_ids, request_id, self.device)
+        seq.max_tokens = min(params.max_tokens or room, room)
+        seq.guide = guide
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request: its blocks are free at once."""
+        if not seq.finished:
+            seq.end("abort")
+        self.scheduler.finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Run one batched forward pass; return the sequences that gained a token (or finished) in it."""
+        chunks = self.scheduler.schedule()
+        ended, self.scheduler.forced = self.scheduler.forced, []
+        if not chunks:
+            return ended
+        ids: list[int] = []
+        positions: list[int] = []
+        writes, slices, sample_rows, sampled = [], [], [], []
+        for chunk in chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            end = start + chunk.num_tokens
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            writes.append(self.cache.slots(seq.table.block_ids, start, end))
+            row = len(ids)
+            slices.append(SequenceSlice(row - chunk.num_tokens, row, self.cache.slots(seq.table.block_ids, 0, end)))
+            if end == seq.num_tokens:  # the chunk reaches the end: its last row's logits pick the next token
+                sample_rows.append(row - 1)
+                sampled.append(seq)
+        batch = PagedBatch(self.cache, torch.cat(writes), slices)
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            batch,
+        )
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed += chunk.num_tokens
+            self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
+        if not sampled:
+            return ended
+        logits = self.model.compute_logits(hidden[sample_rows])
+        wants_logprobs = [row for row, seq in enumerate(sampled) if seq.params.logprobs is not None]
+        raw = logits[wants_logprobs].clone() if wants_logprobs else None  # before penalties and grammar masks
+        for row, seq in enumerate(sampled):
+            if seq.guide is not None:
+                logits[row] = seq.guide.mask_logits(logits[row])
+        tokens = self.sampler(
+            logits,
+            [s.params for s in sampled],
+            [s.prompt_ids for s in sampled],
+            [s.output_ids for s in sampled],
+            [s.generator for s in sampled],
+        )
+        if wants_logprobs:
+            self._record_logprobs([sampled[r] for r in wants_logprobs], raw, tokens[wants_logprobs])
+        for seq, token in zip(sampled, tokens.tolist(), strict=True):
+            if seq.guide is not None:
+                seq.guide.accept(token)
+            seq.append(token)
+            if seq.finished:
+                self.scheduler.finish(seq)
+        return ended + sampled
+    @staticmethod
+    def _record_logprobs(seqs: list[Sequence], raw: torch.Tensor, tokens: torch.Tensor) -> None:
+        top_n = max(seq.params.logprobs for seq in seqs)
+        result = compute_logprobs(raw, tokens, top_n)
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            top = list(zip(result.top_ids[i, :n].tolist(), result.top_logprobs[i, :n].tolist(), strict=True))
+            seq.pending_logprobs.append((float(result.token_logprobs[i]), top))
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int], chunk: int = 1024) -> torch.Tensor:
+        """float32 [len(token_ids), vocab] next-token logits at every position, outside the block pool."""
+        if not token_ids:
+            raise InputError("token_ids is empty")
+        if len(token_ids) > self.config.max_model_len:
+            raise ContextLengthError(
+                f"{len(token_ids)} tokens do not fit the model's context of {self.config.max_model_len}"
+            )
+        cfg = self.model.config
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(token_ids), self.dtype, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        out = []
+        for start in range(0, len(token_ids), chunk):
+            piece = ids[start : start + chunk]
+            positions = torch.arange(start, start + len(piece), device=self.device)
+            out.append(self.model.compute_logits(self.model(piece, positions, cache)))
+            cache.commit(len(piece))
+        return torch.cat(out)

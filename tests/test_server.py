@@ -1,0 +1,288 @@
+"""A real `qwen-engine serve` with the demo model, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from server_process import ServerProcess
+
+KEY = "test-key"
+MODEL = "qwen2.5-coder-0.5b-instruct"
+GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
+
+
+@pytest.fixture(scope="module")
+def server(demo_gguf):
+    proc = ServerProcess("--max-model-len", "4096", "--max-body-bytes", "200000", "--kv-cache-memory", "512MiB",
+                         api_key=KEY)
+    yield proc
+    assert proc.stop(signal.SIGTERM) == 0  # graceful shutdown exits 0
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(f"{server.base_url}/metrics").text
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, flags=re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def wait_pool_whole(server) -> None:
+    import time
+
+    for _ in range(100):
+        if metric(server, "qwen_engine_kv_blocks_used") == 0 and metric(server, "qwen_engine_requests_running") == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("KV blocks still in use")
+
+
+def test_health_models_openapi(server, client):
+    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    schema = httpx.get(f"{server.base_url}/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+    props = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "tools", "tool_choice", "response_format", "top_logprobs", "stream_options"} <= set(props)
+
+
+def test_chat_matches_python_api(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    r = client.chat.completions.create(model=MODEL, messages=ask("What is the capital of France?"), max_tokens=16,
+                                       **GREEDY)
+    expected = demo_llm.chat(ask("What is the capital of France?"),
+                             SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.0))
+    assert r.choices[0].message.content == expected.text
+    assert r.choices[0].finish_reason == expected.finish_reason
+    assert r.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert r.usage.completion_tokens == expected.usage.completion_tokens
+
+
+def test_stream_equals_non_stream(client):
+    messages = ask("Write a haiku about the sea.")
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, **GREEDY)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": MODEL, "messages": ask("Hi"), "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_tool_call_round_trip(client):
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = ask("What's the weather in Paris?")
+    # "required": the demo model left to "auto" writes a ```json block rather than a <tool_call> (see test_api).
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                       max_tokens=64, **GREEDY)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    # Streamed, the same call arrives as tool-call deltas.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64,
+                                                 tool_choice="required", stream=True, **GREEDY))
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "Paris"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # The answer goes back in; the model continues from the tool's result.
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "clear"}'}]
+    follow = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=40, **GREEDY)
+    assert "18" in follow.choices[0].message.content
+
+
+def test_json_schema_output_validates(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "languages": {"type": "array", "items": {"type": "string"}, "minItems": 1}},
+        "required": ["name", "age", "languages"], "additionalProperties": False}
+    for seed in (1, 2):
+        r = client.chat.completions.create(
+            model=MODEL, messages=ask("Describe a programmer."), max_tokens=120, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=60,
+                                       response_format={"type": "json_object"}, **GREEDY)
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_n_and_seed(client):
+    kw = dict(model=MODEL, messages=ask("Name a fruit."), max_tokens=8, temperature=1.0, seed=42, n=2)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+
+
+def test_logprobs(client, demo_llm):
+    import torch
+
+    messages = ask("Say yes.")
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, logprobs=True, top_logprobs=3,
+                                       **GREEDY)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens
+    prompt = demo_llm.tokenizer.encode(demo_llm.apply_chat_template(messages))
+    first = torch.log_softmax(demo_llm.logits(prompt)[-1], -1)
+    assert entries[0].logprob == pytest.approx(first.max().item(), abs=1e-3)
+    assert [t.logprob for t in entries[0].top_logprobs] == pytest.approx(first.topk(3).values.tolist(), abs=1e-3)
+
+
+def test_stop_strings(client):
+    kw = dict(model=MODEL, messages=ask("Count from 1 to 10, separated by commas."), max_tokens=60, **GREEDY)
+    free = client.chat.completions.create(**kw).choices[0].message.content
+    assert "5" in free
+    cut = client.chat.completions.create(stop=["5"], **kw).choices[0]
+    assert cut.message.content == free[: free.index("5")] and cut.finish_reason == "stop"
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):\n", max_tokens=12, **GREEDY)
+    assert r.object == "text_completion" and r.choices[0].text and r.usage.completion_tokens <= 12
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="def add(a, b):\n", max_tokens=12, stream=True, **GREEDY) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_metrics(server, client):
+    client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    for name in ("qwen_engine_requests_total", "qwen_engine_prompt_tokens_total", "qwen_engine_generation_tokens_total",
+                 "qwen_engine_time_to_first_token_seconds_bucket", "qwen_engine_inter_token_latency_seconds_bucket",
+                 "qwen_engine_requests_running", "qwen_engine_requests_waiting", "qwen_engine_kv_blocks_used",
+                 "qwen_engine_prefix_cache_hit_rate"):
+        assert name in text
+    assert 'qwen_engine_requests_total{endpoint="chat",status="200"}' in text
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+def post(server, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(f"{server.base_url}/v1/chat/completions", content=content, headers=headers, timeout=120)
+
+
+def assert_error(r: httpx.Response, status: int, fragment: str, param: str | None = None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and isinstance(err["type"], str)
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_error_shapes(server):
+    ok = {"model": MODEL, "messages": ask("hi"), "max_tokens": 2}
+    assert_error(post(server, None, raw=b"{not json"), 400, "not valid JSON")
+    assert_error(post(server, {**ok, "temperature": -1}), 400, "temperature", param="temperature")
+    assert_error(post(server, {**ok, "messages": []}), 400, "messages", param="messages")
+    assert_error(post(server, {**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400, "unknown role")
+    assert_error(post(server, ok, key=None), 401, "API key")
+    assert_error(post(server, ok, key="wrong"), 401, "API key")
+    assert_error(post(server, {**ok, "model": "gpt-4"}), 404, "does not exist", param="model")
+    assert_error(post(server, {**ok, "messages": ask("x" * 300_000)}), 413, "exceeds")
+    assert_error(post(server, {**ok, "messages": ask("word " * 5000)}), 400, "context holds 4096")
+    assert_error(post(server, {**ok, "tool_choice": "required"}), 400, "needs tools", param="tool_choice")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}
+    assert_error(post(server, {**ok, "response_format": bad_schema}), 400, "", param="response_format")
+    assert_error(post(server, {**ok, "n": 0}), 400, "n", param="n")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": MODEL, "messages": ask("Tell me a long story about a dragon."), "max_tokens": 400,
+            "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 4:
+                break  # hang up mid-stream
+    wait_pool_whole(server)
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["What is 2+2?", "Name a color.", "Say hello in French.", "What is Python?", "Give me a prime number.",
+           "Translate 'cat' to Spanish.", "What is the opposite of hot?", "Spell 'dog' backwards."]
+
+
+def test_32_concurrent_streams_match_alone(server, client):
+    alone = {p: client.chat.completions.create(model=MODEL, messages=ask(p), max_tokens=16, **GREEDY)
+             .choices[0].message.content for p in PROMPTS}
+
+    def stream(prompt: str) -> str:
+        chunks = client.chat.completions.create(model=MODEL, messages=ask(prompt), max_tokens=16, stream=True,
+                                                **GREEDY)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    jobs = PROMPTS * 4
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(stream, jobs))
+    assert results == [alone[p] for p in jobs]
+    wait_pool_whole(server)
+
+
+def test_soak_with_random_cancellations(server):
+    rng = random.Random(0)
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        body = {"model": MODEL, "messages": ask(f"Number {i}: say something."), "max_tokens": rng.randint(1, 6),
+                "stream": True, "temperature": 0.8}
+        try:
+            with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as r:
+                if r.status_code != 200:
+                    raise AssertionError(r.status_code)
+                for j, _ in enumerate(r.iter_lines()):
+                    if i % 5 == 0 and j == 1:
+                        break  # cancel every fifth request
+        except Exception as e:  # collected and asserted below
+            with lock:
+                errors.append(repr(e))
+
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(one, range(200)))
+    assert errors == []
+    wait_pool_whole(server)
