@@ -100,16 +100,9 @@ def test_truncated_gguf(demo_gguf, tmp_path):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    import gguf
-    import numpy as np
+    from model_stores import write_llama_gguf
 
-    path = tmp_path / "llama.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_llama_gguf(tmp_path / "llama.gguf")
     assert_usage_error(run("generate", "--model", str(path), "hi"), "unsupported GGUF architecture 'llama'")
 
 
