@@ -104,18 +104,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _params(args: argparse.Namespace):
     from .engine.sampling_params import SamplingParams
 
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=args.stop,
-    )
+    # The flags are named after SamplingParams' fields (--top-p → top_p).
+    names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "stop")
+    return SamplingParams(**{name: getattr(args, name) for name in names})
 
 
 def _load(args: argparse.Namespace):
