@@ -20,6 +20,7 @@ from .engine.sampling_params import SamplingParams
 from .errors import InputError
 from .outputs import RequestOutput, StreamDelta, Usage
 from .text.parsers import parse_answer, prompt_opens_thinking, split_reasoning
+from .vision.prompt import Prompt, VisionLimits
 from .weights.loader import load_model
 
 
@@ -43,6 +44,7 @@ class LLM:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         progress: bool = True,
+        vision_limits: VisionLimits | None = None,
     ):
         loaded = load_model(model, dtype=dtype, device=device, progress=progress)
         self.path = loaded.path
@@ -59,6 +61,19 @@ class LLM:
             raise InputError(f"max_model_len must be in 1..{limit} for this model, got {max_model_len}")
         self.max_model_len = max_model_len or min(loaded.max_model_len or limit, limit)
         self._guides = None  # engine.guided.GuideFactory, built on first use of structured output
+        self.vision = None  # vision.prompt.PromptBuilder for vision-language models
+        if self.config.vision is not None:
+            from .vision.image import ImageProcessorConfig
+            from .vision.prompt import PromptBuilder, VisionLimits
+
+            family = self.config.vision.family
+            self.vision = PromptBuilder(
+                self.config.vision,
+                self.tokenizer,
+                ImageProcessorConfig.from_dir(self.path, family),
+                _video_config(self.path, family),
+                vision_limits or VisionLimits(),
+            )
         self.engine = Engine(
             self.model,
             self.tokenizer,
@@ -89,6 +104,29 @@ class LLM:
             **kwargs,
         )
 
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> Prompt:
+        """The model's input for `messages`: token ids, and for images and videos their processed pixels,
+        grids and the prompt's M-RoPE positions (see vision/prompt.py)."""
+        if self.vision is None:
+            text = self.apply_chat_template(messages, tools, add_generation_prompt, **kwargs)
+            return Prompt(self.tokenizer.encode(text), text=text)
+        from .vision.prompt import split_messages
+
+        plain, requests = split_messages(self._with_default_system(messages))
+        text = self.chat_template.render(
+            _normalise_messages(plain, allow_vision=True),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+        return self.vision.build(text, requests, max_tokens=self.max_model_len - 1)
+
     # -- generation ------------------------------------------------------------------------------------------
 
     def chat(
@@ -110,7 +148,7 @@ class LLM:
         constrains the answer to JSON.
         """
         request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
-        out = self._complete_ids(request.prompt_ids, params, request.make_guide())
+        out = self._complete_ids(request.prompt_ids, params, request.make_guide(), request.vision)
         if request.parse_tools:
             parsed = parse_answer(out.raw_text, starts_in_think=request.starts_in_think)
             out.text, out.reasoning, out.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
@@ -132,7 +170,7 @@ class LLM:
         """Stream the answer as raw text deltas; the last delta carries finish_reason and usage.
         (`text.stream_parser.StreamParser` splits such a stream into reasoning, content and tool calls.)"""
         request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
-        return self._stream(request.prompt_ids, self._resolve(params), request.make_guide())
+        return self._stream(request.prompt_ids, self._resolve(params), request.make_guide(), request.vision)
 
     def prepare_chat(
         self,
@@ -159,15 +197,14 @@ class LLM:
             if isinstance(choice, dict) and name not in names:
                 raise InputError(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
             make_guide = self._guide_maker(lambda g: g.for_tool_call(tools, name), "tools")
-        prompt = self.apply_chat_template(
-            messages, tools=active_tools, enable_thinking=enable_thinking, **template_kwargs
-        )
+        encoded = self.encode_chat(messages, tools=active_tools, enable_thinking=enable_thinking, **template_kwargs)
         return ChatRequest(
-            prompt=prompt,
-            prompt_ids=self.tokenizer.encode(prompt),
-            starts_in_think=prompt_opens_thinking(prompt),
+            prompt=encoded.text,
+            prompt_ids=encoded.token_ids,
+            starts_in_think=prompt_opens_thinking(encoded.text),
             parse_tools=active_tools is not None,
             make_guide=make_guide,
+            vision=encoded if encoded.items else None,
         )
 
     def guide_factory(self):
@@ -214,9 +251,12 @@ class LLM:
         """Stream the completion of one raw prompt (no chat template)."""
         return self._stream(self._encode(prompt), self._resolve(params))
 
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """float32 [len(token_ids), vocab]: the next-token logits at every position."""
-        return self.engine.logits([int(t) for t in token_ids])
+    def logits(self, prompt: list[int] | Prompt) -> torch.Tensor:
+        """float32 [tokens, vocab]: the next-token logits at every position of token ids or of a Prompt
+        from encode_chat (with its images, videos and positions)."""
+        if isinstance(prompt, Prompt):
+            return self.engine.logits(prompt)
+        return self.engine.logits([int(t) for t in prompt])
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -243,17 +283,21 @@ class LLM:
     def _complete(self, prompt: str, params: SamplingParams | None) -> RequestOutput:
         return self._complete_ids(self._encode(prompt), params)
 
-    def _complete_ids(self, prompt_ids: list[int], params: SamplingParams | None, guide=None) -> RequestOutput:
+    def _complete_ids(
+        self, prompt_ids: list[int], params: SamplingParams | None, guide=None, vision: Prompt | None = None
+    ) -> RequestOutput:
         pieces, token_ids, final = [], [], None
-        for delta in self._stream(prompt_ids, self._resolve(params), guide):
+        for delta in self._stream(prompt_ids, self._resolve(params), guide, vision):
             pieces.append(delta.text)
             token_ids.extend(delta.token_ids)
             final = delta
         text = "".join(pieces)
         return RequestOutput(text, token_ids, final.finish_reason, final.usage, raw_text=text)
 
-    def _stream(self, prompt_ids: list[int], params: SamplingParams, guide=None) -> Iterator[StreamDelta]:
-        seq = self.engine.add_request(prompt_ids, params, guide=guide)  # raises before iteration starts
+    def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, guide=None, vision: Prompt | None = None
+    ) -> Iterator[StreamDelta]:
+        seq = self.engine.add_request(prompt_ids, params, guide=guide, vision=vision)  # raises before iterating
         return self._deltas(seq)
 
     def _deltas(self, seq) -> Iterator[StreamDelta]:
@@ -274,6 +318,7 @@ class ChatRequest:
     starts_in_think: bool  # the prompt ends inside an open <think>: the answer begins with reasoning
     parse_tools: bool
     make_guide: Callable[[], Any]  # a fresh constraint for each generated choice (None: unconstrained)
+    vision: Prompt | None = None  # the images and videos in the prompt, with its M-RoPE positions
 
 
 def _no_guide() -> None:
@@ -292,7 +337,15 @@ def _output(seq, text: str) -> RequestOutput:
     return RequestOutput(text, list(seq.output_ids), seq.finish_reason, usage, raw_text=text)
 
 
-def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _video_config(path: Path, family: str) -> Any:
+    try:
+        from .vision.video import VideoProcessorConfig
+    except ImportError:  # video support not installed
+        return None
+    return VideoProcessorConfig.from_dir(path, family)
+
+
+def _normalise_messages(messages: list[dict[str, Any]], allow_vision: bool = False) -> list[dict[str, Any]]:
     """Bring OpenAI-style messages into the shape Qwen's text templates read.
 
     Tool-call arguments arrive as a JSON string, but the templates print them with `tojson`, which would quote
@@ -308,7 +361,7 @@ def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if calls:
                 message = dict(message, tool_calls=[_parse_arguments(call) for call in calls])
             content = message.get("content")
-            if isinstance(content, list):
+            if isinstance(content, list) and not allow_vision:
                 message = dict(message, content=_text_of_parts(content, n))
         result.append(message)
     return result

@@ -10,6 +10,17 @@ from .errors import ModelLoadError
 # Architectures this version runs, by their Hugging Face class name and their GGUF name.
 HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 GGUF_ARCHITECTURES = ("qwen2", "qwen3")
+# Vision-language checkpoints: class name → (vision family, the decoder their language model is).
+HF_VL_ARCHITECTURES = {
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "qwen2"),
+    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3"),
+}
+VL_MODEL_TYPES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
 
 
 @dataclass
@@ -24,6 +35,24 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    # M-RoPE (vision-language models): rotary pairs split between the (time, height, width) position axes,
+    # either in three contiguous sections (Qwen2-VL, 2.5-VL) or interleaved t,h,w,t,h,w… (Qwen3-VL).
+    mrope_section: tuple[int, int, int] | None = None
+    mrope_interleaved: bool = False
+
+
+@dataclass
+class VisionLinks:
+    """What a vision-language model's language side needs to know about its vision side."""
+
+    family: str  # "qwen2_vl", "qwen2_5_vl" or "qwen3_vl"
+    vision_config: dict[str, Any]  # config.json's vision_config, read by models/vision.py
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    tokens_per_second: float  # Qwen2.5-VL: temporal positions per second of video
+    spatial_merge_size: int
 
 
 @dataclass
@@ -42,10 +71,16 @@ class ModelConfig:
     attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool  # RMSNorm on each head of q and k (Qwen3)
     rope: RopeConfig = field(default_factory=RopeConfig)
+    vision: VisionLinks | None = None  # set for vision-language models
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
+        vl_arch = next((a for a in archs if a in HF_VL_ARCHITECTURES), None)
+        if vl_arch is None and cfg.get("model_type") in VL_MODEL_TYPES:
+            vl_arch = VL_MODEL_TYPES[cfg["model_type"]]
+        if vl_arch is not None:
+            return cls._from_hf_vl(cfg, vl_arch)
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
             arch = {"qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.get("model_type", ""))
@@ -74,6 +109,41 @@ class ModelConfig:
             qk_norm=arch == "qwen3",
             rope=_rope_from_hf(cfg),
         )
+
+    @classmethod
+    def _from_hf_vl(cls, cfg: dict[str, Any], arch: str) -> ModelConfig:
+        family, decoder = HF_VL_ARCHITECTURES[arch]
+        # Hub configs of Qwen2-VL / 2.5-VL keep the language model's keys at the top level; Qwen3-VL and
+        # transformers 5 nest them in text_config. The nested values win where both exist.
+        top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
+        text = {**top, **(cfg.get("text_config") or {})}
+        text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[decoder]]
+        if "tie_word_embeddings" in cfg:  # transformers 4 reads it from text_config, 5 from the top level
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        if "vision_config" not in cfg:
+            raise ModelLoadError(f"{arch} config lacks vision_config")
+        config = cls.from_hf(text)
+        rope = config.rope
+        section = _rope_params(text).get("mrope_section")
+        if not section or len(section) != 3 or sum(section) != config.head_dim // 2:
+            raise ModelLoadError(
+                f"mrope_section {section!r} must have three parts summing to head_dim/2 = {config.head_dim // 2}"
+            )
+        rope.mrope_section = tuple(int(s) for s in section)
+        # transformers decides the layout by class, not by the config's mrope_interleaved flag; so do we.
+        rope.mrope_interleaved = family == "qwen3_vl"
+        vision = cfg["vision_config"]
+        config.vision = VisionLinks(
+            family=family,
+            vision_config=dict(vision),
+            image_token_id=int(cfg.get("image_token_id", text.get("image_token_id", 151655))),
+            video_token_id=int(cfg.get("video_token_id", text.get("video_token_id", 151656))),
+            vision_start_token_id=int(cfg.get("vision_start_token_id", text.get("vision_start_token_id", 151652))),
+            vision_end_token_id=int(cfg.get("vision_end_token_id", text.get("vision_end_token_id", 151653))),
+            tokens_per_second=float(vision.get("tokens_per_second", 2 if family == "qwen2_5_vl" else 1)),
+            spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
+        )
+        return config
 
     @classmethod
     def from_gguf(cls, meta: dict[str, Any], vocab_size: int, has_output: bool) -> ModelConfig:
@@ -120,13 +190,17 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     return cfg[key]
 
 
-def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 writes `rope_parameters` (theta inside); checkpoints on the Hub use `rope_theta` + `rope_scaling`.
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    params = {**scaling, **params}
+    return {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
+    params = _rope_params(cfg)
     theta = params.get("rope_theta", cfg.get("rope_theta", 10_000.0))
     kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "mrope":  # Qwen2-VL's Hub spelling: plain rotary frequencies, split over three position axes
+        kind = "default"
     if kind not in ("default", "yarn"):
         raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: default, yarn)")
     rope = RopeConfig(theta=float(theta), kind=kind)

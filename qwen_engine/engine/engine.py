@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..errors import ContextLengthError, InputError
+from ..models.qwen import VisualRows
+from ..vision.prompt import Prompt, VisionItem
 from .block_manager import BlockManager
 from .kv_cache import KVCache, PagedBatch, PagedKVCache, SequenceSlice
 from .sampler import Sampler, compute_logprobs
@@ -41,6 +44,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     enable_prefix_caching: bool = True
+    vision_cache_memory: int = 256 << 20  # bytes of vision encoder outputs kept for reuse
 
 
 class Engine:
@@ -67,6 +71,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
+        # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
+        self.vision_cache: OrderedDict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
+        self.vision_cache_bytes = config.vision_cache_memory
 
     @property
     def capacity_tokens(self) -> int:
@@ -99,10 +106,13 @@ class Engine:
         params: SamplingParams,
         request_id: str | None = None,
         guide: Guide | None = None,
+        vision: Prompt | None = None,
     ) -> Sequence:
         """Queue a request. `params` must be resolved (see SamplingParams.with_defaults). A `guide` constrains
-        which tokens may be sampled (structured output)."""
+        which tokens may be sampled (structured output). `vision` is the Prompt whose images and videos
+        `prompt_ids` holds (its token_ids), with their M-RoPE positions."""
         self.check_prompt(prompt_ids)
+        self._check_vision(prompt_ids, vision)
         room = self.config.max_model_len - len(prompt_ids)
         stop_ids = set(params.stop_token_ids or [])
         if not params.ignore_eos:
@@ -110,6 +120,9 @@ class Engine:
         seq = Sequence(prompt_ids, params, self.tokenizer, stop_ids, request_id, self.device)
         seq.max_tokens = min(params.max_tokens or room, room)
         seq.guide = guide
+        if vision is not None and vision.positions is not None:
+            seq.vision = vision
+            seq.block_extras = vision.block_extras(self.config.block_size)
         self.scheduler.add(seq)
         return seq
 
@@ -132,13 +145,15 @@ class Engine:
         if not chunks:
             return ended
         ids: list[int] = []
-        positions: list[int] = []
+        positions: list[torch.Tensor] = []
+        visual: list[tuple[int, VisionItem, torch.Tensor]] = []  # (batch row of item row 0, item, rows used)
         writes, slices, sample_rows, sampled = [], [], [], []
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed
             end = start + chunk.num_tokens
+            visual.extend((len(ids) - start, item, used) for item, used in _items_in(seq.vision, start, end))
             ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
+            positions.append(_positions(seq, start, end))
             writes.append(self.cache.slots(seq.table.block_ids, start, end))
             row = len(ids)
             slices.append(SequenceSlice(row - chunk.num_tokens, row, self.cache.slots(seq.table.block_ids, 0, end)))
@@ -148,13 +163,14 @@ class Engine:
         batch = PagedBatch(self.cache, torch.cat(writes), slices)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(positions, dtype=torch.long, device=self.device),
+            _stack_positions(positions).to(self.device),
             batch,
+            self._visual_rows(visual),
         )
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
-            self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed)
+            self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed, seq.block_extras)
         if not sampled:
             return ended
         logits = self.model.compute_logits(hidden[sample_rows])
@@ -188,9 +204,58 @@ class Engine:
             top = list(zip(result.top_ids[i, :n].tolist(), result.top_logprobs[i, :n].tolist(), strict=True))
             seq.pending_logprobs.append((float(result.token_logprobs[i]), top))
 
+    # -- vision ---------------------------------------------------------------------------------------------
+
+    def _check_vision(self, prompt_ids: list[int], vision: Prompt | None) -> None:
+        if vision is None or not vision.items:
+            return
+        if getattr(self.model, "visual", None) is None:
+            raise InputError("this model takes text only; it cannot read images or videos")
+        if list(prompt_ids) != list(vision.token_ids) or vision.positions is None:
+            raise InputError("prompt_ids must be the vision prompt's token_ids, with its positions")
+
+    def encode_vision(self, item: VisionItem) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder's output for one image or video, computed once per content (LRU by content hash)."""
+        cached = self.vision_cache.get(item.content_hash)
+        if cached is not None:
+            self.vision_cache.move_to_end(item.content_hash)
+            return cached
+        visual = self.model.visual
+        pixels = item.pixel_values.to(device=self.device, dtype=self.dtype)
+        grid = torch.tensor([item.grid_thw], dtype=torch.long)
+        embeds, deepstack = visual.encode(pixels, grid)
+        if embeds.shape[0] != item.num_tokens:
+            raise InputError(f"the vision encoder gave {embeds.shape[0]} rows for {item.num_tokens} tokens")
+        result = (embeds, list(deepstack))
+        self.vision_cache[item.content_hash] = result
+        size = lambda r: sum(t.numel() * t.element_size() for t in [r[0], *r[1]])  # noqa: E731
+        while len(self.vision_cache) > 1 and sum(map(size, self.vision_cache.values())) > self.vision_cache_bytes:
+            self.vision_cache.popitem(last=False)
+        return result
+
+    def _visual_rows(self, visual: list[tuple[int, VisionItem, torch.Tensor]]) -> VisualRows | None:
+        if not visual:
+            return None
+        rows, embeds, deepstack = [], [], []
+        for base, item, used in visual:
+            item_embeds, item_deep = self.encode_vision(item)
+            local = used.to(self.device)
+            rows.append(item.rows[used].to(self.device) + base)
+            embeds.append(item_embeds[local])
+            deepstack.append([d[local] for d in item_deep])
+        depth = min(len(d) for d in deepstack)
+        return VisualRows(
+            torch.cat(rows), torch.cat(embeds), [torch.cat([d[k] for d in deepstack]) for k in range(depth)]
+        )
+
     @torch.inference_mode()
-    def logits(self, token_ids: list[int], chunk: int = 1024) -> torch.Tensor:
-        """float32 [len(token_ids), vocab] next-token logits at every position, outside the block pool."""
+    def logits(self, token_ids: list[int] | Prompt, chunk: int = 1024) -> torch.Tensor:
+        """float32 [len(token_ids), vocab] next-token logits at every position, outside the block pool.
+        A Prompt brings its images, videos and M-RoPE positions."""
+        vision = None
+        if isinstance(token_ids, Prompt):
+            vision, token_ids = token_ids, token_ids.token_ids
+            self._check_vision(token_ids, vision)
         if not token_ids:
             raise InputError("token_ids is empty")
         if len(token_ids) > self.config.max_model_len:
@@ -203,7 +268,46 @@ class Engine:
         out = []
         for start in range(0, len(token_ids), chunk):
             piece = ids[start : start + chunk]
-            positions = torch.arange(start, start + len(piece), device=self.device)
-            out.append(self.model.compute_logits(self.model(piece, positions, cache)))
+            end = start + len(piece)
+            if vision is not None and vision.positions is not None:
+                positions = vision.positions[:, start:end].to(self.device)
+            else:
+                positions = torch.arange(start, end, device=self.device)
+            visual = self._visual_rows([(-start, item, used) for item, used in _items_in(vision, start, end)])
+            out.append(self.model.compute_logits(self.model(piece, positions, cache, visual)))
             cache.commit(len(piece))
         return torch.cat(out)
+
+
+def _items_in(vision: Prompt | None, start: int, end: int) -> list[tuple[VisionItem, torch.Tensor]]:
+    """The items with tokens in [start, end), each with the indices (into its rows) of those tokens."""
+    if vision is None:
+        return []
+    found = []
+    for item in vision.items:
+        if int(item.rows[0]) >= end or int(item.rows[-1]) < start:
+            continue
+        used = torch.nonzero((item.rows >= start) & (item.rows < end)).flatten()
+        if used.numel():
+            found.append((item, used))
+    return found
+
+
+def _positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+    """Positions of tokens [start, end): the prompt's M-RoPE table, then i + rope_delta for generated ones."""
+    vision = seq.vision
+    if vision is None:
+        return torch.arange(start, end)
+    table = vision.positions
+    prompt_len = table.shape[1]
+    known = table[:, start : min(end, prompt_len)]
+    if end <= prompt_len:
+        return known
+    later = torch.arange(max(start, prompt_len), end) + vision.rope_delta
+    return torch.cat([known, later.expand(3, -1)], dim=1)
+
+
+def _stack_positions(pieces: list[torch.Tensor]) -> torch.Tensor:
+    if all(p.dim() == 1 for p in pieces):
+        return torch.cat(pieces)
+    return torch.cat([p if p.dim() == 2 else p.expand(3, -1) for p in pieces], dim=1)

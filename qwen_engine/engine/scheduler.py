@@ -76,7 +76,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             if not seq.table.block_ids:
-                seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids)
+                seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids, seq.block_extras)
                 if not seq.output_ids:
                     seq.num_cached_prompt = seq.num_computed
             n = min(seq.num_uncomputed, budget)

@@ -53,6 +53,8 @@ class Sequence:
         self.guide = None  # engine.Guide constraining the tokens, if any
         # (token log-prob, [(id, log-prob) of the most likely tokens]) per token not yet handed out
         self.pending_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.vision = None  # vision.prompt.Prompt when the prompt holds images or videos
+        self.block_extras: list[bytes] = []  # per block, content hashes mixed into its prefix-cache name
 
     @property
     def token_ids(self) -> list[int]:

@@ -82,6 +82,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.initial_length = initial_length
+        # M-RoPE: which position axis (0 time, 1 height, 2 width) drives each of the head_dim angles.
+        axis = mrope_axes(rope, head_dim)
+        self.register_buffer("axis", axis, persistent=False)
 
     def _build(self, length: int) -> None:
         positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
@@ -91,10 +94,40 @@ class RotaryEmbedding(nn.Module):
         self.sin = angles.sin() * self.attention_scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [tokens, head_dim] for positions [tokens], or [3, tokens] (time, height, width) with M-RoPE."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if self.cos.shape[0] < needed:
             self._build(max(needed, self.initial_length, 2 * self.cos.shape[0]))
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        if positions.dim() == 1:  # text: all three axes equal, which is plain rotary
+            return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        if self.axis.numel() == 0:
+            raise ValueError("3-D positions given to a model without M-RoPE")
+        # Look up each axis' table, then take each angle from the axis it belongs to.
+        select = self.axis[None, None, :].expand(1, positions.shape[1], -1)
+        cos = self.cos[positions].gather(0, select)[0]
+        sin = self.sin[positions].gather(0, select)[0]
+        return cos.to(dtype), sin.to(dtype)
+
+
+def mrope_axes(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """The position axis of each rotary angle ([head_dim] int64; empty without M-RoPE).
+
+    Contiguous (Qwen2-VL, 2.5-VL): the first sections[0] frequency pairs follow time, the next sections[1]
+    height, the rest width. Interleaved (Qwen3-VL): pairs cycle t, h, w, t, h, w… while each axis has pairs
+    left, and the tail goes to time. The angle table is [freqs, freqs], so the pattern repeats once.
+    """
+    if rope.mrope_section is None:
+        return torch.empty(0, dtype=torch.long)
+    t, h, w = rope.mrope_section
+    half = head_dim // 2
+    if rope.mrope_interleaved:
+        axis = torch.zeros(half, dtype=torch.long)
+        index = torch.arange(half)
+        axis[(index % 3 == 1) & (index < 3 * h)] = 1
+        axis[(index % 3 == 2) & (index < 3 * w)] = 2
+    else:
+        axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate((t, h, w))])
+    return torch.cat([axis, axis])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

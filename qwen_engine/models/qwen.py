@@ -7,6 +7,8 @@ in two places: Qwen2 has biases on the q/k/v projections; Qwen3 has none but nor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -65,19 +67,42 @@ class QwenModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
 
 
+@dataclass
+class VisualRows:
+    """Vision encoder output placed into a batch: these rows' embeddings are replaced by `embeds`, and (Qwen3-VL
+    DeepStack) `deepstack[k]` is added to the same rows after decoder layer k."""
+
+    rows: torch.Tensor  # int64 [n], indices into the batch's tokens
+    embeds: torch.Tensor  # [n, hidden]
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # each [n, hidden]
+
+
 class QwenForCausalLM(nn.Module):
+    """The decoder with its LM head; vision-language checkpoints add `visual`, their vision encoder."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = QwenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.vision is not None:
+            from .vision import VisionConfig, VisionTransformer
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """Hidden states [tokens, hidden] after the final norm. The caller commits the cache afterwards."""
+            self.visual = VisionTransformer(VisionConfig.from_dict(cfg.vision.vision_config, cfg.vision.family))
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache, visual: VisualRows | None = None
+    ) -> torch.Tensor:
+        """Hidden states [tokens, hidden] after the final norm. The caller commits the cache afterwards.
+        `positions` is [tokens], or [3, tokens] (time, height, width) for M-RoPE."""
         x = self.model.embed_tokens(input_ids)
+        if visual is not None:
+            x = x.index_copy(0, visual.rows, visual.embeds.to(x.dtype))
         cos, sin = self.model.rotary(positions, x.dtype)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache)
+            if visual is not None and i < len(visual.deepstack):
+                x = x.index_add(0, visual.rows, visual.deepstack[i].to(x.dtype))
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,12 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> Loa
     except ModelLoadError as e:
         raise ModelLoadError(f"{config_file}: {e}") from None
     tokenizer = QwenTokenizer.from_dir(path)
-    template = ChatTemplate(load_chat_template(path), tokenizer.special_tokens_map())
+    template_source = load_chat_template(path)
+    if template_source is None and config.vision is not None:
+        from ..text.vl_template import VL_TEMPLATES
+
+        template_source = VL_TEMPLATES[config.vision.family]
+    template = ChatTemplate(template_source, tokenizer.special_tokens_map())
     model = _build(config, iter_tensors(path), dtype, device, path)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     defaults = _defaults_from_generation_config(gen)
@@ -166,6 +171,9 @@ def _build(
     expected = {name for name, _ in model.named_parameters()}
     loaded = set()
     for name, tensor in tensors:
+        name = _local_name(name)
+        if name in loaded:
+            raise ModelLoadError(f"{path}: the checkpoint holds tensor {name} twice")
         if name not in expected:
             continue  # e.g. rotary inv_freq saved by old exporters, or vision towers of other families
         module_name, _, attr = name.rpartition(".")
@@ -187,7 +195,20 @@ def _build(
         raise ModelLoadError(f"{path}: checkpoint lacks tensors {shown}")
     # Rotary tables are computed, not loaded: build them for real now that we left the meta device.
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    if config.vision is not None:
+        model.visual.reset_computed_state(device)
     return model.eval()
+
+
+def _local_name(name: str) -> str:
+    """Our parameter name for a checkpoint tensor. Vision-language checkpoints come in two spellings: released
+    Qwen2-VL / 2.5-VL use `model.layers.*` and `visual.*`; Qwen3-VL and transformers 5 use
+    `model.language_model.*` and `model.visual.*`."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.visual."):
+        return name[len("model.") :]
+    return name
 
 
 def _read_json(path: Path) -> dict:

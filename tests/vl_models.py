@@ -1,0 +1,107 @@
+"""Small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints built and saved by `transformers`, for parity tests.
+
+Structural features are kept (shared/design/oracle.md §1): Qwen2.5-VL window attention with full-attention
+blocks (a 320x240 image gives 3x3 windows), Qwen3-VL DeepStack (features into LLM layers 0..2), learned position
+embeddings (48x48, resampled) and interleaved M-RoPE. Weights are perturbed (N(0, 0.1), norm weights
+1 + N(0, 0.1)) so position and attention bugs move the logits well past the tolerance (oracle.md §9).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+VOCAB = 151936
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+    bos_token_id=151643,
+    eos_token_id=151645,
+)
+VISION = {
+    "qwen2_vl": dict(depth=2, embed_dim=64, hidden_size=64, mlp_ratio=2, num_heads=4),
+    "qwen2_5_vl": dict(
+        depth=4, hidden_size=64, intermediate_size=96, out_hidden_size=64, num_heads=4, window_size=112,
+        fullatt_block_indexes=[1, 3], tokens_per_second=2,
+    ),
+    "qwen3_vl": dict(
+        depth=4, hidden_size=64, intermediate_size=96, out_hidden_size=64, num_heads=4, patch_size=16,
+        num_position_embeddings=2304, deepstack_visual_indexes=[1, 2, 3],
+    ),
+}
+ROPE = {
+    "qwen2_vl": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+    "qwen2_5_vl": {"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": [2, 3, 3]},
+    "qwen3_vl": {
+        "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True,
+    },
+}
+IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * 0.1
+            is_norm_weight = name.endswith("weight") and ("norm" in name or "ln_q" in name)
+            param.copy_(1.0 + noise if is_norm_weight else noise)
+
+
+def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = False, seed: int = 0):
+    """Save a tiny `family` model into `folder` (with the real Qwen tokenizer); return the reference (eager)."""
+    import transformers
+
+    text = dict(TEXT, rope_parameters=ROPE[family])
+    if family == "qwen3_vl":
+        text["head_dim"] = 32
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=VISION[family], **IDS)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=VISION[family], **IDS)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=VISION[family], **IDS)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    perturb(model, seed + 1)
+    model.eval()
+    model.save_pretrained(folder)
+    if hub_config:
+        _to_hub_config(folder / "config.json", family)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    # The Qwen3 tokenizer's config carries Qwen3's text chat template; a VL folder needs the VL one (here the
+    # built-in fallback), so leave the template out.
+    tok_config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return model
+
+
+def _to_hub_config(path: Path, family: str) -> None:
+    """Rewrite transformers 5's config in the spelling of released checkpoints: Qwen2/2.5-VL keep the text keys
+    at the top level with rope_theta + rope_scaling {"type": "mrope"}; Qwen3-VL nests text_config with
+    rope_theta + rope_scaling {"rope_type": "default", "mrope_section", "mrope_interleaved"}."""
+    data = json.loads(path.read_text())
+    text = data.pop("text_config")
+    params = text.pop("rope_parameters")
+    text["rope_theta"] = params.pop("rope_theta")
+    params.pop("rope_type", None)
+    if family == "qwen3_vl":
+        text["rope_scaling"] = {"rope_type": "default", **params}
+        data["text_config"] = text
+    else:
+        text["rope_scaling"] = {"type": "mrope", **params}
+        data.update(text)
+    path.write_text(json.dumps(data, indent=2))
