@@ -90,6 +90,86 @@ def picture_data_url(width: int, height: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def make_video(path, frames: int = 16, fps: int = 8, size: tuple[int, int] = (160, 120)) -> str:
+    """An mp4 (mpeg4) of a square moving across a noisy background, written with PyAV."""
+    import av
+
+    width, height = size
+    rng = np.random.default_rng(7)
+    background = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            frame = background.copy()
+            x = (i * 7) % (width - 24)
+            frame[20:44, x : x + 24] = (255, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def video_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_video(tmp_path_factory.mktemp("video") / "clip.mp4")
+
+
+def one_video(video_file: str):
+    return [{"role": "user", "content": [{"type": "video", "video": video_file, "fps": 2.0},
+                                         {"type": "text", "text": "What moves?"}]}]
+
+
+def image_video_text(video_file: str):
+    return [{"role": "user", "content": [
+        {"type": "text", "text": "Look: "},
+        {"type": "image", "image": picture(320, 240, 0)},
+        {"type": "text", "text": " and "},
+        {"type": "video", "video": "file://" + video_file, "fps": 4.0, "max_pixels": 160 * 32 * 32},
+        {"type": "text", "text": " What changed?"},
+    ]}]
+
+
+@pytest.mark.parametrize("messages", [one_video, image_video_text], ids=["one_video", "image_video_text"])
+def test_video_prompt_logits_match_reference(vl, video_file, messages) -> None:
+    """The reference gets our ids and positions (transformers 5 would compute other positions after a video,
+    and other ids for a Qwen3-VL video: oracle.md §6); the positions are checked against the original rule."""
+    family, ref, llm = vl
+    prompt = llm.encode_chat(messages(video_file), add_generation_prompt=True)
+    (video,) = prompt.videos
+    t, h, w = video.grid_thw
+    ids = prompt.token_ids
+    merge = 2
+    if family == "qwen3_vl":
+        # One "<t seconds><|vision_start|>pads<|vision_end|>" per frame group, no outer wrapper.
+        assert len(video.timestamps) == t
+        text = llm.tokenizer.decode(ids, skip_special_tokens=False)
+        stamps = [f"<{stamp:.1f} seconds><|vision_start|>" for stamp in video.timestamps]
+        assert all(stamp in text for stamp in stamps)
+        assert "<|vision_start|><" not in text.replace("<|vision_start|><|", "")  # no wrapper before the first time
+        for g in range(t):  # each frame group's block: time 0 within it, rows and columns from its start
+            rows = video.rows[g * (h * w // 4) : (g + 1) * (h * w // 4)]
+            block = prompt.positions[:, rows]
+            start = int(prompt.positions[0, rows[0] - 1]) + 1
+            assert block[0].tolist() == [start] * len(rows)
+            assert int(block[1].max()) == start + h // merge - 1
+    else:
+        rows = video.rows
+        block = prompt.positions[:, rows]
+        start = int(prompt.positions[0, rows[0] - 1]) + 1
+        step = 1 if family == "qwen2_vl" else video.seconds_per_group * 2  # tokens_per_second = 2
+        expected_time = [start + int(g * step) for g in range(t)]
+        assert block[0].reshape(t, -1)[:, 0].tolist() == expected_time
+        after = int(rows[-1]) + 1
+        assert int(prompt.positions[0, after]) == int(block.max()) + 1  # the original rule (oracle.md §6 a)
+    ours = llm.logits(prompt)
+    theirs = reference_logits(ref, prompt)
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
+    assert len(ids) == ours.shape[0]
+
+
 @pytest.mark.parametrize("messages", [one_image, two_images], ids=["one_image", "two_images"])
 def test_image_prompt_logits_match_reference(vl, messages) -> None:
     family, ref, llm = vl

@@ -188,7 +188,16 @@ class PromptBuilder:
 
     def build(self, text: str, requests: list[VisionRequest], max_tokens: int | None = None) -> Prompt:
         self._check_counts(text, requests)
-        items = [self._process(request) for request in requests]
+        # Videos are planned first, from their headers: an over-budget video fails before any frame is decoded.
+        plans = {n: self._plan_video(r, max_tokens) for n, r in enumerate(requests) if r.kind == "video"}
+        video_tokens = sum(plan.num_tokens for plan in plans.values())
+        if max_tokens is not None and video_tokens > max_tokens:
+            raise ContextLengthError(
+                f"the {len(plans)} videos need {video_tokens} tokens together, but the model's context holds "
+                f"{max_tokens}; lower fps, max_frames or max_pixels / total_pixels",
+                param="messages",
+            )
+        items = [self._process(request, plans.get(n)) for n, request in enumerate(requests)]
         expanded = self._expand(text, items)
         ids = self.tokenizer.encode(expanded)
         if max_tokens is not None and len(ids) > max_tokens:
@@ -230,17 +239,22 @@ class PromptBuilder:
             options["min_pixels"] = min(int(options["min_pixels"]), options["max_pixels"])
         return options
 
-    def _process(self, request: VisionRequest) -> VisionItem:
+    def _process(self, request: VisionRequest, plan=None) -> VisionItem:
         try:
             if request.kind == "image":
                 return self._process_image(request)
-            return self._process_video(request)
+            return self._process_video(request, plan)
         except InputError as e:
-            if e.param is None:
-                e.param = request.where
-            if not str(e).startswith(request.where):
-                e.args = (f"{request.where}: {e}",)
-            raise
+            raise self._located(e, request) from None
+
+    @staticmethod
+    def _located(error: InputError, request: VisionRequest) -> InputError:
+        """The error, naming the message part it came from."""
+        if error.param is None:
+            error.param = request.where
+        if not str(error).startswith(request.where):
+            error.args = (f"{request.where}: {error}",)
+        return error
 
     def _process_image(self, request: VisionRequest) -> VisionItem:
         from .fetch import load_image
@@ -262,8 +276,33 @@ class PromptBuilder:
             resized_size=processed.resized_size,
         )
 
-    def _process_video(self, request: VisionRequest) -> VisionItem:
-        raise InputError("video input is not available yet", param=request.where)
+    def _plan_video(self, request: VisionRequest, max_tokens: int | None):
+        """Sample frames and size a video from its header alone, so the budget is checked before decoding."""
+        from .video import plan_video
+
+        if self.video_config is None:
+            raise InputError("video input needs PyAV (pip install av)", param=request.where)
+        try:
+            return plan_video(request.source, self.video_config, max_tokens=max_tokens,
+                              **self._pixel_options(request.options))
+        except InputError as e:
+            raise self._located(e, request) from None
+
+    def _process_video(self, request: VisionRequest, plan) -> VisionItem:
+        from .video import process_video_plan
+
+        video = process_video_plan(plan, max_tokens=plan.num_tokens)
+        return VisionItem(
+            kind="video",
+            pixel_values=video.pixel_values,
+            grid_thw=video.grid_thw,
+            rows=torch.empty(video.num_tokens, dtype=torch.long),
+            content_hash=_content_hash("video", video.pixel_values, video.grid_thw),
+            original_size=video.original_size,
+            resized_size=video.resized_size,
+            seconds_per_group=video.second_per_grid_t,
+            timestamps=list(video.grid_timestamps),
+        )
 
     def _expand(self, text: str, items: list[VisionItem]) -> str:
         """One pad token per merged patch; Qwen3-VL videos become a timestamped block per frame group."""
