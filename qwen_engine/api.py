@@ -149,6 +149,7 @@ class LLM:
         """
         request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
         out = self._complete_ids(request.prompt_ids, params, request.make_guide(), request.vision)
+        out.prompt = request.vision
         if request.parse_tools:
             parsed = parse_answer(out.raw_text, starts_in_think=request.starts_in_think)
             out.text, out.reasoning, out.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls

@@ -47,6 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     gen.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
     gen.add_argument("--think", choices=["on", "off"], help="enable_thinking for models whose template has it")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                     help="an image to ask about: path, file://, http(s):// or data: URL (repeatable)")
+    gen.add_argument("--video", action="append", default=[], metavar="PATH",
+                     help="a video to ask about: mp4/webm/mov/mkv file (repeatable)")
+    gen.add_argument("--fps", type=float, help="video frames sampled per second (default 2)")
+    gen.add_argument("--max-frames", type=int, help="most frames sampled from a video")
+    gen.add_argument("--max-pixels", type=int, help="largest image / frame size in pixels (resized down to it)")
+    gen.add_argument("--draw-boxes", metavar="OUT.png",
+                     help="draw the boxes and points of the answer onto the (single) image into this PNG")
     gen.add_argument("prompt", help="the question or instruction")
     gen.set_defaults(run=_generate)
 
@@ -129,7 +138,16 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError("the prompt is empty")
     if args.raw and args.system:
         raise InputError("--system has no meaning with --raw")
+    vision = args.image or args.video
+    if args.raw and vision:
+        raise InputError("--image and --video need the chat template; drop --raw")
+    if args.draw_boxes and len(args.image) != 1:
+        raise InputError("--draw-boxes needs exactly one --image")
+    if args.draw_boxes and not args.draw_boxes.lower().endswith(".png"):
+        raise InputError(f"--draw-boxes writes a PNG; give a name ending in .png, not {args.draw_boxes!r}")
     llm, params = _load(args)
+    if vision:
+        return _generate_vision(args, llm, params)
     if args.raw:
         if args.json:
             print(json.dumps(llm.generate(args.prompt, params)[0].to_dict(), ensure_ascii=False))
@@ -148,6 +166,42 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_vision(args: argparse.Namespace, llm, params) -> int:
+    """Ask about images and videos; with --draw-boxes, draw the answer's boxes onto the image."""
+    if llm.vision is None:
+        raise InputError(f"{args.model or 'the demo model'} takes text only; --image and --video need a "
+                         "Qwen2-VL, Qwen2.5-VL or Qwen3-VL model")
+    image_options = {k: v for k, v in (("max_pixels", args.max_pixels),) if v is not None}
+    video_options = {k: v for k, v in (("fps", args.fps), ("max_frames", args.max_frames),
+                                       ("max_pixels", args.max_pixels)) if v is not None}
+    content = [{"type": "image", "image": source, **image_options} for source in args.image]
+    content += [{"type": "video", "video": source, **video_options} for source in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}
+    ]
+    family = llm.config.vision.family
+    if args.draw_boxes and family == "qwen2_vl":
+        params.skip_special_tokens = False  # Qwen2-VL writes its boxes with special tokens; keep them
+    out = llm.chat(messages, params, **_thinking(args))
+    result = None
+    if args.draw_boxes:
+        from .vision.grounding import draw_groundings, ground_answer
+
+        prompt_image = out.prompt.images[0]
+        result = ground_answer(out.text, family, prompt_image.original_size, prompt_image.resized_size)
+        draw_groundings(args.image[0], result.groundings, args.draw_boxes)
+        print(f"drew {len(result.groundings)} box(es)/point(s) into {args.draw_boxes}", file=sys.stderr)
+    if args.json:
+        data = out.to_dict()
+        if result is not None:
+            data["grounding"] = result.to_dict()
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        print(out.text)
     return 0
 
 

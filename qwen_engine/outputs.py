@@ -36,6 +36,9 @@ class RequestOutput:
     reasoning: str | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     raw_text: str = ""  # everything the model produced, before reasoning and tool calls were split out
+    # The vision prompt the answer came from (vision.prompt.Prompt): its images' original and resized sizes
+    # are what grounding coordinates are mapped with. None for text prompts.
+    prompt: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {

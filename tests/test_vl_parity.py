@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from vl_models import IDS, build_vl
 
 from qwen_engine import LLM
 from qwen_engine.errors import InputError
-
-from vl_models import IDS, build_vl
 
 TOLERANCE = 1e-4
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
