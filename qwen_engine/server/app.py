@@ -18,6 +18,7 @@ from ..api import LLM
 from ..errors import ContextLengthError, QwenEngineError
 from ..text.parsers import parse_answer, split_reasoning
 from ..text.stream_parser import StreamParser
+from ..vision.prompt import VisionLimits
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, Update
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
@@ -29,6 +30,13 @@ class ServerConfig:
     api_key: str | None = None
     max_waiting: int = 256
     max_body_bytes: int = 10 << 20
+    # Vision requests: most images / videos per request, largest image or frame (resized down to it),
+    # and the time and size allowed for fetching an image URL.
+    max_images_per_request: int = 8
+    max_videos_per_request: int = 2
+    max_image_pixels: int | None = None
+    fetch_timeout: float = 10.0
+    max_fetch_bytes: int = 20 << 20
 
 
 class ApiError(Exception):
@@ -40,6 +48,14 @@ class ApiError(Exception):
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     engine = AsyncEngine(llm.engine, max_waiting=config.max_waiting)
+    if llm.vision is not None:
+        llm.vision.limits = VisionLimits(
+            max_images=config.max_images_per_request,
+            max_videos=config.max_videos_per_request,
+            max_pixels=config.max_image_pixels,
+            fetch_timeout=config.fetch_timeout,
+            max_fetch_bytes=config.max_fetch_bytes,
+        )
     metrics = Metrics(engine)
 
     async def lifespan(app: FastAPI):
@@ -120,14 +136,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         _check_model(body.model, config)
         await _check_body_size(request, config)
         try:
-            chat = llm.prepare_chat(body.messages, body.tools, body.tool_choice, body.response_format,
-                                    **(body.chat_template_kwargs or {}))
+            # Off the event loop: images may be fetched over the network, videos decoded.
+            chat = await asyncio.to_thread(llm.prepare_chat, body.messages, body.tools, body.tool_choice,
+                                           body.response_format, **(body.chat_template_kwargs or {}))
             params = [llm._resolve(body.to_sampling_params(i)) for i in range(body.n)]
             guide_list = [chat.make_guide() for _ in range(body.n)]
         except QwenEngineError as e:
             raise _input_error(e, "messages") from None
         prompt_ids, starts_in_think, parse_tools = chat.prompt_ids, chat.starts_in_think, chat.parse_tools
-        streams = _submit(engine, prompt_ids, params, guide_list)
+        streams = _submit(engine, prompt_ids, params, guide_list, vision=chat.vision)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
@@ -210,12 +227,13 @@ def _input_error(e: QwenEngineError, param: str) -> ApiError:
     return ApiError(400, str(e), param=getattr(e, "param", None) or param)
 
 
-def _submit(engine: AsyncEngine, prompt_ids, params, guides, many_prompts: bool = False) -> list[RequestStream]:
+def _submit(engine: AsyncEngine, prompt_ids, params, guides, many_prompts: bool = False,
+            vision=None) -> list[RequestStream]:
     streams: list[RequestStream] = []
     try:
         for i, sp in enumerate(params):
             ids = prompt_ids[i] if many_prompts else prompt_ids
-            streams.append(engine.submit(ids, sp, guides[i]))
+            streams.append(engine.submit(ids, sp, guides[i], vision))
     except QueueFullError as e:
         _close(streams, engine)
         raise ApiError(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"}) from None

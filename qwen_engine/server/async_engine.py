@@ -19,6 +19,7 @@ from ..engine.engine import Engine, Guide
 from ..engine.sampling_params import SamplingParams
 from ..engine.sequence import Sequence
 from ..errors import QwenEngineError
+from ..vision.prompt import Prompt
 
 log = logging.getLogger("qwen_engine.server")
 
@@ -47,10 +48,10 @@ class RequestStream:
     """One request's updates, as the engine thread produces them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams,
-                 guide: Guide | None):
+                 guide: Guide | None, vision: Prompt | None = None):
         self.loop = loop
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
-        self.prompt_ids, self.params, self.guide = prompt_ids, params, guide
+        self.prompt_ids, self.params, self.guide, self.vision = prompt_ids, params, guide, vision
         self.seq: Sequence | None = None
         self.created = time.monotonic()
         self.done = False
@@ -96,12 +97,14 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._commands.qsize()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, guide: Guide | None = None) -> RequestStream:
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, guide: Guide | None = None, vision: Prompt | None = None
+    ) -> RequestStream:
         """Queue a request; raises at once for a prompt that can never run or when the queue is full."""
         self.engine.check_prompt(prompt_ids)
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting (limit {self.max_waiting})")
-        stream = RequestStream(asyncio.get_running_loop(), prompt_ids, params, guide)
+        stream = RequestStream(asyncio.get_running_loop(), prompt_ids, params, guide, vision)
         self.in_flight += 1
         self._commands.put(("add", stream))
         self._wake.set()
@@ -146,7 +149,9 @@ class AsyncEngine:
                 return
             if command == "add" and not stream.done:
                 try:
-                    seq = self.engine.add_request(stream.prompt_ids, stream.params, guide=stream.guide)
+                    seq = self.engine.add_request(
+                        stream.prompt_ids, stream.params, guide=stream.guide, vision=stream.vision
+                    )
                 except QwenEngineError as e:
                     stream.push(Update("", [], error=str(e)))
                     continue
