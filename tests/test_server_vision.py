@@ -59,7 +59,7 @@ def test_openai_client_with_image_url_and_video_equals_the_api(folder, media, ll
     root, base = media
     parts = [
         {"type": "image_url", "image_url": {"url": f"{base}/photo.png"}},
-        {"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}},
+        {"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}},
         {"type": "text", "text": "What happens?"},
     ]
     expected = llm.chat([{"role": "user", "content": parts}],
@@ -98,6 +98,8 @@ def ask(client: TestClient, parts: list[dict], **extra):
         ([{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}], 400, "x.png", None),
         ([{"type": "image_url", "image_url": {}}], 400, "url", None),
         ([{"type": "video_url", "video_url": {"url": "file://{root}/notes.txt"}}], 400, "notes.txt", None),
+        ([{"type": "video_url", "video_url": {"url": "{base}/notes.txt"}}], 400, "{base}/notes.txt", None),
+        ([{"type": "video_url", "video_url": {"url": "{base}/gone.mp4"}}], 400, "404", None),
         ([{"type": "image_url", "image_url": {"url": "{photo}"}}] * 3, 400, "limit is 2", "messages"),
         ([{"type": "audio", "audio": "x"}], 400, "audio", "messages[0].content[0]"),
     ],
@@ -119,7 +121,7 @@ def test_vision_errors_are_openai_400s(llm, media, parts, status, fragment, para
         assert r.status_code == status, r.text
         error = r.json()["error"]
         assert error["type"] == "invalid_request_error"
-        assert fragment in error["message"], error["message"]
+        assert fill(fragment) in error["message"], error["message"]
         if param is not None:
             assert error["param"] == param
         # the server is still fine

@@ -168,34 +168,34 @@ def _read_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_http(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": "image/*"})
+def _read_http(url: str, timeout: float, max_bytes: int, kind: str = "image") -> tuple[bytes, str]:
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": f"{kind}/*"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise InputError(
-                    f"could not fetch image {url}: the body is {int(length)} bytes, over the {max_bytes}-byte limit"
+                    f"could not fetch {kind} {url}: the body is {int(length)} bytes, over the {max_bytes}-byte limit"
                 )
             data = response.read(max_bytes + 1)  # one byte more tells an over-long body without a length
             if len(data) > max_bytes:
-                raise InputError(f"could not fetch image {url}: the body is over the {max_bytes}-byte limit")
+                raise InputError(f"could not fetch {kind} {url}: the body is over the {max_bytes}-byte limit")
             content_type = response.headers.get("Content-Type", "")
     except InputError:
         raise  # InputError is a ValueError: keep it out of the catch-all below
     except urllib.error.HTTPError as exc:
-        raise InputError(f"could not fetch image {url}: HTTP {exc.code} {exc.reason}") from exc
+        raise InputError(f"could not fetch {kind} {url}: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
         reason = exc.reason
         if isinstance(reason, TimeoutError):
             reason = f"timed out after {timeout:g} s"
-        raise InputError(f"could not fetch image {url}: {reason}") from exc
+        raise InputError(f"could not fetch {kind} {url}: {reason}") from exc
     except TimeoutError as exc:
-        raise InputError(f"could not fetch image {url}: timed out after {timeout:g} s") from exc
+        raise InputError(f"could not fetch {kind} {url}: timed out after {timeout:g} s") from exc
     except (OSError, ValueError) as exc:  # connection reset mid-body, malformed URL, bad status line
-        raise InputError(f"could not fetch image {url}: {exc}") from exc
+        raise InputError(f"could not fetch {kind} {url}: {exc}") from exc
     if not data:
-        raise InputError(f"could not fetch image {url}: the body is empty")
+        raise InputError(f"could not fetch {kind} {url}: the body is empty")
     # The server's Content-Type goes into a decode error: "text/html" explains most failures at once.
     kind = f" (Content-Type {content_type!r})" if content_type else ""
     return data, f"the body of {url}{kind}"

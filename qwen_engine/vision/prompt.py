@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +43,7 @@ class VisionLimits:
     max_videos: int | None = None
     max_pixels: int | None = None  # per image or frame; larger asks are resized down to it
     fetch_timeout: float = 10.0  # seconds for an http(s) image or video
-    max_fetch_bytes: int = 64 << 20
+    max_fetch_bytes: int = 64 << 20  # largest image or video body fetched
 
 
 @dataclass
@@ -188,8 +191,15 @@ class PromptBuilder:
 
     def build(self, text: str, requests: list[VisionRequest], max_tokens: int | None = None) -> Prompt:
         self._check_counts(text, requests)
+        downloads: list[str] = []  # temporary copies of video URLs, removed when the pixels are made
         # Videos are planned first, from their headers: an over-budget video fails before any frame is decoded.
-        plans = {n: self._plan_video(r, max_tokens) for n, r in enumerate(requests) if r.kind == "video"}
+        try:
+            plans = {
+                n: self._plan_video(r, max_tokens, downloads) for n, r in enumerate(requests) if r.kind == "video"
+            }
+        except BaseException:
+            _remove(downloads)
+            raise
         video_tokens = sum(plan.num_tokens for plan in plans.values())
         if max_tokens is not None and video_tokens > max_tokens:
             raise ContextLengthError(
@@ -197,7 +207,10 @@ class PromptBuilder:
                 f"{max_tokens}; lower fps, max_frames or max_pixels / total_pixels",
                 param="messages",
             )
-        items = [self._process(request, plans.get(n)) for n, request in enumerate(requests)]
+        try:
+            items = [self._process(request, plans.get(n)) for n, request in enumerate(requests)]
+        finally:
+            _remove(downloads)
         expanded = self._expand(text, items)
         ids = self.tokenizer.encode(expanded)
         if max_tokens is not None and len(ids) > max_tokens:
@@ -211,6 +224,7 @@ class PromptBuilder:
         return Prompt(ids, items, positions, delta, text)
 
     # -- steps -----------------------------------------------------------------------------------------------
+
 
     def _check_counts(self, text: str, requests: list[VisionRequest]) -> None:
         limits = self.limits
@@ -276,17 +290,34 @@ class PromptBuilder:
             resized_size=processed.resized_size,
         )
 
-    def _plan_video(self, request: VisionRequest, max_tokens: int | None):
+    def _plan_video(self, request: VisionRequest, max_tokens: int | None, downloads: list[str]):
         """Sample frames and size a video from its header alone, so the budget is checked before decoding."""
         from .video import plan_video
 
         if self.video_config is None:
             raise InputError("video input needs PyAV (pip install av)", param=request.where)
+        source, downloaded = request.source, None
         try:
-            return plan_video(request.source, self.video_config, max_tokens=max_tokens,
+            if isinstance(source, str) and source[:8].lower().startswith(("http://", "https://")):
+                downloaded = self._download_video(source)
+                downloads.append(downloaded)
+                source = downloaded
+            return plan_video(source, self.video_config, max_tokens=max_tokens,
                               **self._pixel_options(request.options))
         except InputError as e:
+            if downloaded is not None:  # name the URL, not our temporary copy
+                e.args = (str(e).replace(repr(downloaded), repr(request.source)).replace(downloaded, request.source),)
             raise self._located(e, request) from None
+
+    def _download_video(self, url: str) -> str:
+        """Fetch a video URL into a temporary file (PyAV reads files), within the fetch timeout and size limit."""
+        from .fetch import _read_http
+
+        data, _ = _read_http(url, self.limits.fetch_timeout, self.limits.max_fetch_bytes, kind="video")
+        suffix = Path(urllib.parse.urlsplit(url).path).suffix[:8] or ".mp4"
+        with tempfile.NamedTemporaryFile(suffix=suffix, prefix="qwen-engine-video-", delete=False) as f:
+            f.write(data)
+        return f.name
 
     def _process_video(self, request: VisionRequest, plan) -> VisionItem:
         from .video import process_video_plan
@@ -357,6 +388,12 @@ class PromptBuilder:
         if self.links.family == "qwen2_5_vl":
             return [VisionSpan(int(item.rows[0]), grid, item.seconds_per_group or 1.0, self.links.tokens_per_second)]
         return [VisionSpan(int(item.rows[0]), grid)]
+
+
+def _remove(paths: list[str]) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+    paths.clear()
 
 
 def _content_hash(kind: str, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> bytes:
