@@ -36,7 +36,7 @@ class ServerConfig:
     max_videos_per_request: int = 2
     max_image_pixels: int | None = None
     fetch_timeout: float = 10.0
-    max_fetch_bytes: int = 20 << 20
+    max_fetch_bytes: int = 64 << 20
 
 
 class ApiError(Exception):
