@@ -8,6 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from video_helpers import define_torchvision_ops
+
+# transformers imports torchvision (when installed) at import time; the PyPI wheel needs this shim beside the
+# CPU torch (see tests/video_helpers.py). It must run before any test imports transformers.
+define_torchvision_ops()
 
 if not os.environ.get("QWEN_ENGINE_HOME"):
     import tempfile

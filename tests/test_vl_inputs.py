@@ -114,7 +114,7 @@ def test_rgba_is_composited_on_white_like_the_reference(llm, files):
         ({"type": "video", "video": "{root}/notes.txt"}, InputError, "notes.txt"),
         ({"type": "video", "video": "{root}/clip.mp4", "fps": 0}, InputError, "fps"),
         ({"type": "video", "video": "{root}/clip.mp4", "fps": 8.0, "resized_height": 1120, "resized_width": 1120},
-         InputError, "budget of 2047 tokens"),
+         ContextLengthError, "budget of 2047 tokens"),
         ({"type": "sound", "sound": "x"}, InputError, "sound"),
     ],
 )
