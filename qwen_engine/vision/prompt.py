@@ -97,9 +97,7 @@ class Prompt:
             return []
         extras = [b""] * -(-len(self.token_ids) // block_size)
         for item in self.items:
-            for block in sorted({int(r) // block_size for r in (item.rows[0], item.rows[-1])}):
-                extras[block] += item.content_hash
-            for block in range(int(item.rows[0]) // block_size + 1, int(item.rows[-1]) // block_size):
+            for block in range(int(item.rows[0]) // block_size, int(item.rows[-1]) // block_size + 1):
                 extras[block] += item.content_hash
         return extras
 
