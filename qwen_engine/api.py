@@ -96,9 +96,15 @@ class LLM:
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
-        """The prompt text the model's own chat template makes of `messages`."""
+        """The prompt text the model's own chat template makes of `messages` (for a vision-language model,
+        with one pad token per image or video, before they are expanded; see encode_chat)."""
+        messages = self._with_default_system(messages)
+        if self.vision is not None:
+            from .vision.prompt import split_messages
+
+            messages = split_messages(messages)[0]
         return self.chat_template.render(
-            _normalise_messages(self._with_default_system(messages)),
+            _normalise_messages(messages, allow_vision=self.vision is not None),
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             **kwargs,
@@ -118,13 +124,8 @@ class LLM:
             return Prompt(self.tokenizer.encode(text), text=text)
         from .vision.prompt import split_messages
 
-        plain, requests = split_messages(self._with_default_system(messages))
-        text = self.chat_template.render(
-            _normalise_messages(plain, allow_vision=True),
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            **kwargs,
-        )
+        requests = split_messages(self._with_default_system(messages))[1]
+        text = self.apply_chat_template(messages, tools, add_generation_prompt, **kwargs)
         return self.vision.build(text, requests, max_tokens=self.max_model_len - 1)
 
     # -- generation ------------------------------------------------------------------------------------------

@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(chat)
     _sampling_args(chat)
     chat.add_argument("--think", choices=["on", "off"], help="enable_thinking for models whose template has it")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                      help="an image to talk about, attached to the first message (repeatable)")
+    chat.add_argument("--video", action="append", default=[], metavar="PATH",
+                      help="a video to talk about, attached to the first message (repeatable)")
     chat.set_defaults(run=_chat)
 
     serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
@@ -214,6 +218,10 @@ def _chat(args: argparse.Namespace) -> int:
     from .text.parsers import prompt_opens_thinking, split_reasoning
 
     llm, params = _load(args)
+    media = [{"type": "image", "image": s} for s in args.image] + [{"type": "video", "video": s} for s in args.video]
+    if media and llm.vision is None:
+        raise InputError(f"{args.model or 'the demo model'} takes text only; --image and --video need a "
+                         "Qwen2-VL, Qwen2.5-VL or Qwen3-VL model")
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
@@ -233,11 +241,14 @@ def _chat(args: argparse.Namespace) -> int:
             history.clear()
             print("(conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
+        if media and not history:  # the images and videos go with the first message (and /reset re-attaches)
+            history.append({"role": "user", "content": [*media, {"type": "text", "text": text}]})
+        else:
+            history.append({"role": "user", "content": text})
         pieces = []
         prompt = llm.apply_chat_template(system + history, **_thinking(args))
         try:
-            for delta in llm.generate_stream(prompt, params):
+            for delta in llm.chat_stream(system + history, params, **_thinking(args)):
                 pieces.append(delta.text)
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()

@@ -134,3 +134,21 @@ def test_text_only_model_refuses_images(files, tmp_path, qwen3_tokenizer_dir):
     build_tiny("qwen2", tmp_path, tokenizer_dir=qwen3_tokenizer_dir)
     result = run("generate", "-m", str(tmp_path), "--image", str(files / "photo.png"), "Describe.")
     assert_usage_error(result, "text only")
+
+
+def test_chat_attaches_the_image_to_the_first_message(vl_folder, files):
+    from qwen_engine import SamplingParams
+
+    image = str(files / "photo.png")
+    result = run("chat", "-m", str(vl_folder), "--max-tokens", "4", *GREEDY, "--image", image,
+                 stdin="What is it?\nAnd now?\n")
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    llm = LLM(vl_folder, progress=False, kv_cache_memory=16 << 20)
+    params = SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1)
+    turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    answer = llm.chat(turn, params).text
+    assert first.strip() == answer  # the command streams the raw text; chat() strips it
+    follow = llm.chat([*turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}],
+                      params).text
+    assert second.strip() == follow
