@@ -31,14 +31,21 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked (set by weights/quantized.py)
+        self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for each rotated pair, and the factor cos/sin are scaled by (YaRN's attention factor)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Always on the CPU (also inside the loader's meta-device context, where these ops would import torch._dynamo).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     base_freqs = rope.theta**exponents
     if rope.kind == "default":
         return 1.0 / base_freqs, 1.0
@@ -56,7 +63,7 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Ten
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 where the trained frequency is kept (extrapolation), 0 where it is interpolated
     inv_freq = (1.0 / (factor * base_freqs)) * (1 - keep) + (1.0 / base_freqs) * keep
 
