@@ -1,7 +1,10 @@
-"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp).
+"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp) and decode
+attention over the paged KV cache (paged_attention.cpp).
 
-The extension is compiled with the machine's C++ compiler on first use and cached under
-`$QWEN_ENGINE_HOME/kernels/<hash of the source and flags>`, so later processes load it in milliseconds. Without
+The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
+`~/.cache/qwen-engine/kernels/<hash of the sources, flags and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
+so later processes load it in milliseconds. The cache is a build artefact of this machine, shared by every
+QWEN_ENGINE_HOME. Without
 a compiler (or with QWEN_ENGINE_KERNELS=0) `native()` returns None and callers use the pure-PyTorch path:
 dequantise, then matmul — the same numbers, slower.
 """
@@ -18,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).with_name("quant_matmul.cpp")
+SOURCES = [Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("paged_attention.cpp")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
@@ -37,11 +40,13 @@ def _native_flags() -> list[str]:
 
 
 def _build() -> ModuleType:
-    from ..weights.demo import cache_home
-
     flags = BASE_FLAGS + _native_flags()
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()
-    directory = cache_home() / "kernels" / key[:16]
+    digest = hashlib.sha256(" ".join(flags).encode() + torch.__version__.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    key = digest.hexdigest()
+    root = os.environ.get("QWEN_ENGINE_KERNEL_CACHE") or Path.home() / ".cache" / "qwen-engine" / "kernels"
+    directory = Path(root) / key[:16]
     name = f"qwen_engine_quant_{key[:12]}"
     built = directory / f"{name}.so"
     if built.is_file():  # importing torch.utils.cpp_extension alone costs ~2 s; a built module needs none of it
@@ -52,7 +57,7 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+    return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), verbose=False)
 
 
@@ -72,6 +77,19 @@ def native() -> ModuleType | None:
               file=sys.stderr)
         _module = None
     return _module
+
+
+def use_available_cores() -> None:
+    """One intra-op thread per core this process may run on, unless OMP_NUM_THREADS says otherwise (torch's
+    default counts the machine's cores, which overcommits under a CPU affinity mask, e.g. in containers)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if cores != torch.get_num_threads():
+        torch.set_num_threads(cores)
 
 
 def set_native(module: ModuleType | None) -> None:

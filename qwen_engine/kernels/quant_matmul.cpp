@@ -525,9 +525,19 @@ torch::Tensor dequantize_rows(const torch::Tensor& weight, int64_t qtype, int64_
 
 bool has_avx512() { return QE_AVX512; }
 
+// paged_attention.cpp
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
+void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
+              const torch::Tensor& write_slots);
+void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T (+ bias) with W in GGUF blocks, stacked from segments");
   m.def("dequantize", &dequantize, "a GGUF weight [rows, bytes] as float32 [rows, K]");
   m.def("dequantize_rows", &dequantize_rows, "selected rows of a GGUF weight as float32");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
+  m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
+  m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
+  m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
 }

@@ -22,9 +22,10 @@ from .. import kernels
 Q = GGMLQuantizationType
 # Block types the native kernels read directly; any other type is dequantised to float32 at load.
 KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K})
-# Up to this many rows of x, the fused GEMV (weights read once, dequantised in registers); above it, dequantise
-# into a scratch tile and let MKL multiply. Measured crossover on this machine: see docs/benchmarks.md.
-GEMV_MAX_ROWS = 16
+# Up to this many rows of x (a batch of decodes), the kernel reads the weights once and dequantises them in
+# registers (≤ 3 rows) or into a small cache-resident tile (more); above it (prefill), it dequantises into a
+# scratch buffer and lets MKL multiply. On this machine the tile path was faster than MKL up to ~128 rows.
+GEMV_MAX_ROWS = 64
 
 
 def has_kernel(qtype: GGMLQuantizationType, in_features: int) -> bool:

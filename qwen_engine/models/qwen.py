@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate
 
 
 class Attention(nn.Module):
@@ -36,15 +36,23 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         tokens = x.shape[0]
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        elif self.qkv_proj is not None:
+            # q and k sit side by side in the fused output: rotate them as one [tokens, heads_q + heads_kv] view.
+            qk = qkv[:, : self.split_sizes[0] + self.split_sizes[1]].view(tokens, -1, self.head_dim)
+            qk = rotate(qk, cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(cache.attend(self.layer, q, k, v))
 
 

@@ -88,6 +88,7 @@ def load_model(
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if quantized is None:
         quantized = os.environ.get("QWEN_ENGINE_QUANTIZED", "1") != "0"
+    kernels.use_available_cores()
     try:
         if source.path.is_dir():
             loaded = _load_hf_folder(source.path, torch_dtype, torch_device)
