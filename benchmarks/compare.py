@@ -6,7 +6,13 @@
 Every measurement runs in a fresh subprocess (so peak RSS is the system's own), the systems alternate run by
 run, and all of them get the same token ids: a ~516-token chat prompt rendered with the model's template. For
 each run: load time, prefill tokens/s (time to the first generated token), single-stream decode tokens/s over
-128 greedy tokens, peak RSS. The greedy tokens are compared across systems. Not a test: nothing is asserted.
+128 greedy tokens, peak RSS. The greedy tokens are compared across systems.
+
+With --streams 8,16,32, qwen-engine and llama.cpp also decode N different short chat prompts (~40 tokens each)
+at once, 64 greedy tokens per stream: qwen-engine through its continuous-batching engine, llama.cpp through
+llama-cpp-python's low-level batch API (N sequences in one context, one llama_decode per step, as llama-server's
+parallel slots do). Throughput is the generated tokens of all streams over the decode phase (after every
+stream has its first token). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -53,6 +59,17 @@ def prompt_messages() -> list[dict]:
     )
     return [{"role": "system", "content": "You are a careful senior Python reviewer."},
             {"role": "user", "content": question}]
+
+
+TOPICS = ["binary search", "a linked list", "quicksort", "a hash map", "Dijkstra's algorithm", "a trie",
+          "merge sort", "a binary heap", "BFS on a grid", "an LRU cache", "the KMP algorithm", "union-find",
+          "a ring buffer", "topological sort", "a bloom filter", "reservoir sampling"]
+STREAM_TOKENS = 64
+
+
+def stream_messages(i: int) -> list[dict]:
+    style = ["in Python", "in Rust", "in C", "in Go"][i // len(TOPICS) % 4]
+    return [{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} and implement it {style}."}]
 
 
 def peak_rss_mib() -> float:
@@ -124,14 +141,84 @@ def run_transformers(model: str, ids: list[int]) -> dict:
     return {"load_s": load, "prefill_s": first - start, "decode_s": end - first, "tokens": tokens}
 
 
+def parallel_qwen_engine(model: str, prompts: list[list[int]]) -> dict:
+    from qwen_engine import LLM, SamplingParams
+
+    llm = LLM(model, progress=False, max_num_seqs=max(32, len(prompts)))
+    params = SamplingParams(max_tokens=STREAM_TOKENS, temperature=0, ignore_eos=True).with_defaults(SamplingParams())
+    seqs = [llm.engine.add_request(p, params) for p in prompts]
+    start = time.perf_counter()
+    while not all(s.output_ids for s in seqs):
+        llm.engine.step()
+    first = time.perf_counter()
+    generated = sum(len(s.output_ids) for s in seqs)
+    while llm.engine.has_work():
+        llm.engine.step()
+    end = time.perf_counter()
+    total = sum(len(s.output_ids) for s in seqs)
+    return {"prefill_s": first - start, "decode_s": end - first, "decode_tokens": total - generated,
+            "tokens": [s.output_ids for s in seqs]}
+
+
+def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
+    import llama_cpp as L
+    import numpy as np
+
+    L.llama_backend_init()
+    lm = L.llama_model_load_from_file(model.encode(), L.llama_model_default_params())
+    cp = L.llama_context_default_params()
+    n = len(prompts)
+    cp.n_ctx = n * (max(map(len, prompts)) + STREAM_TOKENS + 16)
+    cp.n_batch = cp.n_ubatch = 512
+    cp.n_seq_max = n
+    cp.n_threads = cp.n_threads_batch = 2
+    ctx = L.llama_init_from_model(lm, cp)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(lm))
+    batch = L.llama_batch_init(512, 0, n)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+        for k, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[k], batch.pos[k], batch.n_seq_id[k], batch.logits[k] = token, pos, 1, logits
+            batch.seq_id[k][0] = seq
+        batch.n_tokens = len(entries)
+        if L.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(row: int) -> int:
+        return int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, row), shape=(vocab,)).argmax())
+
+    start = time.perf_counter()
+    out: list[list[int]] = []
+    for seq, prompt in enumerate(prompts):  # prompts one by one, in chunks of the batch size
+        for c in range(0, len(prompt), 512):
+            chunk = prompt[c : c + 512]
+            decode([(t, c + i, seq, c + i == len(prompt) - 1) for i, t in enumerate(chunk)])
+        out.append([greedy(len(chunk) - 1)])
+    first = time.perf_counter()
+    for step in range(STREAM_TOKENS - 1):  # every stream's next token in one batch
+        decode([(out[s][-1], len(prompts[s]) + step, s, True) for s in range(n)])
+        for s in range(n):
+            out[s].append(greedy(s))
+    end = time.perf_counter()
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    L.llama_model_free(lm)
+    return {"prefill_s": first - start, "decode_s": end - first, "decode_tokens": n * (STREAM_TOKENS - 1),
+            "tokens": out}
+
+
 RUNNERS = {"qwen-engine": run_qwen_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
+PARALLEL = {"qwen-engine": parallel_qwen_engine, "llama.cpp": parallel_llama_cpp}
 
 
 def child(system: str, model: str, ids_file: str) -> None:
     ids = json.loads(Path(ids_file).read_text())
-    result = RUNNERS[system](model, ids)
+    if system.endswith("@parallel"):  # ids: one prompt per stream
+        result = PARALLEL[system.removesuffix("@parallel")](model, ids)
+    else:
+        result = RUNNERS[system](model, ids)
+        result["prompt_tokens"] = len(ids)
     result["peak_rss_mib"] = peak_rss_mib()
-    result["prompt_tokens"] = len(ids)
     print(json.dumps(result))
 
 
@@ -142,6 +229,9 @@ def main() -> None:
     p.add_argument("--model", help="GGUF file (default: the demo model)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--systems", default="qwen-engine,llama.cpp,transformers")
+    p.add_argument("--streams", default="", help="also measure N concurrent streams, e.g. 8,16,32")
+    p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the single-stream table (--no-single: only the streams)")
     p.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
                    help="the Python of the environment made by setup_peers.sh")
     p.add_argument("--child", nargs=3, metavar=("SYSTEM", "MODEL", "IDS_FILE"), help=argparse.SUPPRESS)
@@ -160,25 +250,51 @@ def main() -> None:
     tok = QwenTokenizer.from_gguf_metadata(meta)
     text = ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map()).render(prompt_messages())
     ids = tok.encode(text)
-    ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen-engine-bench-{os.getpid()}.json"
-    ids_file.write_text(json.dumps(ids))
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    # The children import qwen_engine from this checkout, whatever is installed in the environment.
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
     systems = args.systems.split(",")
-    results: dict[str, list[dict]] = {s: [] for s in systems}
-    for run in range(args.runs):
-        for system in systems:
-            python = sys.executable if system == "qwen-engine" else args.peer_python
-            proc = subprocess.run([python, __file__, "--child", system, model, str(ids_file)], capture_output=True,
-                                  text=True, env=env)
-            if proc.returncode != 0:
-                print(f"{system} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[system].append(r)
-            print(f"run {run + 1} {system}: prefill {len(ids) / r['prefill_s']:.1f} tok/s, decode "
-                  f"{(DECODE_TOKENS - 1) / r['decode_s']:.1f} tok/s, rss {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-    ids_file.unlink(missing_ok=True)
-    report(results, len(ids))
+
+    def run_child(system: str, payload) -> dict | None:
+        ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen-engine-bench-{os.getpid()}.json"
+        ids_file.write_text(json.dumps(payload))
+        python = sys.executable if system.startswith("qwen-engine") else args.peer_python
+        proc = subprocess.run([python, __file__, "--child", system, model, str(ids_file)], capture_output=True,
+                              text=True, env=env)
+        ids_file.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            print(f"{system} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return None
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    if args.single:
+        results: dict[str, list[dict]] = {s: [] for s in systems}
+        for run in range(args.runs):
+            for system in systems:
+                r = run_child(system, ids)
+                if r is None:
+                    continue
+                results[system].append(r)
+                print(f"run {run + 1} {system}: prefill {len(ids) / r['prefill_s']:.1f} tok/s, decode "
+                      f"{(DECODE_TOKENS - 1) / r['decode_s']:.1f} tok/s, rss {r['peak_rss_mib']:.0f} MiB",
+                      file=sys.stderr)
+        report(results, len(ids))
+
+    levels = [int(n) for n in args.streams.split(",") if n]
+    if levels:
+        parallel_systems = [s for s in systems if s in PARALLEL]
+        streams: dict[int, dict[str, list[dict]]] = {n: {s: [] for s in parallel_systems} for n in levels}
+        for run in range(args.runs):
+            for n in levels:
+                prompts = [tok.encode(ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map())
+                                      .render(stream_messages(i))) for i in range(n)]
+                for system in parallel_systems:
+                    r = run_child(f"{system}@parallel", prompts)
+                    if r is None:
+                        continue
+                    streams[n][system].append(r)
+                    print(f"run {run + 1} {n} streams {system}: {r['decode_tokens'] / r['decode_s']:.1f} tok/s",
+                          file=sys.stderr)
+        report_streams(streams)
 
 
 def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:
@@ -201,6 +317,25 @@ def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:
     for system, r in rows.items():
         print(f"| {system} | {r['load']:.1f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
               f"{_ratio(r, base, 'prefill')} | {_ratio(r, base, 'decode')} | {_same_tokens(r, base)} |")
+
+
+def report_streams(streams: dict[int, dict[str, list[dict]]]) -> None:
+    print(f"\nconcurrent streams: different ~40-token prompts, {STREAM_TOKENS} greedy tokens each; decode-phase "
+          f"throughput (all streams' tokens / time after every stream has its first token), medians")
+    print("| streams | system | decode tok/s (all streams) | peak RSS MiB | × llama.cpp | same tokens as llama.cpp |")
+    print("|---|---|---|---|---|---|")
+    for n, by_system in streams.items():
+        rows = {s: {"tput": statistics.median(r["decode_tokens"] / r["decode_s"] for r in runs),
+                    "rss": statistics.median(r["peak_rss_mib"] for r in runs), "tokens": runs[0]["tokens"]}
+                for s, runs in by_system.items() if runs}
+        base = rows.get("llama.cpp")
+        for system, r in rows.items():
+            same = "–"
+            if base:
+                agree = sum(a == b for a, b in zip(r["tokens"], base["tokens"], strict=False))
+                same = f"{agree}/{len(r['tokens'])} streams"
+            ratio = f"{r['tput'] / base['tput']:.2f}×" if base else "–"
+            print(f"| {n} | {system} | {r['tput']:.1f} | {r['rss']:.0f} | {ratio} | {same} |")
 
 
 def _ratio(row: dict, base: dict | None, key: str) -> str:

@@ -30,6 +30,10 @@ class LLM:
     `model` is a GGUF file, a Hugging Face folder (config.json + safetensors), `ollama:NAME[:TAG]` (a model in
     ollama's store), a Hugging Face id `ORG/NAME[@REVISION]` (a model in the Hugging Face cache), or None for
     the demo model. An ollama model's system message and parameters become this LLM's defaults.
+
+    A GGUF on CPU keeps its quantised blocks, memory-mapped, and runs on native kernels that dequantise inside
+    the matrix products (same numbers as float32 up to summation order); `quantized=False` dequantises the whole
+    model to float32 at load instead (the reference path).
     """
 
     def __init__(
@@ -45,8 +49,9 @@ class LLM:
         enable_prefix_caching: bool = True,
         progress: bool = True,
         vision_limits: VisionLimits | None = None,
+        quantized: bool | None = None,
     ):
-        loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+        loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized)
         self.path = loaded.path
         self.config = loaded.config
         self.model = loaded.model

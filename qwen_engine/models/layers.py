@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import RopeConfig
 
 
@@ -18,6 +19,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused op, the same arithmetic as below (bit-identical on CPU; 1 call instead of 6).
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 whatever the weights' dtype: bf16/fp16 variance loses too much precision.
         dtype = x.dtype
         x = x.float()
@@ -31,14 +35,21 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up stacked (set by weights/quantized.py)
+        self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies for each rotated pair, and the factor cos/sin are scaled by (YaRN's attention factor)."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Always on the CPU (also inside the loader's meta-device context, where these ops would import torch._dynamo).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     base_freqs = rope.theta**exponents
     if rope.kind == "default":
         return 1.0 / base_freqs, 1.0
@@ -56,7 +67,7 @@ def rope_inverse_frequencies(rope: RopeConfig, head_dim: int) -> tuple[torch.Ten
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1 where the trained frequency is kept (extrapolation), 0 where it is interpolated
     inv_freq = (1.0 / (factor * base_freqs)) * (1 - keep) + (1.0 / base_freqs) * keep
 
@@ -128,6 +139,15 @@ def mrope_axes(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     else:
         axis = torch.cat([torch.full((n,), a, dtype=torch.long) for a, n in enumerate((t, h, w))])
     return torch.cat([axis, axis])
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary, done in place by the native kernel when it can (x is then modified: pass a tensor you own)."""
+    native = kernels.native() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if native is None or x.stride(-1) != 1 or cos.dtype != torch.float32:
+        return apply_rotary(x, cos, sin)
+    native.rotary_(x, cos, sin)
+    return x
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

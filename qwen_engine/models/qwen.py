@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate
 
 
 class Attention(nn.Module):
@@ -26,6 +26,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        # Set by weights/quantized.py: q, k and v stacked into one layer (one kernel call per step).
+        self.qkv_proj: nn.Module | None = None
+        self.split_sizes = [q_size, kv_size, kv_size]
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -34,12 +37,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv.split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        elif self.qkv_proj is not None:
+            # q and k sit side by side in the fused output: rotate them as one [tokens, heads_q + heads_kv] view.
+            qk = qkv[:, : self.split_sizes[0] + self.split_sizes[1]].view(tokens, -1, self.head_dim)
+            qk = rotate(qk, cos, sin)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        else:
+            q = rotate(q.view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = rotate(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         return self.o_proj(cache.attend(self.layer, q, k, v))
 
 
@@ -61,7 +76,11 @@ class QwenModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Given its (uninitialised) weight, Embedding skips its random init: the loader builds this model on
+        # the meta device, where normal_() would pull in torch._dynamo (~1.5 s) for nothing.
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)

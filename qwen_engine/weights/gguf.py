@@ -72,7 +72,8 @@ class GGUFFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # Copy-on-write: writable views (torch.from_numpy accepts them) that never write to the file.
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{self.path}: cannot read file ({e})") from None
         try:
@@ -115,8 +116,8 @@ class GGUFFile:
                 f"package cannot dequantise"
             ) from None
         values = values.reshape(tuple(reversed(t.shape))).astype(np.float32, copy=False)
-        # F32 tensors come back as read-only views of the memory map; the model gets its own copy.
-        return values if values.flags.writeable else values.copy()
+        # F32 tensors come back as views of the copy-on-write map: shared with the page cache, never copied.
+        return values
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(Hugging Face name, float32 array) for every tensor the text models use, one at a time."""

@@ -7,6 +7,7 @@ Names of models in ollama's store or the Hugging Face cache are turned into such
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import kernels
 from ..config import ModelConfig
 from ..engine.sampling_params import SamplingParams
 from ..errors import ModelLoadError
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
+from .quantized import build_quantized
 from .sources import ModelSource, merge_defaults, resolve_source
 
 # A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
@@ -75,14 +78,23 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    quantized: bool | None = None,
 ) -> LoadedModel:
+    """Load a model. For a GGUF on CPU in float32, `quantized` (default: yes, unless QWEN_ENGINE_QUANTIZED=0)
+    keeps the weights in the file's blocks, memory-mapped, and multiplies them with the native kernels;
+    `quantized=False` dequantises everything to float32 at load (the reference path, and the only one for
+    Hugging Face folders, other dtypes and CUDA)."""
     source = resolve_source(model, progress)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if quantized is None:
+        quantized = os.environ.get("QWEN_ENGINE_QUANTIZED", "1") != "0"
+    kernels.use_available_cores()
     try:
         if source.path.is_dir():
             loaded = _load_hf_folder(source.path, torch_dtype, torch_device)
         else:
-            loaded = _load_gguf(source.path, torch_dtype, torch_device)
+            keep_blocks = quantized and torch_dtype == torch.float32 and torch_device.type == "cpu"
+            loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks)
     except ModelLoadError as e:
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
             raise ModelLoadError(f"{source.name}: {e}") from None
@@ -92,7 +104,7 @@ def load_model(
     return loaded
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks: bool = False) -> LoadedModel:
     from ..text.template import ChatTemplate
     from ..text.tokenizer import QwenTokenizer
     from .gguf import GGUFFile
@@ -115,7 +127,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedMo
         raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
     template = ChatTemplate(gguf.metadata.get("tokenizer.chat_template"), tokenizer.special_tokens_map())
-    model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
+    if keep_blocks and kernels.native() is not None:
+        model = build_quantized(config, gguf, path)
+    else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
+        model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
     return LoadedModel(path, config, model, tokenizer, template, GGUF_DEFAULTS[config.architecture], eos)
 

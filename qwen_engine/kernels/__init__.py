@@ -1,0 +1,98 @@
+"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp) and decode
+attention over the paged KV cache (paged_attention.cpp).
+
+The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
+`~/.cache/qwen-engine/kernels/<hash of the sources, flags and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
+so later processes load it in milliseconds. The cache is a build artefact of this machine, shared by every
+QWEN_ENGINE_HOME. Without
+a compiler (or with QWEN_ENGINE_KERNELS=0) `native()` returns None and callers use the pure-PyTorch path:
+dequantise, then matmul — the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+SOURCES = [Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("paged_attention.cpp")]
+# FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
+BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
+
+_module: ModuleType | None = None
+_tried = False
+
+
+def _native_flags() -> list[str]:
+    """-march=native where the compiler accepts it (it picks AVX-512 or AVX2 for this CPU); else portable code."""
+    try:
+        probe = subprocess.run(["c++", "-march=native", "-x", "c++", "-E", "-", "-o", os.devnull],
+                               input="", capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return ["-march=native"] if probe.returncode == 0 else []
+
+
+def _build() -> ModuleType:
+    flags = BASE_FLAGS + _native_flags()
+    digest = hashlib.sha256(" ".join(flags).encode() + torch.__version__.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    key = digest.hexdigest()
+    root = os.environ.get("QWEN_ENGINE_KERNEL_CACHE") or Path.home() / ".cache" / "qwen-engine" / "kernels"
+    directory = Path(root) / key[:16]
+    name = f"qwen_engine_quant_{key[:12]}"
+    built = directory / f"{name}.so"
+    if built.is_file():  # importing torch.utils.cpp_extension alone costs ~2 s; a built module needs none of it
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    from torch.utils.cpp_extension import load
+
+    directory.mkdir(parents=True, exist_ok=True)
+    return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
+
+
+def native() -> ModuleType | None:
+    """The compiled extension, building it on first use; None (after one warning line) if it cannot be built."""
+    global _module, _tried
+    if _tried:
+        return _module
+    _tried = True
+    if os.environ.get("QWEN_ENGINE_KERNELS", "1") == "0":
+        return None
+    try:
+        _module = _build()
+    except Exception as e:  # no compiler, no headers, a failed build: the slow path still gives the same numbers
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(f"qwen-engine: native kernels unavailable ({reason[:200]}); using dequantise + matmul",
+              file=sys.stderr)
+        _module = None
+    return _module
+
+
+def use_available_cores() -> None:
+    """One intra-op thread per core this process may run on, unless OMP_NUM_THREADS says otherwise (torch's
+    default counts the machine's cores, which overcommits under a CPU affinity mask, e.g. in containers)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if cores != torch.get_num_threads():
+        torch.set_num_threads(cores)
+
+
+def set_native(module: ModuleType | None) -> None:
+    """Force a module (or None, the fallback) — for tests that compare the two paths."""
+    global _module, _tried
+    _module, _tried = module, True

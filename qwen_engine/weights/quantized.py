@@ -1,0 +1,103 @@
+"""A GGUF model whose weights stay in the file's quantised blocks, memory-mapped (the default for GGUF on CPU).
+
+Linear weights of a type the native kernels read (models/quant.py: KERNEL_TYPES) become QuantLinear views of the
+mapped file; the token embedding becomes a QuantEmbedding that dequantises only the rows it looks up. Norm
+weights, biases and float32 matrices are plain tensors over the same mapping (no copy). Anything else — a block
+type without a kernel — is dequantised to float32 at load, exactly as the reference path does.
+
+Loading therefore reads only the header: the operating system pages weights in as the first forward pass
+touches them, and they are shared with the page cache instead of being copied.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..models.layers import RotaryEmbedding
+from ..models.quant import QuantEmbedding, QuantLinear, has_kernel
+from ..models.qwen import QwenForCausalLM
+from .gguf import GGUFFile, hf_name
+
+
+def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForCausalLM:
+    with torch.device("meta"):
+        model = QwenForCausalLM(config)
+    expected = {name for name, _ in model.named_parameters()}
+    blocks: dict[str, tuple[torch.Tensor, GGMLQuantizationType, int]] = {}  # module name → (bytes, type, K)
+    loaded = set()
+    for gguf_name, info in gguf.tensors.items():
+        name = hf_name(gguf_name)
+        if name is None or name not in expected:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        shape = tuple(reversed(info.shape))  # [out, in]
+        if tuple(getattr(module, attr).shape) != shape:
+            raise ModelLoadError(f"{path}: tensor {name} has shape {shape}, expected {tuple(getattr(module, attr).shape)}")
+        if len(shape) == 2 and info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, shape[1]):
+            blocks[module_name] = (torch.from_numpy(gguf.raw(gguf_name)), info.qtype, shape[1])
+        else:
+            setattr(module, attr, torch.nn.Parameter(torch.from_numpy(_float32(gguf, gguf_name, shape)),
+                                                     requires_grad=False))
+        loaded.add(name)
+    missing = sorted(expected - loaded - {"lm_head.weight"})
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path}: checkpoint lacks tensors {shown}")
+
+    for module_name, (data, qtype, in_features) in blocks.items():
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if isinstance(old, torch.nn.Embedding):
+            new = QuantEmbedding(data, qtype, in_features)
+        else:
+            bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
+            if old.bias is not None and bias is None:
+                raise ModelLoadError(f"{path}: checkpoint lacks tensor {module_name}.bias")
+            new = QuantLinear([(data, qtype)], in_features, bias)
+        setattr(parent, child, new)
+
+    if config.tie_word_embeddings or "lm_head.weight" not in loaded:
+        embed = model.model.embed_tokens
+        model.lm_head = embed.as_linear() if isinstance(embed, QuantEmbedding) else _tied_linear(embed)
+    fuse_projections(model)
+    model.model.rotary = RotaryEmbedding(config.rope, config.head_dim)
+    return model.eval()
+
+
+def fuse_projections(model: QwenForCausalLM) -> None:
+    """q/k/v and gate/up become one stacked QuantLinear each: one kernel call instead of three or two."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if all(isinstance(p, QuantLinear) for p in qkv):
+            attn.qkv_proj = QuantLinear.stack(qkv)
+            del attn.q_proj, attn.k_proj, attn.v_proj
+        gate_up = [mlp.gate_proj, mlp.up_proj]
+        if all(isinstance(p, QuantLinear) for p in gate_up):
+            mlp.gate_up_proj = QuantLinear.stack(gate_up)
+            del mlp.gate_proj, mlp.up_proj
+
+
+def _float32(gguf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        values = gguf.dequantize(name)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # a truncated file shows up as a short buffer while dequantising
+        raise ModelLoadError(f"{gguf.path}: damaged tensor data ({type(e).__name__}: {e})") from None
+    return values.reshape(shape)
+
+
+def _tied_linear(embed: torch.nn.Embedding) -> torch.nn.Linear:
+    with torch.device("meta"):
+        lm_head = torch.nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
+    lm_head.weight = embed.weight
+    return lm_head

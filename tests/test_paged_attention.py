@@ -1,0 +1,83 @@
+"""Decode attention over the paged KV cache: the native kernel (reading slots in place) against the PyTorch
+path (gather, grouped product, masked softmax), for sequences of different lengths sharing one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_engine import kernels
+from qwen_engine.engine.kv_cache import PagedBatch, PagedKVCache, SequenceSlice, decode_attention
+
+
+@pytest.fixture(scope="module")
+def native():
+    module = kernels.native()
+    if module is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    return module
+
+
+def random_case(lengths: list[int], q_heads: int = 14, kv_heads: int = 2, dim: int = 64, slots: int = 400):
+    gen = torch.Generator().manual_seed(sum(lengths))
+    k = torch.randn(slots, kv_heads, dim, generator=gen)
+    v = torch.randn(slots, kv_heads, dim, generator=gen)
+    q = torch.randn(len(lengths), q_heads, dim, generator=gen)
+    # Each sequence reads scattered slots; rows are padded with the sequence's last slot, as PagedBatch does.
+    rows = [torch.randperm(slots, generator=gen)[:n] for n in lengths]
+    longest = max(lengths)
+    table = torch.stack([torch.cat([r, r[-1:].expand(longest - len(r))]) for r in rows])
+    padding = (torch.arange(longest)[None, :] >= torch.tensor(lengths)[:, None])[:, None, None, :]
+    return q, k, v, table, padding
+
+
+@pytest.mark.parametrize("lengths", [[1], [37], [5, 130, 64], [16] * 9])
+def test_native_decode_attention_equals_pytorch(native, lengths):
+    q, k, v, table, padding = random_case(lengths)
+    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), 64**-0.5)
+    ref = decode_attention(q, k[table], v[table], padding)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
+def test_odd_head_size_uses_the_scalar_tail(native):
+    q, k, v, table, padding = random_case([7, 3], q_heads=4, kv_heads=1, dim=20)
+    ours = native.decode_attention(q, k, v, table, torch.tensor([7, 3]), 20**-0.5)
+    assert torch.allclose(ours, decode_attention(q, k[table], v[table], padding), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_slots_are_refused(native):
+    q, k, v, table, _ = random_case([4])
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.decode_attention(q, k, v, table + 1000, torch.tensor([4]), 0.125)
+    with pytest.raises(RuntimeError, match="length"):
+        native.decode_attention(q, k, v, table, torch.tensor([5]), 0.125)
+
+
+def test_paged_batch_same_with_and_without_native_kernel():
+    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=4)
+    gen = torch.Generator().manual_seed(0)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    # Two decoding sequences (contexts of 6 and 3 tokens) and a 2-token prefill chunk, packed in one step.
+    seqs = [SequenceSlice(0, 1, cache.slots([0, 1], 0, 6)), SequenceSlice(1, 3, cache.slots([2], 0, 4)),
+            SequenceSlice(3, 4, cache.slots([3], 0, 3))]
+    writes = torch.cat([cache.slots([0, 1], 5, 6), cache.slots([2], 2, 4), cache.slots([3], 2, 3)])
+    q, k, v = (torch.randn(4, h, 16, generator=gen) for h in (4, 2, 2))
+    outs = []
+    for native in (kernels.native(), None):
+        batch = PagedBatch(cache, writes, seqs)
+        batch.native = native
+        outs.append(batch.attend(0, q, k, v))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("count", "total"), [(5, 5), (7, 20), (3, 100)])
+def test_grouped_prefill_attention_equals_sdpa(monkeypatch, count, total):
+    from qwen_engine.engine import kv_cache
+
+    gen = torch.Generator().manual_seed(count)
+    q, k, v = torch.randn(count, 14, 64, generator=gen), torch.randn(total, 2, 64, generator=gen), torch.randn(
+        total, 2, 64, generator=gen)
+    grouped = kv_cache.causal_attention(q, k, v)
+    monkeypatch.setattr(kv_cache, "MAX_MATERIALISED_SCORES", 0)  # force SDPA's fused kernel
+    assert torch.allclose(grouped, kv_cache.causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
