@@ -119,6 +119,15 @@ def test_merged_outputs_match_reference(tiny, batch: str) -> None:
     assert expected.abs().max().item() > 0.1
 
 
+def test_encode_has_no_deepstack_features(tiny) -> None:
+    family, _, ours, _ = tiny
+    pixels, grid = _inputs(family, BATCHES["one 320x240"])
+    with torch.no_grad():
+        merged, deepstack = ours.encode(pixels, grid)
+        assert torch.equal(merged, ours(pixels, grid))
+    assert deepstack == []
+
+
 def test_video_grid_matches_reference(tiny) -> None:
     # Two temporal patches of one clip plus an image: frames are separate attention segments.
     family, ref, ours, _ = tiny

@@ -1,20 +1,24 @@
-"""The vision encoders of Qwen2-VL and Qwen2.5-VL: pixel patches in, one embedding per merged 2x2 patch out.
+"""The vision encoders of Qwen2-VL, Qwen2.5-VL and Qwen3-VL: pixel patches in, one embedding per merged 2x2
+patch out (and on Qwen3-VL, DeepStack features from intermediate blocks).
 
-Both towers share the layout: a patch embedding (a Conv3d whose kernel equals its stride, i.e. one matrix
+All towers share the layout: a patch embedding (a Conv3d whose kernel equals its stride, i.e. one matrix
 product per flattened patch), 2-D rotary positions over (row, column), pre-norm transformer blocks with
 attention restricted to one image / frame (and, on Qwen2.5-VL, to one window except in the blocks listed in
 `fullatt_block_indexes`), and a merger that concatenates 2x2 neighbours and projects them to the LLM's width.
 
 Qwen2-VL: LayerNorm, quick_gelu MLP fc1/fc2. Qwen2.5-VL: RMSNorm, gated MLP with bias, window attention.
-Parameter names are the checkpoint's names without the `visual.` prefix.
+Qwen3-VL: patch embedding with bias, a learned 48x48 position table resampled bilinearly to each image's grid,
+LayerNorm, gelu-tanh MLP linear_fc1/linear_fc2, and after each block in `deepstack_visual_indexes` a merger of
+its own (LayerNorm over the concatenated 2x2 group) whose output the LLM adds to its first layers.
+Parameter names are the checkpoint's names without the `visual.` / `model.visual.` prefix.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,9 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..weights.safetensors import iter_tensors
 from .layers import RMSNorm, apply_rotary
+from .vision_layout import VisionLayout, build_layout
+
+__all__ = ["VisionConfig", "VisionLayout", "VisionTransformer", "load_vision_weights", "segment_attention"]
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -33,10 +40,18 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
+# config.json model_type -> tower family
+_FAMILIES = {
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "qwen3_vl_moe": "qwen3_vl",  # the MoE is in the LLM; the tower is Qwen3-VL's
+}
+
 
 @dataclass(frozen=True)
 class VisionConfig:
-    family: str  # "qwen2_vl" or "qwen2_5_vl"
+    family: str  # "qwen2_vl", "qwen2_5_vl" or "qwen3_vl"
     depth: int
     embed_dim: int  # width of the blocks
     num_heads: int
@@ -50,6 +65,23 @@ class VisionConfig:
     window_size: int | None = None  # pixels per window side (Qwen2.5-VL); None: no window attention
     fullatt_block_indexes: tuple[int, ...] = field(default_factory=tuple)
     rope_theta: float = 10000.0
+    num_position_embeddings: int | None = None  # learned position table (Qwen3-VL: 48*48); None: none
+    deepstack_visual_indexes: tuple[int, ...] = field(default_factory=tuple)  # Qwen3-VL
+
+    def __post_init__(self) -> None:
+        if self.family not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+            raise ModelLoadError(f"no vision tower is known for model family {self.family!r}")
+        if self.num_position_embeddings is not None:
+            side = math.isqrt(self.num_position_embeddings)
+            if side < 2 or side * side != self.num_position_embeddings:
+                raise ModelLoadError(
+                    f"num_position_embeddings {self.num_position_embeddings} is not a square grid"
+                )
+        indexes = self.deepstack_visual_indexes
+        if len(set(indexes)) != len(indexes) or any(not 0 <= i < self.depth for i in indexes):
+            raise ModelLoadError(
+                f"deepstack_visual_indexes {list(indexes)} must be distinct blocks in 0..{self.depth - 1}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -66,25 +98,35 @@ class VisionConfig:
             return None
         return self.window_size // self.spatial_merge_size // self.patch_size
 
+    @property
+    def pos_side(self) -> int | None:
+        """Side of the square learned position table (48 on Qwen3-VL), None without one."""
+        if self.num_position_embeddings is None:
+            return None
+        return math.isqrt(self.num_position_embeddings)
+
     @classmethod
     def from_dict(cls, vision: dict[str, Any], family: str) -> VisionConfig:
-        """From config.json's `vision_config` (HF key names; Hub and transformers-v5 spellings)."""
-        if family not in ("qwen2_vl", "qwen2_5_vl"):
+        """From config.json's `vision_config` (HF key names; Hub and transformers-v5 spellings). `family` is
+        the top-level model_type (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe)."""
+        canonical = _FAMILIES.get(family)
+        if canonical is None:
             raise ModelLoadError(f"no vision tower is known for model family {family!r}")
         try:
             rope = vision.get("rope_parameters") or {}
             theta = float(rope.get("rope_theta", vision.get("rope_theta", 10000.0)))
+            default_patch = 16 if canonical == "qwen3_vl" else 14
             common = dict(
-                family=family,
+                family=canonical,
                 depth=int(vision["depth"]),
                 num_heads=int(vision["num_heads"]),
-                patch_size=int(vision.get("patch_size", vision.get("spatial_patch_size", 14))),
+                patch_size=int(vision.get("patch_size", vision.get("spatial_patch_size", default_patch))),
                 temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
                 spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
                 in_channels=int(vision.get("in_channels", vision.get("in_chans", 3))),
                 rope_theta=theta,
             )
-            if family == "qwen2_vl":
+            if canonical == "qwen2_vl":
                 # Qwen2-VL: `embed_dim` is the blocks' width and `hidden_size` the LLM's.
                 embed = int(vision["embed_dim"])
                 return cls(
@@ -94,12 +136,26 @@ class VisionConfig:
                     out_hidden_size=int(vision["hidden_size"]),
                     hidden_act=str(vision.get("hidden_act", "quick_gelu")),
                 )
-            # Qwen2.5-VL: `hidden_size` is the blocks' width and `out_hidden_size` the LLM's.
-            return cls(
-                **common,
+            # Qwen2.5-VL / Qwen3-VL: `hidden_size` is the blocks' width and `out_hidden_size` the LLM's.
+            widths = dict(
                 embed_dim=int(vision["hidden_size"]),
                 intermediate_size=int(vision["intermediate_size"]),
                 out_hidden_size=int(vision["out_hidden_size"]),
+            )
+            if canonical == "qwen3_vl":
+                # Defaults are transformers' Qwen3VLVisionConfig's; released configs spell them all out.
+                return cls(
+                    **common,
+                    **widths,
+                    hidden_act=str(vision.get("hidden_act", "gelu_pytorch_tanh")),
+                    num_position_embeddings=int(vision.get("num_position_embeddings", 2304)),
+                    deepstack_visual_indexes=tuple(
+                        int(i) for i in vision.get("deepstack_visual_indexes", (8, 16, 24))
+                    ),
+                )
+            return cls(
+                **common,
+                **widths,
                 hidden_act=str(vision.get("hidden_act", "silu")),
                 window_size=int(vision.get("window_size", 112)),
                 fullatt_block_indexes=tuple(int(i) for i in vision.get("fullatt_block_indexes", ())),
@@ -118,69 +174,29 @@ class VisionConfig:
         if not isinstance(vision, dict):
             raise ModelLoadError(f"{path}: no vision_config; not a vision-language model")
         family = data.get("model_type")
-        if family not in ("qwen2_vl", "qwen2_5_vl"):
-            # Unknown top-level type: the key that only Qwen2-VL's vision_config has decides.
-            family = "qwen2_vl" if "embed_dim" in vision else "qwen2_5_vl"
+        if family not in _FAMILIES:
+            # Unknown top-level type: keys that only one family's vision_config has decide.
+            if "embed_dim" in vision:
+                family = "qwen2_vl"
+            elif "num_position_embeddings" in vision or "deepstack_visual_indexes" in vision:
+                family = "qwen3_vl"
+            else:
+                family = "qwen2_5_vl"
         return cls.from_dict(vision, family)
-
-
-# ---- integer layout of one grid (positions, windows), cached: the same image sizes recur constantly ----
-
-
-@lru_cache(maxsize=256)
-def _grid_layout(
-    t: int, h: int, w: int, merge: int, window: int | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For one image/video grid of (t, h, w) patches, in pixel_values' row order (merge blocks of merge x merge
-    patches, block-major):
-
-    positions: [t*h*w, 2] (row, column) of every patch, for the rotary angles.
-    window_order: [t*h*w / merge²] merged tokens in window order (identity when window is None).
-    window_lengths: merged tokens per window (per frame when window is None), in that order.
-    """
-    bh, bw = h // merge, w // merge
-    rows = torch.arange(bh).view(bh, 1, 1, 1) * merge + torch.arange(merge).view(1, 1, merge, 1)
-    cols = torch.arange(bw).view(1, bw, 1, 1) * merge + torch.arange(merge).view(1, 1, 1, merge)
-    rows, cols = rows.expand(bh, bw, merge, merge), cols.expand(bh, bw, merge, merge)
-    positions = torch.stack([rows.flatten(), cols.flatten()], dim=-1).repeat(t, 1)
-
-    if window is None:
-        return positions, torch.arange(t * bh * bw), torch.full((t,), bh * bw)
-    # Sort merged tokens by (frame, window row, window column, row in window, column in window); edge windows
-    # are simply smaller. Window ids are dense, so bincount gives every window's size and none is empty.
-    frame = torch.arange(t).view(t, 1, 1)
-    r = torch.arange(bh).view(1, bh, 1)
-    c = torch.arange(bw).view(1, 1, bw)
-    nwh, nww = -(-bh // window), -(-bw // window)
-    window_id = (frame * nwh + r // window) * nww + c // window
-    key = window_id * window * window + (r % window) * window + c % window
-    window_order = torch.argsort(key.flatten())
-    window_lengths = torch.bincount(window_id.flatten(), minlength=t * nwh * nww)
-    return positions, window_order, window_lengths
-
-
-@dataclass
-class VisionLayout:
-    """Everything forward needs that depends only on grid_thw (in patches; windows already in patch units)."""
-
-    cos: torch.Tensor  # [N, head_dim], rows in window order
-    sin: torch.Tensor
-    cu_seqlens: torch.Tensor  # int32 [frames + 1]: one full-attention segment per image frame
-    window_index: torch.Tensor  # [N / merge²] merged token -> its original row (identity without windows)
-    cu_window_seqlens: torch.Tensor  # int32 [windows + 1]
 
 
 class PatchEmbed(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         kernel = (config.temporal_patch_size, config.patch_size, config.patch_size)
-        self.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel, stride=kernel, bias=False)
+        bias = config.family == "qwen3_vl"
+        self.proj = nn.Conv3d(config.in_channels, config.embed_dim, kernel, stride=kernel, bias=bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # A Conv3d whose kernel is the whole patch is one dot product per patch; the weight's (C, T, P, P)
         # order is pixel_values' flattening order.
         weight = self.proj.weight
-        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1))
+        return F.linear(pixel_values.to(weight.dtype), weight.flatten(1), self.proj.bias)
 
 
 class VisionAttention(nn.Module):
@@ -209,9 +225,16 @@ def segment_attention(
     Segments of equal length (most windows, all frames of a video) are gathered into one batch per length,
     so there is one SDPA call per distinct length and never an N x N mask.
     """
-    out = torch.empty_like(q)
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    for length in torch.unique(lengths).tolist():
+    distinct = torch.unique(lengths).tolist()
+    if len(distinct) == 1 and distinct[0] > 0:
+        # One image, or frames of one size: the segments tile the rows, so a reshape is the batch.
+        def tiled(t: torch.Tensor) -> torch.Tensor:
+            return t.view(-1, distinct[0], *t.shape[1:]).transpose(1, 2)
+
+        return F.scaled_dot_product_attention(tiled(q), tiled(k), tiled(v)).transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    for length in distinct:
         if length == 0:
             continue
         rows = (starts[lengths == length, None] + torch.arange(length, device=q.device)).flatten()
@@ -251,13 +274,33 @@ class VisionGatedMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Qwen3VisionMLP(nn.Module):
+    """Qwen3-VL: linear_fc1 -> act (gelu-tanh) -> linear_fc2."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(config.embed_dim, config.intermediate_size)
+        self.linear_fc2 = nn.Linear(config.intermediate_size, config.embed_dim)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
+_MLPS: dict[str, type[nn.Module]] = {
+    "qwen2_vl": VisionMLP,
+    "qwen2_5_vl": VisionGatedMLP,
+    "qwen3_vl": Qwen3VisionMLP,
+}
+
+
 class VisionBlock(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.norm1 = _norm(config)
         self.norm2 = _norm(config)
         self.attn = VisionAttention(config)
-        self.mlp = VisionMLP(config) if config.family == "qwen2_vl" else VisionGatedMLP(config)
+        self.mlp = _MLPS[config.family](config)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
@@ -283,66 +326,96 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
 
 
+class Qwen3PatchMerger(nn.Module):
+    """Qwen3-VL: LayerNorm, concatenate the merge x merge neighbours, linear_fc1 -> GELU -> linear_fc2.
+
+    The final merger normalises each patch before concatenating (`postshuffle=False`); the DeepStack mergers
+    normalise the concatenated group over merge² x width (`postshuffle=True`).
+    """
+
+    def __init__(self, config: VisionConfig, postshuffle: bool):
+        super().__init__()
+        self.merged_dim = config.embed_dim * config.spatial_merge_size**2
+        self.postshuffle = postshuffle
+        self.norm = nn.LayerNorm(self.merged_dim if postshuffle else config.embed_dim, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.merged_dim, self.merged_dim)
+        self.linear_fc2 = nn.Linear(self.merged_dim, config.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.postshuffle:
+            x = self.norm(x.view(-1, self.merged_dim))
+        else:
+            x = self.norm(x).view(-1, self.merged_dim)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         if config.head_dim % 4:
             raise ModelLoadError(f"vision head_dim {config.head_dim} is not a multiple of 4 (2-D rotary)")
         self.config = config
+        qwen3 = config.family == "qwen3_vl"
         self.patch_embed = PatchEmbed(config)
+        self.pos_embed: nn.Embedding | None = None
+        if config.num_position_embeddings is not None:
+            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.embed_dim)
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config)
-        # Row and column each get head_dim/4 frequencies; the angles are [rows | columns], then doubled for the
-        # (i, i + head_dim/2) rotation pairs.
+        self.merger: nn.Module = Qwen3PatchMerger(config, postshuffle=False) if qwen3 else PatchMerger(config)
+        self.deepstack_merger_list = nn.ModuleList(
+            Qwen3PatchMerger(config, postshuffle=True) for _ in config.deepstack_visual_indexes
+        )
+        # The learned position table is resampled like F.interpolate(align_corners=True); a switch only so
+        # tests can show the flag is observable.
+        self.interpolation_align_corners = True
+        # Row and column each get head_dim/4 frequencies.
         quarter = config.head_dim // 2
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
         self.inv_freq = inv_freq
-        self._layouts: dict[tuple[tuple[int, int, int], ...], VisionLayout] = {}
+        self._layouts: dict[tuple[Any, ...], VisionLayout] = {}
+
+    def reset_computed_state(self, device: torch.device | str = "cpu") -> None:
+        """Recompute what is derived rather than loaded (the rotary frequencies), e.g. after the tower was
+        built on the meta device and its weights loaded."""
+        quarter = self.config.head_dim // 2
+        exponents = torch.arange(0, quarter, 2, dtype=torch.float32, device="cpu") / quarter
+        self.inv_freq = 1.0 / self.config.rope_theta**exponents
+        self._layouts.clear()
 
     def layout(self, grid_thw: torch.Tensor) -> VisionLayout:
-        """The rotary tables and segment boundaries for these grids, cached per grid_thw."""
+        """The rotary tables, segment boundaries and position-table taps for these grids, cached per grid_thw."""
         grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw.tolist())
-        cached = self._layouts.get(grids)
-        device = self.merger.mlp[0].weight.device
+        key = (grids, self.interpolation_align_corners)
+        device = self.patch_embed.proj.weight.device
+        cached = self._layouts.get(key)
         if cached is not None and cached.cos.device == device:
             return cached
         cfg = self.config
-        unit = cfg.spatial_merge_size**2
-        positions, orders, windows, frames = [], [], [], []
-        offset = 0
-        for t, h, w in grids:
-            pos, order, lengths = _grid_layout(t, h, w, cfg.spatial_merge_size, cfg.window_tokens)
-            positions.append(pos)
-            orders.append(order + offset)
-            windows.append(lengths)
-            frames.append(torch.full((t,), h * w))
-            offset += t * h * w // unit
-        window_index = torch.cat(orders)
-        # Rotary angles per patch, then put in the same window order as the hidden states.
-        angles = (torch.cat(positions).to(device)[..., None].float() * self.inv_freq.to(device)).flatten(1)
-        angles = torch.cat([angles, angles], dim=-1)
-        patch_order = (window_index[:, None] * unit + torch.arange(unit)).flatten().to(device)
-        angles = angles[patch_order]
-
-        def cumulative(lengths: torch.Tensor) -> torch.Tensor:
-            return F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-
-        layout = VisionLayout(
-            cos=angles.cos(),
-            sin=angles.sin(),
-            cu_seqlens=cumulative(torch.cat(frames)),
-            window_index=window_index.to(device),
-            cu_window_seqlens=cumulative(torch.cat(windows) * unit),
+        layout = build_layout(
+            grids,
+            merge=cfg.spatial_merge_size,
+            window=cfg.window_tokens,
+            inv_freq=self.inv_freq,
+            pos_side=cfg.pos_side,
+            align_corners=self.interpolation_align_corners,
+            device=device,
         )
         if len(self._layouts) >= 64:  # a server sees unbounded size combinations; keep the cache small
             self._layouts.pop(next(iter(self._layouts)))
-        self._layouts[grids] = layout
+        self._layouts[key] = layout
         return layout
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, C*T*P*P] (rows as the image processor emits them), grid_thw [images, 3] in patches
         -> [N / merge², out_hidden_size], one row per merged token in the same order as the input."""
+        return self.encode(pixel_values, grid_thw)[0]
+
+    def encode(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As forward, plus the DeepStack features: one [N / merge², out_hidden_size] tensor per entry of
+        `deepstack_visual_indexes` (in block order, i.e. feature k feeds LLM layer k); empty before Qwen3-VL."""
         cfg = self.config
         unit = cfg.spatial_merge_size**2
         n = pixel_values.shape[0]
@@ -356,29 +429,40 @@ class VisionTransformer(nn.Module):
             )
         layout = self.layout(grid_thw)
         x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            # Each patch sums 4 weighted rows of the table; float32 weights as in the reference.
+            table = self.pos_embed.weight.float()
+            pos = F.embedding_bag(layout.pos_index, table, per_sample_weights=layout.pos_weight, mode="sum")
+            x = x + pos.to(x.dtype)
         windowed = cfg.window_tokens is not None
         if windowed:
             # Move whole merge groups so each window is contiguous; the merger's 4-row groups stay intact.
             x = x.view(n // unit, unit, -1)[layout.window_index].view(n, -1)
         cos, sin = layout.cos, layout.sin  # float32 whatever the weights: VisionAttention rotates in float32
         full = set(cfg.fullatt_block_indexes)
+        taps = {block: k for k, block in enumerate(cfg.deepstack_visual_indexes)}
+        deepstack: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             segments = layout.cu_window_seqlens if windowed and i not in full else layout.cu_seqlens
             x = block(x, cos, sin, segments)
+            if i in taps:
+                deepstack.append(self.deepstack_merger_list[taps[i]](x))
         merged = self.merger(x)
         if windowed:
-            merged = merged[torch.argsort(layout.window_index)]
-        return merged
+            restore = torch.argsort(layout.window_index)
+            merged, deepstack = merged[restore], [d[restore] for d in deepstack]
+        return merged, deepstack
 
 
 def load_vision_weights(model: VisionTransformer, folder: str | Path) -> None:
-    """Copy the checkpoint's `visual.*` tensors into `model`; every parameter must be present exactly once."""
+    """Copy the checkpoint's `visual.*` / `model.visual.*` tensors into `model`; every parameter must be
+    present exactly once."""
     params = dict(model.named_parameters())
     seen: set[str] = set()
     unexpected: list[str] = []
     with torch.no_grad():
         for name, tensor in iter_tensors(Path(folder)):
-            # transformers v5 may write the new-style prefix; released Qwen2/2.5-VL checkpoints use `visual.`.
+            # Released Qwen2/2.5-VL checkpoints use `visual.`; Qwen3-VL and transformers v5 `model.visual.`.
             for prefix in ("visual.", "model.visual."):
                 if name.startswith(prefix):
                     break
@@ -407,11 +491,9 @@ def load_vision_weights(model: VisionTransformer, folder: str | Path) -> None:
 
 
 def _norm(config: VisionConfig) -> nn.Module:
-    return (
-        nn.LayerNorm(config.embed_dim, eps=1e-6)
-        if config.family == "qwen2_vl"
-        else RMSNorm(config.embed_dim, 1e-6)
-    )
+    if config.family == "qwen2_5_vl":
+        return RMSNorm(config.embed_dim, 1e-6)
+    return nn.LayerNorm(config.embed_dim, eps=1e-6)
 
 
 def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
