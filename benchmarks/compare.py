@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DECODE_TOKENS = 128
+THREADS = int(os.environ.get("QWEN_ENGINE_BENCH_THREADS", "2"))  # set by the driver from --threads
 
 CODE = '''
 def load_orders(path):
@@ -102,7 +103,7 @@ def run_llama_cpp(model: str, ids: list[int]) -> dict:
     from llama_cpp import Llama
 
     start = time.perf_counter()
-    llm = Llama(model_path=model, n_ctx=2048, n_threads=2, n_threads_batch=2, n_batch=512, verbose=False)
+    llm = Llama(model_path=model, n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
     load = time.perf_counter() - start
     tokens = []
     start = time.perf_counter()
@@ -121,7 +122,7 @@ def run_transformers(model: str, ids: list[int]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     path = Path(model)
     start = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -171,7 +172,7 @@ def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
     cp.n_ctx = n * (max(map(len, prompts)) + STREAM_TOKENS + 16)
     cp.n_batch = cp.n_ubatch = 512
     cp.n_seq_max = n
-    cp.n_threads = cp.n_threads_batch = 2
+    cp.n_threads = cp.n_threads_batch = THREADS
     ctx = L.llama_init_from_model(lm, cp)
     vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(lm))
     batch = L.llama_batch_init(512, 0, n)
@@ -229,6 +230,7 @@ def main() -> None:
     p.add_argument("--model", help="GGUF file (default: the demo model)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--systems", default="qwen-engine,llama.cpp,transformers")
+    p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
     p.add_argument("--streams", default="", help="also measure N concurrent streams, e.g. 8,16,32")
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the single-stream table (--no-single: only the streams)")
@@ -251,7 +253,8 @@ def main() -> None:
     text = ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map()).render(prompt_messages())
     ids = tok.encode(text)
     # The children import qwen_engine from this checkout, whatever is installed in the environment.
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), QWEN_ENGINE_BENCH_THREADS=str(args.threads),
+               PYTHONPATH=str(ROOT))
     systems = args.systems.split(",")
 
     def run_child(system: str, payload) -> dict | None:
@@ -266,6 +269,8 @@ def main() -> None:
             return None
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    global THREADS
+    THREADS = args.threads
     if args.single:
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for run in range(args.runs):
@@ -309,7 +314,7 @@ def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:
                 "tokens": runs[0]["tokens"],
             }
     base = rows.get("llama.cpp")
-    print(f"prompt: {prompt_tokens} tokens; decode: {DECODE_TOKENS} greedy tokens; 2 threads; medians of "
+    print(f"prompt: {prompt_tokens} tokens; decode: {DECODE_TOKENS} greedy tokens; {THREADS} threads; medians of "
           f"{max(len(r) for r in results.values())} runs")
     print("| system | load s | prefill tok/s | decode tok/s | peak RSS MiB | prefill × llama.cpp | decode × llama.cpp |"
           " same tokens as llama.cpp |")
