@@ -131,8 +131,8 @@ def test_split_reasoning(text: str, starts_in_think: bool, expected: tuple[str |
 @pytest.mark.parametrize(
     "text", ["Hello\n", "", "  spaced  ", "Say <think> later</think> is text", "</think> stray"]
 )
-def test_split_reasoning_without_a_think_block_is_only_stripped(text: str) -> None:
-    assert split_reasoning(text) == (None, text.strip())
+def test_split_reasoning_without_a_think_block_is_untouched(text: str) -> None:
+    assert split_reasoning(text) == (None, text)
 
 
 # ---------------------------------------------------------------- ToolCall

@@ -332,10 +332,10 @@ def test_hf_gguf_only_repo(scratch):
 def test_hf_unsupported_architecture_names_the_file(scratch):
     files = scratch / "files"
     files.mkdir()
-    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen2_5_VLForConditionalGeneration"]}))
+    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
     (files / "model.safetensors").write_bytes(b"\x00" * 16)
-    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen2.5-VL-3B-Instruct", files)
-    message = load_error("Qwen/Qwen2.5-VL-3B-Instruct")
+    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen3-30B-A3B", files)
+    message = load_error("Qwen/Qwen3-30B-A3B")
     assert str(snapshot / "config.json") in message and "unsupported architecture" in message
 
 

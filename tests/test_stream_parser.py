@@ -117,8 +117,8 @@ def expected(
         content, calls = parse_tool_calls(text)
         return None, content, [(c.name, c.arguments) for c in calls]
     if not parse_tools:
-        reasoning, answer = split_reasoning(text, starts_in_think)
-        return reasoning, answer.strip(), []
+        reasoning, answer = split_reasoning(text, starts_in_think)  # stripped only after a think block
+        return reasoning, answer, []
     parsed = parse_answer(text, starts_in_think)
     return parsed.reasoning, parsed.content, [(c.name, c.arguments) for c in parsed.tool_calls]
 

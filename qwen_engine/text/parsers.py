@@ -61,8 +61,7 @@ def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | Non
     The block is there when the text (after leading whitespace) starts with `<think>`, or when
     `starts_in_think` says the prompt opened it. Reasoning runs up to the first `</think>`; when that never
     comes (generation was cut off) all of the text is reasoning and the answer is "". Without a think block
-    the result is (None, text stripped), so answers read the same with and without a think block and
-    streamed or not (text.stream_parser strips the same way). An empty think block gives reasoning "".
+    the result is (None, text) with text untouched. An empty think block gives reasoning "".
     """
     stripped = text.lstrip()
     if stripped.startswith(THINK_OPEN):
@@ -70,7 +69,7 @@ def split_reasoning(text: str, starts_in_think: bool = False) -> tuple[str | Non
     elif starts_in_think:
         body = text
     else:
-        return None, text.strip()
+        return None, text
     end = body.find(THINK_CLOSE)
     if end < 0:
         return body.strip(), ""

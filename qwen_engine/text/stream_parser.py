@@ -66,6 +66,14 @@ class ParserDelta:
         return not (self.reasoning or self.content or self.tool_calls)
 
 
+class _PassThrough:
+    """Passes text on untouched: an answer without a think block and without tool parsing is the raw text,
+    streamed or not (split_reasoning leaves it as it is)."""
+
+    def push(self, text: str) -> str:
+        return text
+
+
 class _Stripper:
     """Passes text on as if the whole of it were strip()ped: drops leading whitespace, and holds trailing
     whitespace until more text shows it was not trailing. What is still held at the end is dropped."""
@@ -105,7 +113,8 @@ class StreamParser:
 
     `starts_in_think`: the prompt ended inside an open `<think>` (see prompt_opens_thinking).
     `parse_reasoning=False`: no think block is looked for; all text is answer (starts_in_think is ignored).
-    `parse_tools=False`: no tool calls are looked for; the answer is all content (stripped).
+    `parse_tools=False`: no tool calls are looked for; the answer is all content (stripped after a think block,
+    untouched without one, as split_reasoning gives it).
     """
 
     def __init__(self, starts_in_think: bool = False, parse_reasoning: bool = True, parse_tools: bool = True):
@@ -176,6 +185,8 @@ class StreamParser:
             self._think(text, delta, final)
         else:
             self._mode = _ANSWER
+            if not self._parse_tools:
+                self._content = _PassThrough()
             self._answer(text, delta, final)
 
     def _think(self, text: str, delta: ParserDelta, final: bool) -> None:
