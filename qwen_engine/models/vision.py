@@ -368,16 +368,13 @@ class VisionTransformer(nn.Module):
         # The learned position table is resampled like F.interpolate(align_corners=True); a switch only so
         # tests can show the flag is observable.
         self.interpolation_align_corners = True
-        # Row and column each get head_dim/4 frequencies.
-        quarter = config.head_dim // 2
-        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter)
-        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies.
-        self.inv_freq = inv_freq
         self._layouts: dict[tuple[Any, ...], VisionLayout] = {}
+        self.reset_computed_state()
 
     def reset_computed_state(self, device: torch.device | str = "cpu") -> None:
-        """Recompute what is derived rather than loaded (the rotary frequencies), e.g. after the tower was
-        built on the meta device and its weights loaded."""
+        """Recompute what is derived rather than loaded (the rotary frequencies; row and column each get
+        head_dim/4), e.g. after the tower was built on the meta device and its weights loaded. A plain
+        attribute on the CPU, not a buffer: model.to(bfloat16) must not round the frequencies."""
         quarter = self.config.head_dim // 2
         exponents = torch.arange(0, quarter, 2, dtype=torch.float32, device="cpu") / quarter
         self.inv_freq = 1.0 / self.config.rope_theta**exponents
