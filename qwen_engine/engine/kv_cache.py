@@ -172,6 +172,13 @@ class PagedBatch:
                 limit = torch.tensor(lengths, device=write_slots.device)
                 self.decode_padding = (positions[None, :] >= limit[:, None])[:, None, None, :]
 
+    def native_decode_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """(k pool, v pool, write slots, context slots, lengths) for a native decode step (models/decode_step.py):
+        a step in which every sequence adds one token, in row order, on the native kernels' device and dtype."""
+        if self.native is None or not self.decodes_only or self.decode_rows is not None or self.decode_slots is None:
+            return None
+        return self.cache.k, self.cache.v, self.write_slots, self.decode_slots, self.decode_lengths
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
         if self.native is not None:

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("paged_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "paged_attention.cpp", "decode_step.cpp")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 

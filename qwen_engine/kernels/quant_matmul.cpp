@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__F16C__) || defined(__AVX512F__)
@@ -33,7 +34,7 @@
 namespace {
 
 // ggml type numbers (GGMLQuantizationType).
-enum : int64_t { T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30 };
+enum : int64_t { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30 };
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -221,6 +222,17 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
 #endif
 };
 
+struct F32 {  // plain float32 rows (a float model's weights viewed as bytes), so one decode path serves both
+  static constexpr int QK = 16, BYTES = 64;
+  static void scalar(const uint8_t* b, float* o) { std::memcpy(o, b, 64); }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    f(0, _mm512_loadu_ps(reinterpret_cast<const float*>(b)));
+  }
+#endif
+};
+
 struct F16 {
   static constexpr int QK = 16, BYTES = 32;
   static void scalar(const uint8_t* b, float* o) {
@@ -333,13 +345,16 @@ constexpr TileFn TILES[4][4] = {
 template <class B>
 void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
                 const float* bias, int64_t n0, int64_t n1) {
-  std::vector<float> buf(4 * K);
+  constexpr bool plain = std::is_same<B, F32>::value;  // float32 rows are multiplied where they lie
+  std::vector<float> buf(plain ? 0 : 4 * K);
   for (int64_t n = n0; n < n1; n += 4) {
     const int nr = static_cast<int>(std::min<int64_t>(4, n1 - n));
-    for (int r = 0; r < nr; ++r) dequant_row<B>(W + (n + r) * row_bytes, K, buf.data() + r * K);
+    const float* w = plain ? reinterpret_cast<const float*>(W + n * row_bytes) : buf.data();
+    if (!plain)
+      for (int r = 0; r < nr; ++r) dequant_row<B>(W + (n + r) * row_bytes, K, buf.data() + r * K);
     for (int64_t m = 0; m < M; m += 4) {
       const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-      TILES[mr - 1][nr - 1](x + m * K, K, buf.data(), y + m * ldy + n, ldy, bias ? bias + n : nullptr);
+      TILES[mr - 1][nr - 1](x + m * K, K, w, y + m * ldy + n, ldy, bias ? bias + n : nullptr);
     }
   }
 }
@@ -373,7 +388,7 @@ int block_values(int64_t qtype) {
   switch (qtype) {
     case T_Q8_0: case T_Q4_0: case T_Q5_0: return 32;
     case T_Q4_K: case T_Q6_K: return 256;
-    case T_F16: case T_BF16: return 16;
+    case T_F32: case T_F16: case T_BF16: return 16;
     default: return 0;
   }
 }
@@ -385,6 +400,7 @@ int block_bytes(int64_t qtype) {
     case T_Q5_0: return Q5_0::BYTES;
     case T_Q4_K: return Q4_K::BYTES;
     case T_Q6_K: return Q6_K::BYTES;
+    case T_F32: return F32::BYTES;
     case T_F16: return F16::BYTES;
     case T_BF16: return BF16::BYTES;
     default: return 0;
@@ -399,6 +415,7 @@ void with_block_type(int64_t qtype, Fn&& fn) {
     case T_Q5_0: fn(Q5_0{}); break;
     case T_Q4_K: fn(Q4_K{}); break;
     case T_Q6_K: fn(Q6_K{}); break;
+    case T_F32: fn(F32{}); break;
     case T_F16: fn(F16{}); break;
     case T_BF16: fn(BF16{}); break;
     default: TORCH_CHECK(false, "no kernel for GGUF type ", qtype);
@@ -531,6 +548,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+// decode_step.cpp
+void register_decode_step(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T (+ bias) with W in GGUF blocks, stacked from segments");
@@ -540,4 +559,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
   m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
+  register_decode_step(m);
 }

@@ -104,6 +104,9 @@ class QwenForCausalLM(nn.Module):
         self.config = cfg
         self.model = QwenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Decode steps run natively (models/decode_step.py) unless this is False; built on the first such step.
+        self.native_decode = True
+        self._decode_step = None
         if cfg.vision is not None:
             from .vision import VisionConfig, VisionTransformer
 
@@ -118,11 +121,25 @@ class QwenForCausalLM(nn.Module):
         if visual is not None:
             x = x.index_copy(0, visual.rows, visual.embeds.to(x.dtype))
         cos, sin = self.model.rotary(positions, x.dtype)
+        decode_inputs = getattr(cache, "native_decode_inputs", None)
+        if visual is None and decode_inputs is not None and self.native_decode:
+            inputs = decode_inputs()
+            step = self.decode_step() if inputs is not None else None
+            if step is not None:
+                return step.forward(x, cos, sin, *inputs)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, cache)
             if visual is not None and i < len(visual.deepstack):
                 x = x.index_add(0, visual.rows, visual.deepstack[i].to(x.dtype))
         return self.model.norm(x)
+
+    def decode_step(self):
+        """The native decode step over this model's weights (None where it does not apply), built once."""
+        if self._decode_step is None:
+            from . import decode_step
+
+            self._decode_step = decode_step.build(self) or False
+        return self._decode_step or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,73 @@
+"""Decode steps in one native call: every decoder layer of a step in which each sequence adds one token.
+
+A decode step of a small model is mostly small operations (norms, SiLU, residual adds, splits, the rotation),
+each costing more to dispatch from Python than to compute. `kernels/decode_step.cpp` runs the whole stack of
+layers natively over the same weights — GGUF blocks through the quantised kernels, float32 weights read in
+place — and the same KV pool. The PyTorch layers (models/qwen.py) stay the reference: prefill, vision rows,
+non-float32 dtypes, CUDA and machines without the kernels use them, and tests compare the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .quant import GEMV_MAX_ROWS, QuantLinear
+
+F32 = 0  # ggml's type number for float32 rows
+
+
+def _segments(layers: list[nn.Module]) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None]:
+    """Weight segments (uint8 rows) and block types of layers applied side by side, and their joint bias."""
+    blocks: list[torch.Tensor] = []
+    types: list[int] = []
+    biases: list[torch.Tensor | None] = []
+    for layer in layers:
+        if isinstance(layer, QuantLinear):
+            blocks.extend(layer.blocks)
+            types.extend(layer._type_ids)
+            biases.append(layer.bias)
+        elif isinstance(layer, nn.Linear):
+            weight = layer.weight.detach().contiguous()
+            blocks.append(weight.view(torch.uint8))  # [rows, 4 · in_features] bytes, read in place
+            types.append(F32)
+            biases.append(None if layer.bias is None else layer.bias.detach().float())
+        else:
+            raise TypeError(f"no native decode for {type(layer).__name__}")
+    if all(b is None for b in biases):
+        return blocks, types, None
+    rows = [sum(int(b.shape[0]) for b in layer.blocks) if isinstance(layer, QuantLinear) else layer.out_features
+            for layer in layers]
+    bias = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, rows, strict=True)])
+    return blocks, types, bias.contiguous()
+
+
+def _float32_cpu(model: nn.Module) -> bool:
+    tensors = [*model.parameters(), *model.buffers()]
+    return all(t.device.type == "cpu" for t in tensors) and all(
+        t.dtype == torch.float32 for t in model.parameters() if t.is_floating_point())
+
+
+def build(model: nn.Module):
+    """The native decode step for a QwenForCausalLM, or None where it does not apply (then the PyTorch layers run)."""
+    native = kernels.native()
+    if native is None or not hasattr(native, "DecodeStep") or not _float32_cpu(model.model.layers):
+        return None
+    cfg = model.config
+    step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                             cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        try:
+            parts = [_segments(p) for p in (qkv, [attn.o_proj], gate_up, [mlp.down_proj])]
+        except TypeError:
+            return None
+        if any(bias is not None for _, _, bias in parts[1:]):
+            return None  # Qwen has biases on q/k/v only; anything else is not this architecture
+        norms = (None, None) if attn.q_norm is None else (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
+        step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,
+                       *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
+    return step
