@@ -22,6 +22,7 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "paged_attention.cpp", "decode_step.cpp")]
+HEADERS = [Path(__file__).with_name("vec_math.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
@@ -42,7 +43,7 @@ def _native_flags() -> list[str]:
 def _build() -> ModuleType:
     flags = BASE_FLAGS + _native_flags()
     digest = hashlib.sha256(" ".join(flags).encode() + torch.__version__.encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     key = digest.hexdigest()
     root = os.environ.get("QWEN_ENGINE_KERNEL_CACHE") or Path.home() / ".cache" / "qwen-engine" / "kernels"

@@ -16,9 +16,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
                      const std::vector<int64_t>& qtypes, const c10::optional<torch::Tensor>& bias,
@@ -30,11 +28,6 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 
 namespace {
-
-// x / (1 + exp(-x)) over n values, in place on g, times u.
-void silu_mul(float* g, const float* u, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-}
 
 // y = x / sqrt(mean(x²) + eps) * w for each of `rows` rows of `dim` values (x and y may be the same).
 void rms_norm(const float* x, int64_t rows, int64_t dim, int64_t stride, const float* w, float eps, float* y,

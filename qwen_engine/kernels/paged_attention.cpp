@@ -12,9 +12,7 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec_math.h"
 
 namespace {
 
@@ -101,8 +99,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       for (int64_t j = 0; j < group; ++j) {
         float* row = scores.data() + j * n;
         const float top = *std::max_element(row, row + n);
-        float sum = 0.0f;
-        for (int64_t s = 0; s < n; ++s) sum += (row[s] = std::exp(row[s] - top));
+        const float sum = exp_shifted(row, top, row, n);
         const float inv = 1.0f / sum;
         for (int64_t s = 0; s < n; ++s) row[s] *= inv;
         float* o = op + b * Hq * D + (h * group + j) * D;

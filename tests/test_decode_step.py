@@ -1,0 +1,93 @@
+"""The native decode step (models/decode_step.py, kernels/decode_step.cpp) against the PyTorch layers.
+
+The same requests run twice through fresh engines on one model: once with decode steps in one native call,
+once through the PyTorch modules (the reference path, itself checked against transformers elsewhere). Every
+step's logits are compared, for a batch of sequences with different context lengths (the attention kernel's
+padding), on float32 Qwen2 (q/k/v biases, tied embeddings), float32 Qwen3 (per-head q/k norms), a Qwen3 GGUF
+with mixed block types, and the demo model (Q5_0/Q8_0/Q4_K/Q6_K).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_gguf_qwen3 import write_gguf
+from tiny_models import build_tiny
+
+from qwen_engine import LLM, SamplingParams
+from qwen_engine.engine.engine import Engine, EngineConfig
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True).with_defaults(SamplingParams())
+
+
+def run(llm: LLM, native: bool, prompts: list[list[int]]) -> tuple[list[list[int]], list[torch.Tensor], int]:
+    """Greedy outputs, the logits of every step, and how many steps ran natively."""
+    model = llm.model
+    logits: list[torch.Tensor] = []
+    native_steps = 0
+    compute_logits, decode_step = model.compute_logits, model.decode_step
+
+    def record(hidden):
+        out = compute_logits(hidden)
+        logits.append(out.clone())
+        return out
+
+    def counted():
+        nonlocal native_steps
+        step = decode_step()
+        native_steps += step is not None
+        return step
+
+    model.compute_logits, model.decode_step, model.native_decode = record, counted, native
+    try:
+        engine = Engine(model, llm.tokenizer, llm.eos_token_ids, EngineConfig(max_model_len=llm.max_model_len))
+        seqs = [engine.add_request(p, GREEDY) for p in prompts]
+        while engine.has_work():
+            engine.step()
+    finally:
+        del model.compute_logits, model.decode_step
+        model.native_decode = True
+    return [s.output_ids for s in seqs], logits, native_steps
+
+
+def assert_same_steps(llm: LLM, prompts: list[list[int]], tolerance: float) -> None:
+    assert llm.model.decode_step() is not None, "the native decode step does not apply to this model"
+    ref_tokens, ref_logits, none = run(llm, False, prompts)
+    tokens, logits, native_steps = run(llm, True, prompts)
+    assert none == 0
+    assert native_steps == GREEDY.max_tokens - 1  # every step after the prefill
+    assert tokens == ref_tokens
+    assert len(logits) == len(ref_logits)
+    worst = max((a - b).abs().max().item() for a, b in zip(logits, ref_logits, strict=True))
+    scale = max(b.abs().max().item() for b in ref_logits)
+    print(f"max|Δlogit| over {len(logits)} steps: {worst:.2e} (logits up to {scale:.1f})")
+    assert worst <= tolerance, worst
+
+
+PROMPTS = [[151644, 872, 198] + [1000 + 37 * i % 9000 for i in range(n)] for n in (5, 40, 17, 90)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_float32_models(arch, tmp_path, qwen3_tokenizer_dir):
+    build_tiny(arch, tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=11)
+    assert_same_steps(LLM(tmp_path), PROMPTS, 1e-4)
+
+
+def test_gguf_with_mixed_block_types(tmp_path, qwen3_tokenizer_dir):
+    model = build_tiny("qwen3", tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=12)
+    write_gguf(model, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
+    llm = LLM(tmp_path / "tiny.gguf")
+    assert any("QuantLinear" in type(m).__name__ for m in llm.model.modules())
+    assert_same_steps(llm, PROMPTS, 1e-4)
+
+
+def test_demo_model(demo_llm):
+    assert_same_steps(demo_llm, PROMPTS[:2], 1e-4)
+
+
+def test_not_for_bfloat16(tmp_path, qwen3_tokenizer_dir):
+    build_tiny("qwen2", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=13)
+    llm = LLM(tmp_path, dtype=torch.bfloat16)
+    assert llm.model.decode_step() is None
+    out = llm.generate("Hello", GREEDY)[0]
+    assert len(out.token_ids) == GREEDY.max_tokens
