@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -155,10 +156,46 @@ class DecodeStep {
 
 }  // namespace
 
+// The same two operations for the PyTorch layers (prefill), where each replaces several dispatched ops.
+torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 && x.device().is_cpu() &&
+                  x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
+              "rms_norm: x float32 [..., n] and weight float32 [n] on the CPU");
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t dim = xc.size(-1), rows = dim ? xc.numel() / dim : 0;
+  const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    rms_norm(xp + r0 * dim, r1 - r0, dim, dim, wp, static_cast<float>(eps), yp + r0 * dim, dim);
+  });
+  return y;
+}
+
+torch::Tensor silu_mul_rows(const torch::Tensor& gate_up) {  // [T, 2n] (gate, then up) → silu(gate) · up [T, n]
+  TORCH_CHECK(gate_up.dtype() == torch::kFloat32 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 &&
+                  gate_up.device().is_cpu(),
+              "silu_mul: gate_up must be CPU float32 [T, 2n]");
+  const auto g = gate_up.contiguous();
+  const int64_t T = g.size(0), n = g.size(1) / 2;
+  auto out = torch::empty({T, n}, g.options());
+  const float* gp = g.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::copy(gp + t * 2 * n, gp + t * 2 * n + n, op + t * n);
+      silu_mul(op + t * n, gp + t * 2 * n + n, n);
+    }
+  });
+  return out;
+}
+
 void register_decode_step(pybind11::module& m) {
   pybind11::class_<DecodeStep>(m, "DecodeStep", "all decoder layers of a decode step (one token per sequence)")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &rms_norm_rows, "x / sqrt(mean(x²) + eps) · weight over the last axis");
+  m.def("silu_mul", &silu_mul_rows, "silu(gate) · up for gate_up [T, 2n]");
 }

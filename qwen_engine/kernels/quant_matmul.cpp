@@ -501,17 +501,17 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return y;
   }
   std::lock_guard<std::mutex> lock(scratch_mutex);
-  const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(N, SCRATCH_FLOATS / K));
+  // Equal tiles (a last sliver would be a poor GEMM); each product writes its columns of y in place (BLAS takes
+  // the row stride), so no tile is copied.
+  const int64_t tiles = (N * K + SCRATCH_FLOATS - 1) / SCRATCH_FLOATS;
+  const int64_t tile = (N + tiles - 1) / tiles;
   if (!scratch.defined() || scratch.numel() < tile * K) scratch = torch::empty({tile * K}, xc.options());
   for (int64_t r0 = 0; r0 < N; r0 += tile) {
     const int64_t r1 = std::min(N, r0 + tile);
     dequant_rows_into(segs, K, r0, r1, scratch.data_ptr<float>());
     const auto w = scratch.narrow(0, 0, (r1 - r0) * K).view({r1 - r0, K});
-    if (r0 == 0 && r1 == N) {
-      at::mm_out(y, xc, w.t());
-    } else {
-      y.narrow(1, r0, r1 - r0).copy_(at::mm(xc, w.t()));
-    }
+    auto out = y.narrow(1, r0, r1 - r0);
+    at::mm_out(out, xc, w.t());
   }
   if (bias_ptr) y.add_(*bias);
   return y;
