@@ -1,11 +1,12 @@
-"""Where one decode step's time goes: the quantised matmul kernels against everything else (attention, norms,
-rotary, sampling, Python).
+"""Where one decode step's time goes: the matrix kernels against everything else (attention, norms, rotary,
+sampling, Python).
 
-    python benchmarks/profile_decode.py [--streams 1] [--context 523] [--steps 64]
+    python benchmarks/profile_decode.py [--streams 1] [--context 523] [--steps 64] [--python]
 
-Runs the demo model with `streams` sequences decoding together after a `context`-token prompt, times `steps`
-engine steps, and splits each step's wall time into the kernel calls (timed around every call) and the rest.
-Then prints the top operators of one step from torch.profiler. Not a test: nothing is asserted.
+Runs the demo model with `streams` sequences decoding together after a `context`-token prompt and times
+`steps` engine steps. By default the decoder layers run as one native call per step (models/decode_step.py),
+which times its own parts; `--python` runs the PyTorch layers instead, timing each quantised matmul call from
+Python, and prints the top operators of one step from torch.profiler. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--context", type=int, default=523)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--python", action="store_true", help="profile the PyTorch layers, not the native step")
     args = p.parse_args()
 
     llm = LLM(args.model, progress=False)
-    native = quant.kernels.native()
-    if native is None:
+    if quant.kernels.native() is None:
         raise SystemExit("the native kernels are not available; nothing to profile")
+    model = llm.engine.model
+    model.native_decode = not args.python
+    step = model.decode_step() if not args.python else None
+    if not args.python and step is None:
+        raise SystemExit("the native decode step does not apply to this model")
+
     timings: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     original = quant.QuantLinear.forward
@@ -53,6 +60,8 @@ def main() -> None:
         llm.engine.step()
 
     quant.QuantLinear.forward = timed
+    if step is not None:
+        step.set_profiling(True)
     try:
         start = time.perf_counter()
         for _ in range(args.steps):
@@ -60,18 +69,30 @@ def main() -> None:
         total = (time.perf_counter() - start) / args.steps
     finally:
         quant.QuantLinear.forward = original
-    kernel = sum(timings.values()) / args.steps
-    print(f"{args.streams} stream(s), context {args.context}, {torch.get_num_threads()} threads: "
+    print(f"{args.streams} stream(s), context {args.context}, {torch.get_num_threads()} threads, "
+          f"{'PyTorch layers' if args.python else 'native decode step'}: "
           f"{total * 1e3:.1f} ms per step ({args.streams / total:.1f} tok/s)")
-    print(f"  quantised matmul kernels: {kernel * 1e3:.1f} ms ({kernel / total:.0%})")
+    accounted = 0.0
+    if step is not None:
+        phases = {name: seconds / args.steps for name, seconds in step.profile().items()}
+        step.set_profiling(False)
+        layers = sum(phases.values())
+        accounted += layers
+        print(f"  decoder layers (one native call): {layers * 1e3:.1f} ms ({layers / total:.0%})")
+        for name in sorted(phases, key=phases.get, reverse=True):
+            print(f"    {name:>18}: {phases[name] * 1e3:6.2f} ms")
+    kernel = sum(timings.values()) / args.steps
+    accounted += kernel
+    print(f"  quantised matmul calls from Python: {kernel * 1e3:.1f} ms ({kernel / total:.0%})")
     for key in sorted(timings, key=timings.get, reverse=True):
         print(f"    {key:>12}: {timings[key] / args.steps * 1e3:6.2f} ms, {calls[key] // args.steps} calls per step")
-    print(f"  everything else (attention, norms, rotary, sampling, Python): {(total - kernel) * 1e3:.1f} ms "
-          f"({(total - kernel) / total:.0%})")
+    print(f"  everything else (embedding, rotary tables, sampling, scheduling, Python): "
+          f"{(total - accounted) * 1e3:.1f} ms ({(total - accounted) / total:.0%})")
 
-    with torch.profiler.profile() as prof:
-        llm.engine.step()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if args.python:
+        with torch.profiler.profile() as prof:
+            llm.engine.step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "vec_math.h"
@@ -42,6 +45,19 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, int64_t stride, const f
     for (int64_t i = 0; i < dim; ++i) o[i] = a[i] * inv * w[i];
   }
 }
+
+enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, PHASES };
+
+struct Clock {  // adds the time since the previous lap to a phase, when profiling
+  std::vector<double>* seconds;
+  std::chrono::steady_clock::time_point last;
+  void lap(Phase phase) {
+    if (!seconds) return;
+    const auto now = std::chrono::steady_clock::now();
+    (*seconds)[phase] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
 
 struct Linear {
   std::vector<torch::Tensor> blocks;
@@ -99,13 +115,16 @@ class DecodeStep {
                 "KV pools must be [layers, slots, kv_heads, head_dim]");
     const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+    Clock clock{profiling_ ? &seconds_ : nullptr, std::chrono::steady_clock::now()};
     x = x.contiguous().clone();  // the residual stream, updated in place
     auto normed = torch::empty_like(x);
     float* xp = x.data_ptr<float>();
     for (int64_t li = 0; li < num_layers(); ++li) {
       const Layer& l = layers_[li];
       rms_norm(xp, B, hidden_, hidden_, l.input_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
+      clock.lap(NORMS);
       auto qkv = l.qkv(normed, gemv_max_rows_);  // [B, q + 2 kv]
+      clock.lap(QKV);
       TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv projection has ", qkv.size(1), " outputs");
       auto q = qkv.narrow(1, 0, q_size).view({B, heads_, head_dim_});
       auto k = qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_});
@@ -123,20 +142,43 @@ class DecodeStep {
       rotary_(k, cos, sin);
       const auto k_layer = k_pool.select(0, li), v_layer = v_pool.select(0, li);
       write_kv(k_layer, v_layer, k, v, write_slots);
+      clock.lap(ROTARY_KV);
       const auto attn = decode_attention(q, k_layer, v_layer, slots, lengths, scale);
-      x.add_(l.o(attn, gemv_max_rows_));
+      clock.lap(ATTENTION);
+      const auto o = l.o(attn, gemv_max_rows_);
+      clock.lap(O);
+      x.add_(o);
       rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
+      clock.lap(NORMS);
       auto gate_up = l.gate_up(normed, gemv_max_rows_);  // [B, 2 intermediate]
+      clock.lap(GATE_UP);
       TORCH_CHECK(gate_up.size(1) == 2 * intermediate_, "gate/up projection has ", gate_up.size(1), " outputs");
       float* gu = gate_up.data_ptr<float>();
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b)
           silu_mul(gu + b * 2 * intermediate_, gu + b * 2 * intermediate_ + intermediate_, intermediate_);
       });
-      x.add_(l.down(gate_up.narrow(1, 0, intermediate_), gemv_max_rows_));
+      clock.lap(SILU);
+      const auto down = l.down(gate_up.narrow(1, 0, intermediate_), gemv_max_rows_);
+      clock.lap(DOWN);
+      x.add_(down);
     }
     auto out = torch::empty_like(x);
     rms_norm(xp, B, hidden_, hidden_, final_norm_.data_ptr<float>(), eps_, out.data_ptr<float>(), hidden_);
+    clock.lap(NORMS);
+    return out;
+  }
+
+  // Seconds spent in each part of forward() since profiling was switched on (benchmarks/profile_decode.py).
+  void set_profiling(bool on) {
+    profiling_ = on;
+    seconds_.assign(PHASES, 0.0);
+  }
+  std::map<std::string, double> profile() const {
+    static const char* names[PHASES] = {"norms + residual", "qkv", "rotary + kv write", "attention", "o",
+                                        "gate_up", "silu * up", "down"};
+    std::map<std::string, double> out;
+    for (int i = 0; i < PHASES; ++i) out[names[i]] = seconds_.empty() ? 0.0 : seconds_[i];
     return out;
   }
 
@@ -152,6 +194,8 @@ class DecodeStep {
   torch::Tensor final_norm_;
   int64_t gemv_max_rows_;
   std::vector<Layer> layers_;
+  bool profiling_ = false;
+  mutable std::vector<double> seconds_;
 };
 
 }  // namespace
@@ -195,6 +239,8 @@ void register_decode_step(pybind11::module& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
+      .def("set_profiling", &DecodeStep::set_profiling)
+      .def("profile", &DecodeStep::profile)
       .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("rms_norm", &rms_norm_rows, "x / sqrt(mean(x²) + eps) · weight over the last axis");
   m.def("silu_mul", &silu_mul_rows, "silu(gate) · up for gate_up [T, 2n]");
