@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_gguf_qwen3 import write_gguf
 from tiny_models import build_tiny
 
-from qwen_engine import LLM, SamplingParams
+from qwen_engine import LLM, SamplingParams, kernels
 from qwen_engine.engine.engine import Engine, EngineConfig
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True).with_defaults(SamplingParams())
@@ -91,3 +92,18 @@ def test_not_for_bfloat16(tmp_path, qwen3_tokenizer_dir):
     assert llm.model.decode_step() is None
     out = llm.generate("Hello", GREEDY)[0]
     assert len(out.token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.parametrize("shape", [(3, 896), (1, 37), (70, 64), (2, 5, 128)])
+def test_rms_norm_and_silu_equal_pytorch(shape):
+    native = kernels.native()
+    if native is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    gen = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(shape, generator=gen) * 3
+    w = 1 + torch.randn(shape[-1], generator=gen) * 0.1
+    assert torch.allclose(native.rms_norm(x, w, 1e-6), F.rms_norm(x, (shape[-1],), w, 1e-6), rtol=1e-6, atol=1e-6)
+    gate_up = torch.randn(shape[0], 2 * shape[-1], generator=gen) * 4
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, -87.0, 0.0])  # exp's clamped range and its edges
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(native.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-7)

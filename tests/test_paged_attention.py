@@ -31,10 +31,11 @@ def random_case(lengths: list[int], q_heads: int = 14, kv_heads: int = 2, dim: i
     return q, k, v, table, padding
 
 
+@pytest.mark.parametrize("dim", [64, 128, 32])
 @pytest.mark.parametrize("lengths", [[1], [37], [5, 130, 64], [16] * 9])
-def test_native_decode_attention_equals_pytorch(native, lengths):
-    q, k, v, table, padding = random_case(lengths)
-    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), 64**-0.5)
+def test_native_decode_attention_equals_pytorch(native, lengths, dim):
+    q, k, v, table, padding = random_case(lengths, dim=dim)
+    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
     ref = decode_attention(q, k[table], v[table], padding)
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
 

@@ -28,13 +28,87 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-inline void axpy(float alpha, const float* x, float* y, int64_t n) {  // y += alpha * x
-  int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 a = _mm512_set1_ps(alpha);
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+// The four sums of v0..v3's lanes: pairs of vectors are folded together before the lanes are, so four
+// reductions cost about a third of four separate ones.
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 / 128 bits
+  const __m512 c = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))));
+  const __m256 e = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));  // v0 v1 v2 v3 twice
+  return _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
+}
 #endif
-  for (; i < n; ++i) y[i] += alpha * x[i];
+
+#if defined(__AVX512F__)
+// scores[s] = scale · q · key(s) for the n keys of one kv head (key s at base[slots[s] * row + offset]), for
+// head size 16·V.
+template <int V>
+void head_scores_v(const float* q, const float* base, const int64_t* slots, int64_t n, int64_t row,
+                   int64_t offset, float scale, float* scores) {
+  __m512 qv[V];
+  for (int d = 0; d < V; ++d) qv[d] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * d), _mm512_set1_ps(scale));
+  int64_t s = 0;
+  for (; s + 4 <= n; s += 4) {
+    __m512 acc[4];
+    for (int r = 0; r < 4; ++r) {
+      const float* key = base + slots[s + r] * row + offset;
+      acc[r] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(key));
+      for (int d = 1; d < V; ++d) acc[r] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(key + 16 * d), acc[r]);
+    }
+    _mm_storeu_ps(scores + s, reduce4(acc[0], acc[1], acc[2], acc[3]));
+  }
+  for (; s < n; ++s) {
+    const float* key = base + slots[s] * row + offset;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(key));
+    for (int d = 1; d < V; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(key + 16 * d), acc);
+    scores[s] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// out = inv · Σ_s p[s] · value(s): the softmax's normalisation applied once, at the end.
+template <int V>
+void weighted_values_v(const float* p, float inv, const float* base, const int64_t* slots, int64_t n, int64_t row,
+                       int64_t offset, float* out) {
+  __m512 acc[V];
+  for (int d = 0; d < V; ++d) acc[d] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; ++s) {
+    const float* value = base + slots[s] * row + offset;
+    const __m512 w = _mm512_set1_ps(p[s]);
+    for (int d = 0; d < V; ++d) acc[d] = _mm512_fmadd_ps(w, _mm512_loadu_ps(value + 16 * d), acc[d]);
+  }
+  for (int d = 0; d < V; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(acc[d], _mm512_set1_ps(inv)));
+}
+#endif
+
+// One query head against n keys/values of its kv head: out = softmax(scale · q·K^T) · V. `scores` holds n floats.
+void attend_head(const float* q, const float* kbase, const float* vbase, const int64_t* slots, int64_t n,
+                 int64_t row, int64_t offset, int64_t D, float scale, float* scores, float* out) {
+#if defined(__AVX512F__)
+  switch (D) {
+#define QE_HEAD(V)                                                                   \
+  case 16 * V: {                                                                     \
+    head_scores_v<V>(q, kbase, slots, n, row, offset, scale, scores);                \
+    const float top = *std::max_element(scores, scores + n);                         \
+    const float inv = 1.0f / exp_shifted(scores, top, scores, n);                    \
+    weighted_values_v<V>(scores, inv, vbase, slots, n, row, offset, out);            \
+    return;                                                                          \
+  }
+    QE_HEAD(1) QE_HEAD(2) QE_HEAD(4) QE_HEAD(8) QE_HEAD(16)
+#undef QE_HEAD
+    default: break;
+  }
+#endif
+  for (int64_t s = 0; s < n; ++s) scores[s] = dot(q, kbase + slots[s] * row + offset, D) * scale;
+  const float top = *std::max_element(scores, scores + n);
+  const float inv = 1.0f / exp_shifted(scores, top, scores, n);
+  std::fill(out, out + D, 0.0f);
+  for (int64_t s = 0; s < n; ++s) {
+    const float* value = vbase + slots[s] * row + offset;
+    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * value[d];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 }  // namespace
@@ -85,30 +159,17 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  // One task per (sequence, kv head): its group of query heads shares every key and value row it reads.
+  // One task per (sequence, kv head): its group of query heads shares every key and value row it reads, which
+  // stay in L2 while each head of the group passes over them.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv, n = lp[b];
       const int64_t* seq_slots = sp + b * S;
-      scores.assign(group * n, 0.0f);
-      for (int64_t s = 0; s < n; ++s) {
-        const float* key = kp + (seq_slots[s] * Hkv + h) * D;
-        for (int64_t j = 0; j < group; ++j) scores[j * n + s] = dot(qp + (b * Hq + h * group + j) * D, key, D) * fscale;
-      }
-      for (int64_t j = 0; j < group; ++j) {
-        float* row = scores.data() + j * n;
-        const float top = *std::max_element(row, row + n);
-        const float sum = exp_shifted(row, top, row, n);
-        const float inv = 1.0f / sum;
-        for (int64_t s = 0; s < n; ++s) row[s] *= inv;
-        float* o = op + b * Hq * D + (h * group + j) * D;
-        std::fill(o, o + D, 0.0f);
-      }
-      for (int64_t s = 0; s < n; ++s) {
-        const float* value = vp + (seq_slots[s] * Hkv + h) * D;
-        for (int64_t j = 0; j < group; ++j) axpy(scores[j * n + s], value, op + b * Hq * D + (h * group + j) * D, D);
-      }
+      scores.resize(n);
+      for (int64_t j = 0; j < group; ++j)
+        attend_head(qp + (b * Hq + h * group + j) * D, kp, vp, seq_slots, n, Hkv * D, h * D, D, fscale,
+                    scores.data(), op + b * Hq * D + (h * group + j) * D);
     }
   });
   return out;
