@@ -80,6 +80,56 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def shared_settings(data: dict[str, Any], int_keys: tuple[str, ...]) -> dict[str, Any]:
+    """The settings image and video processor configs spell alike: `int_keys`, the pixel budget (top-level
+    min_pixels / max_pixels win over size.shortest_edge / size.longest_edge, as in transformers; the old
+    size.min_pixels / size.max_pixels spelling is read too), mean, std and rescale factor. Raises ValueError."""
+    changes: dict[str, Any] = {}
+    for key in int_keys:
+        if data.get(key) is not None:
+            changes[key] = _config_int(data[key], key)
+    size = data.get("size") or {}
+    if not isinstance(size, dict):
+        raise ValueError(f"size must be an object, got {size!r}")
+    for key, size_keys in (("min_pixels", ("shortest_edge", "min_pixels")), ("max_pixels", ("longest_edge", "max_pixels"))):
+        value = data.get(key)
+        for size_key in size_keys:
+            if value is None:
+                value = size.get(size_key)
+        if value is not None:
+            changes[key] = _config_int(value, key)
+    for key in ("image_mean", "image_std"):
+        if data.get(key) is not None:
+            changes[key] = _three_floats(data[key], key)
+    if data.get("rescale_factor") is not None:
+        changes["rescale_factor"] = float(data["rescale_factor"])
+    return changes
+
+
+def _from_first_file(cls, folder: Path, family: str, candidates: tuple[tuple[str, str | None], ...]):
+    """cls.from_dict of the first candidate (file name, key of the part to read or None) the folder holds; the
+    family defaults without any. Errors name the file."""
+    for name, key in candidates:
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"could not read {file}: {exc}") from exc
+        if key is not None:
+            data = data.get(key) if isinstance(data, dict) else None
+            if data is None:
+                continue
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{file} does not hold a JSON object")
+        try:
+            return cls.from_dict(data, family)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{file}: {exc}") from exc
+    return cls.for_family(family)
+
+
 @dataclass(frozen=True)
 class ImageProcessorConfig:
     """What a model folder's preprocessor_config.json says about images (defaults: Qwen2-VL's class)."""
@@ -136,28 +186,7 @@ class ImageProcessorConfig:
         """
         base = cls.for_family(family)
         try:
-            changes: dict[str, Any] = {}
-            for key in ("patch_size", "temporal_patch_size", "merge_size"):
-                if data.get(key) is not None:
-                    changes[key] = _config_int(data[key], key)
-            size = data.get("size") or {}
-            if not isinstance(size, dict):
-                raise ValueError(f"size must be an object, got {size!r}")
-            for key, size_keys in (
-                ("min_pixels", ("shortest_edge", "min_pixels")),
-                ("max_pixels", ("longest_edge", "max_pixels")),
-            ):
-                value = data.get(key)
-                for size_key in size_keys:
-                    if value is None:
-                        value = size.get(size_key)
-                if value is not None:
-                    changes[key] = _config_int(value, key)
-            for key in ("image_mean", "image_std"):
-                if data.get(key) is not None:
-                    changes[key] = _three_floats(data[key], key)
-            if data.get("rescale_factor") is not None:
-                changes["rescale_factor"] = float(data["rescale_factor"])
+            changes = shared_settings(data, ("patch_size", "temporal_patch_size", "merge_size"))
             if data.get("resample") is not None:
                 changes["resample"] = int(Image.Resampling(int(data["resample"])))
             # Switched-off steps are the identity: scale 1 and (x - 0) / 1 are exact in float32.
@@ -175,29 +204,8 @@ class ImageProcessorConfig:
     def from_dir(cls, path: str | Path, family: str) -> ImageProcessorConfig:
         """Read a model folder's preprocessor_config.json, or the "image_processor" part of the
         processor_config.json that transformers 5 writes; without either, the family defaults."""
-        folder = Path(path)
-        candidates = (
-            (folder / "preprocessor_config.json", None),
-            (folder / "processor_config.json", "image_processor"),
-        )
-        for file, key in candidates:
-            if not file.is_file():
-                continue
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ModelLoadError(f"could not read {file}: {exc}") from exc
-            if key is not None:
-                data = data.get(key) if isinstance(data, dict) else None
-                if data is None:
-                    continue
-            if not isinstance(data, dict):
-                raise ModelLoadError(f"{file} does not hold a JSON object")
-            try:
-                return cls.from_dict(data, family)
-            except ModelLoadError as exc:
-                raise ModelLoadError(f"{file}: {exc}") from exc
-        return cls.for_family(family)
+        return _from_first_file(cls, Path(path), family, (("preprocessor_config.json", None),
+                                                           ("processor_config.json", "image_processor")))
 
     def _check(self) -> None:
         for key in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):

@@ -68,7 +68,8 @@ from .image import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     _config_int,
-    _three_floats,
+    _from_first_file,
+    shared_settings,
     smart_resize,
 )
 
@@ -173,28 +174,8 @@ class VideoProcessorConfig:
         min_pixels / max_pixels win over size.shortest_edge / size.longest_edge."""
         base = cls.for_family(family)
         try:
-            changes: dict[str, Any] = {}
-            for key in ("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames"):
-                if data.get(key) is not None:
-                    changes[key] = _config_int(data[key], key)
-            size = data.get("size") or {}
-            if not isinstance(size, dict):
-                raise ValueError(f"size must be an object, got {size!r}")
-            for key, size_keys in (
-                ("min_pixels", ("shortest_edge", "min_pixels")),
-                ("max_pixels", ("longest_edge", "max_pixels")),
-            ):
-                value = data.get(key)
-                for size_key in size_keys:
-                    if value is None:
-                        value = size.get(size_key)
-                if value is not None:
-                    changes[key] = _config_int(value, key)
-            for key in ("image_mean", "image_std"):
-                if data.get(key) is not None:
-                    changes[key] = _three_floats(data[key], key)
-            if data.get("rescale_factor") is not None:
-                changes["rescale_factor"] = float(data["rescale_factor"])
+            changes = shared_settings(
+                data, ("patch_size", "temporal_patch_size", "merge_size", "min_frames", "max_frames"))
             for key in ("do_rescale", "do_normalize"):
                 if data.get(key) is not None:
                     changes[key] = bool(data[key])
@@ -213,32 +194,9 @@ class VideoProcessorConfig:
         """Read a model folder the way transformers' AutoVideoProcessor does: the "video_processor" part of
         processor_config.json, else video_preprocessor_config.json, else preprocessor_config.json (the
         image settings, which is what Qwen2-VL / 2.5-VL checkpoints ship); without any, the family defaults."""
-        import json
-
-        folder = Path(path)
-        candidates = (
-            (folder / "processor_config.json", "video_processor"),
-            (folder / "video_preprocessor_config.json", None),
-            (folder / "preprocessor_config.json", None),
-        )
-        for file, key in candidates:
-            if not file.is_file():
-                continue
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ModelLoadError(f"could not read {file}: {exc}") from exc
-            if key is not None:
-                data = data.get(key) if isinstance(data, dict) else None
-                if data is None:
-                    continue
-            if not isinstance(data, dict):
-                raise ModelLoadError(f"{file} does not hold a JSON object")
-            try:
-                return cls.from_dict(data, family)
-            except ModelLoadError as exc:
-                raise ModelLoadError(f"{file}: {exc}") from exc
-        return cls.for_family(family)
+        return _from_first_file(cls, Path(path), family, (("processor_config.json", "video_processor"),
+                                                           ("video_preprocessor_config.json", None),
+                                                           ("preprocessor_config.json", None)))
 
     def _check(self) -> None:
         for key in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
