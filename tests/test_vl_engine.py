@@ -29,14 +29,14 @@ def test_chunked_prefill_through_an_image_matches_whole_prefill(llm: LLM) -> Non
     messages = ask(picture(320, 240, 0))
     whole = llm.chat(messages, GREEDY).token_ids
     scheduler = llm.engine.scheduler
-    budget = scheduler.max_num_batched_tokens
-    scheduler.max_num_batched_tokens = 23  # cuts the image's tokens into several steps
+    budget, alone = scheduler.max_num_batched_tokens, scheduler.max_tokens_alone
+    scheduler.max_num_batched_tokens = scheduler.max_tokens_alone = 23  # cuts the image's tokens into several steps
     try:
         llm.engine.vision_cache.clear()
         llm.engine.blocks.cached.clear()
         chunked = llm.chat(messages, GREEDY).token_ids
     finally:
-        scheduler.max_num_batched_tokens = budget
+        scheduler.max_num_batched_tokens, scheduler.max_tokens_alone = budget, alone
     assert chunked == whole
 
 

@@ -43,6 +43,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
+    max_tokens_alone: int = 2048  # a step's token budget when a single sequence runs (a lone prompt's prefill)
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of vision encoder outputs kept for reuse
 
@@ -69,7 +70,9 @@ class Engine:
             cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone
+        )
         self.sampler = Sampler()
         # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
         self.vision_cache: OrderedDict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()

@@ -23,10 +23,16 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 512):
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+        max_tokens_alone: int = 2048,
+    ):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Chunks keep other sequences moving; a lone sequence has nobody to wait for, and bigger products run
+        # faster, so it may take up to this many tokens a step.
+        self.max_tokens_alone = max_tokens_alone
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -49,6 +55,8 @@ class Scheduler:
 
     def schedule(self) -> list[Chunk]:
         budget = self.max_num_batched_tokens
+        if len(self.running) + len(self.waiting) == 1:
+            budget = max(budget, self.max_tokens_alone)
         chunks: list[Chunk] = []
         preempted = False
         i = 0
