@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from vl_models import perturb
 
 from qwen_engine.errors import ModelLoadError
 from qwen_engine.models.vision import VisionConfig, VisionTransformer, load_vision_weights
@@ -50,15 +51,6 @@ VISION = {
 TOLERANCE = 1e-4
 
 
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.1
-            is_norm_weight = name.endswith("weight") and ("norm" in name or "ln_q" in name)
-            param.copy_(1.0 + noise if is_norm_weight else noise)
-
-
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     import transformers
@@ -72,7 +64,7 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         cls = transformers.Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     ref = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    _perturb(ref, seed=1)
+    perturb(ref, seed=1)
     ref.eval()
     folder = tmp_path_factory.mktemp(family)
     ref.save_pretrained(folder)

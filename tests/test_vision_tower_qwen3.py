@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from vl_models import perturb
 
 from qwen_engine.errors import ModelLoadError
 from qwen_engine.models.vision import VisionConfig, VisionTransformer, load_vision_weights
@@ -76,11 +77,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     ref = transformers.Qwen3VLForConditionalGeneration._from_config(
         cfg, attn_implementation="eager", dtype=torch.float32
     )
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in ref.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.1
-            param.copy_(1.0 + noise if name.endswith("weight") and "norm" in name else noise)
+    perturb(ref, seed=1)
     ref.eval()
     folder = tmp_path_factory.mktemp("qwen3_vl")
     ref.save_pretrained(folder)
