@@ -401,6 +401,111 @@ void gemv1_unscaled_pair(const uint8_t* W, int64_t row_bytes, int64_t K, const f
   y[n + 1] = _mm512_reduce_add_ps(acc1) + (bias ? bias[n + 1] : 0.0f);
 }
 
+// Sum of every 32 values of x (K / 32 floats): the part of a Q4_K product that its sub-block minimums scale.
+void sums32(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 32; ++b)
+    out[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * b), _mm512_loadu_ps(x + 32 * b + 16)));
+}
+
+// Q4_K's 8 sub-block scales d * sc[j] and minimums dmin * m[j], unpacked 4 at a time from the 12 packed bytes
+// (the same fields as Q4_K::scales).
+inline void q4k_scales(const uint8_t* b, __m256& ds, __m256& dm) {
+  uint64_t a;
+  std::memcpy(&a, b + 4, 8);
+  const uint32_t c = u32(b + 12), a_lo = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+  const uint32_t sc_lo = a_lo & 0x3F3F3F3F, m_lo = a_hi & 0x3F3F3F3F;
+  const uint32_t sc_hi = (c & 0x0F0F0F0F) | (((a_lo >> 6) & 0x03030303) << 4);
+  const uint32_t m_hi = ((c >> 4) & 0x0F0F0F0F) | (((a_hi >> 6) & 0x03030303) << 4);
+  const __m128i v = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(m_lo),
+                                   static_cast<int>(m_hi));
+  ds = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_set1_ps(f16(b)));
+  dm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), _mm256_set1_ps(f16(b + 2)));
+}
+
+// One row of x against Q4_K weight row n, scales factored out: sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], with
+// the nibbles turned into floats by one permute each and xs the 32-value sums of x.
+void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const uint8_t* row = W + n * row_bytes;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m256 accm = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q4_K::BYTES;
+    prefetch(blk + PREFETCH);
+    prefetch(blk + PREFETCH + 64);
+    prefetch(blk + PREFETCH + 128);
+    __m256 ds, dm;
+    q4k_scales(blk, ds, dm);
+    accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
+    alignas(32) float dsa[8];
+    _mm256_store_ps(dsa, ds);
+    const uint8_t* qs = blk + 16;
+    const float* xb = x + 256 * b;
+    for (int g = 0; g < 4; ++g) {
+      const __m512i q0 = bytes16(qs + 32 * g), q1 = bytes16(qs + 32 * g + 16);
+      const float* xg = xb + 64 * g;
+      const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, iota), _mm512_loadu_ps(xg + 16),
+                                        _mm512_mul_ps(_mm512_permutexvar_ps(q0, iota), _mm512_loadu_ps(xg)));
+      const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), iota), _mm512_loadu_ps(xg + 48),
+                                        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), iota),
+                                                      _mm512_loadu_ps(xg + 32)));
+      acc0 = _mm512_fmadd_ps(lo, _mm512_set1_ps(dsa[2 * g]), acc0);
+      acc1 = _mm512_fmadd_ps(hi, _mm512_set1_ps(dsa[2 * g + 1]), acc1);
+    }
+  }
+  __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
+  m4 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+  const float mins = _mm_cvtss_f32(_mm_add_ss(m4, _mm_movehdup_ps(m4)));
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - mins + (bias ? bias[n] : 0.0f);
+}
+
+// Sum of every 16 values of x (K / 16 floats): the part of a Q6_K product that its offset -32 scales.
+void sums16(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 16; ++b) out[b] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * b));
+}
+
+// One row of x against Q6_K weight row n, scales and offset factored out: sum_v s[v] ((q . x)_v - 32 xs[v]) over
+// the 16-value groups v, s[v] = d * sc[v]. The 6-bit values are assembled 16 at a time on bytes (128-bit ops,
+// which have three ports), then widened and converted once.
+void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  const __m128i low4 = _mm_set1_epi8(0x0F), high2 = _mm_set1_epi8(0x30);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q6_K::BYTES;
+    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const __m512 s = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
+        _mm512_set1_ps(f16(blk + 208)));
+    accm = _mm512_fmadd_ps(s, _mm512_loadu_ps(xs + 16 * b), accm);
+    alignas(64) float sa[16];
+    _mm512_store_ps(sa, s);
+    const float* xb = x + 256 * b;
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {
+        const __m128i H = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 32 * h + 16 * half));
+        const __m128i L0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 16 * half));
+        const __m128i L1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 32 + 16 * half));
+        for (int t = 0; t < 4; ++t) {
+          const __m128i Lb = (t & 1) ? L1 : L0;
+          const __m128i low = _mm_and_si128(t < 2 ? Lb : _mm_srli_epi16(Lb, 4), low4);
+          const __m128i hs = t == 0 ? _mm_slli_epi16(H, 4) : t == 1 ? _mm_slli_epi16(H, 2) : t == 2 ? H : _mm_srli_epi16(H, 2);
+          const __m128i q = _mm_or_si128(low, _mm_and_si128(hs, high2));
+          const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(sa[8 * h + 2 * t + half]));
+          const __m512 xv = _mm512_loadu_ps(xb + 128 * h + 32 * t + 16 * half);
+          if (half == 0)
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
+          else
+            acc1 = _mm512_fmadd_ps(w, xv, acc1);
+        }
+      }
+  }
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 32.0f * _mm512_reduce_add_ps(accm) + (bias ? bias[n] : 0.0f);
+}
+
 // M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
 template <class B, int M>
 void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
@@ -609,6 +714,8 @@ struct XForms {
   const float* x;
   const float* xq;
   const float* xt;
+  const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
+  const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
@@ -618,6 +725,16 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
           const float* bias, int64_t n0, int64_t n1) {
 #if QE_AVX512
   const float* x = permuted<B>() ? in.xq : in.x;
+  if constexpr (std::is_same<B, Q4_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
+      return;
+    }
+  if constexpr (std::is_same<B, Q6_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
+      return;
+    }
   // K-quants decode slowly in registers (per-sub-block tables): from 4 rows on, dequantise into a buffer.
   if (in.M >= 4 && in.M <= REG_ROWS && B::QK == 256) return gemm_small<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
   if (in.M > REG_ROWS) {
@@ -757,9 +874,23 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= gemv_max_rows) {
-    XForms in{xp, xp, nullptr, M, (M + 15) / 16 * 16};
-    torch::Tensor xq, xt;
+    XForms in{xp, xp, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
+    torch::Tensor xq, xt, xs, xs16;
 #if QE_AVX512
+    bool any_q4k = false;
+    for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K;
+    if (M == 1 && any_q4k) {
+      xs = torch::empty({K / 32}, xc.options());
+      sums32(xp, K, xs.data_ptr<float>());
+      in.xs = xs.data_ptr<float>();
+    }
+    bool any_q6k = false;
+    for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K;
+    if (M == 1 && any_q6k) {
+      xs16 = torch::empty({K / 16}, xc.options());
+      sums16(xp, K, xs16.data_ptr<float>());
+      in.xs16 = xs16.data_ptr<float>();
+    }
     if (M > REG_ROWS) {
       xt = torch::empty({K, in.Mp}, xc.options());
       transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
