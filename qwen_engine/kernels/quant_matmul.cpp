@@ -2,14 +2,17 @@
 //
 // dequantize()/dequantize_rows() give exactly the float32 that gguf.quants.dequantize produces (same operations
 // in the same order; the build disables FMA contraction so `d * q - m` is not fused). The products differ from
-// a float32 matmul over the dequantised matrix only in rounding: the order of the sums, and for Q8_0/Q5_0 the
-// block scale applied to a partial sum (d * sum(q x)) rather than to each value.
+// a float32 matmul over the dequantised matrix only in rounding: the order of the sums, and block or sub-block
+// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K at one row of x the minimum/offset terms
+// computed from per-call sums of x) rather than to each value.
 //
 // Paths, by the number of rows of x (M):
 //   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
 //     of x. Q8_0 and Q5_0 decode to unscaled integers (Q5_0 with one two-table permute per 16 values, in a
-//     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time. The
-//     weights are prefetched into L2 16 KiB ahead. K-quants with 4-8 rows use the buffered tiles below.
+//     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
+//     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
+//     ahead. K-quants with 4-8 rows are dequantised 4 weight rows at a time into a buffer and multiplied in
+//     4x4 tiles (their in-register decode costs more than it saves there).
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
@@ -602,7 +605,7 @@ constexpr TileFn TILES[4][4] = {
     {dot_tile<4, 1>, dot_tile<4, 2>, dot_tile<4, 3>, dot_tile<4, 4>},
 };
 
-// Several rows of x (a batch of decodes): each group of 4 weight rows is dequantised once into a small buffer
+// 4-8 rows of x with K-quant weights: each group of 4 weight rows is dequantised once into a small buffer
 // that stays in cache, then multiplied with x 4 rows at a time.
 template <class B>
 void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
