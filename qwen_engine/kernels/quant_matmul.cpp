@@ -685,8 +685,20 @@ void gemm_xt(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xt, in
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int kc = static_cast<int>(std::min<int64_t>(KC, K - k0));
-      for (int r = 0; r < nr; ++r)
-        dequant_row<B>(W + (n + r) * row_bytes + k0 / B::QK * B::BYTES, kc, wbuf + r * KC);
+      for (int r = 0; r < nr; ++r) {
+        const uint8_t* src = W + (n + r) * row_bytes + k0 / B::QK * B::BYTES;
+        if constexpr (Unscaled<B>::value) {  // the same values (q * d), in the decode's lane order
+          for (int b = 0; b < kc / 32; ++b) {
+            __m512 lo, hi;
+            Unscaled<B>::q(src + b * B::BYTES, lo, hi);
+            const __m512 d = block_scale(src + b * B::BYTES);
+            _mm512_store_ps(wbuf + r * KC + 32 * b, _mm512_mul_ps(lo, d));
+            _mm512_store_ps(wbuf + r * KC + 32 * b + 16, _mm512_mul_ps(hi, d));
+          }
+        } else {
+          dequant_row<B>(src, kc, wbuf + r * KC);
+        }
+      }
       for (int r = nr; r < NR; ++r) std::memset(wbuf + r * KC, 0, sizeof(float) * kc);
       const float* xk = xt + k0 * Mp;
       for (int k = 0; k < kc; ++k) {
@@ -717,6 +729,7 @@ struct XForms {
   const float* x;
   const float* xq;
   const float* xt;
+  const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
   const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
   int64_t M, Mp;
@@ -741,11 +754,12 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
   // K-quants decode slowly in registers (per-sub-block tables): from 4 rows on, dequantise into a buffer.
   if (in.M >= 4 && in.M <= REG_ROWS && B::QK == 256) return gemm_small<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
   if (in.M > REG_ROWS) {
+    const float* xt = permuted<B>() ? in.xtq : in.xt;
     switch (in.Mp / 16) {
-      case 1: return gemm_xt<B, 1>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
-      case 2: return gemm_xt<B, 2>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
-      case 3: return gemm_xt<B, 3>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
-      default: return gemm_xt<B, 4>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      case 1: return gemm_xt<B, 1>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      case 2: return gemm_xt<B, 2>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      case 3: return gemm_xt<B, 3>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      default: return gemm_xt<B, 4>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
     }
   }
 #else
@@ -877,8 +891,8 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= gemv_max_rows) {
-    XForms in{xp, xp, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
-    torch::Tensor xq, xt, xs, xs16;
+    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
+    torch::Tensor xq, xt, xtq, xs, xs16;
 #if QE_AVX512
     bool any_q4k = false;
     for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K;
@@ -902,10 +916,15 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 #if QE_VBMI
     bool any_q5 = false;
     for (const auto& s : segs) any_q5 |= s.qtype == T_Q5_0;
-    if (M <= REG_ROWS && any_q5) {
+    if (any_q5) {
       xq = torch::empty_like(xc);
       permute_x(xp, M * K, xq.data_ptr<float>());
       in.xq = xq.data_ptr<float>();
+      if (M > REG_ROWS) {
+        xtq = torch::empty({K, in.Mp}, xc.options());
+        transpose_x(in.xq, M, K, in.Mp, xtq.data_ptr<float>());
+        in.xtq = xtq.data_ptr<float>();
+      }
     }
 #endif
 #endif
