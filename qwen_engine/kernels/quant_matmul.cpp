@@ -1,13 +1,21 @@
 // y = x @ W^T with W stored in GGUF blocks and x in float32: the weights are dequantised inside the kernel.
 //
-// Every dequantised value is exactly the float32 that gguf.quants.dequantize produces (same operations in the
-// same order; the build disables FMA contraction so `d * q - m` is not fused). Only the order of the dot
-// product's sums differs from a float32 matmul over the dequantised matrix.
+// dequantize()/dequantize_rows() give exactly the float32 that gguf.quants.dequantize produces (same operations
+// in the same order; the build disables FMA contraction so `d * q - m` is not fused). The products differ from
+// a float32 matmul over the dequantised matrix only in rounding: the order of the sums, and block or sub-block
+// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K at one row of x the minimum/offset terms
+// computed from per-call sums of x) rather than to each value.
 //
-// Two paths:
-//   * few rows of x (decode): a fused GEMV; each weight block is dequantised into registers and multiplied
-//     with up to 8 rows of x at once, output rows split across threads.
-//   * many rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
+// Paths, by the number of rows of x (M):
+//   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
+//     of x. Q8_0 and Q5_0 decode to unscaled integers (Q5_0 with one two-table permute per 16 values, in a
+//     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
+//     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
+//     ahead. K-quants with 4-8 rows are dequantised 4 weight rows at a time into a buffer and multiplied in
+//     4x4 tiles (their in-register decode costs more than it saves there).
+//   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
+//     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
+//   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
 //     handed to torch's matmul (MKL/oneDNN), so no float32 copy of the model is ever kept.
 //
 // Block layouts follow ggml (ggml-common.h): Q8_0, Q4_0, Q5_0 hold 32 values, Q4_K and Q6_K 256.
@@ -29,6 +37,11 @@
 #define QE_AVX512 1
 #else
 #define QE_AVX512 0
+#endif
+#if QE_AVX512 && defined(__AVX512VBMI__)
+#define QE_VBMI 1
+#else
+#define QE_VBMI 0
 #endif
 
 namespace {
@@ -278,24 +291,276 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
 
 // y[m, n] = x[m, :] · W[n, :] (+ bias[n]) for M rows of x and weight rows [n0, n1).
 #if QE_AVX512
+// The GEMVs prefetch the weights this many bytes ahead of the current block, into L2: they stream from a
+// page-cache mmap, and the hardware prefetchers stop at each 4 KiB page (measured on the demo model's decode
+// step: 16 KiB into L2 beat 1.5-8 KiB and prefetching into L1).
+constexpr int PREFETCH = 16384;
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
+
+// Blocks of 32 values with one f16 scale d at byte 0 (Q8_0, Q5_0) have a faster decode path: `q` gives the
+// unscaled values (as exact small integers in float32) and the scale is applied once per block to a partial
+// sum (M = 1) or to the 32 values (M > 1). The rounding differs from dequantise-then-multiply, not the maths.
+template <class B>
+struct Unscaled : std::false_type {};
+template <>
+struct Unscaled<Q8_0> : std::true_type {
+  static constexpr bool PERMUTED = false;
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+  }
+};
+template <>
+struct Unscaled<Q5_0> : std::true_type {
+  // One two-table permute per 16 values: index bits 0-3 are the nibble, bit 4 the value's qh bit, rotated into
+  // place lane by lane (bits above 4 are ignored by the permute). Tables: q - 16 for q = 0..15 and 16..31.
+#if QE_VBMI
+  // Lane j holds values b(j) and 16 + b(j) of the block (so x is permuted to match, see permute_x): a 128-bit
+  // broadcast of the 16 nibble bytes puts bytes 0-7 in the even qwords and 8-15 in the odd ones, and one
+  // multishift copies byte b(j) to bits 0-7 of dword j and its high nibble to bits 16-19. qh rotated by
+  // 4 - b(j) brings bits b(j) and 16 + b(j) to bits 4 and 20, so one select gives both indices.
+  static constexpr bool PERMUTED = true;
+  static int lane_value(int j) { return ((j / 2) % 2) * 8 + (j / 4) * 2 + (j % 2); }
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // multishift control: dword j = the bytes at bit offsets p, p, p + 4, p of its qword, p = 8 (b(j) % 8).
+    const __m512i ctrl = _mm512_setr_epi32(0x00040000, 0x080c0808, 0x00040000, 0x080c0808, 0x10141010, 0x181c1818,
+                                           0x10141010, 0x181c1818, 0x20242020, 0x282c2828, 0x20242020, 0x282c2828,
+                                           0x30343030, 0x383c3838, 0x30343030, 0x383c3838);
+    const __m512i rot = _mm512_setr_epi32(4, 3, 28, 27, 2, 1, 26, 25, 0, 31, 24, 23, 30, 29, 22, 21);
+    const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
+    const __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6)));
+    // ternary logic 0xD8: third ? second : first, bit by bit (nibbles from the bytes, the rest from qh).
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot), _mm512_multishift_epi64_epi8(ctrl, qs),
+                                                  nibbles, 0xD8);
+    lo = _mm512_permutex2var_ps(t_lo, idx, t_hi);
+    hi = _mm512_permutex2var_ps(t_lo, _mm512_srli_epi32(idx, 16), t_hi);
+  }
+#else
+  static constexpr bool PERMUTED = false;
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Lane j: bit j of qh (value j) and bit 16 + j (value 16 + j) rotated to bit 4.
+    const __m512i rot_lo = _mm512_setr_epi32(4, 3, 2, 1, 0, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21);
+    const __m512i rot_hi = _mm512_setr_epi32(20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5);
+    const __m512i fifteen = _mm512_set1_epi32(15);
+    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
+    const __m512i q = bytes16(b + 6);
+    // ternary logic 0xD8: third ? second : first, bit by bit (low 4 bits from the nibble, the rest from qh).
+    const __m512i i_lo = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_lo), q, fifteen, 0xD8);
+    const __m512i i_hi = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_hi), _mm512_srli_epi32(q, 4), fifteen, 0xD8);
+    lo = _mm512_permutex2var_ps(t_lo, i_lo, t_hi);
+    hi = _mm512_permutex2var_ps(t_lo, i_hi, t_hi);
+  }
+#endif
+};
+
+// Whether the unscaled decode of B hands out a block's values in a permuted lane order (then x must be too).
+template <class B>
+constexpr bool permuted() {
+  if constexpr (Unscaled<B>::value) return Unscaled<B>::PERMUTED;
+  return false;
+}
+
+// x [M, K] in the lane order of Q5_0's decode: out[32b + j] = x[32b + b(j)], out[32b + 16 + j] = x[32b + 16 + b(j)].
+#if QE_VBMI
+void permute_x(const float* x, int64_t n, float* out) {
+  alignas(64) int32_t order[16];
+  for (int j = 0; j < 16; ++j) order[j] = Unscaled<Q5_0>::lane_value(j);
+  const __m512i idx = _mm512_load_si512(order);
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(idx, _mm512_loadu_ps(x + i)));
+}
+#endif
+
+// The block's f16 scale (byte 0) broadcast to 16 lanes.
+inline __m512 block_scale(const uint8_t* b) { return _mm512_set1_ps(f16(b)); }
+
+// One row of x against two weight rows n, n + 1, for the types with an unscaled decode: per block, the two
+// rows' values times x summed into a partial vector, then scaled by d into the row's sum (3 float ops / block).
+template <class B>
+void gemv1_unscaled_pair(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y,
+                         const float* bias, int64_t n) {
+  const int64_t nb = K / B::QK;
+  const uint8_t* r0 = W + n * row_bytes;
+  const uint8_t* r1 = r0 + row_bytes;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* b0 = r0 + b * B::BYTES;
+    const uint8_t* b1 = r1 + b * B::BYTES;
+    prefetch(b1 + PREFETCH);
+    const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
+    __m512 lo0, hi0, lo1, hi1;
+    Unscaled<B>::q(b0, lo0, hi0);
+    Unscaled<B>::q(b1, lo1, hi1);
+    const __m512 p0 = _mm512_fmadd_ps(hi0, x1, _mm512_mul_ps(lo0, x0));
+    const __m512 p1 = _mm512_fmadd_ps(hi1, x1, _mm512_mul_ps(lo1, x0));
+    acc0 = _mm512_fmadd_ps(p0, block_scale(b0), acc0);
+    acc1 = _mm512_fmadd_ps(p1, block_scale(b1), acc1);
+  }
+  y[n] = _mm512_reduce_add_ps(acc0) + (bias ? bias[n] : 0.0f);
+  y[n + 1] = _mm512_reduce_add_ps(acc1) + (bias ? bias[n + 1] : 0.0f);
+}
+
+// Sum of every 32 values of x (K / 32 floats): the part of a Q4_K product that its sub-block minimums scale.
+void sums32(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 32; ++b)
+    out[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * b), _mm512_loadu_ps(x + 32 * b + 16)));
+}
+
+// Q4_K's 8 sub-block scales d * sc[j] and minimums dmin * m[j], unpacked 4 at a time from the 12 packed bytes
+// (the same fields as Q4_K::scales).
+inline void q4k_scales(const uint8_t* b, __m256& ds, __m256& dm) {
+  uint64_t a;
+  std::memcpy(&a, b + 4, 8);
+  const uint32_t c = u32(b + 12), a_lo = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+  const uint32_t sc_lo = a_lo & 0x3F3F3F3F, m_lo = a_hi & 0x3F3F3F3F;
+  const uint32_t sc_hi = (c & 0x0F0F0F0F) | (((a_lo >> 6) & 0x03030303) << 4);
+  const uint32_t m_hi = ((c >> 4) & 0x0F0F0F0F) | (((a_hi >> 6) & 0x03030303) << 4);
+  const __m128i v = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(m_lo),
+                                   static_cast<int>(m_hi));
+  ds = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_set1_ps(f16(b)));
+  dm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), _mm256_set1_ps(f16(b + 2)));
+}
+
+// One row of x against Q4_K weight row n, scales factored out: sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], with
+// the nibbles turned into floats by one permute each and xs the 32-value sums of x.
+void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const uint8_t* row = W + n * row_bytes;
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m256 accm = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q4_K::BYTES;
+    prefetch(blk + PREFETCH);
+    prefetch(blk + PREFETCH + 64);
+    prefetch(blk + PREFETCH + 128);
+    __m256 ds, dm;
+    q4k_scales(blk, ds, dm);
+    accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
+    alignas(32) float dsa[8];
+    _mm256_store_ps(dsa, ds);
+    const uint8_t* qs = blk + 16;
+    const float* xb = x + 256 * b;
+    for (int g = 0; g < 4; ++g) {
+      const __m512i q0 = bytes16(qs + 32 * g), q1 = bytes16(qs + 32 * g + 16);
+      const float* xg = xb + 64 * g;
+      const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, iota), _mm512_loadu_ps(xg + 16),
+                                        _mm512_mul_ps(_mm512_permutexvar_ps(q0, iota), _mm512_loadu_ps(xg)));
+      const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), iota), _mm512_loadu_ps(xg + 48),
+                                        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), iota),
+                                                      _mm512_loadu_ps(xg + 32)));
+      acc0 = _mm512_fmadd_ps(lo, _mm512_set1_ps(dsa[2 * g]), acc0);
+      acc1 = _mm512_fmadd_ps(hi, _mm512_set1_ps(dsa[2 * g + 1]), acc1);
+    }
+  }
+  __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
+  m4 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
+  const float mins = _mm_cvtss_f32(_mm_add_ss(m4, _mm_movehdup_ps(m4)));
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - mins + (bias ? bias[n] : 0.0f);
+}
+
+// Sum of every 16 values of x (K / 16 floats): the part of a Q6_K product that its offset -32 scales.
+void sums16(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 16; ++b) out[b] = _mm512_reduce_add_ps(_mm512_loadu_ps(x + 16 * b));
+}
+
+// One row of x against Q6_K weight row n, scales and offset factored out: sum_v s[v] ((q . x)_v - 32 xs[v]) over
+// the 16-value groups v, s[v] = d * sc[v]. The 6-bit values are assembled 16 at a time on bytes (128-bit ops,
+// which have three ports), then widened and converted once.
+void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  const __m128i low4 = _mm_set1_epi8(0x0F), high2 = _mm_set1_epi8(0x30);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q6_K::BYTES;
+    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const __m512 s = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
+        _mm512_set1_ps(f16(blk + 208)));
+    accm = _mm512_fmadd_ps(s, _mm512_loadu_ps(xs + 16 * b), accm);
+    alignas(64) float sa[16];
+    _mm512_store_ps(sa, s);
+    const float* xb = x + 256 * b;
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {
+        const __m128i H = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 32 * h + 16 * half));
+        const __m128i L0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 16 * half));
+        const __m128i L1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 32 + 16 * half));
+        for (int t = 0; t < 4; ++t) {
+          const __m128i Lb = (t & 1) ? L1 : L0;
+          const __m128i low = _mm_and_si128(t < 2 ? Lb : _mm_srli_epi16(Lb, 4), low4);
+          const __m128i hs = t == 0 ? _mm_slli_epi16(H, 4) : t == 1 ? _mm_slli_epi16(H, 2) : t == 2 ? H : _mm_srli_epi16(H, 2);
+          const __m128i q = _mm_or_si128(low, _mm_and_si128(hs, high2));
+          const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), _mm512_set1_ps(sa[8 * h + 2 * t + half]));
+          const __m512 xv = _mm512_loadu_ps(xb + 128 * h + 32 * t + 16 * half);
+          if (half == 0)
+            acc0 = _mm512_fmadd_ps(w, xv, acc0);
+          else
+            acc1 = _mm512_fmadd_ps(w, xv, acc1);
+        }
+      }
+  }
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 32.0f * _mm512_reduce_add_ps(accm) + (bias ? bias[n] : 0.0f);
+}
+
+// M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
+template <class B, int M>
+void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
+                  int64_t ldy, const float* bias, int64_t n) {
+  const int64_t nb = K / B::QK;
+  const uint8_t* row = W + n * row_bytes;
+  constexpr int A = M == 1 ? 2 : 1;  // accumulators per row of x: two independent sums when there is one row
+  __m512 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  if constexpr (Unscaled<B>::value) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * 32;
+      const uint8_t* blk = row + b * B::BYTES;
+      prefetch(blk + PREFETCH);
+      __m512 lo, hi;
+      Unscaled<B>::q(blk, lo, hi);
+      const __m512 d = block_scale(blk);
+      lo = _mm512_mul_ps(lo, d);
+      hi = _mm512_mul_ps(hi, d);
+      for (int m = 0; m < M; ++m) {
+        acc[m][0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb + m * ldx), acc[m][0]);
+        acc[m][A - 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + m * ldx + 16), acc[m][A - 1]);
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * B::QK;
+      const uint8_t* blk = row + b * B::BYTES;
+      for (int off = 0; off < B::BYTES; off += 64)
+        prefetch(blk + PREFETCH + off);
+      B::vec(blk, [&](int v, __m512 w) {
+        for (int m = 0; m < M; ++m)
+          acc[m][v % A] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * ldx + 16 * v), acc[m][v % A]);
+      });
+    }
+  }
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m512 s = acc[m][0];
+    if constexpr (A == 2) s = _mm512_add_ps(s, acc[m][1]);
+    y[m * ldy + n] = _mm512_reduce_add_ps(s) + add;
+  }
+}
+
 template <class B, int M>
 void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
                const float* bias, int64_t n0, int64_t n1) {
-  const int64_t nb = K / B::QK;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = W + n * row_bytes;
-    __m512 acc[M][2];
-    for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + b * B::QK;
-      B::vec(row + b * B::BYTES, [&](int v, __m512 w) {
-        for (int m = 0; m < M; ++m)
-          acc[m][v & 1] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * ldx + 16 * v), acc[m][v & 1]);
-      });
-    }
-    const float add = bias ? bias[n] : 0.0f;
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) + add;
-  }
+  int64_t n = n0;
+  if constexpr (M == 1 && Unscaled<B>::value)
+    for (; n + 2 <= n1; n += 2) gemv1_unscaled_pair<B>(W, row_bytes, K, x, y, bias, n);
+  for (; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
 }
 #else
 template <class B, int M>
@@ -340,7 +605,7 @@ constexpr TileFn TILES[4][4] = {
     {dot_tile<4, 1>, dot_tile<4, 2>, dot_tile<4, 3>, dot_tile<4, 4>},
 };
 
-// Several rows of x (a batch of decodes): each group of 4 weight rows is dequantised once into a small buffer
+// 4-8 rows of x with K-quant weights: each group of 4 weight rows is dequantised once into a small buffer
 // that stays in cache, then multiplied with x 4 rows at a time.
 template <class B>
 void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
@@ -366,15 +631,152 @@ void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, 
 }
 #endif
 
-// Up to 3 rows of x: dequantise in registers (the weights are read once and never stored); more rows: tiles.
+#if QE_AVX512
+// Rows m0..m0+15 of x (row pointers; rows past M point at zeros), columns k..k+15, transposed into
+// xt[k + i][m0 + j] (ldt floats a row).
+inline void transpose16(const float* const* rows, int64_t k, float* out, int64_t ldt) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + k);
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: a0 b0 a1 b1 / a2 b2 a3 b3
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane L: column 4L + j of rows 4i..4i+3
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_ps(out + j * ldt, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(out + (4 + j) * ldt, _mm512_shuffle_f32x4(b, d, 0x88));
+    _mm512_storeu_ps(out + (8 + j) * ldt, _mm512_shuffle_f32x4(a, c, 0xDD));
+    _mm512_storeu_ps(out + (12 + j) * ldt, _mm512_shuffle_f32x4(b, d, 0xDD));
+  }
+}
+
+// x [M, K] as xt [K, Mp]: Mp = M rounded up to 16, the extra columns zero.
+void transpose_x(const float* x, int64_t M, int64_t K, int64_t Mp, float* xt) {
+  const std::vector<float> zero(K, 0.0f);
+  for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+    const float* rows[16];
+    for (int i = 0; i < 16; ++i) rows[i] = m0 + i < M ? x + (m0 + i) * K : zero.data();
+    for (int64_t k = 0; k < K; k += 16) transpose16(rows, k, xt + k * Mp + m0, Mp);
+  }
+}
+
+// Many rows of x (4 to 64 sequences decoding together): NR weight rows are dequantised a chunk of KC values at
+// a time into a buffer that stays in L1, and each weight value, broadcast, is multiplied with 16 rows of x at
+// once from the transposed x — MB x NR accumulators of 16 rows of x each, no horizontal sums.
+template <class B, int MB>
+void gemm_xt(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xt, int64_t Mp, int64_t M, float* y,
+             int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  constexpr int NR = MB == 1 ? 16 : MB == 2 ? 12 : MB == 3 ? 8 : 6;
+  constexpr int KC = 256;  // a multiple of every block size
+  alignas(64) float wbuf[NR * KC];
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+    __m512 acc[MB][NR];
+    for (int i = 0; i < MB; ++i)
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int kc = static_cast<int>(std::min<int64_t>(KC, K - k0));
+      for (int r = 0; r < nr; ++r) {
+        const uint8_t* src = W + (n + r) * row_bytes + k0 / B::QK * B::BYTES;
+        if constexpr (Unscaled<B>::value) {  // the same values (q * d), in the decode's lane order
+          for (int b = 0; b < kc / 32; ++b) {
+            __m512 lo, hi;
+            Unscaled<B>::q(src + b * B::BYTES, lo, hi);
+            const __m512 d = block_scale(src + b * B::BYTES);
+            _mm512_store_ps(wbuf + r * KC + 32 * b, _mm512_mul_ps(lo, d));
+            _mm512_store_ps(wbuf + r * KC + 32 * b + 16, _mm512_mul_ps(hi, d));
+          }
+        } else {
+          dequant_row<B>(src, kc, wbuf + r * KC);
+        }
+      }
+      for (int r = nr; r < NR; ++r) std::memset(wbuf + r * KC, 0, sizeof(float) * kc);
+      const float* xk = xt + k0 * Mp;
+      for (int k = 0; k < kc; ++k) {
+        __m512 xv[MB];
+        for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_ps(xk + k * Mp + 16 * i);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 w = _mm512_set1_ps(wbuf[r * KC + k]);
+          for (int i = 0; i < MB; ++i) acc[i][r] = _mm512_fmadd_ps(w, xv[i], acc[i][r]);
+        }
+      }
+    }
+    alignas(64) float out[16];
+    for (int r = 0; r < nr; ++r) {
+      const float add = bias ? bias[n + r] : 0.0f;
+      for (int i = 0; i < MB; ++i) {
+        _mm512_store_ps(out, acc[i][r]);
+        for (int l = 0; l < 16 && 16 * i + l < M; ++l) y[(16 * i + l) * ldy + n + r] = out[l] + add;
+      }
+    }
+  }
+}
+
+#endif
+
+// Rows of x in the forms the kernels read: as given, permuted for Q5_0's lane order (xq, up to REG_ROWS rows),
+// transposed and padded to Mp rows (xt, more rows).
+struct XForms {
+  const float* x;
+  const float* xq;
+  const float* xt;
+  const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
+  const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
+  const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
+  int64_t M, Mp;
+};
+constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
+
 template <class B>
-void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
+void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, float* y, int64_t ldy,
           const float* bias, int64_t n0, int64_t n1) {
-  switch (M) {
+#if QE_AVX512
+  const float* x = permuted<B>() ? in.xq : in.x;
+  if constexpr (std::is_same<B, Q4_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
+      return;
+    }
+  if constexpr (std::is_same<B, Q6_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
+      return;
+    }
+  // K-quants decode slowly in registers (per-sub-block tables): from 4 rows on, dequantise into a buffer.
+  if (in.M >= 4 && in.M <= REG_ROWS && B::QK == 256) return gemm_small<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
+  if (in.M > REG_ROWS) {
+    const float* xt = permuted<B>() ? in.xtq : in.xt;
+    switch (in.Mp / 16) {
+      case 1: return gemm_xt<B, 1>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      case 2: return gemm_xt<B, 2>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      case 3: return gemm_xt<B, 3>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+      default: return gemm_xt<B, 4>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+    }
+  }
+#else
+  const float* x = in.x;
+  if (in.M > 3) return gemm_small<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
+#endif
+  switch (in.M) {
     case 1: gemv_rows<B, 1>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 2: gemv_rows<B, 2>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 3: gemv_rows<B, 3>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
-    default: gemm_small<B>(W, row_bytes, K, x, M, y, ldy, bias, n0, n1);
+#if QE_AVX512
+    case 4: gemv_rows<B, 4>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
+    case 5: gemv_rows<B, 5>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
+    case 6: gemv_rows<B, 6>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
+    case 7: gemv_rows<B, 7>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
+    default: gemv_rows<B, 8>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
+#endif
   }
 }
 
@@ -489,11 +891,48 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (M <= gemv_max_rows) {
+    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
+    torch::Tensor xq, xt, xtq, xs, xs16;
+#if QE_AVX512
+    bool any_q4k = false;
+    for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K;
+    if (M == 1 && any_q4k) {
+      xs = torch::empty({K / 32}, xc.options());
+      sums32(xp, K, xs.data_ptr<float>());
+      in.xs = xs.data_ptr<float>();
+    }
+    bool any_q6k = false;
+    for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K;
+    if (M == 1 && any_q6k) {
+      xs16 = torch::empty({K / 16}, xc.options());
+      sums16(xp, K, xs16.data_ptr<float>());
+      in.xs16 = xs16.data_ptr<float>();
+    }
+    if (M > REG_ROWS) {
+      xt = torch::empty({K, in.Mp}, xc.options());
+      transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
+      in.xt = xt.data_ptr<float>();
+    }
+#if QE_VBMI
+    bool any_q5 = false;
+    for (const auto& s : segs) any_q5 |= s.qtype == T_Q5_0;
+    if (any_q5) {
+      xq = torch::empty_like(xc);
+      permute_x(xp, M * K, xq.data_ptr<float>());
+      in.xq = xq.data_ptr<float>();
+      if (M > REG_ROWS) {
+        xtq = torch::empty({K, in.Mp}, xc.options());
+        transpose_x(in.xq, M, K, in.Mp, xtq.data_ptr<float>());
+        in.xtq = xtq.data_ptr<float>();
+      }
+    }
+#endif
+#endif
     // Grain: enough rows per task that a thread streams a long stretch of the weights.
     at::parallel_for(0, N, 32, [&](int64_t r0, int64_t r1) {
       for_segments(segs, r0, r1, [&](const Segment& s, int64_t lo, int64_t hi) {
         with_block_type(s.qtype, [&](auto blk) {
-          gemv<decltype(blk)>(s.data, s.row_bytes, K, xp, M, yp + s.first, N, bias_ptr ? bias_ptr + s.first : nullptr,
+          gemv<decltype(blk)>(s.data, s.row_bytes, K, in, yp + s.first, N, bias_ptr ? bias_ptr + s.first : nullptr,
                               lo, hi);
         });
       });
