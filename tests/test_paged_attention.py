@@ -72,9 +72,14 @@ def test_paged_batch_same_with_and_without_native_kernel():
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("count", "total"), [(5, 5), (7, 20), (3, 100)])
-def test_grouped_prefill_attention_equals_sdpa(monkeypatch, count, total):
+@pytest.mark.parametrize("with_kernels", [True, False])
+@pytest.mark.parametrize(("count", "total"), [(5, 5), (7, 20), (3, 100), (130, 130), (300, 310), (100, 523)])
+def test_grouped_prefill_attention_equals_sdpa(monkeypatch, count, total, with_kernels):
+    """Prefill attention in query blocks with the native causal softmax (or PyTorch's masked softmax) = SDPA."""
     from qwen_engine.engine import kv_cache
+
+    if not with_kernels:
+        monkeypatch.setattr(kv_cache.kernels, "native", lambda: None)
 
     gen = torch.Generator().manual_seed(count)
     q, k, v = torch.randn(count, 14, 64, generator=gen), torch.randn(total, 2, 64, generator=gen), torch.randn(

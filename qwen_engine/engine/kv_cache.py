@@ -36,7 +36,7 @@ def decode_attention(
 
 
 # Above this many attention scores per chunk (heads × queries × keys), prefill uses SDPA's fused kernel, which
-# never materialises them; below, grouped products (faster on CPU, ~2× here) whose scores fit in 256 MiB.
+# never materialises them; below, grouped products (faster on CPU, ~2-3× here) whose scores fit in 256 MiB.
 MAX_MATERIALISED_SCORES = 64 << 20
 
 
@@ -45,24 +45,53 @@ def causal_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) 
     count, total = q.shape[0], keys.shape[0]
     if count == 1:
         return decode_attention(q, keys[None], values[None])
-    # Query i sits at absolute position total - count + i and sees keys up to there.
-    rows = torch.arange(total - count, total, device=q.device)[:, None]
-    future = torch.arange(total, device=q.device)[None, :] > rows  # [T, S], True where masked
     q_heads, kv_heads, dim = q.shape[1], keys.shape[1], q.shape[2]
     if q_heads * count * total <= MAX_MATERIALISED_SCORES:
+        native = kernels.native() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+        if native is not None:
+            return _causal_blocks(native, q, keys, values)
         group = q_heads // kv_heads
         # [Hkv, group·T, D]: the query heads that share a kv head, stacked, so k/v are never repeated.
         query = q.permute(1, 0, 2).reshape(kv_heads, group * count, dim)
         scores = torch.bmm(query, keys.permute(1, 2, 0)).mul_(dim**-0.5).view(kv_heads, group, count, total)
-        probs = torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1)
+        probs = torch.softmax(scores.masked_fill_(_future(count, total, q.device), float("-inf")), dim=-1)
         out = torch.bmm(probs.view(kv_heads, group * count, total), values.transpose(0, 1))
         return out.view(q_heads, count, dim).transpose(0, 1).reshape(count, -1)
     query, keys, values = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
     if count == total:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=True)
     else:
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=~future, enable_gqa=True)
+        mask = ~_future(count, total, q.device)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
     return out.transpose(0, 1).reshape(count, -1)
+
+
+def _causal_blocks(native, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The grouped products in blocks of queries, each multiplying only the keys its queries can see (about half
+    the work of one product over all keys); the native kernel scales, masks and normalises the scores in one pass."""
+    count, q_heads, dim = q.shape
+    total, kv_heads = keys.shape[0], keys.shape[1]
+    group = q_heads // kv_heads
+    query = q.permute(1, 0, 2).reshape(kv_heads, group, count, dim)
+    keys_t = keys.permute(1, 2, 0)[:, None]  # [Hkv, 1, D, S], shared by the group
+    values_t = values.transpose(0, 1)[:, None]  # [Hkv, 1, S, D]
+    out = q.new_empty(kv_heads, group, count, dim)
+    # Four blocks pay when the queries are a good part of the context (a prompt's first chunk); a short chunk
+    # after a long context sees nearly every key anyway.
+    step = max(64, -(-count // 4)) if 2 * count >= total else count
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        seen = total - count + stop  # keys visible to the block's last query
+        scores = torch.matmul(query[:, :, start:stop], keys_t[..., :seen])
+        native.causal_softmax_(scores, dim**-0.5)
+        out[:, :, start:stop] = torch.matmul(scores, values_t[:, :, :seen])
+    return out.view(q_heads, count, dim).transpose(0, 1).reshape(count, -1)
+
+
+def _future(count: int, total: int, device: torch.device) -> torch.Tensor:
+    """[T, S], True where key s lies after query i (query i sits at absolute position total - count + i)."""
+    rows = torch.arange(total - count, total, device=device)[:, None]
+    return torch.arange(total, device=device)[None, :] > rows
 
 
 class KVCache:

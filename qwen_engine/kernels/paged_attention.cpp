@@ -175,6 +175,29 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+// In place, for scores [..., T, S] of the last T of S positions (query i sees keys 0..S-T+i):
+// softmax(scale · scores) over the keys each query sees, 0 for the later ones. One pass instead of scale,
+// causal mask and softmax as three tensor operations.
+void causal_softmax_(torch::Tensor scores, double scale) {
+  TORCH_CHECK(scores.dtype() == torch::kFloat32 && scores.is_contiguous() && scores.dim() >= 2 && scores.device().is_cpu(),
+              "scores must be contiguous CPU float32 [..., T, S]");
+  const int64_t T = scores.size(-2), S = scores.size(-1), rows = scores.numel() / std::max<int64_t>(S, 1);
+  TORCH_CHECK(T <= S, "more queries (", T, ") than keys (", S, ")");
+  float* p = scores.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = p + r * S;
+      const int64_t seen = S - T + r % T + 1;
+      for (int64_t s = 0; s < seen; ++s) row[s] *= fscale;
+      const float top = *std::max_element(row, row + seen);
+      const float inv = 1.0f / exp_shifted(row, top, row, seen);
+      for (int64_t s = 0; s < seen; ++s) row[s] *= inv;
+      std::fill(row + seen, row + S, 0.0f);
+    }
+  });
+}
+
 // In place, for x [T, H, D] (rows may be strided, e.g. q and k inside the fused qkv output) and cos/sin [T, D]:
 // x = x * cos + rotate_half(x) * sin, pairs (i, i + D/2) as in Qwen. The same operations as the PyTorch
 // version (layers.apply_rotary), in the same order, so the results are bit-identical.

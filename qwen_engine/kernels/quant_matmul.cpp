@@ -987,6 +987,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+void causal_softmax_(torch::Tensor scores, double scale);
 // decode_step.cpp
 void register_decode_step(pybind11::module& m);
 
@@ -998,5 +999,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
   m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
+  m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
   register_decode_step(m);
 }
