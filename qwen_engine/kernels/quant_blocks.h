@@ -1,0 +1,273 @@
+// GGUF block formats for the kernels in quant_matmul.cpp (included there only): how each ggml block type lays
+// out its values, decoded to float32 either one block at a time (`scalar`) or as 16-lane vectors (`vec`).
+//
+// Every decoded value is exactly the float32 that gguf.quants.dequantize produces (same operations in the
+// same order; the build disables FMA contraction so `d * q - m` is not fused).
+// Block layouts follow ggml (ggml-common.h): Q8_0, Q4_0, Q5_0 hold 32 values, Q4_K and Q6_K 256.
+#pragma once
+
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define QE_AVX512 1
+#else
+#define QE_AVX512 0
+#endif
+#if QE_AVX512 && defined(__AVX512VBMI__)
+#define QE_VBMI 1
+#else
+#define QE_VBMI 0
+#endif
+
+namespace {
+
+// ggml type numbers (GGMLQuantizationType).
+enum : int64_t { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q5_0 = 6, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30 };
+
+inline float f16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; the portable conversion below costs ~15
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+inline uint32_t u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+#if QE_AVX512
+inline __m512i bytes16(const uint8_t* p) {  // 16 bytes → 16 int32 lanes
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m512 scaled(__m512i q, __m512 d) { return _mm512_mul_ps(_mm512_cvtepi32_ps(q), d); }
+// 0, 1, ..., 15 as floats. Types with at most 32 distinct values per scale dequantise through a table: the
+// table holds the exact float32 of every possible value, and a lane permute picks them (cheaper than
+// convert + multiply per value, and bit-identical since each entry is computed the same way).
+inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+#endif
+
+// Each block type: QK values in BYTES bytes. `scalar` writes the QK floats; `vec` hands them to f(v, w) as
+// 16-lane vectors, w holding values [16v, 16v + 16) of the block.
+
+struct Q8_0 {
+  static constexpr int QK = 32, BYTES = 34;
+  static void scalar(const uint8_t* b, float* o) {
+    const float d = f16(b);
+    const int8_t* q = reinterpret_cast<const int8_t*>(b + 2);
+    for (int i = 0; i < 32; ++i) o[i] = static_cast<float>(q[i]) * d;
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const __m512 d = _mm512_set1_ps(f16(b));
+    for (int v = 0; v < 2; ++v)
+      f(v, scaled(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v))), d));
+  }
+#endif
+};
+
+struct Q4_0 {  // value j: low nibble of qs[j] (j < 16) or high nibble of qs[j - 16]; w = d * (q - 8)
+  static constexpr int QK = 32, BYTES = 18;
+  static void scalar(const uint8_t* b, float* o) {
+    const float d = f16(b);
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = static_cast<float>((qs[j] & 15) - 8) * d;
+      o[j + 16] = static_cast<float>((qs[j] >> 4) - 8) * d;
+    }
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const __m512 table = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(8)), _mm512_set1_ps(f16(b)));
+    const __m512i q = bytes16(b + 2);
+    f(0, _mm512_permutexvar_ps(q, table));  // the permute reads only the low 4 bits of each index
+    f(1, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+  }
+#endif
+};
+
+struct Q5_0 {  // as Q4_0 plus a fifth bit per value in qh (bit j for value j); w = d * (q - 16)
+  static constexpr int QK = 32, BYTES = 22;
+  static void scalar(const uint8_t* b, float* o) {
+    const float d = f16(b);
+    const uint32_t qh = u32(b + 2);
+    const uint8_t* qs = b + 6;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 15) | (((qh >> j) & 1) << 4);
+      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      o[j] = static_cast<float>(lo - 16) * d;
+      o[j + 16] = static_cast<float>(hi - 16) * d;
+    }
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const __m512 d = _mm512_set1_ps(f16(b));
+    // Values q - 16 for q < 16 and for q >= 16: the fifth bit (a lane mask from qh) picks the table.
+    const __m512 low_table = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(16)), d);
+    const __m512 high_table = _mm512_mul_ps(iota(), d);
+    const uint32_t qh = u32(b + 2);
+    const __m512i q = bytes16(b + 6), hi = _mm512_srli_epi32(q, 4);
+    const __mmask16 lo_bits = static_cast<__mmask16>(qh & 0xFFFF), hi_bits = static_cast<__mmask16>(qh >> 16);
+    f(0, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(q, low_table), lo_bits, q, high_table));
+    f(1, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, low_table), hi_bits, hi, high_table));
+  }
+#endif
+};
+
+struct Q4_K {  // d, dmin, 12 bytes of packed 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes of nibbles
+  static constexpr int QK = 256, BYTES = 144;
+  // Sub-block j's scale and min, unpacked from the 12 bytes as ggml packs them.
+  static void scales(const uint8_t* b, float* ds, float* dm) {
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t* s = b + 4;
+    for (int j = 0; j < 8; ++j) {
+      int sc, m;
+      if (j < 4) {
+        sc = s[j] & 63;
+        m = s[j + 4] & 63;
+      } else {
+        sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      }
+      ds[j] = d * static_cast<float>(sc);
+      dm[j] = dmin * static_cast<float>(m);
+    }
+  }
+  // Bytes 32g..32g+31 of qs hold sub-block 2g in their low nibbles and 2g + 1 in their high nibbles.
+  static void scalar(const uint8_t* b, float* o) {
+    float ds[8], dm[8];
+    scales(b, ds, dm);
+    const uint8_t* qs = b + 16;
+    for (int j = 0; j < 8; ++j)
+      for (int l = 0; l < 32; ++l) {
+        const int q = (qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15;
+        o[32 * j + l] = ds[j] * static_cast<float>(q) - dm[j];
+      }
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    float ds[8], dm[8];
+    scales(b, ds, dm);
+    __m512 tables[8];  // ds[j] * q - dm[j] for q = 0..15
+    for (int j = 0; j < 8; ++j)
+      tables[j] = _mm512_sub_ps(_mm512_mul_ps(_mm512_set1_ps(ds[j]), iota()), _mm512_set1_ps(dm[j]));
+    const uint8_t* qs = b + 16;
+    for (int g = 0; g < 4; ++g)
+      for (int half = 0; half < 2; ++half) {
+        const __m512i q = bytes16(qs + 32 * g + 16 * half);
+        f(4 * g + half, _mm512_permutexvar_ps(q, tables[2 * g]));
+        f(4 * g + 2 + half, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), tables[2 * g + 1]));
+      }
+  }
+#endif
+};
+
+struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w = (d * scale) * (q - 32)
+  static constexpr int QK = 256, BYTES = 210;
+  // Value e = 128h + 32t + l takes its low 4 bits from ql[64h + 32(t & 1) + l] (low nibble for t < 2, high for
+  // t >= 2) and its top 2 bits from qh[32h + l] >> 2t.
+  static void scalar(const uint8_t* b, float* o) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    for (int e = 0; e < 256; ++e) {
+      const int h = e / 128, t = (e % 128) / 32, l = e % 32;
+      const int lowbyte = ql[64 * h + 32 * (t & 1) + l];
+      const int low = t < 2 ? (lowbyte & 15) : (lowbyte >> 4);
+      const int high = (qh[32 * h + l] >> (2 * t)) & 3;
+      o[e] = (d * static_cast<float>(sc[e / 16])) * static_cast<float>((low | (high << 4)) - 32);
+    }
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    const __m512i fifteen = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {
+        const __m512i high_bits = bytes16(qh + 32 * h + 16 * half);
+        const __m512i low0 = bytes16(ql + 64 * h + 16 * half), low1 = bytes16(ql + 64 * h + 32 + 16 * half);
+        for (int t = 0; t < 4; ++t) {
+          const __m512i lowbytes = (t & 1) ? low1 : low0;
+          const __m512i low = t < 2 ? _mm512_and_si512(lowbytes, fifteen) : _mm512_srli_epi32(lowbytes, 4);
+          const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(high_bits, _mm512_set1_epi32(2 * t)), three);
+          const __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), bias);
+          const int v = 8 * h + 2 * t + half;
+          f(v, scaled(q, _mm512_set1_ps(d * static_cast<float>(sc[v]))));
+        }
+      }
+  }
+#endif
+};
+
+struct F32 {  // plain float32 rows (a float model's weights viewed as bytes), so one decode path serves both
+  static constexpr int QK = 16, BYTES = 64;
+  static void scalar(const uint8_t* b, float* o) { std::memcpy(o, b, 64); }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    f(0, _mm512_loadu_ps(reinterpret_cast<const float*>(b)));
+  }
+#endif
+};
+
+struct F16 {
+  static constexpr int QK = 16, BYTES = 32;
+  static void scalar(const uint8_t* b, float* o) {
+    for (int i = 0; i < 16; ++i) o[i] = f16(b + 2 * i);
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    f(0, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))));
+  }
+#endif
+};
+
+struct BF16 {  // the top 16 bits of a float32
+  static constexpr int QK = 16, BYTES = 32;
+  static void scalar(const uint8_t* b, float* o) {
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(b[2 * i] | (b[2 * i + 1] << 8)) << 16;
+      std::memcpy(o + i, &bits, 4);
+    }
+  }
+#if QE_AVX512
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    f(0, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
+  }
+#endif
+};
+
+// One row of W (K values) into out.
+template <class B>
+void dequant_row(const uint8_t* row, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / B::QK; ++b) {
+#if QE_AVX512
+    float* o = out + b * B::QK;
+    B::vec(row + b * B::BYTES, [o](int v, __m512 w) { _mm512_storeu_ps(o + 16 * v, w); });
+#else
+    B::scalar(row + b * B::BYTES, out + b * B::QK);
+#endif
+  }
+}
+
+}  // namespace
