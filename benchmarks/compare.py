@@ -8,6 +8,10 @@ run, and all of them get the same token ids: a ~516-token chat prompt rendered w
 each run: load time, prefill tokens/s (time to the first generated token), single-stream decode tokens/s over
 128 greedy tokens, peak RSS. The greedy tokens are compared across systems.
 
+System `qwen-engine-w8a8` is qwen-engine's optional lossy mode (int8 weights and activations, models/w8a8.py);
+--quality prints how far it moves the model (mean KL divergence from the float model, greedy agreement) over a
+fixed corpus.
+
 With --streams 8,16,32, qwen-engine and llama.cpp also decode N different short chat prompts (~40 tokens each)
 at once, 64 greedy tokens per stream: qwen-engine through its continuous-batching engine, llama.cpp through
 llama-cpp-python's low-level batch API (N sequences in one context, one llama_decode per step, as llama-server's
@@ -81,11 +85,11 @@ def peak_rss_mib() -> float:
 
 # -- one system, in its own process ----------------------------------------------------------------------------
 
-def run_qwen_engine(model: str, ids: list[int]) -> dict:
+def run_qwen_engine(model: str, ids: list[int], quantization: str | None = None) -> dict:
     from qwen_engine import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model, progress=False)
+    llm = LLM(model, progress=False, quantization=quantization)
     load = time.perf_counter() - start
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True).with_defaults(SamplingParams())
     seq = llm.engine.add_request(ids, params)
@@ -142,10 +146,10 @@ def run_transformers(model: str, ids: list[int]) -> dict:
     return {"load_s": load, "prefill_s": first - start, "decode_s": end - first, "tokens": tokens}
 
 
-def parallel_qwen_engine(model: str, prompts: list[list[int]]) -> dict:
+def parallel_qwen_engine(model: str, prompts: list[list[int]], quantization: str | None = None) -> dict:
     from qwen_engine import LLM, SamplingParams
 
-    llm = LLM(model, progress=False, max_num_seqs=max(32, len(prompts)))
+    llm = LLM(model, progress=False, max_num_seqs=max(32, len(prompts)), quantization=quantization)
     params = SamplingParams(max_tokens=STREAM_TOKENS, temperature=0, ignore_eos=True).with_defaults(SamplingParams())
     seqs = [llm.engine.add_request(p, params) for p in prompts]
     start = time.perf_counter()
@@ -208,14 +212,49 @@ def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
             "tokens": out}
 
 
-RUNNERS = {"qwen-engine": run_qwen_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
-PARALLEL = {"qwen-engine": parallel_qwen_engine, "llama.cpp": parallel_llama_cpp}
+def quality_w8a8(model: str, corpus: list[list[int]]) -> dict:
+    """How far the lossy w8a8 mode moves the model: the KL divergence of its next-token distributions from the
+    float model's (the default path's numbers), and how often their greedy choices agree, at every position."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen_engine import LLM
+
+    exact, lossy = LLM(model, progress=False), LLM(model, progress=False, quantization="w8a8")
+    kls, agree = [], 0
+    for ids in corpus:
+        p, q = F.log_softmax(exact.logits(ids), -1), F.log_softmax(lossy.logits(ids), -1)
+        kls.append((p.exp() * (p - q)).sum(-1))
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+    kl = torch.cat(kls)
+    return {"mean_kl": float(kl.mean()), "p99_kl": float(kl.quantile(0.99)), "max_kl": float(kl.max()),
+            "greedy_agreement": agree / kl.numel(), "positions": kl.numel()}
+
+
+RUNNERS = {"qwen-engine": run_qwen_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers,
+           "qwen-engine-w8a8": lambda model, ids: run_qwen_engine(model, ids, "w8a8")}
+PARALLEL = {"qwen-engine": parallel_qwen_engine, "llama.cpp": parallel_llama_cpp,
+            "qwen-engine-w8a8": lambda model, prompts: parallel_qwen_engine(model, prompts, "w8a8")}
+
+
+def quality_corpus(tok, windows: int = 4, length: int = 512) -> list[list[int]]:
+    """A fixed corpus: the first `length` tokens of a few standard-library modules (code and prose docstrings;
+    the demo model is a code model), the same for every run on one Python version."""
+    import heapq
+    import inspect
+    import json.decoder
+    import textwrap
+
+    modules = [textwrap, json.decoder, heapq, argparse][:windows]
+    return [tok.encode(inspect.getsource(m))[:length] for m in modules]
 
 
 def child(system: str, model: str, ids_file: str) -> None:
     ids = json.loads(Path(ids_file).read_text())
     if system.endswith("@parallel"):  # ids: one prompt per stream
         result = PARALLEL[system.removesuffix("@parallel")](model, ids)
+    elif system == "quality":  # ids: the corpus windows
+        result = quality_w8a8(model, ids)
     else:
         result = RUNNERS[system](model, ids)
         result["prompt_tokens"] = len(ids)
@@ -234,6 +273,8 @@ def main() -> None:
     p.add_argument("--streams", default="", help="also measure N concurrent streams, e.g. 8,16,32")
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the single-stream table (--no-single: only the streams)")
+    p.add_argument("--quality", action="store_true",
+                   help="also measure the w8a8 mode's KL divergence and greedy agreement on a fixed corpus")
     p.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
                    help="the Python of the environment made by setup_peers.sh")
     p.add_argument("--child", nargs=3, metavar=("SYSTEM", "MODEL", "IDS_FILE"), help=argparse.SUPPRESS)
@@ -260,7 +301,7 @@ def main() -> None:
     def run_child(system: str, payload) -> dict | None:
         ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen-engine-bench-{os.getpid()}.json"
         ids_file.write_text(json.dumps(payload))
-        python = sys.executable if system.startswith("qwen-engine") else args.peer_python
+        python = sys.executable if system.startswith(("qwen-engine", "quality")) else args.peer_python
         proc = subprocess.run([python, __file__, "--child", system, model, str(ids_file)], capture_output=True,
                               text=True, env=env)
         ids_file.unlink(missing_ok=True)
@@ -300,6 +341,14 @@ def main() -> None:
                     print(f"run {run + 1} {n} streams {system}: {r['decode_tokens'] / r['decode_s']:.1f} tok/s",
                           file=sys.stderr)
         report_streams(streams)
+
+    if args.quality:
+        corpus = quality_corpus(tok)
+        r = run_child("quality", corpus)
+        if r is not None:
+            print(f"\nw8a8 against the float model over {r['positions']} positions ({len(corpus)} standard-library "
+                  f"modules, {len(corpus[0])} tokens each): mean KL {r['mean_kl']:.5f} nats, 99th percentile "
+                  f"{r['p99_kl']:.4f}, max {r['max_kl']:.4f}; greedy agreement {100 * r['greedy_agreement']:.2f} %")
 
 
 def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:

@@ -33,7 +33,9 @@ class LLM:
 
     A GGUF on CPU keeps its quantised blocks, memory-mapped, and runs on native kernels that dequantise inside
     the matrix products (same numbers as float32 up to summation order); `quantized=False` dequantises the whole
-    model to float32 at load instead (the reference path).
+    model to float32 at load instead (the reference path). `quantization="w8a8"` is the optional lossy mode
+    (models/w8a8.py): int8 weights and activations, faster for many sequences and long prompts, with a measured
+    accuracy cost (docs/benchmarks.md).
     """
 
     def __init__(
@@ -50,8 +52,10 @@ class LLM:
         progress: bool = True,
         vision_limits: VisionLimits | None = None,
         quantized: bool | None = None,
+        quantization: str | None = None,
     ):
-        loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized)
+        loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized,
+                            quantization=quantization)
         self.path = loaded.path
         self.config = loaded.config
         self.model = loaded.model

@@ -1,5 +1,6 @@
-"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp) and decode
-attention over the paged KV cache (paged_attention.cpp).
+"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp), decode
+attention over the paged KV cache (paged_attention.cpp), whole decode steps (decode_step.cpp) and the lossy
+w8a8 mode's int8 products (int8_matmul.cpp).
 
 The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
 `~/.cache/qwen-engine/kernels/<hash of the sources, flags and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
@@ -21,7 +22,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "paged_attention.cpp", "decode_step.cpp")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("quant_matmul.cpp", "paged_attention.cpp", "decode_step.cpp", "int8_matmul.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]

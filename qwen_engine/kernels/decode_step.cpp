@@ -30,6 +30,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t group);
 
 namespace {
 
@@ -63,7 +65,14 @@ struct Linear {
   std::vector<torch::Tensor> blocks;
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
+  // The w8a8 mode (int8_matmul.cpp): int8 rows (+ 128) and their scales, x quantised in groups of `group`.
+  torch::Tensor int8_weight, int8_scales;
+  int64_t group = 0;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (group > 0) return int8_linear(x, int8_weight, int8_scales, bias, group);
+#endif
+    TORCH_CHECK(group == 0, "this build has no int8 kernels");
     return linear(x, blocks, qtypes, bias, gemv_max_rows);
   }
 };
@@ -98,6 +107,17 @@ class DecodeStep {
       l.k_norm = check_vector(*k_norm, head_dim_, "k norm");
     }
     layers_.push_back(std::move(l));
+  }
+
+  // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
+  void set_int8(int64_t li, const std::string& which, torch::Tensor weight, torch::Tensor scales,
+                c10::optional<torch::Tensor> bias, int64_t group) {
+    TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
+    Layer& l = layers_[li];
+    Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
+              : which == "down" ? &l.down : nullptr;
+    TORCH_CHECK(p != nullptr, "no projection ", which);
+    *p = Linear{{}, {}, bias, weight, scales, group};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -238,6 +258,7 @@ void register_decode_step(pybind11::module& m) {
   pybind11::class_<DecodeStep>(m, "DecodeStep", "all decoder layers of a decode step (one token per sequence)")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
+      .def("set_int8", &DecodeStep::set_int8)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("set_profiling", &DecodeStep::set_profiling)
       .def("profile", &DecodeStep::profile)

@@ -732,8 +732,9 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 void causal_softmax_(torch::Tensor scores, double scale);
-// decode_step.cpp
+// decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
+void register_int8(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T (+ bias) with W in GGUF blocks, stacked from segments");
@@ -745,4 +746,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
   m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
   register_decode_step(m);
+  register_int8(m);
 }

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import kernels
 from .quant import GEMV_MAX_ROWS, QuantLinear
+from .w8a8 import W8A8Linear
 
 F32 = 0  # ggml's type number for float32 rows
 
@@ -24,6 +25,8 @@ def _segments(layers: list[nn.Module]) -> tuple[list[torch.Tensor], list[int], t
     types: list[int] = []
     biases: list[torch.Tensor | None] = []
     for layer in layers:
+        if isinstance(layer, W8A8Linear):  # set afterwards (DecodeStep.set_int8)
+            return [], [], None
         if isinstance(layer, QuantLinear):
             blocks.extend(layer.blocks)
             types.extend(layer._type_ids)
@@ -57,17 +60,24 @@ def build(model: nn.Module):
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                              cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
-    for layer in model.model.layers:
+    int8 = hasattr(native, "int8_linear")
+    for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": gate_up, "down": [mlp.down_proj]}
         try:
-            parts = [_segments(p) for p in (qkv, [attn.o_proj], gate_up, [mlp.down_proj])]
+            parts = [_segments(p) for p in projections.values()]
         except TypeError:
             return None
-        if any(bias is not None for _, _, bias in parts[1:]):
+        w8 = {name: p[0] for name, p in projections.items() if isinstance(p[0], W8A8Linear)}
+        if any(bias is not None for _, _, bias in parts[1:]) or any(w8[n].bias is not None for n in w8 if n != "qkv"):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
+        if w8 and not int8:
+            return None
         norms = (None, None) if attn.q_norm is None else (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
         step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,
                        *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
+        for name, p in w8.items():
+            step.set_int8(index, name, p.weight_u8, p.weight_scales, p.bias, p.group)
     return step

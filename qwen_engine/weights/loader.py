@@ -18,7 +18,8 @@ import torch
 from .. import kernels
 from ..config import ModelConfig
 from ..engine.sampling_params import SamplingParams
-from ..errors import ModelLoadError
+from ..errors import InputError, ModelLoadError
+from ..models import w8a8
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
 from .quantized import build_quantized
@@ -79,13 +80,23 @@ def load_model(
     device: str | torch.device | None = None,
     progress: bool = True,
     quantized: bool | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """Load a model. For a GGUF on CPU in float32, `quantized` (default: yes, unless QWEN_ENGINE_QUANTIZED=0)
     keeps the weights in the file's blocks, memory-mapped, and multiplies them with the native kernels;
     `quantized=False` dequantises everything to float32 at load (the reference path, and the only one for
-    Hugging Face folders, other dtypes and CUDA)."""
+    Hugging Face folders, other dtypes and CUDA).
+
+    `quantization="w8a8"` (or QWEN_ENGINE_QUANTIZATION=w8a8) is the optional lossy mode of models/w8a8.py:
+    int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py."""
+    if quantization is None:
+        quantization = os.environ.get("QWEN_ENGINE_QUANTIZATION") or None
+    if quantization is not None and quantization not in w8a8.MODES:
+        raise InputError(f"unknown quantization {quantization!r}; choose from {', '.join(w8a8.MODES)}")
     source = resolve_source(model, progress)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
+    if quantization is not None and (torch_dtype != torch.float32 or torch_device.type != "cpu"):
+        raise InputError(f"quantization={quantization!r} runs on the CPU in float32; drop --dtype/--device")
     if quantized is None:
         quantized = os.environ.get("QWEN_ENGINE_QUANTIZED", "1") != "0"
     kernels.use_available_cores()
@@ -99,6 +110,8 @@ def load_model(
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
+    if quantization is not None:
+        w8a8.convert(loaded.model)
     loaded.defaults = merge_defaults(source.defaults, loaded.defaults)
     loaded.source, loaded.system_prompt, loaded.max_model_len = source, source.system_prompt, source.max_model_len
     return loaded

@@ -1,0 +1,192 @@
+// The lossy w8a8 mode's product (models/w8a8.py): y = x @ W^T with W re-quantised to int8 (one scale per output
+// row) and x quantised on the fly to int8 in groups of G values along each row (one scale per group).
+//
+//   y[m, n] = sw[n] * sum_g sx[m, g] * (q[m, g, :] . w[n, g, :]) + bias[n]
+//
+// The group dot products are exact integers; only the scaling is float. The weights are stored as unsigned
+// bytes u = w + 128, the operand order AVX-512 VNNI wants (vpdpbusd: unsigned x signed bytes, four products
+// summed into each 32-bit lane), so each group's sum carries an extra 128 * sum(q), which the accumulator's
+// starting value takes off again: every one of the 16 lanes starts at -8 * sum(q).
+//
+// Without VNNI the extension does not define these functions and models/w8a8.py computes the same numbers in
+// PyTorch.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+namespace {
+
+// x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G].
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const float* xg = x + (i / groups) * K + (i % groups) * G;
+      int8_t* qg = q + (i / groups) * K + (i % groups) * G;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+      const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+      const __m512 d = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+      const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < G; k += 16) {
+        // x / d rounded half to even, as torch.round does (the reference in models/w8a8.py)
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + k), d),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+        sum = _mm512_add_epi32(sum, v);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + k), _mm512_cvtepi32_epi8(v));
+      }
+      scales[i] = scale;
+      starts[i] = -8 * _mm512_reduce_add_epi32(sum);
+    }
+  });
+}
+
+// y[0..MR, 0..NR]: MR rows of q against NR weight rows. Per group, MR x NR integer accumulators run over the
+// group's bytes, then are converted and scaled into float accumulators.
+template <int MR, int NR>
+void tile(const uint8_t* w, const int8_t* q, const float* sx, const int32_t* starts, int64_t K, int64_t G,
+          float* y, int64_t ldy, const float* sw, const float* bias) {
+  const int64_t groups = K / G;
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[MR][NR];
+    for (int i = 0; i < MR; ++i) {
+      const __m512i start = _mm512_set1_epi32(starts[i * groups + g]);
+      for (int j = 0; j < NR; ++j) dot[i][j] = start;
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      __m512i wv[NR];
+      for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_si512(w + j * K + k);
+      for (int i = 0; i < MR; ++i) {
+        const __m512i xv = _mm512_loadu_si512(q + i * K + k);
+        for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xv);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      y[i * ldy + j] = sw[j] * _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
+}
+
+using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const int32_t*, int64_t, int64_t, float*,
+                        int64_t, const float*, const float*);
+constexpr int MR = 4, NR = 3;  // 2 * 12 accumulators + 3 weight vectors + x: within the 32 registers
+constexpr TileFn TILES[MR][NR] = {
+    {tile<1, 1>, tile<1, 2>, tile<1, 3>},
+    {tile<2, 1>, tile<2, 2>, tile<2, 3>},
+    {tile<3, 1>, tile<3, 2>, tile<3, 3>},
+    {tile<4, 1>, tile<4, 2>, tile<4, 3>},
+};
+
+// Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
+constexpr int64_t ROW_CHUNK = 128;
+
+}  // namespace
+
+// Weight rows float32 [N, K] → (uint8 [N, K] = int8 + 128, scales [N]): max |w| / 127 per row, w / scale rounded
+// half to even (models/w8a8.py: quantize_weight is the reference).
+std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.device().is_cpu() && w.size(1) % 16 == 0,
+              "w must be CPU float32 [N, K] with K a multiple of 16");
+  const auto wc = w.contiguous();
+  const int64_t N = wc.size(0), K = wc.size(1);
+  auto out = torch::empty({N, K}, torch::dtype(torch::kUInt8));
+  auto scales = torch::empty({N}, torch::dtype(torch::kFloat32));
+  const float* src = wc.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), offset = _mm512_set1_ps(128.0f);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = src + r * K;
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+      const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+      const __m512 d = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), d),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 u = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(q, lo), hi), offset);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + r * K + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(u)));
+      }
+      sp[r] = scale;
+    }
+  });
+  return {out, scales};
+}
+
+std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
+  TORCH_CHECK(group > 0 && group % 64 == 0 && x.size(1) % group == 0, "group must be a multiple of 64 dividing K");
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
+  auto scales = torch::empty({M, K / group}, torch::dtype(torch::kFloat32));
+  auto starts = torch::empty({M, K / group}, torch::dtype(torch::kInt32));
+  quantize_rows(xc.data_ptr<float>(), M, K, group, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                starts.data_ptr<int32_t>());
+  return {q, scales, starts};
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_scales,
+                          const c10::optional<torch::Tensor>& bias, int64_t group) {
+  TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
+              "weight must be contiguous uint8 [N, K] (int8 values + 128)");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
+              "weight scales must be contiguous float32 [N]");
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "bias must be contiguous float32 [N]");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const auto parts = int8_quantize(x, group);
+  const int64_t M = x.size(0), groups = K / group;
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  const uint8_t* w = weight.data_ptr<uint8_t>();
+  const int8_t* q = parts[0].data_ptr<int8_t>();
+  const float* sx = parts[1].data_ptr<float>();
+  const int32_t* starts = parts[2].data_ptr<int32_t>();
+  const float* sw = weight_scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
+    const int64_t m1 = std::min(M, m0 + ROW_CHUNK);
+    // Grain: a thread streams a long stretch of weight rows, each pass over them serving every row of x.
+    at::parallel_for(0, (N + NR - 1) / NR, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t n = b0 * NR; n < std::min(N, b1 * NR); n += NR) {
+        const int nr = static_cast<int>(std::min<int64_t>(NR, N - n));
+        for (int64_t m = m0; m < m1; m += MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - m));
+          TILES[mr - 1][nr - 1](w + n * K, q + m * K, sx + m * groups, starts + m * groups, K, group,
+                                yp + m * N + n, N, sw + n, bias_ptr ? bias_ptr + n : nullptr);
+        }
+      }
+    });
+  }
+  return y;
+}
+
+void register_int8(pybind11::module& m) {
+  m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
+  m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");
+  m.def("int8_linear", &int8_linear, "x @ W^T (+ bias) with W int8 per row and x quantised to int8 per group");
+}
+#else
+void register_int8(pybind11::module&) {}
+#endif

@@ -1,0 +1,205 @@
+"""The optional lossy mode `w8a8`: int8 weights and int8 activations, for throughput on CPUs with AVX-512 VNNI.
+
+The default path keeps the model's numbers (GGUF blocks dequantised inside float32 products). This mode trades
+a measured amount of accuracy for speed where float32 products are compute-bound — many sequences decoding at
+once, and prefill:
+
+- every linear layer's weight (and the LM head) is re-quantised at load to int8, one scale per output row
+  (symmetric, max |w| / 127);
+- each row of activations is quantised on the fly to int8 in groups of GROUP values along the input, one scale
+  per group (per-token scales lose several times more: activations have outlier channels);
+- the group dot products are exact integers (VNNI, kernels/int8_matmul.cpp), scaled in float32.
+
+`benchmarks/compare.py --quantization w8a8` prints its mean KL divergence from the float32 model and its greedy
+agreement; `tests/test_w8a8.py` bounds both on the demo model. Embeddings, norms and attention stay float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+import torch
+from torch import nn
+
+from .. import kernels
+from .quant import QuantLinear, dequantize
+
+MODES = ("w8a8",)
+
+
+def group_size(in_features: int) -> int | None:
+    """Activation group along the input: 128 values, or 64 where 128 does not divide it (None: not possible)."""
+    for group in (128, 64):
+        if in_features % group == 0:
+            return group
+    return None
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] → (uint8 [N, K] holding int8 values + 128, float32 scales [N])."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1) / 127
+    q = torch.round(w / torch.where(scales > 0, scales, 1)[:, None]).clamp_(-127, 127)
+    return (q + 128).to(torch.uint8).contiguous(), scales.contiguous()
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [M, K] → (int8 [M, K], scales [M, K / group]): symmetric, max |x| / 127 per group."""
+    g = x.reshape(x.shape[0], -1, group)
+    scales = g.abs().amax(dim=2) / 127
+    q = torch.round(g / torch.where(scales > 0, scales, 1)[:, :, None]).clamp_(-127, 127)
+    return q.to(torch.int8).view(x.shape), scales
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                     group: int) -> torch.Tensor:
+    """The same numbers as the kernel, in PyTorch (up to the order of float sums): the fallback and the tests'
+    reference. Group dot products of int8 values stay below 2^24, so float32 holds them exactly."""
+    q, sx = quantize_activations(x, group)
+    w = weight.to(torch.int16).sub_(128).float()
+    M, N, G = q.shape[0], w.shape[0], q.shape[1] // group
+    y = torch.empty(M, N)
+    for m0 in range(0, M, 64):  # [rows, N, groups] at a time
+        qg = q[m0 : m0 + 64].float().view(-1, G, group).transpose(0, 1)  # [G, rows, group]
+        dots = torch.bmm(qg, w.view(N, G, group).permute(1, 2, 0))  # [G, rows, N], exact integers
+        y[m0 : m0 + 64] = (dots * sx[m0 : m0 + 64].t()[:, :, None]).sum(0)
+    y.mul_(scales)
+    return y if bias is None else y.add_(bias)
+
+
+class W8A8Linear(nn.Module):
+    """y = x @ W^T + b with W as int8 rows and x quantised to int8 per group of `group` inputs."""
+
+    def __init__(self, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None):
+        """`weight`: float [N, K], or a list of row blocks stacked in order (each is quantised and dropped in
+        turn, so a large weight is never whole in float32)."""
+        super().__init__()
+        parts = weight if isinstance(weight, list) else [weight]
+        self.out_features, self.in_features = sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1])
+        group = group_size(self.in_features)
+        if group is None:
+            raise ValueError(f"w8a8 needs inputs in multiples of 64, got {self.in_features}")
+        self.group = group
+        self.weight_u8 = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+        self.weight_scales = torch.empty(self.out_features)
+        native = kernels.native()
+        row = 0
+        for part in parts:
+            rows = int(part.shape[0])
+            if native is not None and hasattr(native, "int8_quantize_weight"):
+                u8, scales = native.int8_quantize_weight(part.float().contiguous())
+            else:
+                u8, scales = quantize_weight(part.float())
+            self.weight_u8[row : row + rows], self.weight_scales[row : row + rows] = u8, scales
+            row += rows
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        native = kernels.native()
+        if native is not None and hasattr(native, "int8_linear"):
+            y = native.int8_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
+        else:
+            y = reference_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
+        return y.view(*lead, self.out_features)
+
+    def weight_float(self) -> torch.Tensor:
+        """The int8 weight as float32 [N, K] (what the products multiply by, up to the activations' rounding)."""
+        return (self.weight_u8.to(torch.int16) - 128).float() * self.weight_scales[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
+
+
+ROWS_AT_ONCE = 8192  # weight rows dequantised at a time while converting (~30 MB of float32 for the LM head)
+
+
+def _dense(layers: list[nn.Module]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The float weight of layers applied side by side (outputs concatenated), as lazily made row blocks, and
+    their joint bias."""
+    parts, biases, rows = [], [], []
+    for layer in layers:
+        if isinstance(layer, QuantLinear):
+            for blocks, qtype in zip(layer.blocks, layer.qtypes, strict=True):
+                for r in range(0, blocks.shape[0], ROWS_AT_ONCE):
+                    parts.append(_Rows(blocks[r : r + ROWS_AT_ONCE], qtype, layer.in_features))
+            biases.append(layer.bias)
+            rows.append(layer.out_features)
+        elif isinstance(layer, nn.Linear):
+            weight = layer.weight.detach()
+            parts.extend(weight[r : r + ROWS_AT_ONCE] for r in range(0, weight.shape[0], ROWS_AT_ONCE))
+            biases.append(None if layer.bias is None else layer.bias.detach().float())
+            rows.append(layer.out_features)
+        else:
+            raise TypeError(f"w8a8 cannot convert {type(layer).__name__}")
+    if all(b is None for b in biases):
+        return parts, None
+    return parts, torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, rows, strict=True)])
+
+
+class _Rows:
+    """Rows of a GGUF weight, dequantised when W8A8Linear asks for them (shape first, values on .float())."""
+
+    def __init__(self, blocks: torch.Tensor, qtype, in_features: int):
+        self.blocks, self.qtype, self.shape = blocks, qtype, (int(blocks.shape[0]), in_features)
+
+    def float(self) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype, self.shape[1])
+
+
+def _page_out(layers: list[nn.Module]) -> None:
+    """Let the OS reclaim the GGUF bytes just converted: they were read once and would otherwise stay in this
+    process's resident memory next to their int8 copy. MADV_PAGEOUT keeps the data (it is re-read from the file
+    if touched again, as the embedding rows are); where it is unsupported nothing happens."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    page = mmap.PAGESIZE
+    for layer in layers:
+        for blocks in getattr(layer, "blocks", []):
+            start = (blocks.data_ptr() + page - 1) // page * page
+            end = (blocks.data_ptr() + blocks.numel()) // page * page
+            if end > start:
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
+
+
+def _convertible(layers: list[nn.Module]) -> bool:
+    return all(isinstance(p, (QuantLinear, nn.Linear)) and group_size(p.in_features) for p in layers)
+
+
+def convert(model: nn.Module) -> int:
+    """Replace the decoder's products and the LM head by W8A8Linear, one layer at a time (only one weight is held
+    in float32 at once); q/k/v and gate/up become one layer each, as in the quantised GGUF path (rows are
+    independent and share their input's quantisation, so stacking changes no number). Returns how many layers
+    were made; products whose input size is not a multiple of 64 keep their weights."""
+    made = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        if _convertible(qkv):
+            attn.qkv_proj = W8A8Linear(*_dense(qkv))
+            _page_out(qkv)
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+            made += 1
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        if _convertible(gate_up):
+            mlp.gate_up_proj = W8A8Linear(*_dense(gate_up))
+            _page_out(gate_up)
+            mlp.gate_proj = mlp.up_proj = None
+            made += 1
+        for parent, name in ((attn, "o_proj"), (mlp, "down_proj")):
+            old = [getattr(parent, name)]
+            if _convertible(old):
+                setattr(parent, name, W8A8Linear(*_dense(old)))
+                _page_out(old)
+                made += 1
+    if _convertible([model.lm_head]):
+        old = [model.lm_head]
+        model.lm_head = W8A8Linear(*_dense(old))
+        _page_out(old)
+        made += 1
+    model._decode_step = None  # built again over the new layers
+    return made
