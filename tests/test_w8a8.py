@@ -1,7 +1,7 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums); the mode as a whole is checked against the float model on the
+the outputs equal up to the order of float sums; both kernels where the CPU has AMX: VNNI on rows, AMX tiles); the mode as a whole is checked against the float model on the
 demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
 nats and ~98 %; benchmarks/compare.py --quality prints them), plus the native decode step against the PyTorch
 layers on the converted model.
@@ -27,8 +27,8 @@ def int8_native():
     return native
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 896, 1152), (3, 128, 10), (5, 4864, 67), (8, 192, 7), (67, 896, 100),
-                                   (130, 256, 50)])
+@pytest.mark.parametrize("M,K,N", [(1, 896, 1152), (3, 128, 10), (5, 4864, 67), (8, 192, 7), (16, 128, 32),
+                                   (17, 256, 33), (67, 896, 100), (130, 256, 50)])
 def test_kernel_equals_reference(M, K, N):
     native = int8_native()
     gen = torch.Generator().manual_seed(M * K + N)
@@ -41,9 +41,15 @@ def test_kernel_equals_reference(M, K, N):
     q_ref, scales_ref = w8a8.quantize_activations(x, layer.group)
     assert torch.equal(q, q_ref) and torch.equal(scales, scales_ref)
 
-    y = native.int8_linear(x, layer.weight_u8, layer.weight_scales, layer.bias, layer.group)
-    ref = w8a8.reference_linear(x, layer.weight_u8, layer.weight_scales, layer.bias, layer.group)
+    rows = layer.weight_rows()
+    ref = w8a8.reference_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
+    y = native.int8_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
     assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+    if native.int8_has_amx():
+        assert layer.packed is not None and torch.equal(w8a8.unpack_amx(w8a8.pack_amx(rows), N, K), rows)
+        y = native.int8_linear_amx(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group)
+        assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+        assert torch.equal(layer(x), y)
     # and it is a product: within int8 rounding of the float one
     exact = x @ layer.weight_float().t() + layer.bias
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()

@@ -182,7 +182,128 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return y;
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QE_AMX 1
+#else
+#define QE_AMX 0
+#endif
+
+namespace {
+#if QE_AMX
+// AMX (Sapphire Rapids and later): a tile instruction multiplies 16 rows of x by 16 weight rows over 64 bytes
+// (16K multiply-adds). Linux hands out the tile registers only on request, once per process.
+bool amx_usable() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 1 = y (int32, two blocks of 16 columns), 2 = x (rows of int8), 3, 4 = the two weight blocks.
+void configure(int rows) {
+  TileConfig c;
+  for (int t : {0, 1}) c.rows[t] = static_cast<uint8_t>(rows), c.colsb[t] = 64;
+  c.rows[2] = static_cast<uint8_t>(rows), c.colsb[2] = 64;
+  for (int t : {3, 4}) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Weights packed for the tiles (models/w8a8.py: pack_amx): for each unit of 32 output rows and each 64-byte
+// stretch of K, two 1 KiB tiles (rows 0-15, then 16-31), each [k / 4][row][k % 4].
+void amx_linear(const uint8_t* packed, int64_t N, int64_t K, int64_t G, const int8_t* q, const float* sx,
+                const int32_t* starts, int64_t M, const float* sw, const float* bias, float* y) {
+  const int64_t groups = K / G, chunks = K / 64, units = (N + 31) / 32;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    alignas(64) int32_t dots[16 * 32];
+    alignas(64) float acc[16 * 32];
+    int configured = 0;
+    for (int64_t u = u0; u < u1; ++u) {
+      const uint8_t* wu = packed + u * chunks * 2048;
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+        if (rows != configured) configure(configured = rows);
+        std::fill(acc, acc + rows * 32, 0.0f);
+        for (int64_t g = 0; g < groups; ++g) {
+          _tile_zero(0);
+          _tile_zero(1);
+          for (int64_t c = g * G / 64; c < (g + 1) * G / 64; ++c) {
+            _tile_loadd(2, q + m0 * K + c * 64, K);
+            _tile_loadd(3, wu + c * 2048, 64);
+            _tile_loadd(4, wu + c * 2048 + 1024, 64);
+            _tile_dpbsud(0, 2, 3);
+            _tile_dpbsud(1, 2, 4);
+          }
+          _tile_stored(0, dots, 128);
+          _tile_stored(1, dots + 16, 128);
+          for (int r = 0; r < rows; ++r) {
+            const int64_t i = (m0 + r) * groups + g;
+            const __m512i start = _mm512_set1_epi32(16 * starts[i]);  // -128 * sum(q): the weights' +128
+            const __m512 s = _mm512_set1_ps(sx[i]);
+            for (int h = 0; h < 2; ++h) {
+              const __m512i d = _mm512_add_epi32(_mm512_load_si512(dots + r * 32 + 16 * h), start);
+              float* a = acc + r * 32 + 16 * h;
+              _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_load_ps(a)));
+            }
+          }
+        }
+        const int64_t n0 = u * 32, cols = std::min<int64_t>(32, N - n0);
+        for (int r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            y[(m0 + r) * N + n0 + j] = sw[n0 + j] * acc[r * 32 + j] + (bias ? bias[n0 + j] : 0.0f);
+      }
+    }
+    if (configured) _tile_release();
+  });
+}
+#endif
+}  // namespace
+
+bool int8_has_amx() {
+#if QE_AMX
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                              const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
+                              int64_t group) {
+#if QE_AMX
+  TORCH_CHECK(amx_usable(), "AMX is not available to this process");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 &&
+                  packed.numel() == (N + 31) / 32 * 32 * K,
+              "packed weight must be contiguous uint8 with ", (N + 31) / 32 * 32 * K, " bytes");
+  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
+              "weight scales must be contiguous float32 [N]");
+  const float* bias_ptr = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+                "bias must be contiguous float32 [N]");
+    bias_ptr = bias->data_ptr<float>();
+  }
+  const auto parts = int8_quantize(x, group);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  amx_linear(packed.data_ptr<uint8_t>(), N, K, group, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(),
+             parts[2].data_ptr<int32_t>(), M, weight_scales.data_ptr<float>(), bias_ptr, y.data_ptr<float>());
+  return y;
+#else
+  TORCH_CHECK(false, "this build has no AMX kernels");
+#endif
+}
+
 void register_int8(pybind11::module& m) {
+  m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
+  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear with the weight packed for AMX tiles");
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
   m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");
   m.def("int8_linear", &int8_linear, "x @ W^T (+ bias) with W int8 per row and x quantised to int8 per group");

@@ -79,5 +79,7 @@ def build(model: nn.Module):
         step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,
                        *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
         for name, p in w8.items():
-            step.set_int8(index, name, p.weight_u8, p.weight_scales, p.bias, p.group)
+            packed = p.packed is not None
+            step.set_int8(index, name, p.packed if packed else p.weight_u8, p.weight_scales, p.bias, p.group,
+                          p.out_features if packed else 0)
     return step

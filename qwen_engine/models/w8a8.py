@@ -52,6 +52,21 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.to(torch.int8).view(x.shape), scales
 
 
+def pack_amx(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] → the AMX kernel's layout: per unit of 32 rows and 64-byte stretch of K, two 1 KiB tiles
+    [k / 4][row][k % 4] (N padded to 32 with zero weights)."""
+    N, K = rows.shape
+    padded = torch.full(((N + 31) // 32 * 32, K), 128, dtype=torch.uint8)
+    padded[:N] = rows
+    return padded.view(-1, 2, 16, K // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)
+
+
+def unpack_amx(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of pack_amx."""
+    tiles = packed.view(-1, K // 64, 2, 16, 16, 4).permute(0, 2, 4, 1, 3, 5)
+    return tiles.reshape(-1, K)[:N].contiguous()
+
+
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                      group: int) -> torch.Tensor:
     """The same numbers as the kernel, in PyTorch (up to the order of float sums): the fallback and the tests'
@@ -94,20 +109,32 @@ class W8A8Linear(nn.Module):
             self.weight_u8[row : row + rows], self.weight_scales[row : row + rows] = u8, scales
             row += rows
         self.bias = None if bias is None else bias.detach().float().contiguous()
+        # With AMX the weight is kept only in the tile layout (weight_rows() restores the rows).
+        self.packed = None
+        if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
+            self.packed, self.weight_u8 = pack_amx(self.weight_u8), None
+
+    def weight_rows(self) -> torch.Tensor:
+        """uint8 [N, K]: the int8 weight + 128, row by row."""
+        if self.packed is not None:
+            return unpack_amx(self.packed, self.out_features, self.in_features)
+        return self.weight_u8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
         native = kernels.native()
-        if native is not None and hasattr(native, "int8_linear"):
+        if native is not None and self.packed is not None:
+            y = native.int8_linear_amx(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
+        elif native is not None and hasattr(native, "int8_linear"):
             y = native.int8_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
         else:
-            y = reference_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
+            y = reference_linear(x2, self.weight_rows(), self.weight_scales, self.bias, self.group)
         return y.view(*lead, self.out_features)
 
     def weight_float(self) -> torch.Tensor:
         """The int8 weight as float32 [N, K] (what the products multiply by, up to the activations' rounding)."""
-        return (self.weight_u8.to(torch.int16) - 128).float() * self.weight_scales[:, None]
+        return (self.weight_rows().to(torch.int16) - 128).float() * self.weight_scales[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
