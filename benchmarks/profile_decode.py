@@ -1,7 +1,7 @@
 """Where one decode step's time goes: the matrix kernels against everything else (attention, norms, rotary,
 sampling, Python).
 
-    python benchmarks/profile_decode.py [--streams 1] [--context 523] [--steps 64] [--python]
+    python benchmarks/profile_decode.py [--streams 1] [--context 523] [--steps 64] [--python] [--quantization w8a8]
 
 Runs the demo model with `streams` sequences decoding together after a `context`-token prompt and times
 `steps` engine steps. By default the decoder layers run as one native call per step (models/decode_step.py),
@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from qwen_engine import LLM, SamplingParams
-from qwen_engine.models import quant
+from qwen_engine.models import quant, w8a8
 
 
 def main() -> None:
@@ -28,9 +28,10 @@ def main() -> None:
     p.add_argument("--context", type=int, default=523)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--python", action="store_true", help="profile the PyTorch layers, not the native step")
+    p.add_argument("--quantization", choices=["w8a8"], help="the optional lossy mode (models/w8a8.py)")
     args = p.parse_args()
 
-    llm = LLM(args.model, progress=False)
+    llm = LLM(args.model, progress=False, quantization=args.quantization)
     if quant.kernels.native() is None:
         raise SystemExit("the native kernels are not available; nothing to profile")
     model = llm.engine.model
@@ -41,11 +42,11 @@ def main() -> None:
 
     timings: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
-    original = quant.QuantLinear.forward
+    originals = {cls: cls.forward for cls in (quant.QuantLinear, w8a8.W8A8Linear)}
 
     def timed(self, x):
         start = time.perf_counter()
-        y = original(self, x)
+        y = originals[type(self)](self, x)
         key = f"{self.out_features}x{self.in_features}"
         timings[key] += time.perf_counter() - start
         calls[key] += 1
@@ -59,7 +60,8 @@ def main() -> None:
     for _ in range(3):
         llm.engine.step()
 
-    quant.QuantLinear.forward = timed
+    for cls in originals:
+        cls.forward = timed
     if step is not None:
         step.set_profiling(True)
     try:
@@ -68,7 +70,8 @@ def main() -> None:
             llm.engine.step()
         total = (time.perf_counter() - start) / args.steps
     finally:
-        quant.QuantLinear.forward = original
+        for cls, forward in originals.items():
+            cls.forward = forward
     print(f"{args.streams} stream(s), context {args.context}, {torch.get_num_threads()} threads, "
           f"{'PyTorch layers' if args.python else 'native decode step'}: "
           f"{total * 1e3:.1f} ms per step ({args.streams / total:.1f} tok/s)")
@@ -83,7 +86,7 @@ def main() -> None:
             print(f"    {name:>18}: {phases[name] * 1e3:6.2f} ms")
     kernel = sum(timings.values()) / args.steps
     accounted += kernel
-    print(f"  quantised matmul calls from Python: {kernel * 1e3:.1f} ms ({kernel / total:.0%})")
+    print(f"  matmul calls from Python: {kernel * 1e3:.1f} ms ({kernel / total:.0%})")
     for key in sorted(timings, key=timings.get, reverse=True):
         print(f"    {key:>12}: {timings[key] / args.steps * 1e3:6.2f} ms, {calls[key] // args.steps} calls per step")
     print(f"  everything else (embedding, rotary tables, sampling, scheduling, Python): "

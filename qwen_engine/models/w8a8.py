@@ -96,23 +96,37 @@ class W8A8Linear(nn.Module):
         if group is None:
             raise ValueError(f"w8a8 needs inputs in multiples of 64, got {self.in_features}")
         self.group = group
-        self.weight_u8 = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
-        self.weight_scales = torch.empty(self.out_features)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
         native = kernels.native()
-        row = 0
-        for part in parts:
+        # With AMX the weight is kept only in the tiles' layout (weight_rows() gives the rows back); each block
+        # of rows is quantised and packed in turn, so no second copy of the whole weight is ever made.
+        amx = native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx()
+        self.weight_scales = torch.empty(self.out_features)
+        if amx:
+            self.packed = torch.empty((self.out_features + 31) // 32 * 32 * self.in_features, dtype=torch.uint8)
+            self.weight_u8 = None
+        else:
+            self.packed = None
+            self.weight_u8 = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+        row, pending = 0, []  # pending: quantised rows not yet packed (tiles take 32 rows at a time)
+        for i, part in enumerate(parts):
             rows = int(part.shape[0])
             if native is not None and hasattr(native, "int8_quantize_weight"):
                 u8, scales = native.int8_quantize_weight(part.float().contiguous())
             else:
                 u8, scales = quantize_weight(part.float())
-            self.weight_u8[row : row + rows], self.weight_scales[row : row + rows] = u8, scales
+            self.weight_scales[row : row + rows] = scales
             row += rows
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-        # With AMX the weight is kept only in the tile layout (weight_rows() restores the rows).
-        self.packed = None
-        if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
-            self.packed, self.weight_u8 = pack_amx(self.weight_u8), None
+            if not amx:
+                self.weight_u8[row - rows : row] = u8
+                continue
+            pending.append(u8)
+            if row % 32 == 0 or i == len(parts) - 1:
+                block = torch.cat(pending) if len(pending) > 1 else pending[0]
+                start = (row - block.shape[0]) * self.in_features
+                tiles = pack_amx(block)
+                self.packed[start : start + tiles.numel()] = tiles
+                pending = []
 
     def weight_rows(self) -> torch.Tensor:
         """uint8 [N, K]: the int8 weight + 128, row by row."""
