@@ -117,3 +117,30 @@ def test_bad_settings_are_input_errors(demo_gguf):
         LLM(demo_gguf, progress=False, quantization="int3")
     with pytest.raises(InputError, match="CPU in float32"):
         LLM(demo_gguf, progress=False, quantization="w8a8", dtype="bfloat16")
+
+
+def test_inputs_not_a_multiple_of_64_are_padded():
+    gen = torch.Generator().manual_seed(7)
+    w, bias = torch.randn(33, 100, generator=gen), torch.randn(33, generator=gen)
+    layer = w8a8.W8A8Linear(w, bias)
+    assert layer.padded == 128 and layer.weight_rows().shape == (33, 128)
+    assert torch.equal(layer.weight_rows()[:, 100:], torch.full((33, 28), 128, dtype=torch.uint8))  # zeros
+    x = torch.randn(5, 100, generator=gen)
+    ref = w8a8.reference_linear(F.pad(x, (0, 28)), layer.weight_rows(), layer.weight_scales, bias, layer.group)
+    assert torch.allclose(layer(x), ref, rtol=1e-5, atol=1e-5)
+    assert (layer(x) - (x @ w.t() + bias)).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_vision_language_model_converts_tower_and_decoder(family, tmp_path, qwen3_tokenizer_dir):
+    from test_vl_engine import ask
+    from test_vl_parity import picture
+    from vl_models import build_vl
+
+    build_vl(family, tmp_path, qwen3_tokenizer_dir)
+    exact = LLM(tmp_path, progress=False, kv_cache_memory=32 << 20)
+    lossy = LLM(tmp_path, progress=False, kv_cache_memory=32 << 20, quantization="w8a8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in lossy.model.visual.modules())  # MLP inputs of 96: padded
+    prompt = exact.encode_chat(ask(picture(200, 150, 3)))
+    a, b = exact.logits(prompt), lossy.logits(prompt)
+    assert 0 < (a - b).abs().max() <= 0.1 * a.abs().max()  # random weights: no structure to keep the error small

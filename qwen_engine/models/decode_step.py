@@ -73,7 +73,7 @@ def build(model: nn.Module):
         w8 = {name: p[0] for name, p in projections.items() if isinstance(p[0], W8A8Linear)}
         if any(bias is not None for _, _, bias in parts[1:]) or any(w8[n].bias is not None for n in w8 if n != "qkv"):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
-        if w8 and not int8:
+        if w8 and (not int8 or any(p.padded != p.in_features for p in w8.values())):
             return None
         norms = (None, None) if attn.q_norm is None else (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
         step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,

@@ -20,6 +20,7 @@ import ctypes
 import mmap
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -28,12 +29,14 @@ from .quant import QuantLinear, dequantize
 MODES = ("w8a8",)
 
 
-def group_size(in_features: int) -> int | None:
-    """Activation group along the input: 128 values, or 64 where 128 does not divide it (None: not possible)."""
-    for group in (128, 64):
-        if in_features % group == 0:
-            return group
-    return None
+def padded_size(in_features: int) -> int:
+    """Inputs are zero-padded to a multiple of 64 (the kernels' byte stretch) where they are not one already."""
+    return -(-in_features // 64) * 64
+
+
+def group_size(in_features: int) -> int:
+    """Activation group along the (padded) input: 128 values, or 64 where 128 does not divide it."""
+    return 128 if padded_size(in_features) % 128 == 0 else 64
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +95,9 @@ class W8A8Linear(nn.Module):
         super().__init__()
         parts = weight if isinstance(weight, list) else [weight]
         self.out_features, self.in_features = sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1])
-        group = group_size(self.in_features)
-        if group is None:
-            raise ValueError(f"w8a8 needs inputs in multiples of 64, got {self.in_features}")
-        self.group = group
+        # Zero columns (and zero inputs) past in_features change no product.
+        self.padded = padded_size(self.in_features)
+        self.group = group_size(self.in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         native = kernels.native()
         # With AMX the weight is kept only in the tiles' layout (weight_rows() gives the rows back); each block
@@ -103,18 +105,19 @@ class W8A8Linear(nn.Module):
         amx = native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx()
         self.weight_scales = torch.empty(self.out_features)
         if amx:
-            self.packed = torch.empty((self.out_features + 31) // 32 * 32 * self.in_features, dtype=torch.uint8)
+            self.packed = torch.empty((self.out_features + 31) // 32 * 32 * self.padded, dtype=torch.uint8)
             self.weight_u8 = None
         else:
             self.packed = None
-            self.weight_u8 = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+            self.weight_u8 = torch.empty(self.out_features, self.padded, dtype=torch.uint8)
         row, pending = 0, []  # pending: quantised rows not yet packed (tiles take 32 rows at a time)
         for i, part in enumerate(parts):
             rows = int(part.shape[0])
+            values = F.pad(part.float(), (0, self.padded - self.in_features)).contiguous()
             if native is not None and hasattr(native, "int8_quantize_weight"):
-                u8, scales = native.int8_quantize_weight(part.float().contiguous())
+                u8, scales = native.int8_quantize_weight(values)
             else:
-                u8, scales = quantize_weight(part.float())
+                u8, scales = quantize_weight(values)
             self.weight_scales[row : row + rows] = scales
             row += rows
             if not amx:
@@ -123,7 +126,7 @@ class W8A8Linear(nn.Module):
             pending.append(u8)
             if row % 32 == 0 or i == len(parts) - 1:
                 block = torch.cat(pending) if len(pending) > 1 else pending[0]
-                start = (row - block.shape[0]) * self.in_features
+                start = (row - block.shape[0]) * self.padded
                 tiles = pack_amx(block)
                 self.packed[start : start + tiles.numel()] = tiles
                 pending = []
@@ -131,12 +134,14 @@ class W8A8Linear(nn.Module):
     def weight_rows(self) -> torch.Tensor:
         """uint8 [N, K]: the int8 weight + 128, row by row."""
         if self.packed is not None:
-            return unpack_amx(self.packed, self.out_features, self.in_features)
+            return unpack_amx(self.packed, self.out_features, self.padded)
         return self.weight_u8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
+        if self.padded != self.in_features:
+            x2 = F.pad(x2, (0, self.padded - self.in_features))
         native = kernels.native()
         if native is not None and self.packed is not None:
             y = native.int8_linear_amx(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
@@ -148,7 +153,8 @@ class W8A8Linear(nn.Module):
 
     def weight_float(self) -> torch.Tensor:
         """The int8 weight as float32 [N, K] (what the products multiply by, up to the activations' rounding)."""
-        return (self.weight_rows().to(torch.int16) - 128).float() * self.weight_scales[:, None]
+        rows = self.weight_rows()[:, : self.in_features]
+        return (rows.to(torch.int16) - 128).float() * self.weight_scales[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}"
@@ -208,14 +214,14 @@ def _page_out(layers: list[nn.Module]) -> None:
 
 
 def _convertible(layers: list[nn.Module]) -> bool:
-    return all(isinstance(p, (QuantLinear, nn.Linear)) and group_size(p.in_features) for p in layers)
+    return all(isinstance(p, (QuantLinear, nn.Linear)) for p in layers)
 
 
 def convert(model: nn.Module) -> int:
-    """Replace the decoder's products and the LM head by W8A8Linear, one layer at a time (only one weight is held
-    in float32 at once); q/k/v and gate/up become one layer each, as in the quantised GGUF path (rows are
-    independent and share their input's quantisation, so stacking changes no number). Returns how many layers
-    were made; products whose input size is not a multiple of 64 keep their weights."""
+    """Replace the decoder's products, the LM head and a vision tower's linear layers by W8A8Linear, one at a time
+    (only one weight is held in float32 at once); q/k/v and gate/up become one layer each, as in the quantised
+    GGUF path (rows are independent and share their input's quantisation, so stacking changes no number).
+    Returns how many layers were made."""
     made = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -242,5 +248,19 @@ def convert(model: nn.Module) -> int:
         model.lm_head = W8A8Linear(*_dense(old))
         _page_out(old)
         made += 1
+    visual = getattr(model, "visual", None)
+    if visual is not None:
+        made += convert_linears(visual)
     model._decode_step = None  # built again over the new layers
+    return made
+
+
+def convert_linears(module: nn.Module) -> int:
+    """Every nn.Linear inside `module` (a vision tower: attention, MLPs, merger) as a W8A8Linear."""
+    made = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, W8A8Linear(*_dense([child])))
+                made += 1
     return made
