@@ -129,6 +129,18 @@ std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w) {
   return {out, scales};
 }
 
+namespace {
+// Checks the per-row scales and the bias of an N-row weight; the bias pointer (nullptr without one).
+const float* checked_bias(const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias, int64_t N) {
+  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
+              "weight scales must be contiguous float32 [N]");
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+              "bias must be contiguous float32 [N]");
+  return bias->data_ptr<float>();
+}
+}  // namespace
+
 std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
   TORCH_CHECK(group > 0 && group % 64 == 0 && x.size(1) % group == 0, "group must be a multiple of 64 dividing K");
@@ -148,14 +160,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
               "weight must be contiguous uint8 [N, K] (int8 values + 128)");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
-  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
-              "weight scales must be contiguous float32 [N]");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "bias must be contiguous float32 [N]");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(weight_scales, bias, N);
   const auto parts = int8_quantize(x, group);
   const int64_t M = x.size(0), groups = K / group;
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
@@ -302,14 +307,7 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 &&
                   packed.numel() == (N + 31) / 32 * 32 * K,
               "packed weight must be contiguous uint8 with ", (N + 31) / 32 * 32 * K, " bytes");
-  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
-              "weight scales must be contiguous float32 [N]");
-  const float* bias_ptr = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
-                "bias must be contiguous float32 [N]");
-    bias_ptr = bias->data_ptr<float>();
-  }
+  const float* bias_ptr = checked_bias(weight_scales, bias, N);
   const auto parts = int8_quantize(x, group);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
