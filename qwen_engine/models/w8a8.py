@@ -213,8 +213,14 @@ def _page_out(layers: list[nn.Module]) -> None:
                 libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
 
 
-def _convertible(layers: list[nn.Module]) -> bool:
-    return all(isinstance(p, (QuantLinear, nn.Linear)) for p in layers)
+def _int8(layers: list[nn.Module]) -> W8A8Linear | None:
+    """Layers applied side by side as one W8A8Linear (their GGUF bytes then paged out), or None if any of them
+    is not a linear layer this mode reads."""
+    if not all(isinstance(p, (QuantLinear, nn.Linear)) for p in layers):
+        return None
+    made = W8A8Linear(*_dense(layers))
+    _page_out(layers)
+    return made
 
 
 def convert(model: nn.Module) -> int:
@@ -226,28 +232,20 @@ def convert(model: nn.Module) -> int:
     made = 0
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-        if _convertible(qkv):
-            attn.qkv_proj = W8A8Linear(*_dense(qkv))
-            _page_out(qkv)
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-            made += 1
-        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
-        if _convertible(gate_up):
-            mlp.gate_up_proj = W8A8Linear(*_dense(gate_up))
-            _page_out(gate_up)
-            mlp.gate_proj = mlp.up_proj = None
-            made += 1
-        for parent, name in ((attn, "o_proj"), (mlp, "down_proj")):
-            old = [getattr(parent, name)]
-            if _convertible(old):
-                setattr(parent, name, W8A8Linear(*_dense(old)))
-                _page_out(old)
+        # (module, attribute, the separate layers it may stand for)
+        products = [(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+                    (attn, "o_proj", ()), (mlp, "down_proj", ())]
+        for parent, name, parts in products:
+            current = getattr(parent, name)
+            new = _int8([current] if current is not None else [getattr(parent, p) for p in parts])
+            if new is not None:
+                setattr(parent, name, new)
+                for p in parts:  # the separate layers are folded into `name`
+                    setattr(parent, p, None)
                 made += 1
-    if _convertible([model.lm_head]):
-        old = [model.lm_head]
-        model.lm_head = W8A8Linear(*_dense(old))
-        _page_out(old)
+    head = _int8([model.lm_head])
+    if head is not None:
+        model.lm_head = head
         made += 1
     model._decode_step = None  # built again over the new layers
     return made
