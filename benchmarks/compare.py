@@ -231,6 +231,15 @@ def quality_w8a8(model: str, corpus: list[list[int]]) -> dict:
             "greedy_agreement": agree / kl.numel(), "positions": kl.numel()}
 
 
+def first_load_w8a8(model: str) -> dict:
+    """The first load in w8a8 mode converts the model and keeps its int8 layers on disk; later loads map them."""
+    from qwen_engine import LLM
+
+    start = time.perf_counter()
+    LLM(model, progress=False, quantization="w8a8")
+    return {"load_s": time.perf_counter() - start}
+
+
 RUNNERS = {"qwen-engine": run_qwen_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers,
            "qwen-engine-w8a8": lambda model, ids: run_qwen_engine(model, ids, "w8a8")}
 PARALLEL = {"qwen-engine": parallel_qwen_engine, "llama.cpp": parallel_llama_cpp,
@@ -255,6 +264,8 @@ def child(system: str, model: str, ids_file: str) -> None:
         result = PARALLEL[system.removesuffix("@parallel")](model, ids)
     elif system == "quality":  # ids: the corpus windows
         result = quality_w8a8(model, ids)
+    elif system == "w8a8-store":
+        result = first_load_w8a8(model)
     else:
         result = RUNNERS[system](model, ids)
         result["prompt_tokens"] = len(ids)
@@ -312,6 +323,13 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads
+    if any(s == "qwen-engine-w8a8" for s in systems):
+        # The runs time loads after the first one, which converts the model and keeps its int8 layers on disk
+        # (weights/w8a8_store.py) — as the issue's load target counts loads after the demo model's assembly.
+        r = run_child("w8a8-store", [])
+        if r is not None:
+            print(f"w8a8: first load (conversion, layers kept) {r['load_s']:.1f} s, rss {r['peak_rss_mib']:.0f} MiB",
+                  file=sys.stderr)
     if args.single:
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for run in range(args.runs):

@@ -9,6 +9,8 @@ layers on the converted model.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,17 @@ from tiny_models import build_tiny
 from qwen_engine import LLM, kernels
 from qwen_engine.errors import InputError
 from qwen_engine.models import w8a8
+
+
+@pytest.fixture(autouse=True)
+def no_store(monkeypatch):
+    """Converted layers are kept on disk only where a test asks for it (and then under its own tmp_path)."""
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
+
+
+def keep_layers_in(monkeypatch, home) -> None:
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "1")
+    monkeypatch.setenv("QWEN_ENGINE_HOME", str(home))
 
 
 def int8_native():
@@ -84,7 +97,8 @@ def test_stacked_rows_equal_separate_layers():
     assert torch.equal(stacked(x), torch.cat([w8a8.W8A8Linear(a)(x), w8a8.W8A8Linear(b)(x)], dim=1))
 
 
-def test_demo_model_quality(demo_gguf, demo_llm):
+def test_demo_model_quality(demo_gguf, demo_llm, tmp_path, monkeypatch):
+    keep_layers_in(monkeypatch, tmp_path)
     lossy = LLM(demo_gguf, progress=False, quantization="w8a8")
     assert all(not isinstance(m, torch.nn.Linear) for m in lossy.model.model.layers.modules())
     text = "def fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 3 + \
@@ -101,6 +115,14 @@ def test_demo_model_quality(demo_gguf, demo_llm):
     if hasattr(kernels.native() or object(), "int8_linear"):
         assert_same_steps(lossy, PROMPTS[:2], 1e-3)  # the native step's int8 products = the PyTorch layers'
 
+    # A second load maps the layers the first one kept (weights/w8a8_store.py): the same numbers, bit for bit.
+    (kept,) = (tmp_path / "w8a8").glob("*.safetensors")
+    monkeypatch.setattr(w8a8, "_int8", None)  # converting again would fail
+    mapped = LLM(demo_gguf, progress=False, quantization="w8a8")
+    assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
+    del mapped
+    kept.unlink()  # ~500 MB
+
 
 def test_float_checkpoint_converts(tmp_path, qwen3_tokenizer_dir):
     build_tiny("qwen2", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=21)  # q/k/v biases, separate q/k/v
@@ -110,6 +132,48 @@ def test_float_checkpoint_converts(tmp_path, qwen3_tokenizer_dir):
     ids = [151644, 872, 198] + [1000 + 37 * i % 9000 for i in range(40)]
     a, b = exact.logits(ids), lossy.logits(ids)
     assert 0 < (a - b).abs().max() <= 0.1 * a.abs().max()  # random weights: no structure to keep the error small
+
+
+def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, monkeypatch):
+    model, home = tmp_path / "model", tmp_path / "home"
+    build_tiny("qwen2", model, tokenizer_dir=qwen3_tokenizer_dir, seed=22)
+    keep_layers_in(monkeypatch, home)
+    made = []
+    convert_one = w8a8._int8
+    monkeypatch.setattr(w8a8, "_int8", lambda layers: made.append(1) or convert_one(layers))
+    ids = [151644, 872, 198] + [1000 + 37 * i % 9000 for i in range(40)]
+
+    lossy = LLM(model, quantization="w8a8")
+    first = lossy.logits(ids)
+    (kept,) = (home / "w8a8").glob("*.safetensors")
+    n = 4 * len(lossy.model.model.layers) + 1  # four products a layer, and the LM head
+    assert len(made) == n
+    again = LLM(model, quantization="w8a8")
+    assert len(made) == n and torch.equal(again.logits(ids), first)  # mapped, not converted
+    assert isinstance(again.model.lm_head, w8a8.W8A8Linear) and again.model.model.layers[1].self_attn.q_proj is None
+
+    # a changed model is converted again, and its stale layers removed
+    st = (model / "model.safetensors").stat()
+    os.utime(model / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first) and len(made) == 2 * n
+    (renewed,) = (home / "w8a8").glob("*.safetensors")
+    assert renewed != kept
+
+    # a file cut short is not read: the layers are converted again
+    data = renewed.read_bytes()
+    renewed.write_bytes(data[: len(data) // 2])
+    assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first) and len(made) == 3 * n
+    assert renewed.stat().st_size == len(data)
+
+    # and with QWEN_ENGINE_W8A8_CACHE=0 nothing is read or written
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
+    LLM(model, quantization="w8a8")
+    assert len(made) == 4 * n and list((home / "w8a8").iterdir()) == [renewed]
+
+    # a folder that cannot be written costs the next load its speed, nothing else
+    keep_layers_in(monkeypatch, tmp_path / "model" / "model.safetensors")  # a file, not a folder
+    with pytest.warns(UserWarning, match="could not keep the w8a8 layers"):
+        assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first)
 
 
 def test_bad_settings_are_input_errors(demo_gguf):

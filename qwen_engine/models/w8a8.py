@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..weights import w8a8_store
 from .quant import QuantLinear, dequantize
 
 MODES = ("w8a8",)
@@ -37,6 +39,12 @@ def padded_size(in_features: int) -> int:
 def group_size(in_features: int) -> int:
     """Activation group along the (padded) input: 128 values, or 64 where 128 does not divide it."""
     return 128 if padded_size(in_features) % 128 == 0 else 64
+
+
+def weight_layout() -> str:
+    """How the int8 weights are kept: "amx" (tiles, models/w8a8.py pack_amx) where the CPU has AMX, else "rows"."""
+    native = kernels.native()
+    return "amx" if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx() else "rows"
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,7 @@ class W8A8Linear(nn.Module):
         native = kernels.native()
         # With AMX the weight is kept only in the tiles' layout (weight_rows() gives the rows back); each block
         # of rows is quantised and packed in turn, so no second copy of the whole weight is ever made.
-        amx = native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx()
+        amx = weight_layout() == "amx"
         self.weight_scales = torch.empty(self.out_features)
         if amx:
             self.packed = torch.empty((self.out_features + 31) // 32 * 32 * self.padded, dtype=torch.uint8)
@@ -130,6 +138,28 @@ class W8A8Linear(nn.Module):
                 tiles = pack_amx(block)
                 self.packed[start : start + tiles.numel()] = tiles
                 pending = []
+
+    @classmethod
+    def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor,
+               bias: torch.Tensor | None) -> W8A8Linear:
+        """A layer from the tensors `tensors()` gave (the weight in this CPU's layout), taken as they are."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = int(scales.shape[0]), in_features
+        layer.padded, layer.group = padded_size(in_features), group_size(in_features)
+        layer.weight_scales, layer.bias = scales, bias
+        amx = weight_layout() == "amx"
+        rows = (layer.out_features + 31) // 32 * 32 if amx else layer.out_features
+        if weight.dtype != torch.uint8 or weight.numel() != rows * layer.padded or (
+                bias is not None and bias.shape != scales.shape):
+            raise ValueError(f"stored int8 layer does not fit {layer.out_features} x {in_features}")
+        layer.packed, layer.weight_u8 = (weight, None) if amx else (None, weight.view(-1, layer.padded))
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What `stored` takes back: the weight as kept, its scales and the bias if any."""
+        kept = {"weight": self.packed if self.packed is not None else self.weight_u8, "scales": self.weight_scales}
+        return kept if self.bias is None else {**kept, "bias": self.bias}
 
     def weight_rows(self) -> torch.Tensor:
         """uint8 [N, K]: the int8 weight + 128, row by row."""
@@ -213,42 +243,70 @@ def _page_out(layers: list[nn.Module]) -> None:
                 libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
 
 
-def _int8(layers: list[nn.Module]) -> W8A8Linear | None:
-    """Layers applied side by side as one W8A8Linear (their GGUF bytes then paged out), or None if any of them
-    is not a linear layer this mode reads."""
-    if not all(isinstance(p, (QuantLinear, nn.Linear)) for p in layers):
-        return None
+def _int8(layers: list[nn.Module]) -> W8A8Linear:
+    """Layers applied side by side as one W8A8Linear (their GGUF bytes then paged out)."""
     made = W8A8Linear(*_dense(layers))
     _page_out(layers)
     return made
 
 
-def convert(model: nn.Module) -> int:
+def _products(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ...], list[nn.Module]]]:
+    """(name, module, attribute, the separate layers it may stand for, the layers now there) of every product
+    the mode converts."""
+    found = []
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for parent, attr, parts in ((attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                    (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
+                                    (attn, "o_proj", ()), (mlp, "down_proj", ())):
+            current = getattr(parent, attr)
+            layers = [current] if current is not None else [getattr(parent, p) for p in parts]
+            where = "self_attn" if parent is attn else "mlp"
+            found.append((f"model.layers.{i}.{where}.{attr}", parent, attr, parts, layers))
+    found.append(("lm_head", model, "lm_head", (), [model.lm_head]))
+    return found
+
+
+def _from_store(path: Path, products: list) -> dict[str, W8A8Linear] | None:
+    """The layers kept in `path` by an earlier load, if it holds exactly this model's products."""
+    kept = w8a8_store.read(path)
+    if kept is None:
+        return None
+    tensors, _ = kept
+    made = {}
+    try:
+        for name, _, _, _, layers in products:
+            in_features = int(layers[0].in_features)
+            layer = W8A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
+                                      tensors.get(f"{name}.bias"))
+            if layer.out_features != sum(int(p.out_features) for p in layers):
+                return None
+            made[name] = layer
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return made
+
+
+def convert(model: nn.Module, store: Path | None = None) -> int:
     """Replace the decoder's products and the LM head by W8A8Linear, one at a time (only one weight is held in
     float32 at once); q/k/v and gate/up become one layer each, as in the quantised GGUF path (rows are
-    independent and share their input's quantisation, so stacking changes no number). Returns how many layers
-    were made. A vision tower stays float32: its accuracy under int8 could only be measured on random weights
-    here (convert_linears does it on request)."""
-    made = 0
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        # (module, attribute, the separate layers it may stand for)
-        products = [(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
-                    (attn, "o_proj", ()), (mlp, "down_proj", ())]
-        for parent, name, parts in products:
-            current = getattr(parent, name)
-            new = _int8([current] if current is not None else [getattr(parent, p) for p in parts])
-            if new is not None:
-                setattr(parent, name, new)
-                for p in parts:  # the separate layers are folded into `name`
-                    setattr(parent, p, None)
-                made += 1
-    head = _int8([model.lm_head])
-    if head is not None:
-        model.lm_head = head
-        made += 1
+    independent and share their input's quantisation, so stacking changes no number). With `store`
+    (weights/w8a8_store.py), layers an earlier load kept there are mapped instead, and freshly made ones are
+    kept there. Returns how many layers were made. A vision tower stays float32: its accuracy under int8 could
+    only be measured on random weights here (convert_linears does it on request)."""
+    products = [p for p in _products(model) if all(isinstance(x, (QuantLinear, nn.Linear)) for x in p[4])]
+    stored = _from_store(store, products) if store is not None else None
+    made = {}
+    for name, parent, attr, parts, layers in products:
+        made[name] = stored[name] if stored is not None else _int8(layers)
+        setattr(parent, attr, made[name])
+        for p in parts:  # the separate layers are folded into `attr`
+            setattr(parent, p, None)
+    if store is not None and stored is None:
+        tensors = {f"{name}.{key}": t for name, layer in made.items() for key, t in layer.tensors().items()}
+        w8a8_store.write(store, tensors, {"layers": str(len(made))})
     model._decode_step = None  # built again over the new layers
-    return made
+    return len(made)
 
 
 def convert_linears(module: nn.Module) -> int:

@@ -22,6 +22,7 @@ from ..errors import InputError, ModelLoadError
 from ..models import w8a8
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
+from . import w8a8_store
 from .quantized import build_quantized
 from .sources import ModelSource, merge_defaults, resolve_source
 
@@ -111,7 +112,7 @@ def load_model(
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
     if quantization is not None:
-        w8a8.convert(loaded.model)
+        w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.weight_layout()))
     loaded.defaults = merge_defaults(source.defaults, loaded.defaults)
     loaded.source, loaded.system_prompt, loaded.max_model_len = source, source.system_prompt, source.max_model_len
     return loaded

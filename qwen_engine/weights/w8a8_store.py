@@ -1,0 +1,87 @@
+"""The w8a8 layers of a model kept on disk, so that only its first load in the lossy mode pays for converting.
+
+Converting the demo model to int8 takes a few seconds and, while it runs, holds the GGUF's bytes in memory
+next to their int8 copy. The converted layers are written once, as a safetensors file under the cache folder
+(QWEN_ENGINE_HOME, `w8a8/`), and later loads map that file as the GGUF itself is mapped: a page is read when a
+product first touches it, and the GGUF's own copies of those weights are never read. The file's name follows
+from the source's path, sizes and modification times and from the weight layout the kernels want, so a changed
+model or another CPU makes a new file (the stale one of the same source is removed). QWEN_ENGINE_W8A8_CACHE=0
+turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .demo import cache_home
+
+FORMAT = "qwen-engine-w8a8/1"  # bump when the layers' numbers or layout change
+DTYPES = {"U8": torch.uint8, "F32": torch.float32}
+
+
+def store_path(source: Path, layout: str) -> Path | None:
+    """Where the converted layers of `source` (a file, or a folder of files) live, or None if turned off."""
+    if os.environ.get("QWEN_ENGINE_W8A8_CACHE", "1") == "0":
+        return None
+    source = source.resolve()
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+    stamp = [FORMAT, layout] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    where = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    what = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    return cache_home() / "w8a8" / f"{where}-{what}.safetensors"
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write atomically (a reader never sees half a file) and remove older files of the same source. A failure
+    (a full or read-only disk) only costs the next load its speed, so it is a warning."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
+        os.replace(tmp, path)
+        source = path.name.split("-")[0]
+        for stale in path.parent.glob(f"{source}-*.safetensors"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not keep the w8a8 layers in {path.parent} ({e}); the next load converts again",
+                      stacklevel=2)
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The tensors (views of a private mapping of the file: nothing is read yet) and metadata of a file that
+    `write` made, or None if it is missing, of another format, or cut short."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+    except (OSError, ValueError, struct.error):
+        return None
+    if not isinstance(header, dict) or header.get("__metadata__", {}).get("format") != FORMAT:
+        return None
+    metadata = header.pop("__metadata__")
+    data = 8 + length
+    if any(info.get("dtype") not in DTYPES or data + info["data_offsets"][1] > size for info in header.values()):
+        return None
+    mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the tensors may be written, the file not
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        flat = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data + start)
+        tensors[name] = flat.view(info["shape"])
+    return tensors, metadata
