@@ -79,3 +79,26 @@ def hf_qwen3(qwen3_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(qwen3_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_folder(tmp_path_factory, qwen3_tokenizer_dir) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (tests/vl_models.py), for the command-line and server vision tests."""
+    from vl_models import build_vl
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2.5-vl")
+    build_vl("qwen2_5_vl", folder, qwen3_tokenizer_dir)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vision_files(tmp_path_factory) -> Path:
+    """photo.png (320x240), clip.mp4, and two impostors: notes.txt and fake.mp4 (text under media names)."""
+    from test_vl_parity import make_video, picture
+
+    folder = tmp_path_factory.mktemp("vision-files")
+    picture(320, 240, 0).save(folder / "photo.png")
+    make_video(folder / "clip.mp4")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "fake.mp4").write_text("not a video either")
+    return folder

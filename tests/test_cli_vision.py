@@ -8,36 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_cli import GREEDY, assert_usage_error, run
-from test_vl_parity import make_video, picture
-from vl_models import build_vl
 
 from qwen_engine import LLM
 
 
-@pytest.fixture(scope="module")
-def vl_folder(tmp_path_factory, qwen3_tokenizer_dir):
-    folder = tmp_path_factory.mktemp("cli-vl")
-    build_vl("qwen2_5_vl", folder, qwen3_tokenizer_dir)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli-vl-inputs")
-    picture(320, 240, 0).save(folder / "photo.png")
-    make_video(folder / "clip.mp4")
-    (folder / "notes.txt").write_text("not a picture")
-    (folder / "fake.mp4").write_text("not a video either")
-    return folder
-
-
-def test_image_and_video_answer_matches_the_api(vl_folder, files):
-    image, video = str(files / "photo.png"), str(files / "clip.mp4")
-    result = run("generate", "-m", str(vl_folder), "--json", "--max-tokens", "5", *GREEDY,
+def test_image_and_video_answer_matches_the_api(qwen2_5_vl_folder, vision_files):
+    image, video = str(vision_files / "photo.png"), str(vision_files / "clip.mp4")
+    result = run("generate", "-m", str(qwen2_5_vl_folder), "--json", "--max-tokens", "5", *GREEDY,
                  "--image", image, "--video", video, "--fps", "4", "What is shown?")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    llm = LLM(vl_folder, progress=False, kv_cache_memory=16 << 20)
+    llm = LLM(qwen2_5_vl_folder, progress=False, kv_cache_memory=16 << 20)
     from qwen_engine import SamplingParams
 
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
@@ -48,10 +29,10 @@ def test_image_and_video_answer_matches_the_api(vl_folder, files):
     assert data["usage"]["prompt_tokens"] == len(llm.encode_chat(messages).token_ids)
 
 
-def test_draw_boxes_writes_the_png(vl_folder, files, tmp_path):
+def test_draw_boxes_writes_the_png(qwen2_5_vl_folder, vision_files, tmp_path):
     out = tmp_path / "boxes.png"
-    result = run("generate", "-m", str(vl_folder), "--json", "--max-tokens", "4", *GREEDY,
-                 "--image", str(files / "photo.png"), "--draw-boxes", str(out), "Find the red circle.")
+    result = run("generate", "-m", str(qwen2_5_vl_folder), "--json", "--max-tokens", "4", *GREEDY,
+                 "--image", str(vision_files / "photo.png"), "--draw-boxes", str(out), "Find the red circle.")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     grounding = data["grounding"]
@@ -60,10 +41,10 @@ def test_draw_boxes_writes_the_png(vl_folder, files, tmp_path):
     drawn = Image.open(out)
     assert drawn.size == (320, 240)
     if not grounding["groundings"]:  # a random model rarely writes a box: then the picture is unchanged
-        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(Image.open(files / "photo.png")))
+        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(Image.open(vision_files / "photo.png")))
 
 
-def test_draw_boxes_maps_and_draws_the_answer(vl_folder, files, tmp_path, monkeypatch, capsys):
+def test_draw_boxes_maps_and_draws_the_answer(qwen2_5_vl_folder, vision_files, tmp_path, monkeypatch, capsys):
     """The CLI's wiring: a Qwen2.5-VL answer in resized-image pixels lands on the original image's pixels."""
     from qwen_engine import cli
     from qwen_engine.api import LLM as RealLLM
@@ -78,15 +59,15 @@ def test_draw_boxes_maps_and_draws_the_answer(vl_folder, files, tmp_path, monkey
 
     monkeypatch.setattr(RealLLM, "chat", scripted_chat)
     out = tmp_path / "boxes.png"
-    code = cli.main(["generate", "-m", str(vl_folder), "--json", "--max-tokens", "1", "--temperature", "0",
-                     "--image", str(files / "photo.png"), "--draw-boxes", str(out), "Where is the circle?"])
+    code = cli.main(["generate", "-m", str(qwen2_5_vl_folder), "--json", "--max-tokens", "1", "--temperature", "0",
+                     "--image", str(vision_files / "photo.png"), "--draw-boxes", str(out), "Where is the circle?"])
     assert code == 0
     data = json.loads(capsys.readouterr().out)
     (box,) = data["grounding"]["groundings"]
     # resized 308x252 → original 320x240: x * 320/308, y * 240/252
     assert box["box"] == pytest.approx([77 * 320 / 308, 63 * 240 / 252, 154 * 320 / 308, 126 * 240 / 252], abs=0.01)
     pixels = np.asarray(Image.open(out).convert("RGB")).astype(int)
-    original = np.asarray(Image.open(files / "photo.png").convert("RGB")).astype(int)
+    original = np.asarray(Image.open(vision_files / "photo.png").convert("RGB")).astype(int)
     x1, y1, x2, y2 = (round(v) for v in box["box"])
     changed = np.abs(pixels - original).sum(-1) > 0
     assert changed[(y1 + y2) // 2, x1 - 1 : x1 + 2].any() and changed[(y1 + y2) // 2, x2 - 2 : x2 + 1].any()
@@ -98,24 +79,24 @@ def test_draw_boxes_maps_and_draws_the_answer(vl_folder, files, tmp_path, monkey
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--image", "{files}/missing.png"], ["missing.png"]),
-        (["--image", "{files}/notes.txt"], ["notes.txt"]),
+        (["--image", "{vision_files}/missing.png"], ["missing.png"]),
+        (["--image", "{vision_files}/notes.txt"], ["notes.txt"]),
         (["--image", "data:image/png;base64,@@@not-base64"], ["base64"]),
-        (["--video", "{files}/fake.mp4"], ["fake.mp4"]),
-        (["--video", "{files}/none.mp4"], ["none.mp4"]),
-        (["--image", "{files}/photo.png", "--draw-boxes", "{files}/out.jpg"], ["PNG"]),
-        (["--video", "{files}/clip.mp4", "--draw-boxes", "{files}/out.png"], ["exactly one --image"]),
-        (["--image", "{files}/photo.png", "--raw"], ["--raw"]),
-        (["--video", "{files}/clip.mp4", "--fps", "-1"], ["fps"]),
+        (["--video", "{vision_files}/fake.mp4"], ["fake.mp4"]),
+        (["--video", "{vision_files}/none.mp4"], ["none.mp4"]),
+        (["--image", "{vision_files}/photo.png", "--draw-boxes", "{vision_files}/out.jpg"], ["PNG"]),
+        (["--video", "{vision_files}/clip.mp4", "--draw-boxes", "{vision_files}/out.png"], ["exactly one --image"]),
+        (["--image", "{vision_files}/photo.png", "--raw"], ["--raw"]),
+        (["--video", "{vision_files}/clip.mp4", "--fps", "-1"], ["fps"]),
     ],
 )
-def test_bad_vision_input_is_one_line_exit_2(vl_folder, files, args, fragments, capsys):
+def test_bad_vision_input_is_one_line_exit_2(qwen2_5_vl_folder, vision_files, args, fragments, capsys):
     # In-process (the same main() the command runs) to spare a interpreter start per case; one case below
     # goes through a real subprocess.
     from qwen_engine import cli
 
-    code = cli.main(["generate", "-m", str(vl_folder), "--max-tokens", "2",
-                     *[a.format(files=files) for a in args], "Describe."])
+    code = cli.main(["generate", "-m", str(qwen2_5_vl_folder), "--max-tokens", "2",
+                     *[a.format(vision_files=vision_files) for a in args], "Describe."])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("qwen-engine: error:"), err
@@ -123,28 +104,28 @@ def test_bad_vision_input_is_one_line_exit_2(vl_folder, files, args, fragments, 
         assert fragment in err[0], err[0]
 
 
-def test_bad_video_through_the_command(vl_folder, files):
-    result = run("generate", "-m", str(vl_folder), "--video", str(files / "fake.mp4"), "Describe.")
+def test_bad_video_through_the_command(qwen2_5_vl_folder, vision_files):
+    result = run("generate", "-m", str(qwen2_5_vl_folder), "--video", str(vision_files / "fake.mp4"), "Describe.")
     assert_usage_error(result, "fake.mp4")
 
 
-def test_text_only_model_refuses_images(files, tmp_path, qwen3_tokenizer_dir):
+def test_text_only_model_refuses_images(vision_files, tmp_path, qwen3_tokenizer_dir):
     from tiny_models import build_tiny
 
     build_tiny("qwen2", tmp_path, tokenizer_dir=qwen3_tokenizer_dir)
-    result = run("generate", "-m", str(tmp_path), "--image", str(files / "photo.png"), "Describe.")
+    result = run("generate", "-m", str(tmp_path), "--image", str(vision_files / "photo.png"), "Describe.")
     assert_usage_error(result, "text only")
 
 
-def test_chat_attaches_the_image_to_the_first_message(vl_folder, files):
+def test_chat_attaches_the_image_to_the_first_message(qwen2_5_vl_folder, vision_files):
     from qwen_engine import SamplingParams
 
-    image = str(files / "photo.png")
-    result = run("chat", "-m", str(vl_folder), "--max-tokens", "4", *GREEDY, "--image", image,
+    image = str(vision_files / "photo.png")
+    result = run("chat", "-m", str(qwen2_5_vl_folder), "--max-tokens", "4", *GREEDY, "--image", image,
                  stdin="What is it?\nAnd now?\n")
     assert result.returncode == 0, result.stderr
     first, second = result.stdout.splitlines()
-    llm = LLM(vl_folder, progress=False, kv_cache_memory=16 << 20)
+    llm = LLM(qwen2_5_vl_folder, progress=False, kv_cache_memory=16 << 20)
     params = SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1)
     turn = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
     answer = llm.chat(turn, params).text

@@ -12,8 +12,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 from server_process import ServerProcess
-from test_vl_parity import make_video, picture
-from vl_models import build_vl
+from test_vl_parity import picture
 
 from qwen_engine import LLM, SamplingParams
 from qwen_engine.server.app import ServerConfig, create_app
@@ -26,19 +25,10 @@ def data_url(image) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, qwen3_tokenizer_dir):
-    folder = tmp_path_factory.mktemp("server-vl")
-    build_vl("qwen2_5_vl", folder, qwen3_tokenizer_dir)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    """A local web server with a picture, a text file and a video (http URLs without leaving the machine)."""
-    root = tmp_path_factory.mktemp("www")
-    picture(320, 240, 0).save(root / "photo.png")
-    (root / "notes.txt").write_text("not an image")
-    make_video(root / "clip.mp4")
+def media(vision_files):
+    """A local web server over the vision test files: a picture, a text file and a video (http URLs without
+    leaving the machine)."""
+    root = vision_files
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -49,11 +39,11 @@ def media(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(folder) -> LLM:
-    return LLM(folder, progress=False, kv_cache_memory=32 << 20)
+def llm(qwen2_5_vl_folder) -> LLM:
+    return LLM(qwen2_5_vl_folder, progress=False, kv_cache_memory=32 << 20)
 
 
-def test_openai_client_with_image_url_and_video_equals_the_api(folder, media, llm):
+def test_openai_client_with_image_url_and_video_equals_the_api(qwen2_5_vl_folder, media, llm):
     from openai import OpenAI
 
     root, base = media
@@ -64,7 +54,7 @@ def test_openai_client_with_image_url_and_video_equals_the_api(folder, media, ll
     ]
     expected = llm.chat([{"role": "user", "content": parts}],
                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    server = ServerProcess("-m", str(folder), "--kv-cache-memory", "32MiB", "--served-model-name", "vl")
+    server = ServerProcess("-m", str(qwen2_5_vl_folder), "--kv-cache-memory", "32MiB", "--served-model-name", "vl")
     try:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="none")
         reply = client.chat.completions.create(
@@ -142,9 +132,9 @@ def test_max_image_pixels_resizes_down(llm):
     assert small - (len(full.token_ids) - full.items[0].num_tokens) <= 64  # at most 64 merged tokens
 
 
-def test_prompt_too_long_for_context_names_the_budget(folder, media):
+def test_prompt_too_long_for_context_names_the_budget(qwen2_5_vl_folder, media):
     root, _ = media
-    llm = LLM(folder, progress=False, kv_cache_memory=16 << 20, max_model_len=64)
+    llm = LLM(qwen2_5_vl_folder, progress=False, kv_cache_memory=16 << 20, max_model_len=64)
     with TestClient(create_app(llm, ServerConfig("vl"))) as client:
         r = ask(client, [{"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}}])
         assert r.status_code == 400
