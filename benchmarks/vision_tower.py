@@ -17,7 +17,9 @@ Qwen3-VL: 1024x1024 -> 4096 patches), float32. "peak" is the resident-memory hig
 above what the process held after building the tower (VmHWM reset through /proc/self/clear_refs): activations
 and workspace, not weights. qwen-engine also encodes a 10-second video: 20 frames at 2 fps, 448x448 (10
 temporal patches; --video-runs, default 1). The 1-minute load average is printed: other jobs sharing the cores
-add noise. Not a test: nothing is asserted.
+add noise. --systems may add "qwen-engine w8a8" (every linear layer of our tower in int8, models/w8a8.py) and
+"qwen-engine bf16" / "transformers sdpa bf16" (the towers cast to bfloat16; max|Δ| is taken in float32). Not a
+test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ TOWERS = {
     },
 }
 SYSTEMS = ("qwen-engine", "transformers sdpa", "transformers eager")
-OPTIONAL = ("qwen-engine w8a8",)  # the lossy mode (models/w8a8.py); ask for it with --systems
+# Ask for these with --systems: the lossy mode (models/w8a8.py), and towers in bfloat16 (products on AMX where the
+# CPU has it, through oneDNN; the merged tokens are compared in float32).
+OPTIONAL = ("qwen-engine w8a8", "qwen-engine bf16", "transformers sdpa bf16")
 
 
 def _torchvision_shim() -> None:
@@ -132,6 +136,8 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
         hf_config, attn_implementation=attn, dtype=torch.float32
     )
     hf.eval()
+    dtype = torch.bfloat16 if system.endswith(" bf16") else torch.float32
+    system = system.removesuffix(" bf16")
 
     if video:
         # 20 frames at 2 fps, 448x448: temporal patches of 2 frames, each frame its own attention segment.
@@ -155,13 +161,15 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
             from qwen_engine.models import w8a8
 
             w8a8.convert_linears(model)
+        model.to(dtype)
 
         def run():
-            return model(pixels, grid)
+            return model(pixels.to(dtype), grid)
     else:
+        hf.to(dtype)
 
         def run():
-            return hf(pixels, grid_thw=grid).pooler_output
+            return hf(pixels.to(dtype), grid_thw=grid).pooler_output
 
     with torch.inference_mode():
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
@@ -170,7 +178,7 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
         merged = run()
         seconds = time.perf_counter() - start
         peak = (_rss_kib("VmHWM") - base) / 1024
-    torch.save(merged, out.with_suffix(".pt"))
+    torch.save(merged.float(), out.with_suffix(".pt"))
     out.with_suffix(".json").write_text(
         json.dumps({"patches": int(pixels.shape[0]), "seconds": seconds, "peak_mib": peak})
     )
