@@ -33,6 +33,24 @@ def keep_layers_in(monkeypatch, home) -> None:
     monkeypatch.setenv("QWEN_ENGINE_HOME", str(home))
 
 
+def resident_bytes_of_mapping(address: int) -> int | None:
+    """Bytes of the memory mapping holding `address` that are in this process's page tables (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                start, end = (int(a, 16) for a in line.split()[0].split("-"))
+                if start <= address < end:
+                    break
+            else:
+                return None
+        with open("/proc/self/pagemap", "rb") as pagemap:
+            pagemap.seek(start // 4096 * 8)
+            entries = torch.frombuffer(bytearray(pagemap.read((end - start) // 4096 * 8)), dtype=torch.int64)
+    except OSError:
+        return None
+    return int((entries < 0).sum()) * 4096  # bit 63: page present
+
+
 def int8_native():
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear"):
@@ -120,6 +138,10 @@ def test_demo_model_quality(demo_gguf, demo_llm, tmp_path, monkeypatch):
     monkeypatch.setattr(w8a8, "_int8", None)  # converting again would fail
     mapped = LLM(demo_gguf, progress=False, quantization="w8a8")
     assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
+    # ... and the GGUF's own copies of those weights are never brought into this process's memory
+    resident = resident_bytes_of_mapping(mapped.model.model.embed_tokens.blocks.data_ptr())
+    if resident is not None:
+        assert resident < 32 << 20, f"{resident >> 20} MiB of the GGUF mapped in (its weights are ~470 MiB)"
     del mapped
     kept.unlink()  # ~500 MB
 
