@@ -470,3 +470,27 @@ def test_bfloat16_logits_are_accepted() -> None:
     assert Sampler()(logits, params, [[1]], [[]], [None]).tolist() == [2]
     ids = Sampler()(logits, [sp(temperature=1.0, top_k=2)], [[]], [[]], [make_generator(0)])
     assert ids.tolist()[0] in (1, 2)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 151936), (8, 151936), (3, 17), (2, 5), (4, 48)])
+def test_native_argmax_equals_torch(rows, n):
+    from qwen_engine import kernels
+
+    native = kernels.native()
+    if native is None:
+        pytest.skip("no native kernels here: the sampler uses torch.argmax itself")
+    gen = torch.Generator().manual_seed(rows * n)
+    x = torch.randn(rows, n, generator=gen)
+    cases = [x, x.round()]  # rounding makes many ties: the first maximal index must win
+    tied = torch.zeros(rows, n)
+    tied[:, n // 3] = tied[:, n - 1] = 5.0  # a tie across the vector body and the tail
+    cases.append(tied)
+    cases.append(torch.full((rows, n), -math.inf))
+    special = x.clone()
+    special[0, n // 2] = math.inf
+    special[-1, n - 1] = math.nan  # NaN counts as the largest
+    special[-1, n // 4] = math.nan  # ... and the first NaN wins
+    cases.append(special)
+    cases.append(x.t().contiguous().t())  # not contiguous
+    for case in cases:
+        assert torch.equal(native.argmax_rows(case), case.argmax(dim=-1))

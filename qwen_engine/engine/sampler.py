@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from .. import kernels
 from .sampling_params import FALLBACKS, SamplingParams
 
 # Softmax of float32 logits is only accurate to ~1e-7; without some slack a token sitting exactly on a
@@ -346,7 +347,8 @@ class Sampler:
                 work = logits.clone()
             _penalise_(work, params, prompt_ids, output_ids)
         # argmax for every row is cheap and is already the answer for greedy rows.
-        chosen = work.argmax(dim=-1)
+        native = kernels.native() if work.device.type == "cpu" else None
+        chosen = native.argmax_rows(work) if hasattr(native, "argmax_rows") else work.argmax(dim=-1)
 
         temps = [float(_setting(p, "temperature")) for p in params]
         rows = [i for i in range(batch) if temps[i] > 0]
