@@ -186,11 +186,13 @@ def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, mon
     renewed.write_bytes(data[: len(data) // 2])
     assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first) and len(made) == 3 * n
     assert renewed.stat().st_size == len(data)
+    renewed.write_bytes((2).to_bytes(8, "little") + b"[]")  # a header of the wrong shape
+    assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first) and len(made) == 4 * n
 
     # and with QWEN_ENGINE_W8A8_CACHE=0 nothing is read or written
     monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
     LLM(model, quantization="w8a8")
-    assert len(made) == 4 * n and list((home / "w8a8").iterdir()) == [renewed]
+    assert len(made) == 5 * n and list((home / "w8a8").iterdir()) == [renewed]
 
     # a folder that cannot be written costs the next load its speed, nothing else
     keep_layers_in(monkeypatch, tmp_path / "model" / "model.safetensors")  # a file, not a folder

@@ -226,10 +226,14 @@ class _Rows:
         return dequantize(self.blocks, self.qtype, self.shape[1])
 
 
-def _page_out(layers: list[nn.Module]) -> None:
-    """Let the OS reclaim the GGUF bytes just converted: they were read once and would otherwise stay in this
-    process's resident memory next to their int8 copy. MADV_PAGEOUT keeps the data (it is re-read from the file
-    if touched again, as the embedding rows are); where it is unsupported nothing happens."""
+def _release(layers: list[nn.Module]) -> None:
+    """Give back the memory a conversion leaves behind, where the C library allows (elsewhere nothing happens):
+    - the GGUF bytes just converted, read once, would stay in this process's resident memory next to their int8
+      copy: MADV_PAGEOUT lets the OS reclaim them (the data stays; it is re-read if touched again, as the
+      embedding rows are);
+    - the float32 scratch (tens of MB, freed in turn) lands on glibc's heap between the int8 weights kept, and
+      the heap holds on to what is freed: without malloc_trim the demo model's first load peaked at 1.0-1.75 GB
+      by run and kept ~450 MB of free heap."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
@@ -241,24 +245,14 @@ def _page_out(layers: list[nn.Module]) -> None:
             end = (blocks.data_ptr() + blocks.numel()) // page * page
             if end > start:
                 libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # MADV_PAGEOUT
-
-
-def _trim_heap() -> None:
-    """Give the conversion's float32 scratch back to the OS after each layer. Its blocks (tens of MB, freed in
-    turn) land on glibc's heap between the int8 weights kept, and the heap holds on to what is freed: without
-    this the demo model's first load peaked at 1.0-1.75 GB by run and kept ~450 MB of free heap. Elsewhere than
-    glibc nothing happens."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _int8(layers: list[nn.Module]) -> W8A8Linear:
-    """Layers applied side by side as one W8A8Linear (their GGUF bytes then paged out)."""
+    """Layers applied side by side as one W8A8Linear (the memory their conversion used then given back)."""
     made = W8A8Linear(*_dense(layers))
-    _page_out(layers)
-    _trim_heap()
+    _release(layers)
     return made
 
 
@@ -281,10 +275,9 @@ def _products(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ..
 
 def _from_store(path: Path, products: list) -> dict[str, W8A8Linear] | None:
     """The layers kept in `path` by an earlier load, if it holds exactly this model's products."""
-    kept = w8a8_store.read(path)
-    if kept is None:
+    tensors = w8a8_store.read(path)
+    if tensors is None:
         return None
-    tensors, _ = kept
     made = {}
     try:
         for name, _, _, _, layers in products:
@@ -316,7 +309,7 @@ def convert(model: nn.Module, store: Path | None = None) -> int:
             setattr(parent, p, None)
     if store is not None and stored is None:
         tensors = {f"{name}.{key}": t for name, layer in made.items() for key, t in layer.tensors().items()}
-        w8a8_store.write(store, tensors, {"layers": str(len(made))})
+        w8a8_store.write(store, tensors)
     model._decode_step = None  # built again over the new layers
     return len(made)
 

@@ -40,7 +40,7 @@ def store_path(source: Path, layout: str) -> Path | None:
     return cache_home() / "w8a8" / f"{where}-{what}.safetensors"
 
 
-def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically (a reader never sees half a file) and remove older files of the same source. A failure
     (a full or read-only disk) only costs the next load its speed, so it is a warning."""
     from safetensors.torch import save_file
@@ -48,22 +48,22 @@ def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, path)
         source = path.name.split("-")[0]
         for stale in path.parent.glob(f"{source}-*.safetensors"):
             if stale != path:
                 stale.unlink(missing_ok=True)
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' own error for a failed write: never a reason to fail a load
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         warnings.warn(f"could not keep the w8a8 layers in {path.parent} ({e}); the next load converts again",
                       stacklevel=2)
 
 
-def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """The tensors (views of a private mapping of the file: nothing is read yet) and metadata of a file that
-    `write` made, or None if it is missing, of another format, or cut short."""
+def read(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a file that `write` made, as views of a private mapping of it (nothing is read yet), or
+    None if it is missing, of another format, or cut short."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -71,11 +71,12 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
             header = json.loads(f.read(length)) if 8 + length <= size else None
     except (OSError, ValueError, struct.error):
         return None
-    if not isinstance(header, dict) or header.get("__metadata__", {}).get("format") != FORMAT:
-        return None
-    metadata = header.pop("__metadata__")
     data = 8 + length
-    if any(info.get("dtype") not in DTYPES or data + info["data_offsets"][1] > size for info in header.values()):
+    try:
+        if header.pop("__metadata__")["format"] != FORMAT or any(
+                info["dtype"] not in DTYPES or data + info["data_offsets"][1] > size for info in header.values()):
+            return None
+    except (AttributeError, KeyError, TypeError, IndexError):  # not a header `write` made
         return None
     mapped = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: the tensors may be written, the file not
     tensors = {}
@@ -84,4 +85,4 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         dtype = DTYPES[info["dtype"]]
         flat = torch.frombuffer(mapped, dtype=dtype, count=(end - start) // dtype.itemsize, offset=data + start)
         tensors[name] = flat.view(info["shape"])
-    return tensors, metadata
+    return tensors
