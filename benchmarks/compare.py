@@ -323,7 +323,7 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads
-    if any(s == "qwen-engine-w8a8" for s in systems):
+    if "qwen-engine-w8a8" in systems:
         # The runs time loads after the first one, which converts the model and keeps its int8 layers on disk
         # (weights/w8a8_store.py) — as the load target counts loads after the demo model's assembly.
         r = run_child("w8a8-store", [])

@@ -20,12 +20,12 @@ from gguf import GGMLQuantizationType
 
 from ..errors import ModelLoadError
 
-# llama.cpp tensor names → the Hugging Face names our models use.
 # Small float32 tensors (norms, biases) are read into memory of their own rather than viewed through the map:
 # touching one mapped page maps the whole large folio of page cache around it into this process (hundreds of KiB
 # of the neighbouring weights), which would count ~70 MB of weights never used against a w8a8 model's RSS.
 SMALL_TENSOR_BYTES = 1 << 20
 
+# llama.cpp tensor names → the Hugging Face names our models use.
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -125,16 +125,13 @@ class GGUFFile:
                 f"package cannot dequantise"
             ) from None
         values = values.reshape(tuple(reversed(t.shape))).astype(np.float32, copy=False)
-        # F32 tensors come back as views of the copy-on-write map: shared with the page cache, never copied.
+        # Larger F32 tensors come back as views of the copy-on-write map: shared with the page cache, never copied.
         return values
 
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes read into memory of their own (not through the map)."""
-        with open(self.path, "rb") as f:
-            data = os.pread(f.fileno(), t.n_bytes, self._data_start + t.offset)
-        if len(data) != t.n_bytes:
-            raise ModelLoadError(f"{self.path}: file is truncated inside tensor {t.name}")
-        return np.frombuffer(bytearray(data), dtype=np.uint8)
+        with open(self.path, "rb") as f:  # its length was checked against the tensors when the file was opened
+            return np.frombuffer(bytearray(os.pread(f.fileno(), t.n_bytes, self._data_start + t.offset)), np.uint8)
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(Hugging Face name, float32 array) for every tensor the text models use, one at a time."""
