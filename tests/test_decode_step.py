@@ -107,3 +107,24 @@ def test_rms_norm_and_silu_equal_pytorch(shape):
     gate_up[0, :4] = torch.tensor([-200.0, 200.0, -87.0, 0.0])  # exp's clamped range and its edges
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.allclose(native.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 96, 20])
+def test_native_rotary_is_bit_identical(head_dim):
+    # 16 pairs at a time while they last (64, 128, 96), then one by one (96's tail is empty; 20 is all tail).
+    native = kernels.native()
+    if native is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    from qwen_engine.models.layers import apply_rotary
+
+    gen = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(5, 7 * head_dim, generator=gen)
+    angles = torch.randn(5, head_dim // 2, generator=gen) * 40
+    # a = -0 against b = +0 with cos, sin > 0: a·cos + (-b)·sin is -0 only if -b is a true negation (not 0 - b).
+    qkv[0, 0], qkv[0, head_dim // 2], angles[0, 0] = -0.0, 0.0, 0.5
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q = qkv[:, : 4 * head_dim].view(5, 4, head_dim)  # strided rows, as inside the fused qkv output
+    expected = apply_rotary(q.clone(), cos, sin)
+    native.rotary_(q, cos, sin)
+    assert torch.equal(q, expected)
+    assert torch.equal(torch.signbit(q), torch.signbit(expected))

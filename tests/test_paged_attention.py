@@ -40,6 +40,24 @@ def test_native_decode_attention_equals_pytorch(native, lengths, dim):
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(16, 8, 128), (8, 1, 256), (12, 2, 16), (3, 3, 64)])
+def test_every_group_size_and_head_size(native, q_heads, kv_heads, dim):
+    # The heads of a group are computed together, in passes of up to 4 (head size ≤ 64), 2 (128) or 1 (256).
+    lengths = [1, 6, 203]
+    q, k, v, table, padding = random_case(lengths, q_heads=q_heads, kv_heads=kv_heads, dim=dim, slots=512)
+    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
+    ref = decode_attention(q, k[table], v[table], padding)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
+def test_long_context(native):
+    # Longer than a head group's keys and values fit in L2; the softmax max runs over many vectors and a tail.
+    q, k, v, table, padding = random_case([3001, 2050], slots=6000)
+    ours = native.decode_attention(q, k, v, table, torch.tensor([3001, 2050]), 0.125)
+    ref = decode_attention(q, k[table], v[table], padding)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
 def test_odd_head_size_uses_the_scalar_tail(native):
     q, k, v, table, padding = random_case([7, 3], q_heads=4, kv_heads=1, dim=20)
     ours = native.decode_attention(q, k, v, table, torch.tensor([7, 3]), 20**-0.5)

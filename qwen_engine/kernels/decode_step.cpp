@@ -45,10 +45,29 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, int64_t stride, const f
     const float* a = x + r * stride;
     float* o = y + r * ystride;
     double ss = 0.0;  // double: the sum of squares of a few thousand values, as exact as PyTorch's reduction
-    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(a[i]) * a[i];
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    // Eight double lanes in two accumulators: a scalar double sum waits ~4 cycles per value.
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (; i + 16 <= dim; i += 16) {
+      const __m512d lo = _mm512_cvtps_pd(_mm256_loadu_ps(a + i)), hi = _mm512_cvtps_pd(_mm256_loadu_ps(a + i + 8));
+      s0 = _mm512_fmadd_pd(lo, lo, s0);
+      s1 = _mm512_fmadd_pd(hi, hi, s1);
+    }
+    ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+#endif
+    for (; i < dim; ++i) ss += static_cast<double>(a[i]) * a[i];
     const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dim) + eps);
     for (int64_t i = 0; i < dim; ++i) o[i] = a[i] * inv * w[i];
   }
+}
+
+// x[i] += y[i] for the n values of a contiguous float32 tensor y (the residual adds: a plain loop here costs
+// well under the few microseconds of a dispatched add_).
+void add_into(float* x, const torch::Tensor& y, int64_t n) {
+  TORCH_CHECK(y.is_contiguous() && y.numel() == n, "residual branch must be contiguous with ", n, " values");
+  const float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) x[i] += yp[i];
 }
 
 enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, PHASES };
@@ -172,7 +191,7 @@ class DecodeStep {
       clock.lap(ATTENTION);
       const auto o = l.o(attn, gemv_max_rows_);
       clock.lap(O);
-      x.add_(o);
+      add_into(xp, o, B * hidden_);
       rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
       clock.lap(NORMS);
       auto gate_up = l.gate_up(normed, gemv_max_rows_);  // [B, 2 intermediate]
@@ -186,7 +205,7 @@ class DecodeStep {
       clock.lap(SILU);
       const auto down = l.down(gate_up.narrow(1, 0, intermediate_), gemv_max_rows_);
       clock.lap(DOWN);
-      x.add_(down);
+      add_into(xp, down, B * hidden_);
     }
     auto out = torch::empty_like(x);
     rms_norm(xp, B, hidden_, hidden_, final_norm_.data_ptr<float>(), eps_, out.data_ptr<float>(), hidden_);

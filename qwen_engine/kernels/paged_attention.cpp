@@ -42,73 +42,127 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 #endif
 
 #if defined(__AVX512F__)
-// scores[s] = scale · q · key(s) for the n keys of one kv head (key s at base[slots[s] * row + offset]), for
-// head size 16·V.
+// The query heads that share a kv head are computed together, so each key and value row is read from memory
+// once per group rather than once per head: at long contexts a head's keys and values no longer fit in L2
+// next to the other heads', and reading them again per head made attention ~40 % of a 4000-token decode step.
+// Per head the arithmetic is the one-head-at-a-time order: the same products, sums and reductions.
+
+// scores[g * n + s] = (scale · q_g) · key(s) for the G heads of one group (q: G rows of 16·V floats) and the n
+// keys of their kv head (key s at base[slots[s] * row + offset]). Four keys at a time: their rows are read from
+// memory for the first head and from L1 for the others, and each head's four sums are reduced together.
 template <int V>
-void head_scores_v(const float* q, const float* base, const int64_t* slots, int64_t n, int64_t row,
-                   int64_t offset, float scale, float* scores) {
-  __m512 qv[V];
-  for (int d = 0; d < V; ++d) qv[d] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * d), _mm512_set1_ps(scale));
+void group_scores_v(const float* q, int64_t G, const float* base, const int64_t* slots, int64_t n, int64_t row,
+                    int64_t offset, float scale, float* scores) {
+  constexpr int D = 16 * V;
+  std::vector<float> scaled(G * D);  // scale · q, as the one-head kernel applied it
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(scaled.data() + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), sv));
   int64_t s = 0;
   for (; s + 4 <= n; s += 4) {
-    __m512 acc[4];
-    for (int r = 0; r < 4; ++r) {
-      const float* key = base + slots[s + r] * row + offset;
-      acc[r] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(key));
-      for (int d = 1; d < V; ++d) acc[r] = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(key + 16 * d), acc[r]);
+    const float* key[4];
+    for (int r = 0; r < 4; ++r) key[r] = base + slots[s + r] * row + offset;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = scaled.data() + g * D;
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(key[r]));
+        for (int d = 1; d < V; ++d)
+          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * d), _mm512_loadu_ps(key[r] + 16 * d), acc[r]);
+      }
+      _mm_storeu_ps(scores + g * n + s, reduce4(acc[0], acc[1], acc[2], acc[3]));
     }
-    _mm_storeu_ps(scores + s, reduce4(acc[0], acc[1], acc[2], acc[3]));
   }
   for (; s < n; ++s) {
-    const float* key = base + slots[s] * row + offset;
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(key));
-    for (int d = 1; d < V; ++d) acc = _mm512_fmadd_ps(qv[d], _mm512_loadu_ps(key + 16 * d), acc);
-    scores[s] = _mm512_reduce_add_ps(acc);
+    const float* k = base + slots[s] * row + offset;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = scaled.data() + g * D;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k));
+      for (int d = 1; d < V; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * d), _mm512_loadu_ps(k + 16 * d), acc);
+      scores[g * n + s] = _mm512_reduce_add_ps(acc);
+    }
   }
 }
 
-// out = inv · Σ_s p[s] · value(s): the softmax's normalisation applied once, at the end.
-template <int V>
-void weighted_values_v(const float* p, float inv, const float* base, const int64_t* slots, int64_t n, int64_t row,
-                       int64_t offset, float* out) {
-  __m512 acc[V];
-  for (int d = 0; d < V; ++d) acc[d] = _mm512_setzero_ps();
+// out[g] = inv[g] · Σ_s p[g * n + s] · value(s) for H heads, each value row loaded once for all of them; the
+// sums run over s in order for each head, as the one-head kernel's did.
+template <int V, int H>
+void group_values_v(const float* p, const float* inv, int64_t n, const float* base, const int64_t* slots,
+                    int64_t row, int64_t offset, float* out) {
+  __m512 acc[H][V];
+  for (int h = 0; h < H; ++h)
+    for (int d = 0; d < V; ++d) acc[h][d] = _mm512_setzero_ps();
   for (int64_t s = 0; s < n; ++s) {
     const float* value = base + slots[s] * row + offset;
-    const __m512 w = _mm512_set1_ps(p[s]);
-    for (int d = 0; d < V; ++d) acc[d] = _mm512_fmadd_ps(w, _mm512_loadu_ps(value + 16 * d), acc[d]);
+    __m512 v[V];
+    for (int d = 0; d < V; ++d) v[d] = _mm512_loadu_ps(value + 16 * d);
+    for (int h = 0; h < H; ++h) {
+      const __m512 w = _mm512_set1_ps(p[h * n + s]);
+      for (int d = 0; d < V; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+    }
   }
-  for (int d = 0; d < V; ++d) _mm512_storeu_ps(out + 16 * d, _mm512_mul_ps(acc[d], _mm512_set1_ps(inv)));
+  for (int h = 0; h < H; ++h)
+    for (int d = 0; d < V; ++d) _mm512_storeu_ps(out + h * 16 * V + 16 * d, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+}
+
+// Heads per pass over the values: H · V accumulators plus V value vectors stay within the 32 registers.
+template <int V>
+constexpr int values_heads() { return V >= 16 ? 1 : V == 8 ? 2 : 4; }
+
+template <int V>
+void group_values(const float* p, const float* inv, int64_t G, int64_t n, const float* base, const int64_t* slots,
+                  int64_t row, int64_t offset, float* out) {
+  constexpr int H = values_heads<V>();
+  for (int64_t g = 0; g < G;) {
+    // Passes of near-equal size (7 heads, at most 4 a pass: 4 + 3).
+    const int64_t passes = (G - g + H - 1) / H, take = (G - g + passes - 1) / passes;
+    const float* pg = p + g * n;
+    float* og = out + g * 16 * V;
+    switch (take) {
+      case 4: if constexpr (H >= 4) group_values_v<V, 4>(pg, inv + g, n, base, slots, row, offset, og); break;
+      case 3: if constexpr (H >= 3) group_values_v<V, 3>(pg, inv + g, n, base, slots, row, offset, og); break;
+      case 2: if constexpr (H >= 2) group_values_v<V, 2>(pg, inv + g, n, base, slots, row, offset, og); break;
+      default: group_values_v<V, 1>(pg, inv + g, n, base, slots, row, offset, og);
+    }
+    g += take;
+  }
 }
 #endif
 
-// One query head against n keys/values of its kv head: out = softmax(scale · q·K^T) · V. `scores` holds n floats.
-void attend_head(const float* q, const float* kbase, const float* vbase, const int64_t* slots, int64_t n,
-                 int64_t row, int64_t offset, int64_t D, float scale, float* scores, float* out) {
+// The G query heads of one kv head against its n keys/values: out_g = softmax(scale · q_g·K^T) · V.
+// `scores` holds G · n floats; q and out are G rows of D floats.
+void attend_group(const float* q, int64_t G, const float* kbase, const float* vbase, const int64_t* slots, int64_t n,
+                  int64_t row, int64_t offset, int64_t D, float scale, float* scores, float* out) {
 #if defined(__AVX512F__)
+  std::vector<float> inv(G);
   switch (D) {
-#define QE_HEAD(V)                                                                   \
-  case 16 * V: {                                                                     \
-    head_scores_v<V>(q, kbase, slots, n, row, offset, scale, scores);                \
-    const float top = *std::max_element(scores, scores + n);                         \
-    const float inv = 1.0f / exp_shifted(scores, top, scores, n);                    \
-    weighted_values_v<V>(scores, inv, vbase, slots, n, row, offset, out);            \
-    return;                                                                          \
+#define QE_GROUP(V)                                                                                  \
+  case 16 * V: {                                                                                     \
+    group_scores_v<V>(q, G, kbase, slots, n, row, offset, scale, scores);                            \
+    for (int64_t g = 0; g < G; ++g) {                                                                \
+      float* sg = scores + g * n;                                                                    \
+      inv[g] = 1.0f / exp_shifted(sg, max_value(sg, n), sg, n);                                       \
+    }                                                                                                \
+    group_values<V>(scores, inv.data(), G, n, vbase, slots, row, offset, out);                       \
+    return;                                                                                          \
   }
-    QE_HEAD(1) QE_HEAD(2) QE_HEAD(4) QE_HEAD(8) QE_HEAD(16)
-#undef QE_HEAD
+    QE_GROUP(1) QE_GROUP(2) QE_GROUP(4) QE_GROUP(8) QE_GROUP(16)
+#undef QE_GROUP
     default: break;
   }
 #endif
-  for (int64_t s = 0; s < n; ++s) scores[s] = dot(q, kbase + slots[s] * row + offset, D) * scale;
-  const float top = *std::max_element(scores, scores + n);
-  const float inv = 1.0f / exp_shifted(scores, top, scores, n);
-  std::fill(out, out + D, 0.0f);
-  for (int64_t s = 0; s < n; ++s) {
-    const float* value = vbase + slots[s] * row + offset;
-    for (int64_t d = 0; d < D; ++d) out[d] += scores[s] * value[d];
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    for (int64_t s = 0; s < n; ++s) scores[s] = dot(qg, kbase + slots[s] * row + offset, D) * scale;
+    const float top = max_value(scores, n);
+    const float inv = 1.0f / exp_shifted(scores, top, scores, n);
+    std::fill(og, og + D, 0.0f);
+    for (int64_t s = 0; s < n; ++s) {
+      const float* value = vbase + slots[s] * row + offset;
+      for (int64_t d = 0; d < D; ++d) og[d] += scores[s] * value[d];
+    }
+    for (int64_t d = 0; d < D; ++d) og[d] *= inv;
   }
-  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
 
 }  // namespace
@@ -159,17 +213,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
-  // One task per (sequence, kv head): its group of query heads shares every key and value row it reads, which
-  // stay in L2 while each head of the group passes over them.
+  // One task per (sequence, kv head): its group of query heads shares every key and value row it reads.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv, n = lp[b];
-      const int64_t* seq_slots = sp + b * S;
-      scores.resize(n);
-      for (int64_t j = 0; j < group; ++j)
-        attend_head(qp + (b * Hq + h * group + j) * D, kp, vp, seq_slots, n, Hkv * D, h * D, D, fscale,
-                    scores.data(), op + b * Hq * D + (h * group + j) * D);
+      scores.resize(group * n);
+      attend_group(qp + (b * Hq + h * group) * D, group, kp, vp, sp + b * S, n, Hkv * D, h * D, D, fscale,
+                   scores.data(), op + b * Hq * D + h * group * D);
     }
   });
   return out;
@@ -190,7 +241,7 @@ void causal_softmax_(torch::Tensor scores, double scale) {
       float* row = p + r * S;
       const int64_t seen = S - T + r % T + 1;
       for (int64_t s = 0; s < seen; ++s) row[s] *= fscale;
-      const float top = *std::max_element(row, row + seen);
+      const float top = max_value(row, seen);
       const float inv = 1.0f / exp_shifted(row, top, row, seen);
       for (int64_t s = 0; s < seen; ++s) row[s] *= inv;
       std::fill(row + seen, row + S, 0.0f);
@@ -216,7 +267,19 @@ void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin
       const float *c = cp + t * D, *s = sp + t * D;
       for (int64_t h = 0; h < H; ++h) {
         float* r = xp + t * st + h * sh;
-        for (int64_t i = 0; i < half; ++i) {
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        // The same products and sums, 16 pairs at a time (the scalar loop is not vectorised: r may alias c, s).
+        for (; i + 16 <= half; i += 16) {
+          const __m512 a = _mm512_loadu_ps(r + i), b = _mm512_loadu_ps(r + i + half);
+          const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));  // -b, sign of zero included
+          _mm512_storeu_ps(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)),
+                                                _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
+          _mm512_storeu_ps(r + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(c + i + half)),
+                                                       _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half))));
+        }
+#endif
+        for (; i < half; ++i) {
           const float a = r[i], b = r[i + half];
           r[i] = a * c[i] + (-b) * s[i];
           r[i + half] = b * c[i + half] + a * s[i + half];

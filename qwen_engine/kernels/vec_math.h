@@ -29,6 +29,21 @@ inline __m512 exp512(__m512 x) {
 }
 #endif
 
+// The largest of n > 0 values (a softmax's shift): the same value std::max_element finds, 16 lanes at a time.
+inline float max_value(const float* x, int64_t n) {
+  int64_t i = 0;
+  float top = x[0];
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 m = _mm512_loadu_ps(x);
+    for (i = 16; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    top = _mm512_reduce_max_ps(m);
+  }
+#endif
+  for (; i < n; ++i) top = x[i] > top ? x[i] : top;
+  return top;
+}
+
 // y[i] = exp(x[i] - shift) for n values; returns their sum.
 inline float exp_shifted(const float* x, float shift, float* y, int64_t n) {
   int64_t i = 0;
