@@ -83,15 +83,15 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
   }
 }
 
-// out[g] = inv[g] · Σ_s p[g * n + s] · value(s) for H heads, each value row loaded once for all of them; the
-// sums run over s in order for each head, as the one-head kernel's did.
+// sums[h] += Σ_s p[h * n + s] · value(s) over keys s0..s1 for H heads, each value row loaded once for all of
+// them; the running sums (H rows of 16·V floats) continue in key order, as the one-head kernel's did.
 template <int V, int H>
-void group_values_v(const float* p, const float* inv, int64_t n, const float* base, const int64_t* slots,
-                    int64_t row, int64_t offset, float* out) {
+void group_values_v(const float* p, int64_t n, int64_t s0, int64_t s1, const float* base, const int64_t* slots,
+                    int64_t row, int64_t offset, float* sums) {
   __m512 acc[H][V];
   for (int h = 0; h < H; ++h)
-    for (int d = 0; d < V; ++d) acc[h][d] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < n; ++s) {
+    for (int d = 0; d < V; ++d) acc[h][d] = _mm512_loadu_ps(sums + h * 16 * V + 16 * d);
+  for (int64_t s = s0; s < s1; ++s) {
     const float* value = base + slots[s] * row + offset;
     __m512 v[V];
     for (int d = 0; d < V; ++d) v[d] = _mm512_loadu_ps(value + 16 * d);
@@ -101,29 +101,41 @@ void group_values_v(const float* p, const float* inv, int64_t n, const float* ba
     }
   }
   for (int h = 0; h < H; ++h)
-    for (int d = 0; d < V; ++d) _mm512_storeu_ps(out + h * 16 * V + 16 * d, _mm512_mul_ps(acc[h][d], _mm512_set1_ps(inv[h])));
+    for (int d = 0; d < V; ++d) _mm512_storeu_ps(sums + h * 16 * V + 16 * d, acc[h][d]);
 }
 
 // Heads per pass over the values: H · V accumulators plus V value vectors stay within the 32 registers.
 template <int V>
 constexpr int values_heads() { return V >= 16 ? 1 : V == 8 ? 2 : 4; }
 
+// out[g] = inv[g] · Σ_s p[g * n + s] · value(s) for the G heads. A group needs more than one pass over the values
+// (7 heads of 64: 4, then 3); the keys are taken KEYS at a time so the later passes find the rows in L1.
 template <int V>
 void group_values(const float* p, const float* inv, int64_t G, int64_t n, const float* base, const int64_t* slots,
                   int64_t row, int64_t offset, float* out) {
   constexpr int H = values_heads<V>();
-  for (int64_t g = 0; g < G;) {
-    // Passes of near-equal size (7 heads, at most 4 a pass: 4 + 3).
-    const int64_t passes = (G - g + H - 1) / H, take = (G - g + passes - 1) / passes;
-    const float* pg = p + g * n;
-    float* og = out + g * 16 * V;
-    switch (take) {
-      case 4: if constexpr (H >= 4) group_values_v<V, 4>(pg, inv + g, n, base, slots, row, offset, og); break;
-      case 3: if constexpr (H >= 3) group_values_v<V, 3>(pg, inv + g, n, base, slots, row, offset, og); break;
-      case 2: if constexpr (H >= 2) group_values_v<V, 2>(pg, inv + g, n, base, slots, row, offset, og); break;
-      default: group_values_v<V, 1>(pg, inv + g, n, base, slots, row, offset, og);
+  constexpr int64_t KEYS = 8192 / V;  // 32 KiB of value rows
+  std::fill(out, out + G * 16 * V, 0.0f);
+  for (int64_t s0 = 0; s0 < n; s0 += KEYS) {
+    const int64_t s1 = std::min(n, s0 + KEYS);
+    for (int64_t g = 0; g < G;) {
+      // Passes of near-equal size (7 heads, at most 4 a pass: 4 + 3).
+      const int64_t passes = (G - g + H - 1) / H, take = (G - g + passes - 1) / passes;
+      const float* pg = p + g * n;
+      float* og = out + g * 16 * V;
+      switch (take) {
+        case 4: if constexpr (H >= 4) group_values_v<V, 4>(pg, n, s0, s1, base, slots, row, offset, og); break;
+        case 3: if constexpr (H >= 3) group_values_v<V, 3>(pg, n, s0, s1, base, slots, row, offset, og); break;
+        case 2: if constexpr (H >= 2) group_values_v<V, 2>(pg, n, s0, s1, base, slots, row, offset, og); break;
+        default: group_values_v<V, 1>(pg, n, s0, s1, base, slots, row, offset, og);
+      }
+      g += take;
     }
-    g += take;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 scale = _mm512_set1_ps(inv[g]);
+    for (int64_t i = 0; i < 16 * V; i += 16)
+      _mm512_storeu_ps(out + g * 16 * V + i, _mm512_mul_ps(_mm512_loadu_ps(out + g * 16 * V + i), scale));
   }
 }
 #endif
