@@ -45,7 +45,8 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 // The query heads that share a kv head are computed together, so each key and value row is read from memory
 // once per group rather than once per head: at long contexts a head's keys and values no longer fit in L2
 // next to the other heads', and reading them again per head made attention ~40 % of a 4000-token decode step.
-// Per head the arithmetic is the one-head-at-a-time order: the same products, sums and reductions.
+// Grouping changes only the order in which heads are visited: each head's products, sums and reductions are
+// the ones it would get alone, so the result does not depend on the group size.
 
 // scores[g * n + s] = (scale · q_g) · key(s) for the G heads of one group (q: G rows of 16·V floats) and the n
 // keys of their kv head (key s at base[slots[s] * row + offset]). Four keys at a time: their rows are read from
@@ -54,7 +55,7 @@ template <int V>
 void group_scores_v(const float* q, int64_t G, const float* base, const int64_t* slots, int64_t n, int64_t row,
                     int64_t offset, float scale, float* scores) {
   constexpr int D = 16 * V;
-  std::vector<float> scaled(G * D);  // scale · q, as the one-head kernel applied it
+  std::vector<float> scaled(G * D);  // scale · q, applied before the products
   const __m512 sv = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(scaled.data() + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), sv));
   int64_t s = 0;
@@ -84,7 +85,7 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
 }
 
 // sums[h] += Σ_s p[h * n + s] · value(s) over keys s0..s1 for H heads, each value row loaded once for all of
-// them; the running sums (H rows of 16·V floats) continue in key order, as the one-head kernel's did.
+// them; the running sums (H rows of 16·V floats) continue in key order from one call to the next.
 template <int V, int H>
 void group_values_v(const float* p, int64_t n, int64_t s0, int64_t s1, const float* base, const int64_t* slots,
                     int64_t row, int64_t offset, float* sums) {
