@@ -53,17 +53,17 @@ inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
 // memory for the first head and from L1 for the others, and each head's four sums are reduced together.
 template <int V>
 void group_scores_v(const float* q, int64_t G, const float* base, const int64_t* slots, int64_t n, int64_t row,
-                    int64_t offset, float scale, float* scores) {
+                    int64_t offset, float scale, float* scaled, float* scores) {
   constexpr int D = 16 * V;
-  std::vector<float> scaled(G * D);  // scale · q, applied before the products
+  // scaled (G · D floats of workspace) = scale · q, applied before the products
   const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(scaled.data() + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), sv));
+  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(scaled + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), sv));
   int64_t s = 0;
   for (; s + 4 <= n; s += 4) {
     const float* key[4];
     for (int r = 0; r < 4; ++r) key[r] = base + slots[s + r] * row + offset;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = scaled.data() + g * D;
+      const float* qg = scaled + g * D;
       __m512 acc[4];
       for (int r = 0; r < 4; ++r) {
         acc[r] = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(key[r]));
@@ -76,7 +76,7 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
   for (; s < n; ++s) {
     const float* k = base + slots[s] * row + offset;
     for (int64_t g = 0; g < G; ++g) {
-      const float* qg = scaled.data() + g * D;
+      const float* qg = scaled + g * D;
       __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k));
       for (int d = 1; d < V; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * d), _mm512_loadu_ps(k + 16 * d), acc);
       scores[g * n + s] = _mm512_reduce_add_ps(acc);
@@ -142,20 +142,23 @@ void group_values(const float* p, const float* inv, int64_t G, int64_t n, const 
 #endif
 
 // The G query heads of one kv head against its n keys/values: out_g = softmax(scale · q_g·K^T) · V.
-// `scores` holds G · n floats; q and out are G rows of D floats.
+// q and out are G rows of D floats; `work` holds G · (n + D + 1) floats (scores, scaled q, normalisers), kept
+// by the caller across tasks so the hot loop allocates nothing.
 void attend_group(const float* q, int64_t G, const float* kbase, const float* vbase, const int64_t* slots, int64_t n,
-                  int64_t row, int64_t offset, int64_t D, float scale, float* scores, float* out) {
+                  int64_t row, int64_t offset, int64_t D, float scale, float* work, float* out) {
+  float* scores = work;
 #if defined(__AVX512F__)
-  std::vector<float> inv(G);
+  float* scaled = work + G * n;
+  float* inv = scaled + G * D;
   switch (D) {
 #define QE_GROUP(V)                                                                                  \
   case 16 * V: {                                                                                     \
-    group_scores_v<V>(q, G, kbase, slots, n, row, offset, scale, scores);                            \
+    group_scores_v<V>(q, G, kbase, slots, n, row, offset, scale, scaled, scores);                    \
     for (int64_t g = 0; g < G; ++g) {                                                                \
       float* sg = scores + g * n;                                                                    \
       inv[g] = 1.0f / exp_shifted(sg, max_value(sg, n), sg, n);                                       \
     }                                                                                                \
-    group_values<V>(scores, inv.data(), G, n, vbase, slots, row, offset, out);                       \
+    group_values<V>(scores, inv, G, n, vbase, slots, row, offset, out);                              \
     return;                                                                                          \
   }
     QE_GROUP(1) QE_GROUP(2) QE_GROUP(4) QE_GROUP(8) QE_GROUP(16)
@@ -228,12 +231,12 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
   // One task per (sequence, kv head): its group of query heads shares every key and value row it reads.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
+    std::vector<float> work;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, h = t % Hkv, n = lp[b];
-      scores.resize(group * n);
+      work.resize(group * (n + D + 1));
       attend_group(qp + (b * Hq + h * group) * D, group, kp, vp, sp + b * S, n, Hkv * D, h * D, D, fscale,
-                   scores.data(), op + b * Hq * D + h * group * D);
+                   work.data(), op + b * Hq * D + h * group * D);
     }
   });
   return out;
