@@ -121,3 +121,13 @@ def test_random_ids_equal_decode(tok: QwenTokenizer, hf_tok, skip: bool) -> None
         rng.shuffle(ids)
         expected = tok.decode(ids, skip_special_tokens=skip)
         assert "".join(_stream(tok, ids, skip)) == expected == hf_tok.decode(ids, skip_special_tokens=skip)
+
+
+def test_bytes_looked_up_one_by_one_equal_the_whole_table(qwen3_tokenizer_dir: Path) -> None:
+    # The detokenizer looks tokens up one at a time (so the first token does not wait for the 151k-entry
+    # table); guided decoding takes the table. Both must give the same bytes for every id, unknown ones too.
+    one_by_one = QwenTokenizer.from_dir(qwen3_tokenizer_dir)
+    table = QwenTokenizer.from_dir(qwen3_tokenizer_dir).all_token_bytes()
+    ids = range(-3, len(table) + 3)
+    assert [one_by_one.token_bytes(i) for i in ids] == [table[i] if 0 <= i < len(table) else b"" for i in ids]
+    assert one_by_one.token_bytes(one_by_one.token_to_id("<think>")) == b"<think>"

@@ -87,9 +87,10 @@ class _ByteVocabulary:
 def _token_bytes(tokenizer: QwenTokenizer, vocab_size: int) -> list[bytes]:
     """Each model row's bytes; b"" (never produced) for rows past the tokenizer's end and for llama.cpp's
     "[PAD<id>]" filler tokens, which stand for text the model was never trained to write."""
+    known = tokenizer.all_token_bytes()
     table = []
     for i in range(vocab_size):
-        raw = tokenizer.token_bytes(i)
+        raw = known[i] if i < len(known) else b""
         table.append(b"" if raw == b"[PAD%d]" % i else raw)
     return table
 

@@ -128,8 +128,13 @@ class QwenTokenizer:
         self._vocab_size = len(vocab)
         self._max_id = max(vocab.values(), default=-1)
         self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._token_bytes: list[bytes] | None = None
+        self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
         self._byte_decoder = unicode_to_byte()
+        self._to_latin1 = {ord(c): b for c, b in self._byte_decoder.items()}
+        # Bytes of the tokens seen so far; the whole table (151k tokens, ~0.15 s to build) only when asked for,
+        # so the first generated token does not wait for it.
+        self._seen_bytes: dict[int, bytes] = {}
+        self._token_bytes: list[bytes] | None = None
 
     # ---- construction ------------------------------------------------------------------------------------
 
@@ -298,23 +303,36 @@ class QwenTokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for (b"" for an unknown id)."""
+        if self._token_bytes is not None:
+            return self._token_bytes[token_id] if 0 <= token_id < len(self._token_bytes) else b""
+        raw = self._seen_bytes.get(token_id)
+        if raw is None:
+            raw = self._seen_bytes[token_id] = self._one_token_bytes(token_id)
+        return raw
+
+    def all_token_bytes(self) -> list[bytes]:
+        """token_bytes of every id from 0 to the largest, as one list (built once)."""
         if self._token_bytes is None:
             self._token_bytes = self._all_token_bytes()
-        if 0 <= token_id < len(self._token_bytes):
-            return self._token_bytes[token_id]
-        return b""
+        return self._token_bytes
+
+    # BPE tokens are spelled in GPT-2's byte alphabet: each character maps back to its byte (one str.translate,
+    # in C) and the result reads as Latin-1. Added tokens ("<think>", …) stand for their own text, as in the
+    # byte-level decoder.
+    def _one_token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id <= self._max_id:
+            return b""
+        if token_id in self._added:
+            return self._bytes_of(self._added[token_id])
+        token = self._tok.id_to_token(token_id)
+        return b"" if token is None else token.translate(self._to_latin1).encode("latin-1")
 
     def _all_token_bytes(self) -> list[bytes]:
-        # BPE tokens are spelled in GPT-2's byte alphabet: map each character back to its byte with one
-        # str.translate (fast, in C) and read the result as Latin-1. Added tokens ("<think>", …) stand for
-        # their own UTF-8, as in the byte-level decoder.
-        to_latin1 = {ord(c): b for c, b in self._byte_decoder.items()}
-        added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
         vocab = self._tok.get_vocab(with_added_tokens=False)
         table = [b""] * (self._max_id + 1)
         for token, i in vocab.items():
-            table[i] = token.translate(to_latin1).encode("latin-1") if i not in added else b""
-        for i, content in added.items():
+            table[i] = token.translate(self._to_latin1).encode("latin-1") if i not in self._added else b""
+        for i, content in self._added.items():
             table[i] = self._bytes_of(content)
         return table
 
