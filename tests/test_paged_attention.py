@@ -105,3 +105,59 @@ def test_grouped_prefill_attention_equals_sdpa(monkeypatch, count, total, with_k
     grouped = kv_cache.causal_attention(q, k, v)
     monkeypatch.setattr(kv_cache, "MAX_MATERIALISED_SCORES", 0)  # force SDPA's fused kernel
     assert torch.allclose(grouped, kv_cache.causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def reference_prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Float64 causal attention of the last T of S positions (queries see keys up to their own position)."""
+    count, total = q.shape[0], keys.shape[0]
+    mask = torch.arange(total)[None, :] <= torch.arange(total - count, total)[:, None]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(0, 1), keys.double().transpose(0, 1), values.double().transpose(0, 1),
+        attn_mask=mask, enable_gqa=True)
+    return out.transpose(0, 1).reshape(count, -1)
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "dim"), [(14, 2, 64), (16, 8, 128), (4, 4, 32), (7, 1, 64)])
+@pytest.mark.parametrize(("count", "total"), [(1, 1), (5, 5), (7, 20), (63, 64), (64, 65), (130, 130), (3, 100),
+                                              (300, 310), (100, 523)])
+def test_fused_prefill_attention_equals_float64(native, q_heads, kv_heads, dim, count, total):
+    """The fused kernel (64-key blocks, running softmax) against float64 attention, with q strided as inside
+    the fused qkv output and the sequence's keys and values scattered over the pool."""
+    gen = torch.Generator().manual_seed(count * 1000 + total)
+    pool_k = torch.randn(total + 40, kv_heads, dim, generator=gen)
+    pool_v = torch.randn(total + 40, kv_heads, dim, generator=gen)
+    slots = torch.randperm(total + 40, generator=gen)[:total]
+    qkv = torch.randn(count, q_heads + 2 * kv_heads, dim, generator=gen)
+    q = qkv[:, :q_heads]
+    out = native.prefill_attention(q, pool_k, pool_v, slots, dim**-0.5)
+    ref = reference_prefill(q, pool_k[slots], pool_v[slots])
+    assert out.shape == (count, q_heads * dim)
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=2e-6), (out.double() - ref).abs().max().item()
+
+
+def test_fused_prefill_attention_refuses_bad_input(native):
+    k = v = torch.randn(10, 2, 64)
+    q = torch.randn(4, 14, 64)
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.prefill_attention(q, k, v, torch.tensor([0, 1, 2, 3, 10]), 0.125)
+    with pytest.raises(RuntimeError, match="queries"):
+        native.prefill_attention(q, k, v, torch.tensor([0, 1, 2]), 0.125)
+    assert not native.prefill_attention_supports(80)
+
+
+def test_paged_batch_prefill_same_with_and_without_native_kernel():
+    """A prefill chunk after a cached prefix and a decoding sequence, packed in one step, at a head size the
+    fused kernel takes: the same output as the PyTorch path."""
+    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=64, num_blocks=40, block_size=16)
+    gen = torch.Generator().manual_seed(1)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    seqs = [SequenceSlice(0, 1, cache.slots([0, 1], 0, 20)), SequenceSlice(1, 101, cache.slots([9, 3, 7, 2, 30, 31, 5, 6, 8, 11], 0, 150))]
+    writes = torch.cat([cache.slots([0, 1], 19, 20), cache.slots([9, 3, 7, 2, 30, 31, 5, 6, 8, 11], 50, 150)])
+    q, k, v = (torch.randn(101, h, 64, generator=gen) for h in (14, 2, 2))
+    outs = []
+    for native in (kernels.native(), None):
+        batch = PagedBatch(cache, writes, seqs)
+        batch.native = native
+        outs.append(batch.attend(0, q, k, v))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=2e-6)

@@ -220,7 +220,13 @@ class PagedBatch:
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if self.decode_slots is not None:
             out[self.decode_rows] = self._decode(q[self.decode_rows], k_layer, v_layer)
+        fused = self.native is not None and self.native.prefill_attention_supports(q.shape[-1])
         for s in self.sequences:
+            if fused:  # reads the pool in place, never materialises the scores
+                out[s.query_start : s.query_end] = self.native.prefill_attention(
+                    q[s.query_start : s.query_end], k_layer, v_layer, s.context_slots, q.shape[-1] ** -0.5
+                )
+                continue
             keys = k_layer.index_select(0, s.context_slots)
             values = v_layer.index_select(0, s.context_slots)
             out[s.query_start : s.query_end] = causal_attention(q[s.query_start : s.query_end], keys, values)

@@ -23,7 +23,8 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.cpp", "paged_attention.cpp", "decode_step.cpp", "int8_matmul.cpp")]
+           for name in ("quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
+                         "int8_matmul.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]

@@ -732,6 +732,10 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 void causal_softmax_(torch::Tensor scores, double scale);
+// prefill_attention.cpp
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& slots, double scale);
+bool prefill_attention_supports(int64_t head_dim);
 // decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
 void register_int8(pybind11::module& m);
@@ -745,6 +749,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
   m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
   m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
+  m.def("prefill_attention", &prefill_attention, "a prompt chunk's causal attention over its paged K/V slots, fused");
+  m.def("prefill_attention_supports", &prefill_attention_supports, "whether prefill_attention has a kernel for this head size");
   register_decode_step(m);
   register_int8(m);
 }

@@ -1,0 +1,232 @@
+// Causal attention for a prompt chunk, fused: the T new queries of a sequence against its first S cached
+// positions (query i sits at position S - T + i and sees keys 0..S-T+i), read in place from the paged pool
+// through the sequence's slot list.
+//
+// The score matrix is never materialised. Keys are taken 64 at a time; for each, the scores of a few query
+// rows are computed in registers, folded into a running softmax (the maximum so far m, the sum of
+// exponentials l, and the output rescaled by e^(m_old - m_new)), and the block's values are added to the
+// output with those weights; the output is divided by l at the end. A block of keys and values (32 KiB at
+// head size 64) serves every query head of its kv head and several query positions while it sits in L1.
+//
+// The maths is softmax(scale · q·K^T) · V as in kv_cache.causal_attention; only the order of the sums and
+// where the maximum is subtracted differ, so results agree to float32 rounding.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "vec_math.h"
+
+#if defined(__AVX512F__)
+namespace {
+
+constexpr int KB = 64;  // keys per block: 4 vectors of scores per query row
+constexpr int QP = 4;   // query positions per task: they share each block of keys while it is in L1
+
+// R query rows against one block of keys; row r sees the block's first n[r] keys (0 ≤ n[r] ≤ KB; a row that
+// sees none keeps its state, which is finite by then: every row sees the first block's key 0). kt: the
+// block's keys transposed, D rows of ldk floats; vals(j): value row j. m, l: the rows' running max and sum;
+// o: their outputs so far; p: R · KB floats of workspace. The loops over rows and vectors are unrolled so the
+// R x 4 score vectors stay in registers (an indexed array would be kept in memory, stored every step).
+template <int V, int R, class Vals>
+inline void block_rows(const float* const* q, const float* kt, int64_t ldk, Vals vals, const int* n, float scale,
+                       float* const* m, float* const* l, float* const* o, float* p) {
+  constexpr int D = 16 * V;
+  __m512 s[R][4];
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const float* kd = kt + d * ldk;
+    const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16), k2 = _mm512_loadu_ps(kd + 32),
+                 k3 = _mm512_loadu_ps(kd + 48);
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 qd = _mm512_set1_ps(q[r][d]);
+      s[r][0] = _mm512_fmadd_ps(qd, k0, s[r][0]);
+      s[r][1] = _mm512_fmadd_ps(qd, k1, s[r][1]);
+      s[r][2] = _mm512_fmadd_ps(qd, k2, s[r][2]);
+      s[r][3] = _mm512_fmadd_ps(qd, k3, s[r][3]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  alignas(64) float m_old[16] = {}, m_new[16] = {}, alpha[16];
+  __mmask16 live[R][4];  // keys of the block each row may see
+  int keys = 0;          // keys any row sees
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    keys = std::max(keys, n[r]);
+    __m512 top = ninf;
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) {
+      live[r][c] = static_cast<__mmask16>((1u << std::clamp(n[r] - 16 * c, 0, 16)) - 1);
+      s[r][c] = _mm512_mask_mul_ps(ninf, live[r][c], s[r][c], sv);
+      top = _mm512_max_ps(top, s[r][c]);
+    }
+    m_old[r] = *m[r];
+    m_new[r] = std::max(m_old[r], _mm512_reduce_max_ps(top));
+  }
+  // e^(m_old - m_new) for all rows at once (0 up to float32's smallest normal for the first block's -inf)
+  _mm512_store_ps(alpha, exp512(_mm512_sub_ps(_mm512_load_ps(m_old), _mm512_load_ps(m_new))));
+  #pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const __m512 shift = _mm512_set1_ps(m_new[r]);
+    __m512 sum = _mm512_setzero_ps();
+    #pragma GCC unroll 16
+    for (int c = 0; c < 4; ++c) {
+      const __m512 e = _mm512_maskz_mov_ps(live[r][c], exp512(_mm512_sub_ps(s[r][c], shift)));
+      _mm512_storeu_ps(p + r * KB + 16 * c, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    *l[r] = *l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    *m[r] = m_new[r];
+  }
+  // Outputs 64 values (4 vectors) of each row at a time, so R x 4 accumulators fit in the registers.
+  constexpr int CV = V < 4 ? V : 4;
+  for (int c0 = 0; c0 < V; c0 += CV) {
+    __m512 acc[R][CV];
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+      #pragma GCC unroll 16
+      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + 16 * (c0 + c)), a);
+    }
+    for (int j = 0; j < keys; ++j) {
+      const float* v = vals(j) + 16 * c0;
+      __m512 vv[CV];
+      #pragma GCC unroll 16
+      for (int c = 0; c < CV; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
+      #pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r * KB + j]);
+        #pragma GCC unroll 16
+        for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(pj, vv[c], acc[r][c]);
+      }
+    }
+    #pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
+      for (int c = 0; c < CV; ++c) _mm512_storeu_ps(o[r] + 16 * (c0 + c), acc[r][c]);
+  }
+}
+
+template <int V, class Vals>
+inline void block_any_rows(int rows, const float* const* q, const float* kt, int64_t ldk, Vals vals, const int* n,
+                           float scale, float* const* m, float* const* l, float* const* o, float* p) {
+  switch (rows) {
+    case 4: block_rows<V, 4>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+    case 3: block_rows<V, 3>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+    case 2: block_rows<V, 2>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+    default: block_rows<V, 1>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+  }
+}
+
+template <int V>
+void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, const float* vp, const int64_t* slots,
+            int64_t T, int64_t S, int64_t Hq, int64_t Hkv, float scale, float* out) {
+  constexpr int D = 16 * V, R = 4;
+  const int64_t group = Hq / Hkv, row = Hkv * D, ldk = (S + KB - 1) / KB * KB, first = S - T;
+  // Keys transposed per kv head ([Hkv][D][ldk], zero past S), so a block's scores are vector products.
+  std::vector<float> kt(Hkv * D * ldk, 0.0f);
+  at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t s = 0; s < S; ++s) {
+        const float* k = kp + slots[s] * row + h * D;
+        for (int d = 0; d < D; ++d) kt[(h * D + d) * ldk + s] = k[d];
+      }
+  });
+  const int64_t tiles = (T + QP - 1) / QP;
+  // Later queries see more keys: tasks alternate between the first and the last tiles, so each thread's
+  // contiguous share of them holds as much work as the other's.
+  at::parallel_for(0, tiles * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> ml(2 * QP * group), p(R * KB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k = t / Hkv, h = t % Hkv;
+      const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;
+      const int64_t i0 = tile * QP, i1 = std::min(T, i0 + QP), rows = (i1 - i0) * group;
+      // The tile's rows, position-major: row x is query head h·group + x % group of position i0 + x / group.
+      float* m = ml.data();
+      float* l = m + QP * group;
+      std::fill(m, l, -std::numeric_limits<float>::infinity());
+      std::fill(l, l + QP * group, 0.0f);
+      auto out_row = [&](int64_t x) { return out + (i0 + x / group) * Hq * D + (h * group + x % group) * D; };
+      for (int64_t x = 0; x < rows; ++x) std::fill_n(out_row(x), D, 0.0f);
+      const float* kth = kt.data() + h * D * ldk;
+      const int64_t last = first + i1 - 1;  // the tile's last query sees keys 0..last
+      for (int64_t b0 = 0; b0 <= last; b0 += KB) {
+        auto vals = [&](int j) { return vp + slots[b0 + j] * row + h * D; };
+        for (int64_t x0 = 0; x0 < rows; x0 += R) {
+          const int count = static_cast<int>(std::min<int64_t>(R, rows - x0));
+          const float* q[R];
+          float *o[R], *mr[R], *lr[R];
+          int n[R];
+          for (int r = 0; r < count; ++r) {
+            const int64_t x = x0 + r, i = i0 + x / group;
+            q[r] = qp + i * q_tok + (h * group + x % group) * q_head;
+            o[r] = out_row(x);
+            mr[r] = m + x;
+            lr[r] = l + x;
+            n[r] = static_cast<int>(std::clamp<int64_t>(first + i + 1 - b0, 0, KB));
+          }
+          if (n[count - 1] > 0)  // the chunk's last row sees the most keys
+            block_any_rows<V>(count, q, kth + b0, ldk, vals, n, scale, mr, lr, o, p.data());
+        }
+      }
+      for (int64_t x = 0; x < rows; ++x) {
+        float* o = out_row(x);
+        const float inv = 1.0f / l[x];
+        for (int d = 0; d < D; ++d) o[d] *= inv;
+      }
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+// q [T, Hq, D] (rows may be strided, e.g. inside the fused qkv output); k, v: a layer of the pool
+// [slots, Hkv, D]; slots int64 [S]: the sequence's first S positions. Returns [T, Hq · D].
+torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& slots, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+              "q, k and v must be float32");
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && k.dim() == 3 && v.sizes() == k.sizes(),
+              "q [T, Hq, D] with contiguous rows; k, v [slots, Hkv, D]");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache layers must be contiguous");
+  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.dim() == 1, "slots must be int64 [S]");
+  const auto sc = slots.contiguous();
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = sc.size(0);
+  TORCH_CHECK(k.size(2) == D && Hq % Hkv == 0, "head sizes do not match");
+  TORCH_CHECK(T >= 1 && T <= S, "queries (", T, ") must be 1..", S, " (the keys)");
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) TORCH_CHECK(sp[s] >= 0 && sp[s] < k.size(0), "slot ", sp[s], " out of range");
+  auto out = torch::empty({T, Hq * D}, q.options());
+#if defined(__AVX512F__)
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float fs = static_cast<float>(scale);
+  float* op = out.data_ptr<float>();
+  switch (D) {
+    case 32: attend<2>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    case 64: attend<4>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    case 128: attend<8>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    default: break;
+  }
+#endif
+  TORCH_CHECK(false, "prefill_attention: no kernel for head size ", D, " in this build");
+}
+
+bool prefill_attention_supports(int64_t head_dim) {
+#if defined(__AVX512F__)
+  return head_dim == 32 || head_dim == 64 || head_dim == 128;
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
