@@ -324,8 +324,7 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate_up) {  // [T, 2n] (gate, t
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      std::copy(gp + t * 2 * n, gp + t * 2 * n + n, op + t * n);
-      silu_mul(op + t * n, gp + t * 2 * n + n, n);
+      silu_mul_to(gp + t * 2 * n, gp + t * 2 * n + n, op + t * n, n);
     }
   });
   return out;

@@ -69,16 +69,21 @@ inline float exp_shifted(const float* x, float shift, float* y, int64_t n) {
   return sum;
 }
 
-// g[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u for n values.
-inline void silu_mul(float* g, const float* u, int64_t n) {
+// out[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u for n values (out may be g). The division is a reciprocal
+// estimate refined by one Newton step (~1 ulp; a vector division costs ~16 cycles and dominated this loop).
+inline void silu_mul_to(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f);
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_loadu_ps(g + i);
-    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-    _mm512_storeu_ps(g + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+    __m512 r = _mm512_rcp14_ps(d);
+    r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two));  // r (2 - d r)
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, r), _mm512_loadu_ps(u + i)));
   }
 #endif
-  for (; i < n; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
+
+inline void silu_mul(float* g, const float* u, int64_t n) { silu_mul_to(g, u, g, n); }
