@@ -25,7 +25,8 @@
 namespace {
 
 constexpr int KB = 64;  // keys per block: 4 vectors of scores per query row
-constexpr int QP = 4;   // query positions per task: they share each block of keys while it is in L1
+constexpr int TILE_ROWS = 32;  // query rows (positions x heads of a kv head) per task: they share each block
+                               // of keys and values while it sits in L1
 
 // R query rows against one block of keys; row r sees the block's first n[r] keys (0 ≤ n[r] ≤ KB; a row that
 // sees none keeps its state, which is finite by then: every row sees the first block's key 0). kt: the
@@ -140,20 +141,21 @@ void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, con
         for (int d = 0; d < D; ++d) kt[(h * D + d) * ldk + s] = k[d];
       }
   });
-  const int64_t tiles = (T + QP - 1) / QP;
+  const int64_t per_task = std::max<int64_t>(1, TILE_ROWS / group);  // query positions per task
+  const int64_t tiles = (T + per_task - 1) / per_task;
   // Later queries see more keys: tasks alternate between the first and the last tiles, so each thread's
   // contiguous share of them holds as much work as the other's.
   at::parallel_for(0, tiles * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> ml(2 * QP * group), p(R * KB);
+    std::vector<float> ml(2 * per_task * group), p(R * KB);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k = t / Hkv, h = t % Hkv;
       const int64_t tile = k % 2 == 0 ? k / 2 : tiles - 1 - k / 2;
-      const int64_t i0 = tile * QP, i1 = std::min(T, i0 + QP), rows = (i1 - i0) * group;
+      const int64_t i0 = tile * per_task, i1 = std::min(T, i0 + per_task), rows = (i1 - i0) * group;
       // The tile's rows, position-major: row x is query head h·group + x % group of position i0 + x / group.
       float* m = ml.data();
-      float* l = m + QP * group;
+      float* l = m + per_task * group;
       std::fill(m, l, -std::numeric_limits<float>::infinity());
-      std::fill(l, l + QP * group, 0.0f);
+      std::fill(l, l + per_task * group, 0.0f);
       auto out_row = [&](int64_t x) { return out + (i0 + x / group) * Hq * D + (h * group + x % group) * D; };
       for (int64_t x = 0; x < rows; ++x) std::fill_n(out_row(x), D, 0.0f);
       const float* kth = kt.data() + h * D * ldk;
