@@ -170,7 +170,8 @@ class PagedBatch:
 
     Sequences that decode one token are attended together: their context slots, padded to the longest, are
     gathered with one index per layer and multiplied in one batched product (built once per step, here).
-    Prefill chunks attend one by one, each over its own context only.
+    Prefill chunks attend one by one, each over its own context only (natively fused, reading the pool in place,
+    at the head sizes the kernel has).
     """
 
     def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, sequences: list[SequenceSlice]):
