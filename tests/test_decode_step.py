@@ -109,6 +109,29 @@ def test_rms_norm_and_silu_equal_pytorch(shape):
     assert torch.allclose(native.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rms_norm_follows_the_reference(dtype, monkeypatch):
+    """RMSNorm on bf16/fp16 input normalises in float32 (natively when it can) and multiplies by the weight after
+    the cast back, as transformers' Qwen RMSNorm does: the native path equals the PyTorch formula except for
+    rare last-bit differences (its sum of squares is more precise)."""
+    from qwen_engine.models.layers import RMSNorm
+
+    if kernels.native() is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(1280, 1e-6)
+    norm.weight.copy_(1 + torch.randn(1280, generator=gen) * 0.1)
+    norm.to(dtype)
+    x = (torch.randn(300, 1280, generator=gen) * 3).to(dtype)
+    native = norm(x)
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    reference = norm(x)
+    assert native.dtype == reference.dtype == dtype
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    assert torch.allclose(native.float(), reference.float(), rtol=ulp, atol=0)
+    assert (native != reference).float().mean().item() < 0.01
+
+
 @pytest.mark.parametrize("head_dim", [64, 128, 96, 20])
 def test_native_rotary_is_bit_identical(head_dim):
     # 16 pairs at a time while they last (64, 128, 96), then one by one (96's tail is empty; 20 is all tail).

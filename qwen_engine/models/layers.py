@@ -24,10 +24,15 @@ class RMSNorm(nn.Module):
             if native is not None:  # one pass over x (F.rms_norm dispatches ~6 ops on the CPU)
                 return native.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in float32 whatever the weights' dtype: bf16/fp16 variance loses too much precision.
+        # Normalise in float32 whatever the weights' dtype: bf16/fp16 variance loses too much precision. The
+        # weight multiplies after the cast back, as in the reference.
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        native = kernels.native() if x.device.type == "cpu" else None
+        if native is not None:  # one pass instead of pow, mean, rsqrt and a product over float32 copies
+            x = native.rms_norm(x, torch.ones(x.shape[-1]), self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 

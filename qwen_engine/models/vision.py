@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..weights.safetensors import iter_tensors
-from .layers import RMSNorm, apply_rotary
+from .layers import RMSNorm, rotate
 from .vision_layout import VisionLayout, build_layout
 
 __all__ = ["VisionConfig", "VisionLayout", "VisionTransformer", "load_vision_weights", "segment_attention"]
@@ -211,9 +211,10 @@ class VisionAttention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
-        # Rotate in float32 whatever the weights' dtype, as the reference does.
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        # Rotate in float32 whatever the weights' dtype, as the reference does (in place, natively, where it can:
+        # q and k are views of this layer's qkv output, or float32 copies of them).
+        q = rotate(q.float(), cos, sin).to(v.dtype)
+        k = rotate(k.float(), cos, sin).to(v.dtype)
         return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
 
 
