@@ -151,3 +151,25 @@ def test_native_rotary_is_bit_identical(head_dim):
     native.rotary_(q, cos, sin)
     assert torch.equal(q, expected)
     assert torch.equal(torch.signbit(q), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("head_dim", [80, 64, 128, 20])
+def test_bf16_rotary_in_place_equals_rotating_a_float32_copy(head_dim):
+    """The vision towers in bfloat16 rotate q and k in float32 (the reference's x.float() … .to(bf16)); the native
+    kernel converts on the fly and rounds once at the end: bit-identical, 80 (Qwen2.5-VL) with a scalar tail."""
+    native = kernels.native()
+    if native is None or not native.bf16_kernels():
+        pytest.skip("no bfloat16 kernels in this build")
+    from qwen_engine.models.layers import apply_rotary, rotate_in_float32
+
+    gen = torch.Generator().manual_seed(head_dim)
+    qkv = (torch.randn(9, 3 * 4 * head_dim, generator=gen) * 3).bfloat16()
+    angles = torch.randn(9, head_dim // 2, generator=gen) * 40
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q = qkv[:, : 4 * head_dim].view(9, 4, head_dim)  # strided rows, as inside the fused qkv output
+    expected = apply_rotary(q.float(), cos, sin).to(torch.bfloat16)
+    untouched = qkv[:, 4 * head_dim :].clone()
+    rotated = rotate_in_float32(q, cos, sin)
+    assert rotated.data_ptr() == q.data_ptr()  # in place
+    assert torch.equal(rotated, expected)
+    assert torch.equal(qkv[:, 4 * head_dim :], untouched)

@@ -736,6 +736,10 @@ void causal_softmax_(torch::Tensor scores, double scale);
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& slots, double scale);
 bool prefill_attention_supports(int64_t head_dim);
+// bf16_ops.cpp
+bool bf16_kernels();
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 // decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
 void register_int8(pybind11::module& m);
@@ -751,6 +755,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
   m.def("prefill_attention", &prefill_attention, "a prompt chunk's causal attention over its paged K/V slots, fused");
   m.def("prefill_attention_supports", &prefill_attention_supports, "whether prefill_attention has a kernel for this head size");
+  m.def("bf16_kernels", &bf16_kernels, "whether this build has the bfloat16 elementwise kernels");
+  m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
+  m.def("rotary_bf16_", &rotary_bf16_, "in place: rotate bfloat16 q or k in float32 by per-token cos/sin tables");
   register_decode_step(m);
   register_int8(m);
 }

@@ -27,8 +27,10 @@ class RMSNorm(nn.Module):
         # Normalise in float32 whatever the weights' dtype: bf16/fp16 variance loses too much precision. The
         # weight multiplies after the cast back, as in the reference.
         dtype = x.dtype
-        x = x.float()
         native = kernels.native() if x.device.type == "cpu" else None
+        if native is not None and dtype == self.weight.dtype == torch.bfloat16 and native.bf16_kernels():
+            return native.rms_norm_bf16(x, self.weight, self.eps)  # the same roundings, one pass, no copies
+        x = x.float()
         if native is not None:  # one pass instead of pow, mean, rsqrt and a product over float32 copies
             x = native.rms_norm(x, torch.ones(x.shape[-1]), self.eps)
         else:
@@ -159,6 +161,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         return apply_rotary(x, cos, sin)
     native.rotary_(x, cos, sin)
     return x
+
+
+def rotate_in_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x rotated in float32 and returned in its own dtype, as the vision reference does for bf16 towers; in place
+    by a native kernel where there is one (x is then modified: pass a tensor you own)."""
+    native = kernels.native() if x.device.type == "cpu" else None
+    if (native is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and cos.dtype == torch.float32
+            and native.bf16_kernels()):
+        native.rotary_bf16_(x, cos, sin)
+        return x
+    return rotate(x.float(), cos, sin).to(x.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..weights.safetensors import iter_tensors
-from .layers import RMSNorm, rotate
+from .layers import RMSNorm, rotate_in_float32
 from .vision_layout import VisionLayout, build_layout
 
 __all__ = ["VisionConfig", "VisionLayout", "VisionTransformer", "load_vision_weights", "segment_attention"]
@@ -211,10 +211,10 @@ class VisionAttention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)
-        # Rotate in float32 whatever the weights' dtype, as the reference does (in place, natively, where it can:
-        # q and k are views of this layer's qkv output, or float32 copies of them).
-        q = rotate(q.float(), cos, sin).to(v.dtype)
-        k = rotate(k.float(), cos, sin).to(v.dtype)
+        # Rotated in float32 whatever the weights' dtype, as the reference does; in place (q and k are views of
+        # this layer's qkv output) where a native kernel can.
+        q = rotate_in_float32(q, cos, sin)
+        k = rotate_in_float32(k, cos, sin)
         return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
 
 

@@ -1,0 +1,125 @@
+// Elementwise steps of bfloat16 models in one pass each. The reference (transformers, and our PyTorch path)
+// computes them in float32 on a converted copy and converts back. These kernels convert on the fly and round to
+// bf16 exactly where the reference rounds, so the results are the reference's. (The RMS norm's sum of squares is
+// taken in double, as in decode_step.cpp, which can move a rare value by one last bit.)
+//
+//   rms_norm_bf16: y = w * bf16(x / sqrt(mean(x^2) + eps))     (the product rounded to bf16: w * x.to(bf16))
+//   rotary_bf16_:  x = bf16(x * cos + rotate_half(x) * sin)      (in float32: layers.apply_rotary on x.float())
+//
+// Built where the compiler targets AVX512-BF16 (its rounding instruction); elsewhere `bf16_kernels()` is false
+// and the callers keep the PyTorch path.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QE_BF16 1
+#else
+#define QE_BF16 0
+#endif
+
+#if QE_BF16
+namespace {
+
+inline __m512 load16(const c10::BFloat16* p) {  // 16 bf16 → float32 (exact: a shift)
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __m256i to_bf16(__m512 v) {  // round to nearest even, as PyTorch's conversion
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+}
+
+inline __m512 widen(__m256i b) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16)); }
+
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+}
+
+inline float f(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float rounded(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+}  // namespace
+#endif
+
+bool bf16_kernels() { return QE_BF16; }
+
+torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && weight.dtype() == torch::kBFloat16 && x.device().is_cpu() &&
+                  x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
+              "rms_norm_bf16: x bfloat16 [..., n] and weight bfloat16 [n] on the CPU");
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  auto y = torch::empty_like(xc);
+#if QE_BF16
+  const int64_t dim = xc.size(-1), rows = dim ? xc.numel() / dim : 0;
+  const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *wp = wc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const float feps = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const c10::BFloat16* a = xp + r * dim;
+      c10::BFloat16* o = yp + r * dim;
+      __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+      int64_t i = 0;
+      for (; i + 16 <= dim; i += 16) {
+        const __m512 v = load16(a + i);
+        const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+        s0 = _mm512_fmadd_pd(lo, lo, s0);
+        s1 = _mm512_fmadd_pd(hi, hi, s1);
+      }
+      double ss = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+      for (; i < dim; ++i) ss += static_cast<double>(f(a[i])) * f(a[i]);
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / dim) + feps);
+      const __m512 vinv = _mm512_set1_ps(inv);
+      for (i = 0; i + 16 <= dim; i += 16) {
+        const __m512 z = widen(to_bf16(_mm512_mul_ps(load16(a + i), vinv)));  // x.to(bf16) after normalising
+        store16(o + i, _mm512_mul_ps(load16(wp + i), z));
+      }
+      for (; i < dim; ++i) o[i] = c10::BFloat16(f(wp[i]) * rounded(f(a[i]) * inv));
+    }
+  });
+#endif
+  return y;
+}
+
+void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
+  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 3 && x.stride(2) == 1, "x must be bfloat16 [T, H, D]");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == D,
+              "cos/sin must be [T, D] for an even D");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  TORCH_CHECK(cc.dtype() == torch::kFloat32 && sc.dtype() == torch::kFloat32, "cos/sin must be float32");
+#if QE_BF16
+  c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *c = cp + t * D, *s = sp + t * D;
+      for (int64_t h = 0; h < H; ++h) {
+        c10::BFloat16* r = xp + t * st + h * sh;
+        int64_t i = 0;
+        // The products and sums of layers.apply_rotary, in float32 and in its order; one rounding at the end.
+        for (; i + 16 <= half; i += 16) {
+          const __m512 a = load16(r + i), b = load16(r + i + half);
+          const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));
+          store16(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)), _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
+          store16(r + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(c + i + half)),
+                                              _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half))));
+        }
+        for (; i < half; ++i) {
+          const float a = f(r[i]), b = f(r[i + half]);
+          r[i] = c10::BFloat16(a * c[i] + (-b) * s[i]);
+          r[i + half] = c10::BFloat16(b * c[i + half] + a * s[i + half]);
+        }
+      }
+    }
+  });
+#endif
+}
