@@ -153,6 +153,22 @@ def test_native_rotary_is_bit_identical(head_dim):
     assert torch.equal(torch.signbit(q), torch.signbit(expected))
 
 
+def test_bf16_silu_mul_rounds_as_the_two_pytorch_ops():
+    """Qwen2.5-VL's bf16 MLP: silu(gate) * up in one pass equals F.silu(gate) * up, which rounds to bf16 twice.
+    Only where silu underflows (gate ≲ -88, result below 1e-30) may ours keep a tiny value PyTorch rounds to 0."""
+    native = kernels.native()
+    if native is None or not native.bf16_kernels():
+        pytest.skip("no bfloat16 kernels in this build")
+    gen = torch.Generator().manual_seed(3)
+    gate = (torch.randn(37, 3420, generator=gen) * 4).bfloat16()
+    up = (torch.randn(37, 3420, generator=gen) * 4).bfloat16()
+    gate[0, :5] = torch.tensor([-200.0, 200.0, -87.0, 0.0, -0.0])
+    ours, reference = native.silu_mul_bf16(gate, up), F.silu(gate) * up
+    differ = ours != reference
+    assert differ.sum().item() <= 1
+    assert (reference[differ].float().abs() < 1e-30).all() and (ours[differ].float().abs() < 1e-30).all()
+
+
 @pytest.mark.parametrize("head_dim", [80, 64, 128, 20])
 def test_bf16_rotary_in_place_equals_rotating_a_float32_copy(head_dim):
     """The vision towers in bfloat16 rotate q and k in float32 (the reference's x.float() … .to(bf16)); the native

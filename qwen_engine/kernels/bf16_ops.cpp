@@ -5,6 +5,7 @@
 //
 //   rms_norm_bf16: y = w * bf16(x / sqrt(mean(x^2) + eps))     (the product rounded to bf16: w * x.to(bf16))
 //   rotary_bf16_:  x = bf16(x * cos + rotate_half(x) * sin)      (in float32: layers.apply_rotary on x.float())
+//   silu_mul_bf16: y = bf16(bf16(g / (1 + e^-g)) * u)              (F.silu(gate) * up, each rounded to bf16)
 //
 // Built where the compiler targets AVX512-BF16 (its rounding instruction); elsewhere `bf16_kernels()` is false
 // and the callers keep the PyTorch path.
@@ -13,6 +14,8 @@
 #include <torch/extension.h>
 
 #include <cmath>
+
+#include "vec_math.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -122,4 +125,33 @@ void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor
     }
   });
 #endif
+}
+
+torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
+  TORCH_CHECK(gate.dtype() == torch::kBFloat16 && up.dtype() == torch::kBFloat16 && gate.sizes() == up.sizes() &&
+                  gate.device().is_cpu() && up.device().is_cpu(),
+              "silu_mul_bf16: gate and up bfloat16 of one shape on the CPU");
+  const auto gc = gate.contiguous(), uc = up.contiguous();
+  auto y = torch::empty_like(gc);
+#if QE_BF16
+  const c10::BFloat16 *gp = gc.data_ptr<c10::BFloat16>(), *up_ = uc.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t n = gc.numel();
+  at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t b0, int64_t b1) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t i = b0 * 16;
+    const int64_t end = std::min(n, b1 * 16);
+    for (; i + 16 <= end; i += 16) {
+      const __m512 g = load16(gp + i);
+      const __m512 s = widen(to_bf16(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))))));
+      store16(yp + i, _mm512_mul_ps(s, load16(up_ + i)));
+    }
+    for (; i < end; ++i) {
+      const float g = f(gp[i]);
+      yp[i] = c10::BFloat16(rounded(g / (1.0f + std::exp(-g))) * f(up_[i]));
+    }
+  });
+#endif
+  return y;
 }

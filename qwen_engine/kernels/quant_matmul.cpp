@@ -740,6 +740,7 @@ bool prefill_attention_supports(int64_t head_dim);
 bool bf16_kernels();
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
+torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up);
 // decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
 void register_int8(pybind11::module& m);
@@ -758,6 +759,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_kernels", &bf16_kernels, "whether this build has the bfloat16 elementwise kernels");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
   m.def("rotary_bf16_", &rotary_bf16_, "in place: rotate bfloat16 q or k in float32 by per-token cos/sin tables");
+  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   register_decode_step(m);
   register_int8(m);
 }
