@@ -127,8 +127,9 @@ class QwenTokenizer:
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         self._vocab_size = len(vocab)
         self._max_id = max(vocab.values(), default=-1)
-        self._special_ids = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
-        self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
+        added = tokenizer.get_added_tokens_decoder()
+        self._special_ids = {i for i, t in added.items() if t.special}
+        self._added = {i: t.content for i, t in added.items()}
         self._byte_decoder = unicode_to_byte()
         self._to_latin1 = {ord(c): b for c, b in self._byte_decoder.items()}
         # Bytes of the tokens seen so far; the whole table (151k tokens, ~0.15 s to build) only when asked for,
