@@ -1,10 +1,10 @@
-// Elementwise steps of bfloat16 models in one pass each. The reference (transformers, and our PyTorch path)
+// Elementwise steps of bfloat16 models in one pass each (the rotation of bfloat16 q/k is rotary_, in
+// paged_attention.cpp). The reference (transformers, and our PyTorch path)
 // computes them in float32 on a converted copy and converts back. These kernels convert on the fly and round to
 // bf16 exactly where the reference rounds, so the results are the reference's. (The RMS norm's sum of squares is
 // taken in double, as in decode_step.cpp, which can move a rare value by one last bit.)
 //
 //   rms_norm_bf16: y = w * bf16(x / sqrt(mean(x^2) + eps))     (the product rounded to bf16: w * x.to(bf16))
-//   rotary_bf16_:  x = bf16(x * cos + rotate_half(x) * sin)      (in float32: layers.apply_rotary on x.float())
 //   silu_mul_bf16: y = bf16(bf16(g / (1 + e^-g)) * u)              (F.silu(gate) * up, each rounded to bf16)
 //
 // Built where the compiler targets AVX512-BF16 (its rounding instruction); elsewhere `bf16_kernels()` is false
@@ -88,43 +88,6 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   });
 #endif
   return y;
-}
-
-void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 3 && x.stride(2) == 1, "x must be bfloat16 [T, H, D]");
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == D,
-              "cos/sin must be [T, D] for an even D");
-  const auto cc = cos.contiguous(), sc = sin.contiguous();
-  TORCH_CHECK(cc.dtype() == torch::kFloat32 && sc.dtype() == torch::kFloat32, "cos/sin must be float32");
-#if QE_BF16
-  c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
-  const int64_t st = x.stride(0), sh = x.stride(1);
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const float *c = cp + t * D, *s = sp + t * D;
-      for (int64_t h = 0; h < H; ++h) {
-        c10::BFloat16* r = xp + t * st + h * sh;
-        int64_t i = 0;
-        // The products and sums of layers.apply_rotary, in float32 and in its order; one rounding at the end.
-        for (; i + 16 <= half; i += 16) {
-          const __m512 a = load16(r + i), b = load16(r + i + half);
-          const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));
-          store16(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)), _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
-          store16(r + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(c + i + half)),
-                                              _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half))));
-        }
-        for (; i < half; ++i) {
-          const float a = f(r[i]), b = f(r[i + half]);
-          r[i] = c10::BFloat16(a * c[i] + (-b) * s[i]);
-          r[i + half] = c10::BFloat16(b * c[i + half] + a * s[i + half]);
-        }
-      }
-    }
-  });
-#endif
 }
 
 torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up) {

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
@@ -267,40 +268,77 @@ void causal_softmax_(torch::Tensor scores, double scale) {
 
 // In place, for x [T, H, D] (rows may be strided, e.g. q and k inside the fused qkv output) and cos/sin [T, D]:
 // x = x * cos + rotate_half(x) * sin, pairs (i, i + D/2) as in Qwen. The same operations as the PyTorch
-// version (layers.apply_rotary), in the same order, so the results are bit-identical.
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 3 && x.stride(2) == 1, "x must be float32 [T, H, D]");
-  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
-  TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == D,
-              "cos/sin must be [T, D] for an even D");
-  const auto cc = cos.contiguous(), sc = sin.contiguous();
-  TORCH_CHECK(cc.dtype() == torch::kFloat32 && sc.dtype() == torch::kFloat32, "cos/sin must be float32");
-  float* xp = x.data_ptr<float>();
-  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
-  const int64_t st = x.stride(0), sh = x.stride(1);
-  at::parallel_for(0, T, 64, [&](int64_t t0, int64_t t1) {
+// version (layers.apply_rotary), in the same order, so the results are bit-identical. bfloat16 x is rotated in
+// float32 and rounded once at the end, as apply_rotary on x.float() then .to(bfloat16) (the vision towers).
+namespace {
+
+inline float as_float(float v) { return v; }
+inline float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+// 16 values as float32, and back (bfloat16: widened exactly; rounded to nearest even, as PyTorch rounds).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+#if defined(__AVX512BF16__)
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+#endif
+#endif
+
+template <class T>
+void rotate_rows(T* xp, int64_t st, int64_t sh, const float* cp, const float* sp, int64_t T_, int64_t H, int64_t D) {
+  const int64_t half = D / 2;
+  at::parallel_for(0, T_, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const float *c = cp + t * D, *s = sp + t * D;
       for (int64_t h = 0; h < H; ++h) {
-        float* r = xp + t * st + h * sh;
+        T* r = xp + t * st + h * sh;
         int64_t i = 0;
 #if defined(__AVX512F__)
+        constexpr bool vectors = std::is_same<T, float>::value
+#if defined(__AVX512BF16__)
+                                 || std::is_same<T, c10::BFloat16>::value
+#endif
+            ;
         // The same products and sums, 16 pairs at a time (the scalar loop is not vectorised: r may alias c, s).
-        for (; i + 16 <= half; i += 16) {
-          const __m512 a = _mm512_loadu_ps(r + i), b = _mm512_loadu_ps(r + i + half);
-          const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));  // -b, sign of zero included
-          _mm512_storeu_ps(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)),
-                                                _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
-          _mm512_storeu_ps(r + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(c + i + half)),
-                                                       _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half))));
-        }
+        if constexpr (vectors)
+          for (; i + 16 <= half; i += 16) {
+            const __m512 a = load16(r + i), b = load16(r + i + half);
+            const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));  // -b, sign of zero included
+            store16(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)),
+                                         _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
+            store16(r + i + half, _mm512_add_ps(_mm512_mul_ps(b, _mm512_loadu_ps(c + i + half)),
+                                                _mm512_mul_ps(a, _mm512_loadu_ps(s + i + half))));
+          }
 #endif
         for (; i < half; ++i) {
-          const float a = r[i], b = r[i + half];
-          r[i] = a * c[i] + (-b) * s[i];
-          r[i + half] = b * c[i + half] + a * s[i + half];
+          const float a = as_float(r[i]), b = as_float(r[i + half]);
+          r[i] = T(a * c[i] + (-b) * s[i]);
+          r[i + half] = T(b * c[i + half] + a * s[i + half]);
         }
       }
     }
   });
+}
+
+}  // namespace
+
+void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK((x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16) && x.dim() == 3 && x.stride(2) == 1,
+              "x must be float32 or bfloat16 [T, H, D]");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == D,
+              "cos/sin must be [T, D] for an even D");
+  const auto cc = cos.contiguous(), sc = sin.contiguous();
+  TORCH_CHECK(cc.dtype() == torch::kFloat32 && sc.dtype() == torch::kFloat32, "cos/sin must be float32");
+  const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  if (x.dtype() == torch::kFloat32)
+    rotate_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), cp, sp, T, H, D);
+  else
+    rotate_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), x.stride(1), cp, sp, T, H, D);
 }

@@ -739,7 +739,6 @@ bool prefill_attention_supports(int64_t head_dim);
 // bf16_ops.cpp
 bool bf16_kernels();
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-void rotary_bf16_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up);
 // decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
@@ -752,13 +751,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
-  m.def("rotary_", &rotary_, "rotate q or k in place by per-token cos/sin tables");
+  m.def("rotary_", &rotary_, "rotate q or k (float32, or bfloat16 in float32) in place by per-token cos/sin tables");
   m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
   m.def("prefill_attention", &prefill_attention, "a prompt chunk's causal attention over its paged K/V slots, fused");
   m.def("prefill_attention_supports", &prefill_attention_supports, "whether prefill_attention has a kernel for this head size");
   m.def("bf16_kernels", &bf16_kernels, "whether this build has the bfloat16 elementwise kernels");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
-  m.def("rotary_bf16_", &rotary_bf16_, "in place: rotate bfloat16 q or k in float32 by per-token cos/sin tables");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   register_decode_step(m);
   register_int8(m);

@@ -167,9 +167,8 @@ def rotate_in_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     """x rotated in float32 and returned in its own dtype, as the vision reference does for bf16 towers; in place
     by a native kernel where there is one (x is then modified: pass a tensor you own)."""
     native = kernels.native() if x.device.type == "cpu" else None
-    if (native is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and cos.dtype == torch.float32
-            and native.bf16_kernels()):
-        native.rotary_bf16_(x, cos, sin)
+    if native is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1 and cos.dtype == torch.float32:
+        native.rotary_(x, cos, sin)
         return x
     return rotate(x.float(), cos, sin).to(x.dtype)
 
