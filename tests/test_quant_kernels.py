@@ -175,3 +175,42 @@ def test_bad_weights_are_refused():
         QuantLinear([(raw, Q.Q5_1)], 64)
     with pytest.raises(ValueError, match="bias"):
         QuantLinear([(raw, Q.Q8_0)], 64, torch.zeros(5))
+
+
+# Prefill products on AMX bfloat16 tiles (amx_linear.cpp): x in three bfloat16 pieces against the weights'
+# integers, so every product is exact and only the order of the float32 additions differs. Held to 1e-6 of
+# |x| @ |w|.T per value (measured ≤ 1e-7), and to no more error than the float32 MKL path as a whole
+# (measured 2-3x less: the sums run over 32 values before scaling). Leaving out x's third piece gives ~100x
+# the MKL path's error; leaving out the weights' low piece in the two-piece form breaks the first bound.
+AMX_CASES = [
+    ((Q.Q5_0,), 896, (37,), 65),                       # one piece; tails in tokens and rows
+    ((Q.Q8_0,), 64, (33,), 100),
+    ((Q.Q4_0,), 96, (40,), 80),
+    ((Q.Q4_K,), 512, (48,), 97),                       # one piece with minimums
+    ((Q.Q6_K,), 512, (31,), 96),                       # two pieces, one scale per 256 values
+    ((Q.Q4_K, Q.Q6_K), 1280, (19, 14), 129),           # two pieces with minimums
+    ((Q.Q5_0, Q.Q5_0, Q.Q8_0), 896, (64, 16, 16), 300),  # stacked q/k/v; several token chunks
+    ((Q.Q5_0,), 1216, (35,), 70),                      # two K chunks
+    ((Q.Q4_K,), 4864, (20,), 180),                     # K chunks of whole super-blocks
+]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "+".join(t.name for t in c[0]) + f"-K{c[1]}-M{c[3]}")
+def test_amx_prefill_is_exact_to_float32_rounding(native, case):
+    if not native.amx_prefill_available():
+        pytest.skip("this CPU (or kernel) gives no AMX tiles")
+    qtypes, cols, rows, batch = case
+    raws = [random_blocks(t, n, cols, seed=i) for i, (t, n) in enumerate(zip(qtypes, rows, strict=True))]
+    weight = torch.cat([reference(r, t, cols) for r, t in zip(raws, qtypes, strict=True)]).double()
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+    bias = torch.randn(sum(rows), generator=torch.Generator().manual_seed(1))
+    exact = x.double() @ weight.T + bias.double()
+    args = ([torch.from_numpy(r) for r in raws], [int(t) for t in qtypes], bias, GEMV_MAX_ROWS)
+    error = (native.linear(x, *args).double() - exact).abs()
+    assert (error <= 1e-6 * (x.double().abs() @ weight.abs().T)).all()
+    was = native.set_amx_prefill(False)
+    try:
+        mkl_error = (native.linear(x, *args).double() - exact).norm()
+    finally:
+        native.set_amx_prefill(was)
+    assert error.norm() <= 1.5 * mkl_error, (error.norm() / mkl_error).item()

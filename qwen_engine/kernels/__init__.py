@@ -1,6 +1,7 @@
-"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp), decode
-attention over the paged KV cache (paged_attention.cpp), whole decode steps (decode_step.cpp) and the lossy
-w8a8 mode's int8 products (int8_matmul.cpp).
+"""Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp; prefill on
+AMX tiles where the CPU has them, amx_linear.cpp), decode attention over the paged KV cache
+(paged_attention.cpp), whole decode steps (decode_step.cpp) and the lossy w8a8 mode's int8 products
+(int8_matmul.cpp).
 
 The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
 `~/.cache/qwen-engine/kernels/<hash of the sources, flags and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
@@ -24,8 +25,8 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
-                         "int8_matmul.cpp", "bf16_ops.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h")]
+                         "int8_matmul.cpp", "bf16_ops.cpp", "amx_linear.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "amx_linear.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
@@ -75,6 +76,8 @@ def native() -> ModuleType | None:
         return None
     try:
         _module = _build()
+        if os.environ.get("QWEN_ENGINE_AMX", "1") == "0" and hasattr(_module, "set_amx_prefill"):
+            _module.set_amx_prefill(False)  # prefill on MKL float32 even where AMX tiles exist
     except Exception as e:  # no compiler, no headers, a failed build: the slow path still gives the same numbers
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         print(f"qwen-engine: native kernels unavailable ({reason[:200]}); using dequantise + matmul",

@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "amx_linear.h"
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 
@@ -189,8 +191,6 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#include <sys/syscall.h>
-#include <unistd.h>
 #define QE_AMX 1
 #else
 #define QE_AMX 0
@@ -200,10 +200,7 @@ namespace {
 #if QE_AMX
 // AMX (Sapphire Rapids and later): a tile instruction multiplies 16 rows of x by 16 weight rows over 64 bytes
 // (16K multiply-adds). Linux hands out the tile registers only on request, once per process.
-bool amx_usable() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
+bool amx_usable() { return qe_amx::tiles_granted(); }
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};

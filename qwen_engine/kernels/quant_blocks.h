@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -129,21 +130,27 @@ struct Q5_0 {  // as Q4_0 plus a fifth bit per value in qh (bit j for value j); 
 
 struct Q4_K {  // d, dmin, 12 bytes of packed 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes of nibbles
   static constexpr int QK = 256, BYTES = 144;
-  // Sub-block j's scale and min, unpacked from the 12 bytes as ggml packs them.
-  static void scales(const uint8_t* b, float* ds, float* dm) {
-    const float d = f16(b), dmin = f16(b + 2);
+  // Sub-block j's 6-bit scale and min, unpacked from the 12 bytes as ggml packs them.
+  static void sub_scales(const uint8_t* b, int* sc, int* m) {
     const uint8_t* s = b + 4;
     for (int j = 0; j < 8; ++j) {
-      int sc, m;
       if (j < 4) {
-        sc = s[j] & 63;
-        m = s[j + 4] & 63;
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
       } else {
-        sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        sc[j] = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
       }
-      ds[j] = d * static_cast<float>(sc);
-      dm[j] = dmin * static_cast<float>(m);
+    }
+  }
+  // Sub-block j's scale d * sc[j] and min dmin * m[j].
+  static void scales(const uint8_t* b, float* ds, float* dm) {
+    const float d = f16(b), dmin = f16(b + 2);
+    int sc[8], m[8];
+    sub_scales(b, sc, m);
+    for (int j = 0; j < 8; ++j) {
+      ds[j] = d * static_cast<float>(sc[j]);
+      dm[j] = dmin * static_cast<float>(m[j]);
     }
   }
   // Bytes 32g..32g+31 of qs hold sub-block 2g in their low nibbles and 2g + 1 in their high nibbles.
@@ -193,11 +200,10 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
     }
   }
 #if QE_AVX512
+  // f(v, q - 32) for the 16-value groups v = 0..15 (values 16v..16v + 15), as int32 lanes.
   template <class F>
-  static inline void vec(const uint8_t* b, F&& f) {
+  static inline void ints(const uint8_t* b, F&& f) {
     const uint8_t *ql = b, *qh = b + 128;
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = f16(b + 208);
     const __m512i fifteen = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
     for (int h = 0; h < 2; ++h)
       for (int half = 0; half < 2; ++half) {
@@ -207,11 +213,15 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
           const __m512i lowbytes = (t & 1) ? low1 : low0;
           const __m512i low = t < 2 ? _mm512_and_si512(lowbytes, fifteen) : _mm512_srli_epi32(lowbytes, 4);
           const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(high_bits, _mm512_set1_epi32(2 * t)), three);
-          const __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), bias);
-          const int v = 8 * h + 2 * t + half;
-          f(v, scaled(q, _mm512_set1_ps(d * static_cast<float>(sc[v]))));
+          f(8 * h + 2 * t + half, _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), bias));
         }
       }
+  }
+  template <class F>
+  static inline void vec(const uint8_t* b, F&& f) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    ints(b, [&](int v, __m512i q) { f(v, scaled(q, _mm512_set1_ps(d * static_cast<float>(sc[v])))); });
   }
 #endif
 };
@@ -269,5 +279,69 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
 #endif
   }
 }
+
+#if QE_AVX512
+// Blocks of 32 values with one f16 scale d at byte 0 (Q8_0, Q5_0) have a faster decode path: `q` gives the
+// unscaled values (as exact small integers in float32) and the scale is applied once per block to a partial
+// sum (M = 1) or to the 32 values (M > 1). The rounding differs from dequantise-then-multiply, not the maths.
+template <class B>
+struct Unscaled : std::false_type {};
+template <>
+struct Unscaled<Q8_0> : std::true_type {
+  static constexpr bool PERMUTED = false;
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
+    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
+  }
+};
+template <>
+struct Unscaled<Q5_0> : std::true_type {
+  // One two-table permute per 16 values: index bits 0-3 are the nibble, bit 4 the value's qh bit, rotated into
+  // place lane by lane (bits above 4 are ignored by the permute). Tables: q - 16 for q = 0..15 and 16..31.
+#if QE_VBMI
+  // Lane j holds values b(j) and 16 + b(j) of the block (so x is permuted to match, see permute_x): a 128-bit
+  // broadcast of the 16 nibble bytes puts bytes 0-7 in the even qwords and 8-15 in the odd ones, and one
+  // multishift copies byte b(j) to bits 0-7 of dword j and its high nibble to bits 16-19. qh rotated by
+  // 4 - b(j) brings bits b(j) and 16 + b(j) to bits 4 and 20, so one select gives both indices.
+  static constexpr bool PERMUTED = true;
+  static int lane_value(int j) { return ((j / 2) % 2) * 8 + (j / 4) * 2 + (j % 2); }
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // multishift control: dword j = the bytes at bit offsets p, p, p + 4, p of its qword, p = 8 (b(j) % 8).
+    const __m512i ctrl = _mm512_setr_epi32(0x00040000, 0x080c0808, 0x00040000, 0x080c0808, 0x10141010, 0x181c1818,
+                                           0x10141010, 0x181c1818, 0x20242020, 0x282c2828, 0x20242020, 0x282c2828,
+                                           0x30343030, 0x383c3838, 0x30343030, 0x383c3838);
+    const __m512i rot = _mm512_setr_epi32(4, 3, 28, 27, 2, 1, 26, 25, 0, 31, 24, 23, 30, 29, 22, 21);
+    const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
+    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
+    const __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6)));
+    // ternary logic 0xD8: third ? second : first, bit by bit (nibbles from the bytes, the rest from qh).
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot), _mm512_multishift_epi64_epi8(ctrl, qs),
+                                                  nibbles, 0xD8);
+    lo = _mm512_permutex2var_ps(t_lo, idx, t_hi);
+    hi = _mm512_permutex2var_ps(t_lo, _mm512_srli_epi32(idx, 16), t_hi);
+  }
+#else
+  static constexpr bool PERMUTED = false;
+  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
+    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
+    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // Lane j: bit j of qh (value j) and bit 16 + j (value 16 + j) rotated to bit 4.
+    const __m512i rot_lo = _mm512_setr_epi32(4, 3, 2, 1, 0, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21);
+    const __m512i rot_hi = _mm512_setr_epi32(20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5);
+    const __m512i fifteen = _mm512_set1_epi32(15);
+    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
+    const __m512i q = bytes16(b + 6);
+    // ternary logic 0xD8: third ? second : first, bit by bit (low 4 bits from the nibble, the rest from qh).
+    const __m512i i_lo = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_lo), q, fifteen, 0xD8);
+    const __m512i i_hi = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_hi), _mm512_srli_epi32(q, 4), fifteen, 0xD8);
+    lo = _mm512_permutex2var_ps(t_lo, i_lo, t_hi);
+    hi = _mm512_permutex2var_ps(t_lo, i_hi, t_hi);
+  }
+#endif
+};
+
+#endif
 
 }  // namespace

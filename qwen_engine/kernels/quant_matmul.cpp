@@ -29,7 +29,9 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_linear.h"
 #include "quant_blocks.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -40,67 +42,6 @@ namespace {
 // step: 16 KiB into L2 beat 1.5-8 KiB and prefetching into L1).
 constexpr int PREFETCH = 16384;
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
-
-// Blocks of 32 values with one f16 scale d at byte 0 (Q8_0, Q5_0) have a faster decode path: `q` gives the
-// unscaled values (as exact small integers in float32) and the scale is applied once per block to a partial
-// sum (M = 1) or to the 32 values (M > 1). The rounding differs from dequantise-then-multiply, not the maths.
-template <class B>
-struct Unscaled : std::false_type {};
-template <>
-struct Unscaled<Q8_0> : std::true_type {
-  static constexpr bool PERMUTED = false;
-  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
-    lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2))));
-    hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18))));
-  }
-};
-template <>
-struct Unscaled<Q5_0> : std::true_type {
-  // One two-table permute per 16 values: index bits 0-3 are the nibble, bit 4 the value's qh bit, rotated into
-  // place lane by lane (bits above 4 are ignored by the permute). Tables: q - 16 for q = 0..15 and 16..31.
-#if QE_VBMI
-  // Lane j holds values b(j) and 16 + b(j) of the block (so x is permuted to match, see permute_x): a 128-bit
-  // broadcast of the 16 nibble bytes puts bytes 0-7 in the even qwords and 8-15 in the odd ones, and one
-  // multishift copies byte b(j) to bits 0-7 of dword j and its high nibble to bits 16-19. qh rotated by
-  // 4 - b(j) brings bits b(j) and 16 + b(j) to bits 4 and 20, so one select gives both indices.
-  static constexpr bool PERMUTED = true;
-  static int lane_value(int j) { return ((j / 2) % 2) * 8 + (j / 4) * 2 + (j % 2); }
-  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
-    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
-    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // multishift control: dword j = the bytes at bit offsets p, p, p + 4, p of its qword, p = 8 (b(j) % 8).
-    const __m512i ctrl = _mm512_setr_epi32(0x00040000, 0x080c0808, 0x00040000, 0x080c0808, 0x10141010, 0x181c1818,
-                                           0x10141010, 0x181c1818, 0x20242020, 0x282c2828, 0x20242020, 0x282c2828,
-                                           0x30343030, 0x383c3838, 0x30343030, 0x383c3838);
-    const __m512i rot = _mm512_setr_epi32(4, 3, 28, 27, 2, 1, 26, 25, 0, 31, 24, 23, 30, 29, 22, 21);
-    const __m512i nibbles = _mm512_set1_epi32(0x000F000F);
-    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
-    const __m512i qs = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6)));
-    // ternary logic 0xD8: third ? second : first, bit by bit (nibbles from the bytes, the rest from qh).
-    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot), _mm512_multishift_epi64_epi8(ctrl, qs),
-                                                  nibbles, 0xD8);
-    lo = _mm512_permutex2var_ps(t_lo, idx, t_hi);
-    hi = _mm512_permutex2var_ps(t_lo, _mm512_srli_epi32(idx, 16), t_hi);
-  }
-#else
-  static constexpr bool PERMUTED = false;
-  static inline void q(const uint8_t* b, __m512& lo, __m512& hi) {
-    const __m512 t_lo = _mm512_setr_ps(-16, -15, -14, -13, -12, -11, -10, -9, -8, -7, -6, -5, -4, -3, -2, -1);
-    const __m512 t_hi = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    // Lane j: bit j of qh (value j) and bit 16 + j (value 16 + j) rotated to bit 4.
-    const __m512i rot_lo = _mm512_setr_epi32(4, 3, 2, 1, 0, 31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21);
-    const __m512i rot_hi = _mm512_setr_epi32(20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5);
-    const __m512i fifteen = _mm512_set1_epi32(15);
-    const __m512i qh = _mm512_set1_epi32(static_cast<int>(u32(b + 2)));
-    const __m512i q = bytes16(b + 6);
-    // ternary logic 0xD8: third ? second : first, bit by bit (low 4 bits from the nibble, the rest from qh).
-    const __m512i i_lo = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_lo), q, fifteen, 0xD8);
-    const __m512i i_hi = _mm512_ternarylogic_epi32(_mm512_rolv_epi32(qh, rot_hi), _mm512_srli_epi32(q, 4), fifteen, 0xD8);
-    lo = _mm512_permutex2var_ps(t_lo, i_lo, t_hi);
-    hi = _mm512_permutex2var_ps(t_lo, i_hi, t_hi);
-  }
-#endif
-};
 
 // Whether the unscaled decode of B hands out a block's values in a permuted lane order (then x must be too).
 template <class B>
@@ -379,28 +320,10 @@ void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, 
 // Rows m0..m0+15 of x (row pointers; rows past M point at zeros), columns k..k+15, transposed into
 // xt[k + i][m0 + j] (ldt floats a row).
 inline void transpose16(const float* const* rows, int64_t k, float* out, int64_t ldt) {
-  __m512 r[16], t[16];
+  __m512 r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(rows[i] + k);
-  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: a0 b0 a1 b1 / a2 b2 a3 b3
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // r[4i + j], lane L: column 4L + j of rows 4i..4i+3
-    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
-    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
-  }
-  for (int j = 0; j < 4; ++j) {
-    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88), d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-    _mm512_storeu_ps(out + j * ldt, _mm512_shuffle_f32x4(a, c, 0x88));
-    _mm512_storeu_ps(out + (4 + j) * ldt, _mm512_shuffle_f32x4(b, d, 0x88));
-    _mm512_storeu_ps(out + (8 + j) * ldt, _mm512_shuffle_f32x4(a, c, 0xDD));
-    _mm512_storeu_ps(out + (12 + j) * ldt, _mm512_shuffle_f32x4(b, d, 0xDD));
-  }
+  ::transpose16(r);
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(out + i * ldt, r[i]);
 }
 
 // x [M, K] as xt [K, Mp]: Mp = M rounded up to 16, the extra columns zero.
@@ -614,6 +537,16 @@ std::mutex scratch_mutex;
 torch::Tensor scratch;
 constexpr int64_t SCRATCH_FLOATS = int64_t(8) << 20;  // 32 MiB: a whole gate+up projection of a 0.5B model
 
+// Prefill on AMX tiles where the machine has them (amx_linear.cpp); tests switch it off to compare.
+bool amx_prefill = true;
+
+bool amx_takes(const std::vector<Segment>& segs) {
+  if (!amx_prefill || !qe_amx::tiles_granted()) return false;
+  std::vector<int64_t> qtypes;
+  for (const auto& s : segs) qtypes.push_back(s.qtype);
+  return qe_amx::supports(qtypes);
+}
+
 }  // namespace
 
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
@@ -683,6 +616,12 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     });
     return y;
   }
+  if (amx_takes(segs)) {
+    std::vector<qe_amx::Part> parts;
+    for (const auto& s : segs) parts.push_back({s.data, s.qtype, s.rows, s.row_bytes, s.first});
+    qe_amx::linear(xp, M, K, parts, N, bias_ptr, yp);
+    return y;
+  }
   std::lock_guard<std::mutex> lock(scratch_mutex);
   // Equal tiles (a last sliver would be a poor GEMM); each product writes its columns of y in place (BLAS takes
   // the row stride), so no tile is copied.
@@ -725,6 +664,14 @@ torch::Tensor dequantize_rows(const torch::Tensor& weight, int64_t qtype, int64_
 
 bool has_avx512() { return QE_AVX512; }
 
+bool amx_prefill_available() { return qe_amx::tiles_granted() && qe_amx::supports({T_Q8_0}); }
+
+bool set_amx_prefill(bool on) {
+  const bool was = amx_prefill;
+  amx_prefill = on;
+  return was;
+}
+
 // paged_attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
@@ -749,6 +696,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "a GGUF weight [rows, bytes] as float32 [rows, K]");
   m.def("dequantize_rows", &dequantize_rows, "selected rows of a GGUF weight as float32");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
+  m.def("amx_prefill_available", &amx_prefill_available, "whether prefill products can run on AMX tiles here");
+  m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
   m.def("rotary_", &rotary_, "rotate q or k (float32, or bfloat16 in float32) in place by per-token cos/sin tables");

@@ -1,0 +1,404 @@
+// Prefill products on AMX bfloat16 tiles, as exact as a float32 product.
+//
+// A tile instruction multiplies bfloat16 pairs and adds them into float32, 8192 multiply-adds at a time: on
+// this machine ~8x the float32 FMA rate of a core. Two facts make that exact here:
+//   * A GGUF weight is a small integer times a per-block scale (w = s q - m). The integers (|q| <= 128) are
+//     exact in bfloat16, so the tiles multiply q, and s (and m) are applied to each 32-value partial sum.
+//   * A float32 x is the exact sum of three bfloat16 pieces (8 + 8 + 8 significant bits): x = x1 + x2 + x3.
+//     Each product xi q is exact in float32, and the tiles add them in float32.
+// So y = sum_b s_b (x_b . q_b) - m_b sum(x_b) costs three tile products per block instead of one, and
+// differs from the float32 reference only in the order of the additions, as quant_matmul.cpp's other paths
+// do. (Values below ~1e-38, whose third piece the hardware treats as zero, lose those last bits.)
+//
+// Layout: the weights are the A operand, decoded one panel of 32 rows at a time into bfloat16 integers
+// [block][row][32 values] (a tile is 16 rows of one block, 1 KiB contiguous), with per-row scales and
+// minimums. x is the B operand: its pieces as tiles of 16 tokens, row i holding values 2i and 2i + 1 of each
+// token. A tile product gives 16 weight rows x 16 tokens; the scales are per weight row, so each block's
+// product is scaled row by row into a float32 accumulator, transposed into y at the end.
+//
+// x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them), and each
+// panel is decoded once per token chunk.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "amx_linear.h"
+#include "quant_blocks.h"
+#include "vec_math.h"
+
+#if defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if QE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define QE_AMX_BF16 1
+#else
+#define QE_AMX_BF16 0
+#endif
+
+namespace {
+#if QE_AMX_BF16
+
+constexpr int64_t PANEL = 32;                // weight rows per panel (two A tiles)
+constexpr int64_t X_PIECES_BYTES = 1 << 20;  // x pieces of one chunk, kept in L2 while the panels pass
+constexpr int64_t MAX_CHUNK_BLOCKS = 32;     // K chunk, in blocks of 32 values
+
+// Blocks hand out their values in the lane order of Unscaled<Q5_0> (quant_blocks.h); the other types are
+// permuted to it, and so is x, so that every product pairs the right values.
+inline void to_lane_order(__m512& lo, __m512& hi) {
+  if constexpr (Unscaled<Q5_0>::PERMUTED) {
+    static const __m512i order = [] {
+      alignas(64) int32_t idx[16];
+      for (int j = 0; j < 16; ++j) idx[j] = Unscaled<Q5_0>::lane_value(j);
+      return _mm512_load_si512(idx);
+    }();
+    lo = _mm512_permutexvar_ps(order, lo);
+    hi = _mm512_permutexvar_ps(order, hi);
+  }
+}
+
+// 32 float32 values (lo: 0-15, hi: 16-31) rounded to bfloat16, as one 64-byte row.
+inline __m512i bf16_row(__m512 lo, __m512 hi) { return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)); }
+
+// A bfloat16 row's halves widened back to float32 (exact).
+inline __m512 widen_lo(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+}
+inline __m512 widen_hi(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+
+// ---- weights: a panel of PANEL rows as bfloat16 integers, scales and minimums ----
+//
+// Two forms, one per call (Form below):
+//   * one piece (Q8_0, Q5_0, Q4_0, Q4_K): each 32-value block b is s q - m with |q| <= 128;
+//   * two pieces (Q6_K, Q4_K): each 256-value super-block is d Q - m_b, with Q = sub-block scale x q an integer
+//     of up to 13 bits, stored as Q mod 16 plus the rest (a multiple of 16 below 2^12): both exact in
+//     bfloat16. One scale d for 8 blocks means one scaling pass per 8 blocks.
+struct Form {
+  int pieces;  // bfloat16 pieces of each weight value
+  int group;   // blocks of 32 values sharing one scale
+};
+constexpr Form ONE_PIECE{1, 1}, TWO_PIECES{2, 8};
+
+// Where one row of a panel goes: q [block][piece][row][32], s [group][row], m [block][row].
+struct RowOut {
+  uint16_t* q;
+  float *s, *m;
+  int pieces;
+  void put(int64_t b, int piece, __m512 lo, __m512 hi) {
+    to_lane_order(lo, hi);
+    _mm512_storeu_si512(q + (b * pieces + piece) * PANEL * 32, bf16_row(lo, hi));
+  }
+  void put_split(int64_t b, __m512i lo, __m512i hi) {  // an integer of up to 13 bits as two exact pieces
+    const __m512i fifteen = _mm512_set1_epi32(15);
+    const __m512i lo_low = _mm512_and_si512(lo, fifteen), hi_low = _mm512_and_si512(hi, fifteen);
+    put(b, 0, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, lo_low)), _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, hi_low)));
+    put(b, 1, _mm512_cvtepi32_ps(lo_low), _mm512_cvtepi32_ps(hi_low));
+  }
+  void scale(int64_t group, float v) { s[group * PANEL] = v; }
+  void min(int64_t b, float v) { m[b * PANEL] = v; }
+};
+
+inline __m512i nibbles(const uint8_t* p, int shift) {  // 16 nibbles as int32 lanes
+  return _mm512_and_si512(_mm512_srli_epi32(bytes16(p), shift), _mm512_set1_epi32(15));
+}
+inline __m512 nibbles_minus(const uint8_t* p, int shift, int offset) {
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(nibbles(p, shift), _mm512_set1_epi32(offset)));
+}
+
+// Blocks [kb0, kb1) of one weight row (for K-quants, kb0 and kb1 are multiples of 8: whole super-blocks).
+void decode_row(int64_t qtype, const uint8_t* row, int64_t kb0, int64_t kb1, Form form, RowOut out) {
+  if (qtype == T_Q8_0 || qtype == T_Q5_0) {
+    for (int64_t b = kb0; b < kb1; ++b) {
+      const uint8_t* blk = row + b * (qtype == T_Q8_0 ? Q8_0::BYTES : Q5_0::BYTES);
+      __m512 lo, hi;
+      if (qtype == T_Q8_0) {
+        Unscaled<Q8_0>::q(blk, lo, hi);
+        to_lane_order(lo, hi);
+      } else {
+        Unscaled<Q5_0>::q(blk, lo, hi);  // already in lane order
+      }
+      _mm512_storeu_si512(out.q + (b - kb0) * PANEL * 32, bf16_row(lo, hi));
+      out.scale(b - kb0, f16(blk));
+      out.min(b - kb0, 0.0f);
+    }
+  } else if (qtype == T_Q4_0) {
+    for (int64_t b = kb0; b < kb1; ++b) {
+      const uint8_t* blk = row + b * Q4_0::BYTES;
+      out.put(b - kb0, 0, nibbles_minus(blk + 2, 0, 8), nibbles_minus(blk + 2, 4, 8));
+      out.scale(b - kb0, f16(blk));
+      out.min(b - kb0, 0.0f);
+    }
+  } else if (qtype == T_Q4_K) {
+    for (int64_t b = kb0; b < kb1; b += 8) {
+      const uint8_t* blk = row + b / 8 * Q4_K::BYTES;
+      float ds[8], dm[8];
+      int sc[8], unused[8];
+      Q4_K::scales(blk, ds, dm);
+      Q4_K::sub_scales(blk, sc, unused);
+      for (int j = 0; j < 8; ++j) {
+        const uint8_t* qs = blk + 16 + 32 * (j / 2);
+        const int shift = 4 * (j & 1);
+        out.min(b - kb0 + j, dm[j]);
+        if (form.pieces == 1) {
+          out.put(b - kb0 + j, 0, nibbles_minus(qs, shift, 0), nibbles_minus(qs + 16, shift, 0));
+          out.scale(b - kb0 + j, ds[j]);
+        } else {  // sc[j] q in two pieces (d sc[j] is exact in float32, so d alone can scale the group)
+          const __m512i s = _mm512_set1_epi32(sc[j]);
+          out.put_split(b - kb0 + j, _mm512_mullo_epi32(nibbles(qs, shift), s), _mm512_mullo_epi32(nibbles(qs + 16, shift), s));
+        }
+      }
+      if (form.pieces == 2) out.scale((b - kb0) / 8, f16(blk));
+    }
+  } else if (qtype == T_Q6_K && form.pieces == 2) {
+    for (int64_t b = kb0; b < kb1; b += 8) {
+      const uint8_t* blk = row + b / 8 * Q6_K::BYTES;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      __m512i groups[16];
+      Q6_K::ints(blk, [&](int v, __m512i q) { groups[v] = _mm512_mullo_epi32(q, _mm512_set1_epi32(sc[v])); });
+      for (int j = 0; j < 8; ++j) {
+        out.put_split(b - kb0 + j, groups[2 * j], groups[2 * j + 1]);
+        out.min(b - kb0 + j, 0.0f);
+      }
+      out.scale((b - kb0) / 8, f16(blk + 208));
+    }
+  } else {
+    TORCH_CHECK(false, "no AMX decode for GGUF type ", qtype, " in this form");
+  }
+}
+
+// Weight rows [n0, n0 + PANEL) of the stacked parts, blocks [kb0, kb1); rows past the end are zero. Returns
+// whether any minimum is non-zero.
+bool decode_panel(const std::vector<qe_amx::Part>& parts, int64_t n0, int64_t kb0, int64_t kb1, Form form,
+                  uint16_t* q, float* s, float* m) {
+  const int64_t blocks = kb1 - kb0;
+  bool mins = false;
+  for (int64_t r = 0; r < PANEL; ++r) {
+    const int64_t n = n0 + r;
+    const qe_amx::Part* part = nullptr;
+    for (const auto& p : parts)
+      if (n >= p.first && n < p.first + p.rows) part = &p;
+    RowOut out{q + r * 32, s + r, m + r, form.pieces};
+    if (part == nullptr) {
+      for (int64_t i = 0; i < blocks * form.pieces; ++i) std::memset(out.q + i * PANEL * 32, 0, 64);
+      for (int64_t i = 0; i < blocks; ++i) out.m[i * PANEL] = 0.0f;
+      for (int64_t i = 0; i < blocks / form.group; ++i) out.s[i * PANEL] = 0.0f;
+      continue;
+    }
+    decode_row(part->qtype, part->data + (n - part->first) * part->row_bytes, kb0, kb1, form, out);
+    mins |= part->qtype == T_Q4_K;
+  }
+  return mins;
+}
+
+// ---- x: tokens [m0, m0 + 16 G) (zero past M), blocks [kb0, kb1), as three bfloat16 pieces in B tiles ----
+// pieces: [group][block][piece][16 value pairs][16 tokens][2]; sums: [group][block][16 tokens] (for minimums).
+void split_x(const float* x, int64_t M, int64_t K, int64_t m0, int64_t groups, int64_t kb0, int64_t kb1,
+             uint16_t* pieces, float* sums) {
+  const int64_t blocks = kb1 - kb0;
+  at::parallel_for(0, groups * blocks, 8, [&](int64_t a, int64_t e) {
+    for (int64_t i = a; i < e; ++i) {
+      const int64_t g = i / blocks, b = kb0 + i % blocks;
+      __m512 p[3][16];
+      alignas(64) float total[16];
+      for (int t = 0; t < 16; ++t) {
+        const int64_t mrow = m0 + 16 * g + t;
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+        if (mrow < M) {
+          lo = _mm512_loadu_ps(x + mrow * K + 32 * b);
+          hi = _mm512_loadu_ps(x + mrow * K + 32 * b + 16);
+        }
+        total[t] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+        to_lane_order(lo, hi);
+        for (int k = 0; k < 3; ++k) {  // each piece is what the previous ones leave, rounded to bfloat16
+          const __m512i v = bf16_row(lo, hi);
+          p[k][t] = _mm512_castsi512_ps(v);
+          lo = _mm512_sub_ps(lo, widen_lo(v));
+          hi = _mm512_sub_ps(hi, widen_hi(v));
+        }
+      }
+      for (int k = 0; k < 3; ++k) {
+        transpose16(p[k]);  // row j: the pair of values 2j, 2j + 1 of each token
+        uint16_t* tile = pieces + (i * 3 + k) * 512;
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(tile + 32 * j), p[k][j]);
+      }
+      std::memcpy(sums + i * 16, total, sizeof(total));
+    }
+  });
+}
+
+// ---- the tile products ----
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// acc [32 weight rows][32 tokens] = the panel (q, s, m) against token groups g, g + 1, over `blocks` blocks.
+// Tiles: 0-3 products (weight tile i, token group j at 2i + j), 4-5 weights, 6-7 x pieces. The products of a
+// scale group are stored and scaled into acc row by row (per weight row: one scale, or one minimum a block).
+void panel_products(const uint16_t* q, const float* s, const float* m, bool mins, Form form,
+                    const uint16_t* pieces, const float* sums, int64_t blocks, int64_t g, float* acc) {
+  alignas(64) float c[4][16][16];
+  const uint16_t* x0 = pieces + g * blocks * 3 * 512;
+  const uint16_t* x1 = x0 + blocks * 3 * 512;
+  const float *sums0 = sums + g * blocks * 16, *sums1 = sums0 + blocks * 16;
+  std::fill(acc, acc + 32 * 32, 0.0f);
+  for (int64_t b0 = 0; b0 < blocks; b0 += form.group) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t b = b0; b < b0 + form.group; ++b)
+      for (int piece = 0; piece < form.pieces; ++piece) {
+        const uint16_t* qb = q + (b * form.pieces + piece) * PANEL * 32;
+        _tile_loadd(4, qb, 64);
+        _tile_loadd(5, qb + 16 * 32, 64);
+        for (int k = 0; k < 3; ++k) {
+          _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
+          _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    const int64_t group = b0 / form.group;
+    for (int r = 0; r < 32; ++r) {
+      const __m512 scale = _mm512_set1_ps(s[group * PANEL + r]);
+      float* a = acc + r * 32;
+      __m512 a0 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16)][r % 16]), _mm512_load_ps(a));
+      __m512 a1 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16) + 1][r % 16]), _mm512_load_ps(a + 16));
+      if (mins)
+        for (int64_t b = b0; b < b0 + form.group; ++b) {
+          const __m512 min = _mm512_set1_ps(m[b * PANEL + r]);
+          a0 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums0 + b * 16), a0);
+          a1 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums1 + b * 16), a1);
+        }
+      _mm512_store_ps(a, a0);
+      _mm512_store_ps(a + 16, a1);
+    }
+  }
+}
+
+// acc [32 rows n0..][32 tokens t0..] into y [M, N] (transposed); first: store (+ bias), else add.
+void write_back(const float* acc, int64_t n0, int64_t t0, int64_t M, int64_t N, const float* bias, bool first,
+                float* y) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t nb = n0 + 16 * i, tb = t0 + 16 * j;
+      if (nb >= N || tb >= M) continue;
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_load_ps(acc + (16 * i + k) * 32 + 16 * j);
+      transpose16(r);  // r[t]: token tb + t, weight rows nb..nb + 15
+      const __mmask16 cols = static_cast<__mmask16>((1u << std::min<int64_t>(16, N - nb)) - 1);
+      const __m512 add = first && bias ? _mm512_maskz_loadu_ps(cols, bias + nb) : _mm512_setzero_ps();
+      for (int t = 0; t < 16 && tb + t < M; ++t) {
+        float* out = y + (tb + t) * N + nb;
+        const __m512 base = first ? add : _mm512_maskz_loadu_ps(cols, out);
+        _mm512_mask_storeu_ps(out, cols, _mm512_add_ps(base, r[t]));
+      }
+    }
+}
+
+// The form a call's weights take, or null if one of them has none.
+const Form* form_of(const std::vector<int64_t>& qtypes) {
+  bool one = true, two = true;
+  for (int64_t t : qtypes) {
+    one &= t == T_Q8_0 || t == T_Q5_0 || t == T_Q4_0 || t == T_Q4_K;
+    two &= t == T_Q6_K || t == T_Q4_K;
+  }
+  return one ? &ONE_PIECE : two ? &TWO_PIECES : nullptr;
+}
+
+#endif
+}  // namespace
+
+namespace qe_amx {
+
+bool tiles_granted() {
+#if defined(__AMX_TILE__)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool supports(const std::vector<int64_t>& qtypes) {
+#if QE_AMX_BF16
+  return form_of(qtypes) != nullptr;
+#else
+  (void)qtypes;
+  return false;
+#endif
+}
+
+void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts, int64_t N, const float* bias,
+            float* y) {
+#if QE_AMX_BF16
+  TORCH_CHECK(tiles_granted(), "AMX tiles are not available to this process");
+  TORCH_CHECK(K % 32 == 0, "K = ", K, " is not a multiple of 32");
+  std::vector<int64_t> qtypes;
+  for (const auto& p : parts) qtypes.push_back(p.qtype);
+  const Form* found = form_of(qtypes);
+  TORCH_CHECK(found != nullptr, "no AMX form for these GGUF block types");
+  const Form form = *found;
+  bool kquants = false;
+  for (int64_t t : qtypes) kquants |= t == T_Q4_K || t == T_Q6_K;
+  // K in chunks of whole super-blocks where K-quants are present, about equal in size.
+  const int64_t unit = kquants ? 8 : 1, units = K / 32 / unit;
+  const int64_t chunks = (units * unit + MAX_CHUNK_BLOCKS - 1) / MAX_CHUNK_BLOCKS;
+  const int64_t chunk_blocks = (units + chunks - 1) / chunks * unit;
+  // Tokens in chunks of 32 whose pieces (6 bytes a value) fit the L2 budget.
+  const int64_t token_chunk = std::max<int64_t>(32, X_PIECES_BYTES / (chunk_blocks * 32 * 6) / 32 * 32);
+  const int64_t blocks_total = K / 32, panels = (N + PANEL - 1) / PANEL;
+  std::vector<uint16_t> pieces;
+  std::vector<float> sums;
+  for (int64_t m0 = 0; m0 < M; m0 += token_chunk) {
+    const int64_t tokens = std::min(token_chunk, M - m0), groups = (tokens + 31) / 32 * 2;
+    for (int64_t kb0 = 0; kb0 < blocks_total; kb0 += chunk_blocks) {
+      const int64_t kb1 = std::min(blocks_total, kb0 + chunk_blocks), blocks = kb1 - kb0;
+      pieces.resize(groups * blocks * 3 * 512);
+      sums.resize(groups * blocks * 16);
+      split_x(x, M, K, m0, groups, kb0, kb1, pieces.data(), sums.data());
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<uint16_t> q(blocks * form.pieces * PANEL * 32);
+        std::vector<float> s(blocks * PANEL), m(blocks * PANEL);
+        alignas(64) float acc[32 * 32];
+        configure_tiles();
+        for (int64_t p = p0; p < p1; ++p) {
+          const bool mins = decode_panel(parts, p * PANEL, kb0, kb1, form, q.data(), s.data(), m.data());
+          for (int64_t g = 0; g < groups; g += 2) {
+            panel_products(q.data(), s.data(), m.data(), mins, form, pieces.data(), sums.data(), blocks, g, acc);
+            write_back(acc, p * PANEL, m0 + 16 * g, M, N, bias, kb0 == 0, y);
+          }
+        }
+        _tile_release();
+      });
+    }
+  }
+#else
+  (void)x, (void)M, (void)K, (void)parts, (void)N, (void)bias, (void)y;
+  TORCH_CHECK(false, "this build has no AMX bfloat16 kernels");
+#endif
+}
+
+}  // namespace qe_amx
