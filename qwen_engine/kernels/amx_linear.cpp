@@ -18,6 +18,10 @@
 //
 // x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them), and each
 // panel is decoded once per token chunk.
+//
+// Types: Q8_0, Q5_0, Q4_0, Q4_K. Q6_K stays on MKL: its 16-value sub-blocks each have a scale, and its
+// integers times those scales need 13 bits, two bfloat16 pieces; that form (six products a block, one
+// scaling per 256 values) ran no faster than MKL (0.96-0.97x), so it was dropped.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -73,125 +77,81 @@ inline __m512 widen_hi(__m512i v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
 }
 
-// ---- weights: a panel of PANEL rows as bfloat16 integers, scales and minimums ----
-//
-// Two forms, one per call (Form below):
-//   * one piece (Q8_0, Q5_0, Q4_0, Q4_K): each 32-value block b is s q - m with |q| <= 128;
-//   * two pieces (Q6_K, Q4_K): each 256-value super-block is d Q - m_b, with Q = sub-block scale x q an integer
-//     of up to 13 bits, stored as Q mod 16 plus the rest (a multiple of 16 below 2^12): both exact in
-//     bfloat16. One scale d for 8 blocks means one scaling pass per 8 blocks.
-struct Form {
-  int pieces;  // bfloat16 pieces of each weight value
-  int group;   // blocks of 32 values sharing one scale
-};
-constexpr Form ONE_PIECE{1, 1}, TWO_PIECES{2, 8};
+// ---- weights: a panel of PANEL rows, each 32-value block b as bfloat16 integers q with w = s q - m ----
 
-// Where one row of a panel goes: q [block][piece][row][32], s [group][row], m [block][row].
+// Where one row of a panel goes: q [block][row][32], s and m [block][row].
 struct RowOut {
   uint16_t* q;
   float *s, *m;
-  int pieces;
-  void put(int64_t b, int piece, __m512 lo, __m512 hi) {
-    to_lane_order(lo, hi);
-    _mm512_storeu_si512(q + (b * pieces + piece) * PANEL * 32, bf16_row(lo, hi));
+  void put(int64_t b, __m512 lo, __m512 hi, float scale, float min, bool ordered = false) {
+    if (!ordered) to_lane_order(lo, hi);
+    _mm512_storeu_si512(q + b * PANEL * 32, bf16_row(lo, hi));
+    s[b * PANEL] = scale;
+    m[b * PANEL] = min;
   }
-  void put_split(int64_t b, __m512i lo, __m512i hi) {  // an integer of up to 13 bits as two exact pieces
-    const __m512i fifteen = _mm512_set1_epi32(15);
-    const __m512i lo_low = _mm512_and_si512(lo, fifteen), hi_low = _mm512_and_si512(hi, fifteen);
-    put(b, 0, _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, lo_low)), _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, hi_low)));
-    put(b, 1, _mm512_cvtepi32_ps(lo_low), _mm512_cvtepi32_ps(hi_low));
-  }
-  void scale(int64_t group, float v) { s[group * PANEL] = v; }
-  void min(int64_t b, float v) { m[b * PANEL] = v; }
 };
 
-inline __m512i nibbles(const uint8_t* p, int shift) {  // 16 nibbles as int32 lanes
-  return _mm512_and_si512(_mm512_srli_epi32(bytes16(p), shift), _mm512_set1_epi32(15));
-}
-inline __m512 nibbles_minus(const uint8_t* p, int shift, int offset) {
-  return _mm512_cvtepi32_ps(_mm512_sub_epi32(nibbles(p, shift), _mm512_set1_epi32(offset)));
+inline __m512 nibbles(const uint8_t* p, int shift, int offset) {  // 16 nibbles as floats, minus offset
+  const __m512i v = _mm512_and_si512(_mm512_srli_epi32(bytes16(p), shift), _mm512_set1_epi32(15));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(offset)));
 }
 
-// Blocks [kb0, kb1) of one weight row (for K-quants, kb0 and kb1 are multiples of 8: whole super-blocks).
-void decode_row(int64_t qtype, const uint8_t* row, int64_t kb0, int64_t kb1, Form form, RowOut out) {
-  if (qtype == T_Q8_0 || qtype == T_Q5_0) {
-    for (int64_t b = kb0; b < kb1; ++b) {
-      const uint8_t* blk = row + b * (qtype == T_Q8_0 ? Q8_0::BYTES : Q5_0::BYTES);
-      __m512 lo, hi;
-      if (qtype == T_Q8_0) {
+// Blocks [kb0, kb1) of one weight row (for Q4_K, kb0 and kb1 are multiples of 8: whole super-blocks).
+void decode_row(int64_t qtype, const uint8_t* row, int64_t kb0, int64_t kb1, RowOut out) {
+  __m512 lo, hi;
+  switch (qtype) {
+    case T_Q8_0:
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const uint8_t* blk = row + b * Q8_0::BYTES;
         Unscaled<Q8_0>::q(blk, lo, hi);
-        to_lane_order(lo, hi);
-      } else {
-        Unscaled<Q5_0>::q(blk, lo, hi);  // already in lane order
+        out.put(b - kb0, lo, hi, f16(blk), 0.0f);
       }
-      _mm512_storeu_si512(out.q + (b - kb0) * PANEL * 32, bf16_row(lo, hi));
-      out.scale(b - kb0, f16(blk));
-      out.min(b - kb0, 0.0f);
-    }
-  } else if (qtype == T_Q4_0) {
-    for (int64_t b = kb0; b < kb1; ++b) {
-      const uint8_t* blk = row + b * Q4_0::BYTES;
-      out.put(b - kb0, 0, nibbles_minus(blk + 2, 0, 8), nibbles_minus(blk + 2, 4, 8));
-      out.scale(b - kb0, f16(blk));
-      out.min(b - kb0, 0.0f);
-    }
-  } else if (qtype == T_Q4_K) {
-    for (int64_t b = kb0; b < kb1; b += 8) {
-      const uint8_t* blk = row + b / 8 * Q4_K::BYTES;
-      float ds[8], dm[8];
-      int sc[8], unused[8];
-      Q4_K::scales(blk, ds, dm);
-      Q4_K::sub_scales(blk, sc, unused);
-      for (int j = 0; j < 8; ++j) {
-        const uint8_t* qs = blk + 16 + 32 * (j / 2);
-        const int shift = 4 * (j & 1);
-        out.min(b - kb0 + j, dm[j]);
-        if (form.pieces == 1) {
-          out.put(b - kb0 + j, 0, nibbles_minus(qs, shift, 0), nibbles_minus(qs + 16, shift, 0));
-          out.scale(b - kb0 + j, ds[j]);
-        } else {  // sc[j] q in two pieces (d sc[j] is exact in float32, so d alone can scale the group)
-          const __m512i s = _mm512_set1_epi32(sc[j]);
-          out.put_split(b - kb0 + j, _mm512_mullo_epi32(nibbles(qs, shift), s), _mm512_mullo_epi32(nibbles(qs + 16, shift), s));
+      break;
+    case T_Q5_0:
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const uint8_t* blk = row + b * Q5_0::BYTES;
+        Unscaled<Q5_0>::q(blk, lo, hi);
+        out.put(b - kb0, lo, hi, f16(blk), 0.0f, /*ordered=*/true);
+      }
+      break;
+    case T_Q4_0:
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const uint8_t* blk = row + b * Q4_0::BYTES;
+        out.put(b - kb0, nibbles(blk + 2, 0, 8), nibbles(blk + 2, 4, 8), f16(blk), 0.0f);
+      }
+      break;
+    case T_Q4_K:
+      for (int64_t b = kb0; b < kb1; b += 8) {
+        const uint8_t* blk = row + b / 8 * Q4_K::BYTES;
+        float ds[8], dm[8];
+        Q4_K::scales(blk, ds, dm);
+        for (int j = 0; j < 8; ++j) {
+          const uint8_t* qs = blk + 16 + 32 * (j / 2);
+          out.put(b - kb0 + j, nibbles(qs, 4 * (j & 1), 0), nibbles(qs + 16, 4 * (j & 1), 0), ds[j], dm[j]);
         }
       }
-      if (form.pieces == 2) out.scale((b - kb0) / 8, f16(blk));
-    }
-  } else if (qtype == T_Q6_K && form.pieces == 2) {
-    for (int64_t b = kb0; b < kb1; b += 8) {
-      const uint8_t* blk = row + b / 8 * Q6_K::BYTES;
-      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
-      __m512i groups[16];
-      Q6_K::ints(blk, [&](int v, __m512i q) { groups[v] = _mm512_mullo_epi32(q, _mm512_set1_epi32(sc[v])); });
-      for (int j = 0; j < 8; ++j) {
-        out.put_split(b - kb0 + j, groups[2 * j], groups[2 * j + 1]);
-        out.min(b - kb0 + j, 0.0f);
-      }
-      out.scale((b - kb0) / 8, f16(blk + 208));
-    }
-  } else {
-    TORCH_CHECK(false, "no AMX decode for GGUF type ", qtype, " in this form");
+      break;
+    default:
+      TORCH_CHECK(false, "no AMX decode for GGUF type ", qtype);
   }
 }
 
 // Weight rows [n0, n0 + PANEL) of the stacked parts, blocks [kb0, kb1); rows past the end are zero. Returns
 // whether any minimum is non-zero.
-bool decode_panel(const std::vector<qe_amx::Part>& parts, int64_t n0, int64_t kb0, int64_t kb1, Form form,
-                  uint16_t* q, float* s, float* m) {
-  const int64_t blocks = kb1 - kb0;
+bool decode_panel(const std::vector<qe_amx::Part>& parts, int64_t n0, int64_t kb0, int64_t kb1, uint16_t* q,
+                  float* s, float* m) {
   bool mins = false;
   for (int64_t r = 0; r < PANEL; ++r) {
     const int64_t n = n0 + r;
     const qe_amx::Part* part = nullptr;
     for (const auto& p : parts)
       if (n >= p.first && n < p.first + p.rows) part = &p;
-    RowOut out{q + r * 32, s + r, m + r, form.pieces};
+    RowOut out{q + r * 32, s + r, m + r};
     if (part == nullptr) {
-      for (int64_t i = 0; i < blocks * form.pieces; ++i) std::memset(out.q + i * PANEL * 32, 0, 64);
-      for (int64_t i = 0; i < blocks; ++i) out.m[i * PANEL] = 0.0f;
-      for (int64_t i = 0; i < blocks / form.group; ++i) out.s[i * PANEL] = 0.0f;
+      for (int64_t b = 0; b < kb1 - kb0; ++b) out.put(b, _mm512_setzero_ps(), _mm512_setzero_ps(), 0.0f, 0.0f, true);
       continue;
     }
-    decode_row(part->qtype, part->data + (n - part->first) * part->row_bytes, kb0, kb1, form, out);
+    decode_row(part->qtype, part->data + (n - part->first) * part->row_bytes, kb0, kb1, out);
     mins |= part->qtype == T_Q4_K;
   }
   return mins;
@@ -248,50 +208,45 @@ void configure_tiles() {
 }
 
 // acc [32 weight rows][32 tokens] = the panel (q, s, m) against token groups g, g + 1, over `blocks` blocks.
-// Tiles: 0-3 products (weight tile i, token group j at 2i + j), 4-5 weights, 6-7 x pieces. The products of a
-// scale group are stored and scaled into acc row by row (per weight row: one scale, or one minimum a block).
-void panel_products(const uint16_t* q, const float* s, const float* m, bool mins, Form form,
-                    const uint16_t* pieces, const float* sums, int64_t blocks, int64_t g, float* acc) {
+// Tiles: 0-3 products (weight tile i, token group j at 2i + j), 4-5 weights, 6-7 x pieces. Each block's
+// products are stored and scaled into acc row by row (per weight row: its scale, and its minimum times the
+// tokens' sums).
+void panel_products(const uint16_t* q, const float* s, const float* m, bool mins, const uint16_t* pieces,
+                    const float* sums, int64_t blocks, int64_t g, float* acc) {
   alignas(64) float c[4][16][16];
   const uint16_t* x0 = pieces + g * blocks * 3 * 512;
   const uint16_t* x1 = x0 + blocks * 3 * 512;
   const float *sums0 = sums + g * blocks * 16, *sums1 = sums0 + blocks * 16;
   std::fill(acc, acc + 32 * 32, 0.0f);
-  for (int64_t b0 = 0; b0 < blocks; b0 += form.group) {
+  for (int64_t b = 0; b < blocks; ++b) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t b = b0; b < b0 + form.group; ++b)
-      for (int piece = 0; piece < form.pieces; ++piece) {
-        const uint16_t* qb = q + (b * form.pieces + piece) * PANEL * 32;
-        _tile_loadd(4, qb, 64);
-        _tile_loadd(5, qb + 16 * 32, 64);
-        for (int k = 0; k < 3; ++k) {
-          _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
-          _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-        }
-      }
+    _tile_loadd(4, q + b * PANEL * 32, 64);
+    _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
+    for (int k = 0; k < 3; ++k) {
+      _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
+      _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
     _tile_stored(0, c[0], 64);
     _tile_stored(1, c[1], 64);
     _tile_stored(2, c[2], 64);
     _tile_stored(3, c[3], 64);
-    const int64_t group = b0 / form.group;
     for (int r = 0; r < 32; ++r) {
-      const __m512 scale = _mm512_set1_ps(s[group * PANEL + r]);
+      const __m512 scale = _mm512_set1_ps(s[b * PANEL + r]);
       float* a = acc + r * 32;
       __m512 a0 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16)][r % 16]), _mm512_load_ps(a));
       __m512 a1 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16) + 1][r % 16]), _mm512_load_ps(a + 16));
-      if (mins)
-        for (int64_t b = b0; b < b0 + form.group; ++b) {
-          const __m512 min = _mm512_set1_ps(m[b * PANEL + r]);
-          a0 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums0 + b * 16), a0);
-          a1 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums1 + b * 16), a1);
-        }
+      if (mins) {
+        const __m512 min = _mm512_set1_ps(m[b * PANEL + r]);
+        a0 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums0 + b * 16), a0);
+        a1 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums1 + b * 16), a1);
+      }
       _mm512_store_ps(a, a0);
       _mm512_store_ps(a + 16, a1);
     }
@@ -318,15 +273,7 @@ void write_back(const float* acc, int64_t n0, int64_t t0, int64_t M, int64_t N, 
     }
 }
 
-// The form a call's weights take, or null if one of them has none.
-const Form* form_of(const std::vector<int64_t>& qtypes) {
-  bool one = true, two = true;
-  for (int64_t t : qtypes) {
-    one &= t == T_Q8_0 || t == T_Q5_0 || t == T_Q4_0 || t == T_Q4_K;
-    two &= t == T_Q6_K || t == T_Q4_K;
-  }
-  return one ? &ONE_PIECE : two ? &TWO_PIECES : nullptr;
-}
+inline bool one_piece(int64_t t) { return t == T_Q8_0 || t == T_Q5_0 || t == T_Q4_0 || t == T_Q4_K; }
 
 #endif
 }  // namespace
@@ -344,7 +291,7 @@ bool tiles_granted() {
 
 bool supports(const std::vector<int64_t>& qtypes) {
 #if QE_AMX_BF16
-  return form_of(qtypes) != nullptr;
+  return std::all_of(qtypes.begin(), qtypes.end(), one_piece);
 #else
   (void)qtypes;
   return false;
@@ -356,13 +303,11 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
 #if QE_AMX_BF16
   TORCH_CHECK(tiles_granted(), "AMX tiles are not available to this process");
   TORCH_CHECK(K % 32 == 0, "K = ", K, " is not a multiple of 32");
-  std::vector<int64_t> qtypes;
-  for (const auto& p : parts) qtypes.push_back(p.qtype);
-  const Form* found = form_of(qtypes);
-  TORCH_CHECK(found != nullptr, "no AMX form for these GGUF block types");
-  const Form form = *found;
   bool kquants = false;
-  for (int64_t t : qtypes) kquants |= t == T_Q4_K || t == T_Q6_K;
+  for (const auto& p : parts) {
+    TORCH_CHECK(one_piece(p.qtype), "no AMX decode for GGUF type ", p.qtype);
+    kquants |= p.qtype == T_Q4_K;
+  }
   // K in chunks of whole super-blocks where K-quants are present, about equal in size.
   const int64_t unit = kquants ? 8 : 1, units = K / 32 / unit;
   const int64_t chunks = (units * unit + MAX_CHUNK_BLOCKS - 1) / MAX_CHUNK_BLOCKS;
@@ -380,14 +325,14 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
       sums.resize(groups * blocks * 16);
       split_x(x, M, K, m0, groups, kb0, kb1, pieces.data(), sums.data());
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<uint16_t> q(blocks * form.pieces * PANEL * 32);
+        std::vector<uint16_t> q(blocks * PANEL * 32);
         std::vector<float> s(blocks * PANEL), m(blocks * PANEL);
         alignas(64) float acc[32 * 32];
         configure_tiles();
         for (int64_t p = p0; p < p1; ++p) {
-          const bool mins = decode_panel(parts, p * PANEL, kb0, kb1, form, q.data(), s.data(), m.data());
+          const bool mins = decode_panel(parts, p * PANEL, kb0, kb1, q.data(), s.data(), m.data());
           for (int64_t g = 0; g < groups; g += 2) {
-            panel_products(q.data(), s.data(), m.data(), mins, form, pieces.data(), sums.data(), blocks, g, acc);
+            panel_products(q.data(), s.data(), m.data(), mins, pieces.data(), sums.data(), blocks, g, acc);
             write_back(acc, p * PANEL, m0 + 16 * g, M, N, bias, kb0 == 0, y);
           }
         }

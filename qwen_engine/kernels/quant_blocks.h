@@ -130,27 +130,21 @@ struct Q5_0 {  // as Q4_0 plus a fifth bit per value in qh (bit j for value j); 
 
 struct Q4_K {  // d, dmin, 12 bytes of packed 6-bit scales/mins for 8 sub-blocks of 32, 128 bytes of nibbles
   static constexpr int QK = 256, BYTES = 144;
-  // Sub-block j's 6-bit scale and min, unpacked from the 12 bytes as ggml packs them.
-  static void sub_scales(const uint8_t* b, int* sc, int* m) {
-    const uint8_t* s = b + 4;
-    for (int j = 0; j < 8; ++j) {
-      if (j < 4) {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-      } else {
-        sc[j] = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
-        m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-      }
-    }
-  }
-  // Sub-block j's scale d * sc[j] and min dmin * m[j].
+  // Sub-block j's scale and min, unpacked from the 12 bytes as ggml packs them.
   static void scales(const uint8_t* b, float* ds, float* dm) {
     const float d = f16(b), dmin = f16(b + 2);
-    int sc[8], m[8];
-    sub_scales(b, sc, m);
+    const uint8_t* s = b + 4;
     for (int j = 0; j < 8; ++j) {
-      ds[j] = d * static_cast<float>(sc[j]);
-      dm[j] = dmin * static_cast<float>(m[j]);
+      int sc, m;
+      if (j < 4) {
+        sc = s[j] & 63;
+        m = s[j + 4] & 63;
+      } else {
+        sc = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      }
+      ds[j] = d * static_cast<float>(sc);
+      dm[j] = dmin * static_cast<float>(m);
     }
   }
   // Bytes 32g..32g+31 of qs hold sub-block 2g in their low nibbles and 2g + 1 in their high nibbles.
@@ -200,10 +194,11 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
     }
   }
 #if QE_AVX512
-  // f(v, q - 32) for the 16-value groups v = 0..15 (values 16v..16v + 15), as int32 lanes.
   template <class F>
-  static inline void ints(const uint8_t* b, F&& f) {
+  static inline void vec(const uint8_t* b, F&& f) {
     const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
     const __m512i fifteen = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
     for (int h = 0; h < 2; ++h)
       for (int half = 0; half < 2; ++half) {
@@ -213,15 +208,11 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
           const __m512i lowbytes = (t & 1) ? low1 : low0;
           const __m512i low = t < 2 ? _mm512_and_si512(lowbytes, fifteen) : _mm512_srli_epi32(lowbytes, 4);
           const __m512i high = _mm512_and_si512(_mm512_srlv_epi32(high_bits, _mm512_set1_epi32(2 * t)), three);
-          f(8 * h + 2 * t + half, _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), bias));
+          const __m512i q = _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32(high, 4)), bias);
+          const int v = 8 * h + 2 * t + half;
+          f(v, scaled(q, _mm512_set1_ps(d * static_cast<float>(sc[v]))));
         }
       }
-  }
-  template <class F>
-  static inline void vec(const uint8_t* b, F&& f) {
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = f16(b + 208);
-    ints(b, [&](int v, __m512i q) { f(v, scaled(q, _mm512_set1_ps(d * static_cast<float>(sc[v])))); });
   }
 #endif
 };
