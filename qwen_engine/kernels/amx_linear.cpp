@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "amx_linear.h"
@@ -315,8 +316,11 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
   // Tokens in chunks of 32 whose pieces (6 bytes a value) fit the L2 budget.
   const int64_t token_chunk = std::max<int64_t>(32, X_PIECES_BYTES / (chunk_blocks * 32 * 6) / 32 * 32);
   const int64_t blocks_total = K / 32, panels = (N + PANEL - 1) / PANEL;
-  std::vector<uint16_t> pieces;
-  std::vector<float> sums;
+  // x's pieces, kept between calls so their pages are faulted in once (as quant_matmul.cpp's scratch).
+  static std::mutex buffers_mutex;
+  static std::vector<uint16_t> pieces;
+  static std::vector<float> sums;
+  std::lock_guard<std::mutex> lock(buffers_mutex);
   for (int64_t m0 = 0; m0 < M; m0 += token_chunk) {
     const int64_t tokens = std::min(token_chunk, M - m0), groups = (tokens + 31) / 32 * 2;
     for (int64_t kb0 = 0; kb0 < blocks_total; kb0 += chunk_blocks) {
