@@ -11,7 +11,8 @@ second for each batch of x rows. The last table adds up one decode step's kernel
 lm_head), from the per-kind times and from a pass that calls them in the model's order.
 
 --baseline loads another build of the extension (a .so from the kernel cache) and times it interleaved with
-the current one, printing both and the speed-up. Times are the minimum over --repeat interleaved repetitions.
+the current one, printing both and the speed-up. --amx times the current build with its AMX prefill products
+against the same build on MKL (prefill sizes: e.g. --batches 128,523), on a CPU with AMX tiles. Times are the minimum over --repeat interleaved repetitions.
 Needs the demo model (QWEN_ENGINE_HOME, default ~/.qwen-engine). Not a test: nothing is asserted.
 """
 
@@ -93,7 +94,9 @@ def in_features(call) -> int:
     return segs[0].shape[1] // size * block
 
 
-def run(module, calls, x: torch.Tensor) -> float:
+def run(module, calls, x: torch.Tensor, amx: bool | None = None) -> float:
+    if amx is not None:
+        module.set_amx_prefill(amx)
     start = time.perf_counter()
     for segs, qtypes, bias in calls:
         module.linear(x, segs, qtypes, bias, 64)
@@ -107,6 +110,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,32", help="rows of x, comma-separated")
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--baseline", help="another build of the extension (.so) to time against")
+    p.add_argument("--amx", action="store_true", help="time the AMX prefill products against MKL (same build)")
     args = p.parse_args()
 
     if args.threads:
@@ -116,13 +120,21 @@ def main() -> None:
     current = kernels.native()
     if current is None:
         raise SystemExit("the native kernels are not available")
-    modules = [("current", current)] + ([("baseline", load_so(args.baseline))] if args.baseline else [])
+    if args.amx and not current.amx_prefill_available():
+        raise SystemExit("this CPU (or kernel) gives no AMX tiles")
+    # (name, module, AMX prefill on/off or None to leave the build's setting); "baseline" is the reference.
+    if args.amx:
+        modules = [("current", current, True), ("baseline", current, False)]
+    else:
+        modules = [("current", current, None)] + ([("baseline", load_so(args.baseline), None)] if args.baseline else [])
     kinds, order = weights(model_path(args.model))
     batches = [int(b) for b in args.batches.split(",")]
     print(f"threads {torch.get_num_threads()}, AVX-512 {current.has_avx512()}, min of {args.repeat}")
+    if args.amx:
+        print("current: prefill products on AMX tiles; baseline: the same build on MKL float32")
 
     header = f"{'kernel':<13}{'M':>4}{'calls':>6}{'Mw/call':>9}" + "".join(
-        f"{name + ' ms':>14}{'Gw/s':>7}" for name, _ in modules) + ("   speed-up" if len(modules) > 1 else "")
+        f"{name + ' ms':>14}{'Gw/s':>7}" for name, _, _ in modules) + ("   speed-up" if len(modules) > 1 else "")
     print(header)
     per_call: dict[tuple[str, int, str], float] = {}
     for kind, calls in kinds.items():
@@ -132,14 +144,14 @@ def main() -> None:
         n_weights = sum(weight_count(c, K) for c in calls)
         for M in batches:
             x = torch.randn(M, K)
-            best = {name: float("inf") for name, _ in modules}
-            for _name, module in modules:  # warm-up
-                run(module, calls, x)
+            best = {name: float("inf") for name, _, _ in modules}
+            for _name, module, amx in modules:  # warm-up
+                run(module, calls, x, amx)
             for _ in range(args.repeat):
-                for name, module in modules:
-                    best[name] = min(best[name], run(module, calls, x))
+                for name, module, amx in modules:
+                    best[name] = min(best[name], run(module, calls, x, amx))
             line = f"{kind:<13}{M:>4}{len(calls):>6}{n_weights / len(calls) / 1e6:>9.2f}"
-            for name, _ in modules:
+            for name, _, _ in modules:
                 per_call[(kind, M, name)] = best[name] / len(calls)
                 line += f"{best[name] / len(calls) * 1e3:>14.3f}{n_weights / best[name] / 1e9:>7.2f}"
             if len(modules) > 1:
@@ -150,14 +162,16 @@ def main() -> None:
     total_weights = sum(weight_count(c, in_features(c)) for c in order)
     print(f"\ndecode step kernels, M=1 ({len(order)} calls, {total_weights / 1e6:.0f}M weights)")
     xs = {in_features(c): torch.randn(1, in_features(c)) for c in order}
-    best = {name: float("inf") for name, _ in modules}
+    best = {name: float("inf") for name, _, _ in modules}
     for _ in range(args.repeat):
-        for name, module in modules:
+        for name, module, amx in modules:
+            if amx is not None:
+                module.set_amx_prefill(amx)
             start = time.perf_counter()
             for segs, qtypes, bias in order:
                 module.linear(xs[in_features((segs, qtypes, bias))], segs, qtypes, bias, 64)
             best[name] = min(best[name], time.perf_counter() - start)
-    for name, _ in modules:
+    for name, _, _ in modules:
         summed = sum(per_call[(kind, 1, name)] * len(calls) for kind, calls in kinds.items() if calls) \
             if 1 in batches else float("nan")
         print(f"  {name:<9} in order {best[name] * 1e3:7.2f} ms ({total_weights / best[name] / 1e9:5.2f} Gw/s)"
