@@ -179,11 +179,12 @@ def test_bad_weights_are_refused():
 
 # Prefill products on AMX bfloat16 tiles (amx_linear.cpp): x in three bfloat16 pieces against the weights'
 # integers, so every product is exact and only the order of the float32 additions differs. Held to 1e-6 of
-# |x| @ |w|.T per value (measured ≤ 1e-7), and to no more error than the float32 MKL path as a whole
+# |x| @ |w|.T per value (measured ≤ 1e-7), and to no more error than the float32 path it replaces as a whole
 # (measured 2-3x less: the sums run over 32 values before scaling). Leaving out x's third piece gives ~100x
-# the MKL path's error and fails every case.
+# the float32 path's error and fails every case.
 AMX_CASES = [
     ((Q.Q5_0,), 896, (37,), 65),                       # tails in tokens and rows
+    ((Q.Q5_0, Q.Q8_0), 256, (20, 7), 48),              # the fewest rows that take the tiles
     ((Q.Q8_0,), 64, (33,), 100),
     ((Q.Q4_0,), 96, (40,), 80),
     ((Q.Q4_K,), 512, (48,), 97),                       # minimums

@@ -17,6 +17,8 @@
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
 //     handed to torch's matmul (MKL/oneDNN), so no float32 copy of the model is ever kept.
+//   * from 48 rows, on a CPU with AMX tiles and weights of types it reads (Q8_0, Q5_0, Q4_0, Q4_K): bfloat16
+//     tile products as exact as float32 instead (amx_linear.cpp), ahead of both paths above.
 //
 // Block layouts and their decoding: quant_blocks.h.
 
@@ -539,6 +541,9 @@ constexpr int64_t SCRATCH_FLOATS = int64_t(8) << 20;  // 32 MiB: a whole gate+up
 
 // Prefill on AMX tiles where the machine has them (amx_linear.cpp); tests switch it off to compare.
 bool amx_prefill = true;
+// From this many rows of x the tiles beat the cache-tile GEMM (gemm_xt): their cost steps every 32 rows, the
+// GEMM's grows with each row; measured crossovers 36-50 rows (Q5_0 / Q4_K), 1.3-1.6x at 64.
+constexpr int64_t AMX_MIN_ROWS = 48;
 
 bool amx_takes(const std::vector<Segment>& segs) {
   if (!amx_prefill || !qe_amx::tiles_granted()) return false;
@@ -567,6 +572,12 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   if (M == 0 || N == 0) return y;
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (M >= AMX_MIN_ROWS && amx_takes(segs)) {
+    std::vector<qe_amx::Part> parts;
+    for (const auto& s : segs) parts.push_back({s.data, s.qtype, s.rows, s.row_bytes, s.first});
+    qe_amx::linear(xp, M, K, parts, N, bias_ptr, yp);
+    return y;
+  }
   if (M <= gemv_max_rows) {
     XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
     torch::Tensor xq, xt, xtq, xs, xs16;
@@ -614,12 +625,6 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
         });
       });
     });
-    return y;
-  }
-  if (amx_takes(segs)) {
-    std::vector<qe_amx::Part> parts;
-    for (const auto& s : segs) parts.push_back({s.data, s.qtype, s.rows, s.row_bytes, s.first});
-    qe_amx::linear(xp, M, K, parts, N, bias_ptr, yp);
     return y;
   }
   std::lock_guard<std::mutex> lock(scratch_mutex);
