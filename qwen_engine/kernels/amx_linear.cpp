@@ -211,7 +211,7 @@ void configure_tiles() {
 // acc [32 weight rows][32 tokens] = the panel (q, s, m) against token groups g, g + 1, over `blocks` blocks.
 // Tiles: 0-3 products (weight tile i, token group j at 2i + j), 4-5 weights, 6-7 x pieces. Each block's
 // products are stored and scaled into acc row by row (per weight row: its scale, and its minimum times the
-// tokens' sums).
+// tokens' sums); the stores and scaling cost about as much as the products.
 void panel_products(const uint16_t* q, const float* s, const float* m, bool mins, const uint16_t* pieces,
                     const float* sums, int64_t blocks, int64_t g, float* acc) {
   alignas(64) float c[4][16][16];
@@ -234,23 +234,25 @@ void panel_products(const uint16_t* q, const float* s, const float* m, bool mins
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    _tile_stored(2, c[2], 64);
-    _tile_stored(3, c[3], 64);
-    for (int r = 0; r < 32; ++r) {
-      const __m512 scale = _mm512_set1_ps(s[b * PANEL + r]);
-      float* a = acc + r * 32;
-      __m512 a0 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16)][r % 16]), _mm512_load_ps(a));
-      __m512 a1 = _mm512_fmadd_ps(scale, _mm512_load_ps(c[2 * (r / 16) + 1][r % 16]), _mm512_load_ps(a + 16));
-      if (mins) {
-        const __m512 min = _mm512_set1_ps(m[b * PANEL + r]);
-        a0 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums0 + b * 16), a0);
-        a1 = _mm512_fnmadd_ps(min, _mm512_loadu_ps(sums1 + b * 16), a1);
+    // Each tile is stored and scaled in turn: scaling the first overlaps the last products into the others.
+    const auto scale_tile = [&](int t) {  // tile t: weight rows 16 (t / 2).., token group g + t % 2
+      const float* sum = (t % 2 ? sums1 : sums0) + b * 16;
+      for (int r = 16 * (t / 2); r < 16 * (t / 2) + 16; ++r) {
+        float* a = acc + r * 32 + 16 * (t % 2);
+        const __m512 scale = _mm512_set1_ps(s[b * PANEL + r]);
+        __m512 v = _mm512_fmadd_ps(scale, _mm512_load_ps(c[t][r % 16]), _mm512_load_ps(a));
+        if (mins) v = _mm512_fnmadd_ps(_mm512_set1_ps(m[b * PANEL + r]), _mm512_loadu_ps(sum), v);
+        _mm512_store_ps(a, v);
       }
-      _mm512_store_ps(a, a0);
-      _mm512_store_ps(a + 16, a1);
-    }
+    };
+    _tile_stored(0, c[0], 64);
+    scale_tile(0);
+    _tile_stored(1, c[1], 64);
+    scale_tile(1);
+    _tile_stored(2, c[2], 64);
+    scale_tile(2);
+    _tile_stored(3, c[3], 64);
+    scale_tile(3);
   }
 }
 
