@@ -192,6 +192,7 @@ AMX_CASES = [
     ((Q.Q5_0, Q.Q5_0, Q.Q8_0), 896, (64, 16, 16), 300),  # stacked q/k/v; several token chunks
     ((Q.Q5_0,), 1216, (35,), 70),                      # two K chunks
     ((Q.Q4_K,), 4864, (20,), 180),                     # K chunks of whole super-blocks
+    ((Q.Q4_K,), 4864, (3100,), 200),                   # decoded panels kept in two groups (32 MiB each)
 ]
 
 

@@ -16,8 +16,8 @@
 // token. A tile product gives 16 weight rows x 16 tokens; the scales are per weight row, so each block's
 // product is scaled row by row into a float32 accumulator, transposed into y at the end.
 //
-// x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them), and each
-// panel is decoded once per token chunk.
+// x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them). Each panel is
+// decoded once: with several token chunks, the decoded panels are kept for the later ones.
 //
 // Types: Q8_0, Q5_0, Q4_0, Q4_K. Q6_K stays on MKL: its 16-value sub-blocks each have a scale, and its
 // integers times those scales need 13 bits, two bfloat16 pieces; that form (six products a block, one
@@ -52,6 +52,7 @@ namespace {
 constexpr int64_t PANEL = 32;                // weight rows per panel (two A tiles)
 constexpr int64_t X_PIECES_BYTES = 1 << 20;  // x pieces of one chunk, kept in L2 while the panels pass
 constexpr int64_t MAX_CHUNK_BLOCKS = 32;     // K chunk, in blocks of 32 values
+constexpr int64_t KEPT_BYTES = 32 << 20;     // decoded panels kept across token chunks
 
 // Blocks hand out their values in the lane order of Unscaled<Q5_0> (quant_blocks.h); the other types are
 // permuted to it, and so is x, so that every product pairs the right values.
@@ -320,30 +321,54 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
   const int64_t blocks_total = K / 32, panels = (N + PANEL - 1) / PANEL;
   // x's pieces, kept between calls so their pages are faulted in once (as quant_matmul.cpp's scratch).
   static std::mutex buffers_mutex;
-  static std::vector<uint16_t> pieces;
-  static std::vector<float> sums;
+  static std::vector<uint16_t> pieces, kept_q;
+  static std::vector<float> sums, kept_s, kept_m;
   std::lock_guard<std::mutex> lock(buffers_mutex);
-  for (int64_t m0 = 0; m0 < M; m0 += token_chunk) {
-    const int64_t tokens = std::min(token_chunk, M - m0), groups = (tokens + 31) / 32 * 2;
-    for (int64_t kb0 = 0; kb0 < blocks_total; kb0 += chunk_blocks) {
-      const int64_t kb1 = std::min(blocks_total, kb0 + chunk_blocks), blocks = kb1 - kb0;
-      pieces.resize(groups * blocks * 3 * 512);
-      sums.resize(groups * blocks * 16);
-      split_x(x, M, K, m0, groups, kb0, kb1, pieces.data(), sums.data());
-      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<uint16_t> q(blocks * PANEL * 32);
-        std::vector<float> s(blocks * PANEL), m(blocks * PANEL);
-        alignas(64) float acc[32 * 32];
-        configure_tiles();
-        for (int64_t p = p0; p < p1; ++p) {
-          const bool mins = decode_panel(parts, p * PANEL, kb0, kb1, q.data(), s.data(), m.data());
-          for (int64_t g = 0; g < groups; g += 2) {
-            panel_products(q.data(), s.data(), m.data(), mins, pieces.data(), sums.data(), blocks, g, acc);
-            write_back(acc, p * PANEL, m0 + 16 * g, M, N, bias, kb0 == 0, y);
+  // With several token chunks, the decoded panels are kept for the later chunks (decoding is a fifth of a
+  // 523-token product), up to KEPT_BYTES at a time: the panels go in groups that fit.
+  const int64_t panel_q = blocks_total * PANEL * 32, panel_sm = blocks_total * PANEL;
+  const bool keep = M > token_chunk;
+  const int64_t group = keep ? std::max<int64_t>(1, KEPT_BYTES / (panel_q * 2 + panel_sm * 8)) : panels;
+  std::vector<char> kept_mins(keep ? std::min(group, panels) : 0);
+  if (keep) {
+    kept_q.resize(std::min(group, panels) * panel_q);
+    kept_s.resize(std::min(group, panels) * panel_sm);
+    kept_m.resize(std::min(group, panels) * panel_sm);
+  }
+  for (int64_t pg0 = 0; pg0 < panels; pg0 += group) {
+    const int64_t pg1 = std::min(panels, pg0 + group);
+    for (int64_t m0 = 0; m0 < M; m0 += token_chunk) {
+      const int64_t tokens = std::min(token_chunk, M - m0), groups = (tokens + 31) / 32 * 2;
+      for (int64_t kb0 = 0; kb0 < blocks_total; kb0 += chunk_blocks) {
+        const int64_t kb1 = std::min(blocks_total, kb0 + chunk_blocks), blocks = kb1 - kb0;
+        pieces.resize(groups * blocks * 3 * 512);
+        sums.resize(groups * blocks * 16);
+        split_x(x, M, K, m0, groups, kb0, kb1, pieces.data(), sums.data());
+        at::parallel_for(pg0, pg1, 1, [&](int64_t p0, int64_t p1) {
+          std::vector<uint16_t> own_q(keep ? 0 : blocks * PANEL * 32);
+          std::vector<float> own_s(keep ? 0 : blocks * PANEL), own_m(keep ? 0 : blocks * PANEL);
+          alignas(64) float acc[32 * 32];
+          configure_tiles();
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t i = p - pg0;
+            uint16_t* q = keep ? kept_q.data() + i * panel_q + kb0 * PANEL * 32 : own_q.data();
+            float* s = keep ? kept_s.data() + i * panel_sm + kb0 * PANEL : own_s.data();
+            float* m = keep ? kept_m.data() + i * panel_sm + kb0 * PANEL : own_m.data();
+            bool mins;
+            if (keep && m0 > 0) {
+              mins = kept_mins[i];
+            } else {
+              mins = decode_panel(parts, p * PANEL, kb0, kb1, q, s, m);
+              if (keep) kept_mins[i] = mins;
+            }
+            for (int64_t g = 0; g < groups; g += 2) {
+              panel_products(q, s, m, mins, pieces.data(), sums.data(), blocks, g, acc);
+              write_back(acc, p * PANEL, m0 + 16 * g, M, N, bias, kb0 == 0, y);
+            }
           }
-        }
-        _tile_release();
-      });
+          _tile_release();
+        });
+      }
     }
   }
 #else
