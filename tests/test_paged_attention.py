@@ -72,6 +72,16 @@ def test_bad_slots_are_refused(native):
         native.decode_attention(q, k, v, table, torch.tensor([5]), 0.125)
 
 
+def attend_with_and_without_native(cache, writes, seqs, q, k, v) -> list[torch.Tensor]:
+    """Layer 0's attention for one packed step, with the native kernels and with the PyTorch path."""
+    outs = []
+    for native in (kernels.native(), None):
+        batch = PagedBatch(cache, writes, seqs)
+        batch.native = native
+        outs.append(batch.attend(0, q, k, v))
+    return outs
+
+
 def test_paged_batch_same_with_and_without_native_kernel():
     cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=16, num_blocks=8, block_size=4)
     gen = torch.Generator().manual_seed(0)
@@ -82,11 +92,7 @@ def test_paged_batch_same_with_and_without_native_kernel():
             SequenceSlice(3, 4, cache.slots([3], 0, 3))]
     writes = torch.cat([cache.slots([0, 1], 5, 6), cache.slots([2], 2, 4), cache.slots([3], 2, 3)])
     q, k, v = (torch.randn(4, h, 16, generator=gen) for h in (4, 2, 2))
-    outs = []
-    for native in (kernels.native(), None):
-        batch = PagedBatch(cache, writes, seqs)
-        batch.native = native
-        outs.append(batch.attend(0, q, k, v))
+    outs = attend_with_and_without_native(cache, writes, seqs, q, k, v)
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
@@ -155,9 +161,5 @@ def test_paged_batch_prefill_same_with_and_without_native_kernel():
     seqs = [SequenceSlice(0, 1, cache.slots([0, 1], 0, 20)), SequenceSlice(1, 101, cache.slots([9, 3, 7, 2, 30, 31, 5, 6, 8, 11], 0, 150))]
     writes = torch.cat([cache.slots([0, 1], 19, 20), cache.slots([9, 3, 7, 2, 30, 31, 5, 6, 8, 11], 50, 150)])
     q, k, v = (torch.randn(101, h, 64, generator=gen) for h in (14, 2, 2))
-    outs = []
-    for native in (kernels.native(), None):
-        batch = PagedBatch(cache, writes, seqs)
-        batch.native = native
-        outs.append(batch.attend(0, q, k, v))
+    outs = attend_with_and_without_native(cache, writes, seqs, q, k, v)
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=2e-6)
