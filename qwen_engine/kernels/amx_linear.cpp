@@ -197,14 +197,8 @@ void split_x(const float* x, int64_t M, int64_t K, int64_t m0, int64_t groups, i
 
 // ---- the tile products ----
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 void configure_tiles() {
-  TileConfig c;
+  qe_amx::TileConfig c;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   _tile_loadconfig(&c);
 }

@@ -11,6 +11,13 @@ struct Part {
   int64_t qtype, rows, row_bytes, first;
 };
 
+// The 64-byte operand of _tile_loadconfig (palette 1): bytes per row and rows of each of the 8 tiles.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
 // Whether this build has the AMX kernels and Linux hands this process the tile registers (asked once).
 bool tiles_granted();
 // Whether `linear` below reads weights of these block types together.

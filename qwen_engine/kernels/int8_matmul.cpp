@@ -202,18 +202,12 @@ namespace {
 // (16K multiply-adds). Linux hands out the tile registers only on request, once per process.
 bool amx_usable() { return qe_amx::tiles_granted(); }
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // Tiles: 0, 1 = y (int32, two blocks of 16 columns), 2 = x (rows of int8), 3, 4 = the two weight blocks.
 // (Tried without gain on this machine: 2 x 2 blocking over all eight tiles, and two y pairs used in turn so
 // the next group's products overlap this group's scaling. Large products reach 200-300 G multiply-adds/s
 // either way, 2.5-3.5x float32; why not more is not understood yet.)
 void configure(int rows) {
-  TileConfig c;
+  qe_amx::TileConfig c;
   for (int t : {0, 1}) c.rows[t] = static_cast<uint8_t>(rows), c.colsb[t] = 64;
   c.rows[2] = static_cast<uint8_t>(rows), c.colsb[2] = 64;
   for (int t : {3, 4}) c.rows[t] = 16, c.colsb[t] = 64;
