@@ -215,3 +215,28 @@ def test_amx_prefill_is_exact_to_float32_rounding(native, case):
     finally:
         native.set_amx_prefill(was)
     assert error.norm() <= 1.5 * mkl_error, (error.norm() / mkl_error).item()
+
+
+GCC_VERBOSE = """Using built-in specs.
+ /usr/lib/gcc/x86_64-linux-gnu/12/cc1plus -E -quiet -v -imultiarch x86_64-linux-gnu -D_GNU_SOURCE - -o /dev/null \
+-march=sapphirerapids -mavx512f -mno-avx512er -mamx-tile --param l1-cache-size=48 -mtune=sapphirerapids -dumpbase -
+#include "..." search starts here:"""
+CLANG_VERBOSE = """clang version 17.0.6
+ "/usr/lib/llvm-17/bin/clang" -cc1 -triple x86_64-pc-linux-gnu -E -target-cpu znver4 -target-feature +avx512f \
+-target-feature -amx-tile -o /dev/null -x c++ -"""
+
+
+def test_kernel_cache_is_keyed_by_the_cpus_instruction_sets():
+    # A cache shared between machines must not hand a CPU without AMX or AVX-512 a build that uses them.
+    assert kernels.target_of(GCC_VERBOSE) == ("-march=sapphirerapids -mavx512f -mno-avx512er -mamx-tile "
+                                              "l1-cache-size=48 -mtune=sapphirerapids")
+    assert kernels.target_of(CLANG_VERBOSE) == "znver4 +avx512f -amx-tile"
+    flags = kernels.BASE_FLAGS + ["-march=native"]
+    amx_host = kernels.target_of(GCC_VERBOSE)
+    assert kernels.cache_key(flags, amx_host) == kernels.cache_key(flags, amx_host)
+    assert kernels.cache_key(flags, amx_host) != kernels.cache_key(flags, amx_host.replace("-mamx-tile", "-mno-amx-tile"))
+    # And on this machine the probe reports what the CPU has (when its compiler is gcc and takes -march=native).
+    native_flags, target = kernels._native_flags()
+    cpu_flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    if native_flags and "-march=" in target and "avx512f" in cpu_flags:
+        assert "-mavx512f" in target.split()

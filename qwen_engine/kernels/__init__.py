@@ -4,7 +4,7 @@ AMX tiles where the CPU has them, amx_linear.cpp), decode attention over the pag
 (int8_matmul.cpp).
 
 The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
-`~/.cache/qwen-engine/kernels/<hash of the sources, flags and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
+`~/.cache/qwen-engine/kernels/<hash of the sources, flags, the CPU's instruction sets and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
 so later processes load it in milliseconds. The cache is a build artefact of this machine, shared by every
 QWEN_ENGINE_HOME. Without
 a compiler (or with QWEN_ENGINE_KERNELS=0) `native()` returns None and callers use the pure-PyTorch path:
@@ -34,22 +34,47 @@ _module: ModuleType | None = None
 _tried = False
 
 
-def _native_flags() -> list[str]:
-    """-march=native where the compiler accepts it (it picks AVX-512 or AVX2 for this CPU); else portable code."""
+def _native_flags() -> tuple[list[str], str]:
+    """-march=native where the compiler accepts it (it picks AVX-512 or AVX2 for this CPU), else portable code;
+    and what "native" means here: the instruction sets the compiler turns on for this CPU. That goes into the
+    cache key, so a cache shared with another machine (a network home, a copied image) never hands this CPU
+    code built for instructions it lacks (AMX, AVX-512), which would die on an illegal instruction."""
     try:
-        probe = subprocess.run(["c++", "-march=native", "-x", "c++", "-E", "-", "-o", os.devnull],
+        probe = subprocess.run(["c++", "-march=native", "-x", "c++", "-E", "-v", "-", "-o", os.devnull],
                                input="", capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    return ["-march=native"] if probe.returncode == 0 else []
+        return [], ""
+    if probe.returncode != 0:
+        return [], ""
+    return ["-march=native"], target_of(probe.stderr)
+
+
+def target_of(verbose_output: str) -> str:
+    """The target options in a compiler's -v output: gcc's expanded -m... and --param options, clang's
+    -target-cpu and -target-feature values."""
+    picked = []
+    for line in verbose_output.splitlines():
+        if "cc1" not in line:
+            continue
+        words = line.split()
+        for i, word in enumerate(words):
+            if word.startswith("-m") or (i > 0 and words[i - 1] in ("--param", "-target-cpu", "-target-feature")):
+                picked.append(word)
+    return " ".join(picked)
+
+
+def cache_key(flags: list[str], target: str) -> str:
+    """Names a build: its sources, compiler flags, target instruction sets and torch version."""
+    digest = hashlib.sha256(" ".join(flags).encode() + b"\0" + target.encode() + b"\0" + torch.__version__.encode())
+    for source in SOURCES + HEADERS:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _build() -> ModuleType:
-    flags = BASE_FLAGS + _native_flags()
-    digest = hashlib.sha256(" ".join(flags).encode() + torch.__version__.encode())
-    for source in SOURCES + HEADERS:
-        digest.update(source.read_bytes())
-    key = digest.hexdigest()
+    native_flags, target = _native_flags()
+    flags = BASE_FLAGS + native_flags
+    key = cache_key(flags, target)
     root = os.environ.get("QWEN_ENGINE_KERNEL_CACHE") or Path.home() / ".cache" / "qwen-engine" / "kernels"
     directory = Path(root) / key[:16]
     name = f"qwen_engine_quant_{key[:12]}"
