@@ -1,4 +1,5 @@
-// The tile loop of kernels/amx_linear.cpp alone, and the forms it could take, on one core.
+// The tile loop of kernels/amx_linear.cpp alone (its own code, kernels/amx_tiles.h), and the forms it could
+// take, on one core.
 //
 //     g++ -O3 -march=native -o /tmp/amx_tiles benchmarks/amx_tiles.cpp && /tmp/amx_tiles
 //     taskset -c 0 /tmp/amx_tiles & taskset -c 1 /tmp/amx_tiles; wait     # both cores at once
@@ -12,11 +13,10 @@
 //            all of K with no scaling: 5 products for a 16-bit weight (Q5_0's d * q: two pieces; the product
 //            of the two small pieces is left out), 6 for a 24-bit one (Q6_K, Q4_K: three pieces), 3 for a
 //            weight that is bfloat16 already.
-// Data: `const` fills everything with 1.0, `random` with random bfloat16 values (the tiles run slower on
-// random data); `streamed` takes a different panel from memory (300 panels, beyond L2) for each pass, as the
-// kernel does, instead of one panel that stays in L2. Not a test: nothing is asserted.
+// Data: `const` fills everything with 1.0, `random` with random bfloat16 values (in one run the tiles ran
+// slower on random data); `streamed` takes a different panel from memory (300 panels, beyond L2) for each
+// pass, as the kernel does, instead of one panel that stays in L2. Not a test: nothing is asserted.
 
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -26,55 +26,21 @@
 #include <cstdio>
 #include <vector>
 
+#include "../qwen_engine/kernels/amx_tiles.h"
+
 namespace {
 
-constexpr int BLOCKS = 28, PANEL = 32, GROUPS = 12, PANELS = 300, PASSES = 200;
+using qe_amx::PANEL;
+constexpr int BLOCKS = 28, GROUPS = 12, PANELS = 300, PASSES = 200;
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-using Panel = uint16_t[BLOCKS][3][PANEL * 32];  // [block][weight piece][row][32 values]
+using Panel = uint16_t[3][BLOCKS][PANEL * 32];  // [weight piece][block][row][32 values]; piece 0 is the kernel's q
 std::vector<Panel> panels(PANELS);
 alignas(64) uint16_t x_pieces[GROUPS][BLOCKS][3][512];  // [16-token group][block][piece][16 pairs][16][2]
-alignas(64) float scales[BLOCKS * PANEL], acc[32 * 32], c[4][16][16];
+alignas(64) float scales[BLOCKS * PANEL], sums[GROUPS][BLOCKS][16], acc[32 * 32], c[4][16][16];
 float sink;
 
-void scaled(const Panel& w, int g) {
-  std::fill(acc, acc + 32 * 32, 0.0f);
-  for (int b = 0; b < BLOCKS; ++b) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_loadd(4, w[b][0], 64);
-    _tile_loadd(5, w[b][0] + 512, 64);
-    for (int k = 0; k < 3; ++k) {
-      _tile_loadd(6, x_pieces[g][b][k], 64);
-      _tile_loadd(7, x_pieces[g + 1][b][k], 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    const auto scale_tile = [&](int t) {
-      for (int r = 16 * (t / 2); r < 16 * (t / 2) + 16; ++r) {
-        float* a = acc + r * 32 + 16 * (t % 2);
-        const __m512 s = _mm512_set1_ps(scales[b * PANEL + r]);
-        _mm512_store_ps(a, _mm512_fmadd_ps(s, _mm512_load_ps(c[t][r % 16]), _mm512_load_ps(a)));
-      }
-    };
-    _tile_stored(0, c[0], 64);
-    scale_tile(0);
-    _tile_stored(1, c[1], 64);
-    scale_tile(1);
-    _tile_stored(2, c[2], 64);
-    scale_tile(2);
-    _tile_stored(3, c[3], 64);
-    scale_tile(3);
-  }
+void scaled(const Panel& w, int g) {  // the kernel's own loop
+  qe_amx::panel_products(w[0][0], scales, scales, false, x_pieces[0][0][0], sums[0][0], BLOCKS, g, acc);
   sink += acc[5];
 }
 
@@ -90,8 +56,8 @@ void folded(const Panel& w, int g) {
   for (int b = 0; b < BLOCKS; ++b) {
     for (int p = 0; p < N; ++p) {
       if (p == 0 || W_PIECE[p] != W_PIECE[p - 1]) {
-        _tile_loadd(4, w[b][W_PIECE[p]], 64);
-        _tile_loadd(5, w[b][W_PIECE[p]] + 512, 64);
+        _tile_loadd(4, w[W_PIECE[p]][b], 64);
+        _tile_loadd(5, w[W_PIECE[p]][b] + 512, 64);
       }
       _tile_loadd(6, x_pieces[g][b][X_PIECE[p]], 64);
       _tile_loadd(7, x_pieces[g + 1][b][X_PIECE[p]], 64);
@@ -129,9 +95,9 @@ void fill(bool random) {
     return static_cast<uint16_t>(((sign ? state >> 31 : 0) << 15) | (0x3f00 + (state >> 16) % 0x100));
   };
   for (auto& panel : panels)
-    for (auto& block : panel)
-      for (auto& piece : block)
-        for (auto& v : piece) v = value(false);
+    for (auto& piece : panel)
+      for (auto& block : piece)
+        for (auto& v : block) v = value(false);
   for (auto& group : x_pieces)
     for (auto& block : group)
       for (auto& piece : block)
@@ -146,9 +112,7 @@ int main() {
     std::puts("this process may not use AMX tiles");
     return 1;
   }
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.colsb[t] = 64;
-  _tile_loadconfig(&config);
+  qe_amx::configure_tiles();
   std::puts("G float32-equivalent multiply-adds/s, one core");
   std::puts("data    panel     scaled  folded 5  folded 6  folded 3");
   for (bool random : {false, true}) {

@@ -14,7 +14,8 @@
 // [block][row][32 values] (a tile is 16 rows of one block, 1 KiB contiguous), with per-row scales and
 // minimums. x is the B operand: its pieces as tiles of 16 tokens, row i holding values 2i and 2i + 1 of each
 // token. A tile product gives 16 weight rows x 16 tokens; the scales are per weight row, so each block's
-// product is scaled row by row into a float32 accumulator, transposed into y at the end.
+// product is scaled row by row into a float32 accumulator, transposed into y at the end (the tile loop itself:
+// amx_tiles.h).
 //
 // x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them). Each panel is
 // decoded once: with several token chunks, the decoded panels are kept for the later ones.
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "amx_linear.h"
+#include "amx_tiles.h"
 #include "quant_blocks.h"
 #include "vec_math.h"
 
@@ -49,7 +51,7 @@
 namespace {
 #if QE_AMX_BF16
 
-constexpr int64_t PANEL = 32;                // weight rows per panel (two A tiles)
+using qe_amx::PANEL;
 constexpr int64_t X_PIECES_BYTES = 1 << 20;  // x pieces of one chunk, kept in L2 while the panels pass
 constexpr int64_t MAX_CHUNK_BLOCKS = 32;     // K chunk, in blocks of 32 values
 constexpr int64_t KEPT_BYTES = 32 << 20;     // decoded panels kept across token chunks
@@ -197,59 +199,8 @@ void split_x(const float* x, int64_t M, int64_t K, int64_t m0, int64_t groups, i
 
 // ---- the tile products ----
 
-void configure_tiles() {
-  qe_amx::TileConfig c;
-  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
-  _tile_loadconfig(&c);
-}
-
-// acc [32 weight rows][32 tokens] = the panel (q, s, m) against token groups g, g + 1, over `blocks` blocks.
-// Tiles: 0-3 products (weight tile i, token group j at 2i + j), 4-5 weights, 6-7 x pieces. Each block's
-// products are stored and scaled into acc row by row (per weight row: its scale, and its minimum times the
-// tokens' sums); the stores and scaling cost about as much as the products.
-void panel_products(const uint16_t* q, const float* s, const float* m, bool mins, const uint16_t* pieces,
-                    const float* sums, int64_t blocks, int64_t g, float* acc) {
-  alignas(64) float c[4][16][16];
-  const uint16_t* x0 = pieces + g * blocks * 3 * 512;
-  const uint16_t* x1 = x0 + blocks * 3 * 512;
-  const float *sums0 = sums + g * blocks * 16, *sums1 = sums0 + blocks * 16;
-  std::fill(acc, acc + 32 * 32, 0.0f);
-  for (int64_t b = 0; b < blocks; ++b) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_loadd(4, q + b * PANEL * 32, 64);
-    _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
-    for (int k = 0; k < 3; ++k) {
-      _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
-      _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    // Each tile is stored and scaled in turn: scaling the first overlaps the last products into the others.
-    const auto scale_tile = [&](int t) {  // tile t: weight rows 16 (t / 2).., token group g + t % 2
-      const float* sum = (t % 2 ? sums1 : sums0) + b * 16;
-      for (int r = 16 * (t / 2); r < 16 * (t / 2) + 16; ++r) {
-        float* a = acc + r * 32 + 16 * (t % 2);
-        const __m512 scale = _mm512_set1_ps(s[b * PANEL + r]);
-        __m512 v = _mm512_fmadd_ps(scale, _mm512_load_ps(c[t][r % 16]), _mm512_load_ps(a));
-        if (mins) v = _mm512_fnmadd_ps(_mm512_set1_ps(m[b * PANEL + r]), _mm512_loadu_ps(sum), v);
-        _mm512_store_ps(a, v);
-      }
-    };
-    _tile_stored(0, c[0], 64);
-    scale_tile(0);
-    _tile_stored(1, c[1], 64);
-    scale_tile(1);
-    _tile_stored(2, c[2], 64);
-    scale_tile(2);
-    _tile_stored(3, c[3], 64);
-    scale_tile(3);
-  }
-}
+using qe_amx::configure_tiles;
+using qe_amx::panel_products;
 
 // acc [32 rows n0..][32 tokens t0..] into y [M, N] (transposed); first: store (+ bias), else add.
 void write_back(const float* acc, int64_t n0, int64_t t0, int64_t M, int64_t N, const float* bias, bool first,
