@@ -184,7 +184,8 @@ def test_bad_weights_are_refused():
 # the float32 path's error and fails every case.
 AMX_CASES = [
     ((Q.Q5_0,), 896, (37,), 65),                       # tails in tokens and rows
-    ((Q.Q5_0, Q.Q8_0), 256, (20, 7), 48),              # the fewest rows that take the tiles
+    ((Q.Q5_0, Q.Q8_0), 256, (20, 7), 32),              # the fewest rows that take the tiles
+    ((Q.Q4_K,), 256, (40,), 48),                       # the fewest with Q4_K
     ((Q.Q8_0,), 64, (33,), 100),
     ((Q.Q4_0,), 96, (40,), 80),
     ((Q.Q4_K,), 512, (48,), 97),                       # minimums
@@ -215,6 +216,25 @@ def test_amx_prefill_is_exact_to_float32_rounding(native, case):
     finally:
         native.set_amx_prefill(was)
     assert error.norm() <= 1.5 * mkl_error, (error.norm() / mkl_error).item()
+
+
+@pytest.mark.parametrize("qtype,first", [(Q.Q5_0, 32), (Q.Q8_0, 32), (Q.Q4_K, 48)])
+def test_amx_takes_products_from_32_rows_or_48_with_q4_k(native, qtype, first):
+    # Below the threshold the tiles are slower than the cache-tile GEMM (many-stream decode); from it, faster.
+    # Whether they ran shows in the last bits: the two paths add in different orders.
+    if not native.amx_prefill_available():
+        pytest.skip("this CPU (or kernel) gives no AMX tiles")
+    raw = random_blocks(qtype, 64, 512, seed=3)
+    for batch, tiles in ((first - 1, False), (first, True)):
+        x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(batch))
+        args = ([torch.from_numpy(raw)], [int(qtype)], None, GEMV_MAX_ROWS)
+        on = native.linear(x, *args)
+        was = native.set_amx_prefill(False)
+        try:
+            off = native.linear(x, *args)
+        finally:
+            native.set_amx_prefill(was)
+        assert torch.equal(on, off) != tiles, (batch, qtype.name)
 
 
 GCC_VERBOSE = """Using built-in specs.

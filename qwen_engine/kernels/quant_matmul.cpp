@@ -17,8 +17,8 @@
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
 //     handed to torch's matmul (MKL/oneDNN), so no float32 copy of the model is ever kept.
-//   * from 48 rows, on a CPU with AMX tiles and weights of types it reads (Q8_0, Q5_0, Q4_0, Q4_K): bfloat16
-//     tile products as exact as float32 instead (amx_linear.cpp), ahead of both paths above.
+//   * from 32 rows (48 with Q4_K), on a CPU with AMX tiles and weights of types it reads (Q8_0, Q5_0, Q4_0,
+//     Q4_K): bfloat16 tile products as exact as float32 instead (amx_linear.cpp), ahead of both paths above.
 //
 // Block layouts and their decoding: quant_blocks.h.
 
@@ -541,15 +541,20 @@ constexpr int64_t SCRATCH_FLOATS = int64_t(8) << 20;  // 32 MiB: a whole gate+up
 
 // Prefill on AMX tiles where the machine has them (amx_linear.cpp); tests switch it off to compare.
 bool amx_prefill = true;
-// From this many rows of x the tiles beat the cache-tile GEMM (gemm_xt): their cost steps every 32 rows, the
-// GEMM's grows with each row; measured crossovers 36-50 rows (Q5_0 / Q4_K), 1.3-1.6x at 64.
-constexpr int64_t AMX_MIN_ROWS = 48;
+// From this many rows of x the tiles beat the cache-tile GEMM (gemm_xt): their cost steps every 32 rows (a
+// tile product takes 1-32 tokens alike, and a call's panel decode does not grow with the rows), the GEMM's
+// grows with each row. Measured at 32 rows: Q5_0 layers 1.07-1.25x, Q8_0 (the LM head) 1.11x, Q4_K 0.99x; at
+// 16 rows 0.65-0.77x. Q4_K crosses over at ~50 rows.
+constexpr int64_t AMX_MIN_ROWS = 32, AMX_MIN_ROWS_Q4_K = 48;
 
-bool amx_takes(const std::vector<Segment>& segs) {
-  if (!amx_prefill || !qe_amx::tiles_granted()) return false;
+// The rows from which the tiles take these segments; 0: never.
+int64_t amx_min_rows(const std::vector<Segment>& segs) {
+  if (!amx_prefill || !qe_amx::tiles_granted()) return 0;
   std::vector<int64_t> qtypes;
-  for (const auto& s : segs) qtypes.push_back(s.qtype);
-  return qe_amx::supports(qtypes);
+  bool q4k = false;
+  for (const auto& s : segs) qtypes.push_back(s.qtype), q4k |= s.qtype == T_Q4_K;
+  if (!qe_amx::supports(qtypes)) return 0;
+  return q4k ? AMX_MIN_ROWS_Q4_K : AMX_MIN_ROWS;
 }
 
 }  // namespace
@@ -572,7 +577,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   if (M == 0 || N == 0) return y;
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (M >= AMX_MIN_ROWS && amx_takes(segs)) {
+  if (const int64_t from = amx_min_rows(segs); from > 0 && M >= from) {
     std::vector<qe_amx::Part> parts;
     for (const auto& s : segs) parts.push_back({s.data, s.qtype, s.rows, s.row_bytes, s.first});
     qe_amx::linear(xp, M, K, parts, N, bias_ptr, yp);
