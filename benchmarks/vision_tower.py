@@ -20,6 +20,10 @@ temporal patches; --video-runs, default 1). The 1-minute load average is printed
 add noise. --systems may add "qwen-engine w8a8" (every linear layer of our tower in int8, models/w8a8.py) and
 "qwen-engine bf16" / "transformers sdpa bf16" (the towers cast to bfloat16; max|Δ| is taken in float32). Not a
 test: nothing is asserted.
+
+--bf16-weights rounds every weight to bfloat16 first, in all systems: the towers of released checkpoints, which
+are bfloat16, run in float32. qwen-engine then keeps its linear weights in bfloat16 for the native kernels
+(weights/bf16_layers.py, as its loader does for such a checkpoint), exact as float32; transformers widens them.
 """
 
 from __future__ import annotations
@@ -136,6 +140,10 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
         hf_config, attn_implementation=attn, dtype=torch.float32
     )
     hf.eval()
+    if args.bf16_weights:
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.copy_(p.bfloat16().float())
     dtype = torch.bfloat16 if system.endswith(" bf16") else torch.float32
     system = system.removesuffix(" bf16")
 
@@ -162,6 +170,15 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
 
             w8a8.convert_linears(model)
         model.to(dtype)
+        if args.bf16_weights and dtype == torch.float32 and system == "qwen-engine":
+            from qwen_engine.weights import bf16_layers
+
+            bf16_layers.keep_linears(model)
+            # Hand the freed float32 weights back to the system, or the pass would reuse their resident pages
+            # and "peak" would miss its activations.
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
         def run():
             return model(pixels.to(dtype), grid)
@@ -200,6 +217,7 @@ def main() -> None:
     parser.add_argument("--video-frames", type=int, default=20)
     parser.add_argument("--video-runs", type=int, default=1, help="qwen-engine only, so one run by default")
     parser.add_argument("--no-video", action="store_true")
+    parser.add_argument("--bf16-weights", action="store_true", help="weights rounded to bfloat16 (see above)")
     parser.add_argument(
         "--worker", nargs=4, metavar=("FAMILY", "SYSTEM", "KIND", "OUT"), help=argparse.SUPPRESS
     )
@@ -220,7 +238,7 @@ def main() -> None:
         "TRANSFORMERS_VERBOSITY": "error",
     }
     forwarded = ["--threads", str(args.threads), "--image-size", str(args.image_size)]
-    forwarded += ["--video-frames", str(args.video_frames)]
+    forwarded += ["--video-frames", str(args.video_frames)] + (["--bf16-weights"] if args.bf16_weights else [])
     load = [os.getloadavg()[0]]
 
     def measure(family: str, system: str, kind: str, run: int, tmp: Path) -> dict:
@@ -248,6 +266,7 @@ def main() -> None:
 
         print(
             f"\n{args.threads} threads, float32, median of {args.runs} runs (each a fresh process, systems alternating)"
+            + (", weights rounded to bfloat16" if args.bf16_weights else "")
         )
         print(
             f"1-minute load average over the runs: {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} cores\n"

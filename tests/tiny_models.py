@@ -32,8 +32,11 @@ def build_tiny(
     legacy_config: bool = False,
     shard: bool = False,
     seed: int = 0,
+    bfloat16: bool = False,
 ) -> torch.nn.Module:
-    """Save a tiny `arch` ("qwen2" or "qwen3") model into `folder`; return the reference model (eager, fp32)."""
+    """Save a tiny `arch` ("qwen2" or "qwen3") model into `folder`; return the reference model (eager, fp32).
+    `bfloat16`: saved in bfloat16, as Qwen publishes its checkpoints; the reference is then transformers loading
+    that checkpoint in float32."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
@@ -54,7 +57,10 @@ def build_tiny(
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
     model.eval()
-    model.save_pretrained(folder, max_shard_size="4MB" if shard else "2GB")
+    model.to(torch.bfloat16 if bfloat16 else torch.float32).save_pretrained(
+        folder, max_shard_size="4MB" if shard else "2GB")
+    if bfloat16:
+        model = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     if legacy_config:
         # The spelling of checkpoints on the Hub: rope_theta at the top, rope_scaling with "type".
         path = folder / "config.json"

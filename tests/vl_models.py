@@ -57,8 +57,10 @@ def perturb(model: torch.nn.Module, seed: int) -> None:
             param.copy_(1.0 + noise if is_norm_weight else noise)
 
 
-def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = False, seed: int = 0):
-    """Save a tiny `family` model into `folder` (with the real Qwen tokenizer); return the reference (eager)."""
+def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = False, seed: int = 0,
+             bfloat16: bool = False):
+    """Save a tiny `family` model into `folder` (with the real Qwen tokenizer); return the reference (eager).
+    `bfloat16`: saved in bfloat16; the reference is transformers loading that checkpoint in float32."""
     import transformers
 
     text = dict(TEXT, rope_parameters=ROPE[family])
@@ -76,7 +78,9 @@ def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = 
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed + 1)
     model.eval()
-    model.save_pretrained(folder)
+    model.to(torch.bfloat16 if bfloat16 else torch.float32).save_pretrained(folder)
+    if bfloat16:
+        model = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     if hub_config:
         _to_hub_config(folder / "config.json", family)
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):

@@ -20,7 +20,8 @@
 // x is taken in chunks of tokens and K whose pieces fit in L2 (every panel reads all of them). Each panel is
 // decoded once: with several token chunks, the decoded panels are kept for the later ones.
 //
-// Types: Q8_0, Q5_0, Q4_0, Q4_K. Q6_K stays on MKL: its 16-value sub-blocks each have a scale, and its
+// Types: Q8_0, Q5_0, Q4_0, Q4_K, and BF16 (w = q, scale 1: a bfloat16 checkpoint run in float32; with no
+// scale to apply, its products add up in the tiles over a whole K chunk, with no scaling pass). Q6_K stays on MKL: its 16-value sub-blocks each have a scale, and its
 // integers times those scales need 13 bits, two bfloat16 pieces; that form (six products a block, one
 // scaling per 256 values) ran no faster than MKL (0.96-0.97x), so it was dropped.
 
@@ -135,6 +136,12 @@ void decode_row(int64_t qtype, const uint8_t* row, int64_t kb0, int64_t kb1, Row
         }
       }
       break;
+    case T_BF16:  // w = q: the weights themselves, exact in bfloat16 (scale 1)
+      for (int64_t b = kb0; b < kb1; ++b) {
+        const __m512i v = _mm512_loadu_si512(row + b * 64);
+        out.put(b - kb0, widen_lo(v), widen_hi(v), 1.0f, 0.0f);
+      }
+      break;
     default:
       TORCH_CHECK(false, "no AMX decode for GGUF type ", qtype);
   }
@@ -201,6 +208,7 @@ void split_x(const float* x, int64_t M, int64_t K, int64_t m0, int64_t groups, i
 
 using qe_amx::configure_tiles;
 using qe_amx::panel_products;
+using qe_amx::panel_products_unscaled;
 
 // acc [32 rows n0..][32 tokens t0..] into y [M, N] (transposed); first: store (+ bias), else add.
 void write_back(const float* acc, int64_t n0, int64_t t0, int64_t M, int64_t N, const float* bias, bool first,
@@ -222,7 +230,9 @@ void write_back(const float* acc, int64_t n0, int64_t t0, int64_t M, int64_t N, 
     }
 }
 
-inline bool one_piece(int64_t t) { return t == T_Q8_0 || t == T_Q5_0 || t == T_Q4_0 || t == T_Q4_K; }
+inline bool one_piece(int64_t t) {
+  return t == T_Q8_0 || t == T_Q5_0 || t == T_Q4_0 || t == T_Q4_K || t == T_BF16;
+}
 
 #endif
 }  // namespace
@@ -252,10 +262,11 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
 #if QE_AMX_BF16
   TORCH_CHECK(tiles_granted(), "AMX tiles are not available to this process");
   TORCH_CHECK(K % 32 == 0, "K = ", K, " is not a multiple of 32");
-  bool kquants = false;
+  bool kquants = false, unscaled = true;  // unscaled: bfloat16 weights only, no per-block scale to apply
   for (const auto& p : parts) {
     TORCH_CHECK(one_piece(p.qtype), "no AMX decode for GGUF type ", p.qtype);
     kquants |= p.qtype == T_Q4_K;
+    unscaled &= p.qtype == T_BF16;
   }
   // K in chunks of whole super-blocks where K-quants are present, about equal in size.
   const int64_t unit = kquants ? 8 : 1, units = K / 32 / unit;
@@ -307,7 +318,10 @@ void linear(const float* x, int64_t M, int64_t K, const std::vector<Part>& parts
               if (keep) kept_mins[i] = mins;
             }
             for (int64_t g = 0; g < groups; g += 2) {
-              panel_products(q, s, m, mins, pieces.data(), sums.data(), blocks, g, acc);
+              if (unscaled)
+                panel_products_unscaled(q, pieces.data(), blocks, g, acc);
+              else
+                panel_products(q, s, m, mins, pieces.data(), sums.data(), blocks, g, acc);
               write_back(acc, p * PANEL, m0 + 16 * g, M, N, bias, kb0 == 0, y);
             }
           }

@@ -70,5 +70,33 @@ inline void panel_products(const uint16_t* q, const float* s, const float* m, bo
   }
 }
 
+// The same for weights with no per-block scale (bfloat16 weights, w = q): the product tiles add up over all
+// `blocks` blocks and are stored once, straight into acc; no scaling pass.
+inline void panel_products_unscaled(const uint16_t* q, const uint16_t* pieces, int64_t blocks, int64_t g,
+                                    float* acc) {
+  const uint16_t* x0 = pieces + g * blocks * 3 * 512;
+  const uint16_t* x1 = x0 + blocks * 3 * 512;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t b = 0; b < blocks; ++b) {
+    _tile_loadd(4, q + b * PANEL * 32, 64);
+    _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
+    for (int k = 0; k < 3; ++k) {
+      _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
+      _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, acc, 128);
+  _tile_stored(1, acc + 16, 128);
+  _tile_stored(2, acc + 16 * 32, 128);
+  _tile_stored(3, acc + 16 * 32 + 16, 128);
+}
+
 }  // namespace qe_amx
 #endif

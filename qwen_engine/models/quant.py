@@ -28,16 +28,23 @@ KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
 GEMV_MAX_ROWS = 64
 
 
+def row_multiple(qtype: GGMLQuantizationType) -> int:
+    """Values a row of this type must hold a multiple of: its block, and 16 for F16/BF16 (the kernels read those
+    16 values at a time)."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    return 16 if qtype in (Q.F16, Q.BF16) else block
+
+
 def has_kernel(qtype: GGMLQuantizationType, in_features: int) -> bool:
-    return qtype in KERNEL_TYPES and in_features % GGML_QUANT_SIZES[qtype][0] == 0
+    return qtype in KERNEL_TYPES and in_features % row_multiple(qtype) == 0
 
 
 def check_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
     if qtype not in KERNEL_TYPES:
         raise ValueError(f"no quantised kernel for GGUF type {qtype.name}")
     block, size = GGML_QUANT_SIZES[qtype]
-    if in_features % block:
-        raise ValueError(f"{qtype.name} rows need a multiple of {block} values, got {in_features}")
+    if in_features % row_multiple(qtype):
+        raise ValueError(f"{qtype.name} rows need a multiple of {row_multiple(qtype)} values, got {in_features}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // block * size:
         raise ValueError(
             f"{qtype.name} weight with {in_features} inputs must be uint8 [rows, {in_features // block * size}], "

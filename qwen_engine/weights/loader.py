@@ -22,8 +22,8 @@ from ..errors import InputError, ModelLoadError
 from ..models import w8a8
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
-from . import w8a8_store
-from .quantized import build_quantized
+from . import bf16_layers, w8a8_store
+from .quantized import build_quantized, fuse_projections
 from .sources import ModelSource, merge_defaults, resolve_source
 
 # A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
@@ -86,7 +86,8 @@ def load_model(
     """Load a model. For a GGUF on CPU in float32, `quantized` (default: yes, unless QWEN_ENGINE_QUANTIZED=0)
     keeps the weights in the file's blocks, memory-mapped, and multiplies them with the native kernels;
     `quantized=False` dequantises everything to float32 at load (the reference path, and the only one for
-    Hugging Face folders, other dtypes and CUDA).
+    other dtypes and CUDA). Likewise a Hugging Face folder saved in bfloat16 and run on CPU in float32 keeps its
+    linear weights in bfloat16 (exactly the float32 numbers, in half the memory) for the same kernels.
 
     `quantization="w8a8"` (or QWEN_ENGINE_QUANTIZATION=w8a8) is the optional lossy mode of models/w8a8.py:
     int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py."""
@@ -102,10 +103,11 @@ def load_model(
         quantized = os.environ.get("QWEN_ENGINE_QUANTIZED", "1") != "0"
     kernels.use_available_cores()
     try:
+        keep_blocks = quantized and torch_dtype == torch.float32 and torch_device.type == "cpu"
         if source.path.is_dir():
-            loaded = _load_hf_folder(source.path, torch_dtype, torch_device)
+            keep_bf16 = keep_blocks and quantization is None and kernels.native() is not None
+            loaded = _load_hf_folder(source.path, torch_dtype, torch_device, keep_bf16)
         else:
-            keep_blocks = quantized and torch_dtype == torch.float32 and torch_device.type == "cpu"
             loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks)
     except ModelLoadError as e:
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
@@ -158,7 +160,7 @@ def _checked(gguf) -> Iterable[tuple[str, np.ndarray]]:
         raise ModelLoadError(f"{gguf.path}: damaged tensor data ({type(e).__name__}: {e})") from None
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device, keep_bf16: bool = False) -> LoadedModel:
     from ..text.template import ChatTemplate, load_chat_template
     from ..text.tokenizer import QwenTokenizer
     from .safetensors import iter_tensors
@@ -178,7 +180,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device) -> Loa
 
         template_source = VL_TEMPLATES[config.vision.family]
     template = ChatTemplate(template_source, tokenizer.special_tokens_map())
-    model = _build(config, iter_tensors(path), dtype, device, path)
+    model = _build(config, iter_tensors(path), dtype, device, path, keep_bf16)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     defaults = _defaults_from_generation_config(gen)
     eos = gen.get("eos_token_id")
@@ -192,6 +194,7 @@ def _build(
     dtype: torch.dtype,
     device: torch.device,
     path: Path,
+    keep_bf16: bool = False,
 ) -> QwenForCausalLM:
     # Built on the meta device, then filled tensor by tensor: memory never holds more than the final weights
     # plus the one tensor being converted.
@@ -199,6 +202,7 @@ def _build(
         model = QwenForCausalLM(config)
     expected = {name for name, _ in model.named_parameters()}
     loaded = set()
+    kept: dict[str, torch.Tensor] = {}  # module name → its bfloat16 weight, for bf16_layers.keep
     for name, tensor in tensors:
         name = _local_name(name)
         if name in loaded:
@@ -212,11 +216,18 @@ def _build(
             raise ModelLoadError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}"
             )
+        if keep_bf16 and attr == "weight" and bf16_layers.can_keep(module_name, module, tensor):
+            kept[module_name] = tensor
+            loaded.add(name)
+            continue
         setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(name)
+    if kept:
+        bf16_layers.keep(model, kept)
+        fuse_projections(model)
     if config.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "model.embed_tokens.weight" in loaded:
-            model.lm_head.weight = model.model.embed_tokens.weight
+            bf16_layers.tie_lm_head(model)
             loaded.add("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:
