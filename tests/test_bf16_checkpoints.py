@@ -84,7 +84,7 @@ def test_greedy_generation_matches_reference(pair):
 
 
 def test_many_streams_decode_as_each_alone(pair):
-    # 18 sequences decoding together: 18 rows of x per product, which take the AMX tiles (from 16 rows).
+    # 18 sequences decoding together: 18 rows of x per product, which take the AMX tiles (from 17 rows).
     _, llm, _ = pair
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
     params = params.with_defaults(llm.default_params)

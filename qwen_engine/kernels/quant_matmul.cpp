@@ -545,8 +545,8 @@ bool amx_prefill = true;
 // tile product takes 1-32 tokens alike, and a call's panel decode does not grow with the rows), the GEMM's
 // grows with each row. Measured at 32 rows: Q5_0 layers 1.07-1.25x, Q8_0 (the LM head) 1.11x, Q4_K 0.99x; at
 // 16 rows 0.65-0.77x. Q4_K crosses over at ~50 rows. bfloat16 weights need no scaling pass: at 16 rows
-// 1.13x, at 32 1.33x (K 896, N 9728).
-constexpr int64_t AMX_MIN_ROWS = 32, AMX_MIN_ROWS_Q4_K = 48, AMX_MIN_ROWS_BF16 = 16;
+// 0.70x, but from 17 (where the GEMM takes two groups of 16 rows) 1.04-1.18x, at 32 1.4x (K 896, N 9728).
+constexpr int64_t AMX_MIN_ROWS = 32, AMX_MIN_ROWS_Q4_K = 48, AMX_MIN_ROWS_BF16 = 17;
 
 // The rows from which the tiles take these segments; 0: never.
 int64_t amx_min_rows(const std::vector<Segment>& segs, int64_t K) {
