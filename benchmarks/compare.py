@@ -85,12 +85,18 @@ def peak_rss_mib() -> float:
 
 # -- one system, in its own process ----------------------------------------------------------------------------
 
-def run_qwen_engine(model: str, ids: list[int], quantization: str | None = None) -> dict:
-    from qwen_engine import LLM, SamplingParams
+def run_qwen_engine(model: str, ids: list[int], quantization: str | None = None, **load) -> dict:
+    from qwen_engine import LLM
 
     start = time.perf_counter()
-    llm = LLM(model, progress=False, quantization=quantization)
-    load = time.perf_counter() - start
+    llm = LLM(model, progress=False, quantization=quantization, **load)
+    return {"load_s": time.perf_counter() - start, **qwen_engine_greedy(llm, ids)}
+
+
+def qwen_engine_greedy(llm, ids: list[int]) -> dict:
+    """Prefill and DECODE_TOKENS greedy tokens through the engine: times and tokens."""
+    from qwen_engine import SamplingParams
+
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True).with_defaults(SamplingParams())
     seq = llm.engine.add_request(ids, params)
     start = time.perf_counter()
@@ -100,7 +106,7 @@ def run_qwen_engine(model: str, ids: list[int], quantization: str | None = None)
         if first is None and seq.output_ids:
             first = time.perf_counter()
     end = time.perf_counter()
-    return {"load_s": load, "prefill_s": first - start, "decode_s": end - first, "tokens": seq.output_ids}
+    return {"prefill_s": first - start, "decode_s": end - first, "tokens": seq.output_ids}
 
 
 def run_llama_cpp(model: str, ids: list[int]) -> dict:
@@ -130,11 +136,16 @@ def run_transformers(model: str, ids: list[int]) -> dict:
     path = Path(model)
     start = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    load = time.perf_counter() - start
-    input_ids = torch.tensor([ids])
+    return {"load_s": time.perf_counter() - start, **transformers_greedy(hf, ids)}
+
+
+def transformers_greedy(hf, ids: list[int]) -> dict:
+    """Prefill and DECODE_TOKENS greedy tokens with transformers' own KV cache: times and tokens."""
+    import torch
+
     with torch.inference_mode():
         start = time.perf_counter()
-        out = hf(input_ids, use_cache=True)
+        out = hf(torch.tensor([ids]), use_cache=True)
         first = time.perf_counter()
         past, token = out.past_key_values, out.logits[0, -1].argmax()
         tokens = [int(token)]
@@ -143,7 +154,7 @@ def run_transformers(model: str, ids: list[int]) -> dict:
             past, token = out.past_key_values, out.logits[0, -1].argmax()
             tokens.append(int(token))
         end = time.perf_counter()
-    return {"load_s": load, "prefill_s": first - start, "decode_s": end - first, "tokens": tokens}
+    return {"prefill_s": first - start, "decode_s": end - first, "tokens": tokens}
 
 
 def parallel_qwen_engine(model: str, prompts: list[list[int]], quantization: str | None = None) -> dict:

@@ -28,7 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from compare import DECODE_TOKENS, peak_rss_mib, prompt_messages  # noqa: E402
+from compare import (  # noqa: E402
+    DECODE_TOKENS,
+    peak_rss_mib,
+    prompt_messages,
+    run_qwen_engine,
+    transformers_greedy,
+)
 
 SYSTEMS = ("qwen-engine", "qwen-engine float32", "transformers")
 
@@ -57,37 +63,12 @@ def run(system: str, folder: str, ids: list[int]) -> dict:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if system.startswith("qwen-engine"):
-        from qwen_engine import LLM, SamplingParams
-
-        start = time.perf_counter()
-        llm = LLM(folder, progress=False, quantized=system == "qwen-engine")
-        load = time.perf_counter() - start
-        params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0, ignore_eos=True)
-        seq = llm.engine.add_request(ids, params.with_defaults(SamplingParams()))
-        start, first = time.perf_counter(), None
-        while not seq.finished:
-            llm.engine.step()
-            if first is None and seq.output_ids:
-                first = time.perf_counter()
-        return {"load_s": load, "prefill_s": first - start, "decode_s": time.perf_counter() - first,
-                "tokens": seq.output_ids}
+        return run_qwen_engine(folder, ids, quantized=system == "qwen-engine")
     from transformers import AutoModelForCausalLM
 
     start = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    load = time.perf_counter() - start
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = hf(torch.tensor([ids]), use_cache=True)
-        first = time.perf_counter()
-        past, token = out.past_key_values, out.logits[0, -1].argmax()
-        tokens = [int(token)]
-        for _ in range(DECODE_TOKENS - 1):
-            out = hf(token.view(1, 1), past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[0, -1].argmax()
-            tokens.append(int(token))
-        end = time.perf_counter()
-    return {"load_s": load, "prefill_s": first - start, "decode_s": end - first, "tokens": tokens}
+    return {"load_s": time.perf_counter() - start, **transformers_greedy(hf, ids)}
 
 
 def main() -> None:

@@ -25,6 +25,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def native():
+    """The native kernels' module; tests that need it skip where no C++ compiler could build it."""
+    from qwen_engine import kernels
+
+    module = kernels.native()
+    if module is None:
+        pytest.skip("no C++ compiler: the native kernels cannot be built here")
+    return module
+
+
+@pytest.fixture(scope="session")
 def demo_gguf() -> Path:
     from qwen_engine.weights.demo import demo_model_path
 

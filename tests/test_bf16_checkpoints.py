@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_tiny
+from tiny_models import build_tiny, engine_greedy, reference_greedy
 from vl_models import IDS, build_vl
 
-from qwen_engine import LLM, SamplingParams, kernels
+from qwen_engine import LLM, SamplingParams
 from qwen_engine.models.quant import QuantEmbedding, QuantLinear
 
 TOLERANCE = 1e-4
 BF16 = 30  # ggml's type number
-
-
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.native()
-    if module is None:
-        pytest.skip("no C++ compiler: the native kernels cannot be built here")
-    return module
 
 
 def _ids(n: int, seed: int = 1) -> list[int]:
@@ -72,15 +64,7 @@ def test_logits_match_transformers_in_float32_on_and_off_the_tiles(pair, native)
 def test_greedy_generation_matches_reference(pair):
     ref, llm, _ = pair
     prompt = _ids(20, seed=2)
-    with torch.inference_mode():
-        expected = ref.generate(
-            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )[0, 20:].tolist()
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
-    seq = llm.engine.add_request(prompt, params.with_defaults(llm.default_params))
-    while not seq.finished:
-        llm.engine.step()
-    assert seq.output_ids == expected
+    assert engine_greedy(llm, prompt, 24) == reference_greedy(ref, prompt, 24)
 
 
 def test_many_streams_decode_as_each_alone(pair):

@@ -10,14 +10,6 @@ from qwen_engine import kernels
 from qwen_engine.engine.kv_cache import PagedBatch, PagedKVCache, SequenceSlice, decode_attention
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.native()
-    if module is None:
-        pytest.skip("no C++ compiler: the native kernels cannot be built here")
-    return module
-
-
 def random_case(lengths: list[int], q_heads: int = 14, kv_heads: int = 2, dim: int = 64, slots: int = 400):
     gen = torch.Generator().manual_seed(sum(lengths))
     k = torch.randn(slots, kv_heads, dim, generator=gen)

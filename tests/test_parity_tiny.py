@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import build_tiny
+from tiny_models import build_tiny, engine_greedy, reference_greedy
 
 from qwen_engine import LLM, SamplingParams
 from qwen_engine.errors import ModelLoadError
@@ -55,15 +55,7 @@ def test_logits_every_position(pair):
 def test_greedy_generation_matches_reference(pair):
     ref, llm, _ = pair
     prompt = _ids(20, seed=2)
-    with torch.inference_mode():
-        expected = ref.generate(
-            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
-        )[0, 20:].tolist()
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
-    seq = llm.engine.add_request(prompt, params.with_defaults(llm.default_params))
-    while not seq.finished:
-        llm.engine.step()
-    assert seq.output_ids == expected
+    assert engine_greedy(llm, prompt, 24) == reference_greedy(ref, prompt, 24)
 
 
 def test_config_features_are_read(pair):

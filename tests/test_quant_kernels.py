@@ -26,14 +26,6 @@ RTOL = 1e-5
 BATCHES = [1, 2, 3, 4, 5, 8, 9, 17, 33, 49, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 7]
 
 
-@pytest.fixture(scope="module")
-def native():
-    module = kernels.native()
-    if module is None:
-        pytest.skip("no C++ compiler: the native kernels cannot be built here")
-    return module
-
-
 def random_blocks(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """[rows, bytes] of valid blocks: quantised by gguf where it can, else random bytes with sane scales."""
     rng = np.random.default_rng(seed)

@@ -73,3 +73,22 @@ def build_tiny(
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / name)
     return model
+
+
+def reference_greedy(ref: torch.nn.Module, prompt: list[int], tokens: int) -> list[int]:
+    """`tokens` greedy tokens from transformers' own generate (its KV cache), eos ignored."""
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def engine_greedy(llm, prompt: list[int], tokens: int) -> list[int]:
+    """`tokens` greedy tokens through our engine (paged KV cache, native decode steps), eos ignored."""
+    from qwen_engine import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
+    seq = llm.engine.add_request(prompt, params.with_defaults(llm.default_params))
+    while not seq.finished:
+        llm.engine.step()
+    return seq.output_ids

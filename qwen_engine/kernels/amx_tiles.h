@@ -20,6 +20,30 @@ inline void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
+// Forced inline: as an out-of-line call (GCC's choice) the scaled loop below ran at 0.76-0.86x.
+__attribute__((always_inline)) inline void zero_products() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Adds block b's products into tiles 0-3: the panel's two weight tiles against the three x pieces of token
+// groups x0 and x1.
+__attribute__((always_inline)) inline void block_products(const uint16_t* q, const uint16_t* x0, const uint16_t* x1,
+                                                          int64_t b) {
+  _tile_loadd(4, q + b * PANEL * 32, 64);
+  _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
+  for (int k = 0; k < 3; ++k) {
+    _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
+    _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+}
+
 // acc [32 weight rows][32 tokens] = the panel (q, s, m) against token groups g, g + 1, over `blocks` blocks.
 // q: [block][row][32] bfloat16 integers; s, m: [block][row]; pieces: [group][block][piece][16 value pairs]
 // [16 tokens][2]; sums: [group][block][16 tokens].
@@ -34,20 +58,8 @@ inline void panel_products(const uint16_t* q, const float* s, const float* m, bo
   const float *sums0 = sums + g * blocks * 16, *sums1 = sums0 + blocks * 16;
   std::fill(acc, acc + 32 * 32, 0.0f);
   for (int64_t b = 0; b < blocks; ++b) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_loadd(4, q + b * PANEL * 32, 64);
-    _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
-    for (int k = 0; k < 3; ++k) {
-      _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
-      _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
+    zero_products();
+    block_products(q, x0, x1, b);
     // Each tile is stored and scaled in turn: scaling the first overlaps the last products into the others.
     const auto scale_tile = [&](int t) {  // tile t: weight rows 16 (t / 2).., token group g + t % 2
       const float* sum = (t % 2 ? sums1 : sums0) + b * 16;
@@ -76,22 +88,8 @@ inline void panel_products_unscaled(const uint16_t* q, const uint16_t* pieces, i
                                     float* acc) {
   const uint16_t* x0 = pieces + g * blocks * 3 * 512;
   const uint16_t* x1 = x0 + blocks * 3 * 512;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t b = 0; b < blocks; ++b) {
-    _tile_loadd(4, q + b * PANEL * 32, 64);
-    _tile_loadd(5, q + b * PANEL * 32 + 16 * 32, 64);
-    for (int k = 0; k < 3; ++k) {
-      _tile_loadd(6, x0 + (b * 3 + k) * 512, 64);
-      _tile_loadd(7, x1 + (b * 3 + k) * 512, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-  }
+  zero_products();
+  for (int64_t b = 0; b < blocks; ++b) block_products(q, x0, x1, b);
   _tile_stored(0, acc, 128);
   _tile_stored(1, acc + 16, 128);
   _tile_stored(2, acc + 16 * 32, 128);
