@@ -137,3 +137,16 @@ def test_keep_linears_matches_the_float32_layer(native, in_features):
                                                                    + 1)).all()
                 x = ref(x)
     assert torch.equal(model[0].dequantized(), reference[0].weight)
+
+
+def test_only_vision_towers_get_padded_widths():
+    # The text model's layers are stacked and read as they are by the native decode step: a width the kernels
+    # cannot read (not a multiple of 16) stays float32 there; a vision tower pads it (PaddedLinear).
+    from qwen_engine.weights import bf16_layers
+
+    odd = torch.zeros(8, 50, dtype=torch.bfloat16)
+    layer = torch.nn.Linear(50, 8)
+    assert not bf16_layers.can_keep("model.layers.0.mlp.down_proj", layer, odd)
+    assert bf16_layers.can_keep("visual.blocks.0.mlp.down_proj", layer, odd, pad=True)
+    assert bf16_layers.can_keep("model.layers.0.mlp.down_proj", layer, torch.zeros(8, 48, dtype=torch.bfloat16))
+    assert not bf16_layers.can_keep("model.layers.0.mlp.down_proj", layer, odd.float())

@@ -21,9 +21,10 @@
 // decoded once: with several token chunks, the decoded panels are kept for the later ones.
 //
 // Types: Q8_0, Q5_0, Q4_0, Q4_K, and BF16 (w = q, scale 1: a bfloat16 checkpoint run in float32; with no
-// scale to apply, its products add up in the tiles over a whole K chunk, with no scaling pass). Q6_K stays on MKL: its 16-value sub-blocks each have a scale, and its
-// integers times those scales need 13 bits, two bfloat16 pieces; that form (six products a block, one
-// scaling per 256 values) ran no faster than MKL (0.96-0.97x), so it was dropped.
+// scale to apply, its products add up in the tiles over a whole K chunk, with no scaling pass). Q6_K stays on
+// MKL: its 16-value sub-blocks each have a scale, and its integers times those scales need 13 bits, two
+// bfloat16 pieces; that form (six products a block, one scaling per 256 values) ran no faster than MKL
+// (0.96-0.97x), so it was dropped.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>

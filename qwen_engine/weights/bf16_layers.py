@@ -8,8 +8,9 @@ their products on AMX tiles where the CPU has them (kernels/amx_linear.cpp, ~2x 
 
 Only the text model's linear layers, its token embedding (and the output projection tied to it) and the
 vision towers' linear layers are kept; norms, biases, convolutions and position tables become float32 as
-before. A linear layer whose input width is not a multiple of 32 values (Qwen2.5-VL's 3420-wide MLP) gets zero
-columns up to the next one, and its input the same zeros (PaddedLinear): the sums are unchanged.
+before. In a vision tower, a linear layer whose input width the kernels cannot read (not a multiple of 16:
+Qwen2.5-VL's 3420-wide MLP) gets zero columns up to a multiple of 32, and its input the same zeros
+(PaddedLinear): the sums are unchanged.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from torch import nn
 from ..models.quant import QuantEmbedding, QuantLinear, has_kernel
 
 BF16 = GGMLQuantizationType.BF16
-
-
 PAD_TO = 32  # the AMX tiles' block (the kernels' BF16 rows need 16)
 
 
 class PaddedLinear(QuantLinear):
-    """A QuantLinear whose weight got zero columns up to a multiple of PAD_TO: x gets the same zeros."""
+    """A QuantLinear whose weight got zero columns up to a multiple of PAD_TO: x gets the same zeros. Only
+    vision towers get these (the text model's layers are stacked and read by the native decode step as they are).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.unpadded = weight.shape[1]
@@ -41,14 +42,15 @@ class PaddedLinear(QuantLinear):
         return super().dequantized()[:, : self.unpadded]
 
 
-def can_keep(module_name: str, module: nn.Module, weight: torch.Tensor) -> bool:
-    """Whether `weight` (as read from the checkpoint) of `module` can stay in bfloat16."""
+def can_keep(module_name: str, module: nn.Module, weight: torch.Tensor, pad: bool = False) -> bool:
+    """Whether `weight` (as read from the checkpoint) of `module` can stay in bfloat16; `pad`: a width the
+    kernels cannot read may be padded (PaddedLinear)."""
     if weight.dtype != torch.bfloat16 or weight.dim() != 2:
         return False
+    readable = has_kernel(BF16, weight.shape[1])
     if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Embedding) and module_name == "model.embed_tokens" and has_kernel(
-        BF16, weight.shape[1])
+        return readable or pad
+    return isinstance(module, nn.Embedding) and module_name == "model.embed_tokens" and readable
 
 
 def keep(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -57,15 +59,16 @@ def keep(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         parent_name, _, child = module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, child)
-        raw = weight.contiguous().view(torch.uint8)  # [rows, 2 · in_features] bytes
+        weight = weight.contiguous()
         if isinstance(old, nn.Embedding):
-            new: nn.Module = QuantEmbedding(raw, BF16, weight.shape[1])
+            new: nn.Module = QuantEmbedding(weight.view(torch.uint8), BF16, weight.shape[1])
         else:
+            # A bias the checkpoint lacks is still on the meta device: the loader reports it as missing.
             bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
-            if weight.shape[1] % PAD_TO:  # a missing bias: the loader reports it
-                new = PaddedLinear(weight.contiguous(), bias)
+            if has_kernel(BF16, weight.shape[1]):
+                new = QuantLinear([(weight.view(torch.uint8), BF16)], weight.shape[1], bias)
             else:
-                new = QuantLinear([(raw, BF16)], weight.shape[1], bias)
+                new = PaddedLinear(weight, bias)
         setattr(parent, child, new)
 
 
@@ -76,7 +79,7 @@ def keep_linears(model: nn.Module) -> int:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
             weight = module.weight.detach().bfloat16()
-            if torch.equal(weight.float(), module.weight) and can_keep(name, module, weight):
+            if torch.equal(weight.float(), module.weight) and can_keep(name, module, weight, pad=True):
                 kept[name] = weight
     keep(model, kept)
     return len(kept)

@@ -216,7 +216,8 @@ def _build(
             raise ModelLoadError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}"
             )
-        if keep_bf16 and attr == "weight" and bf16_layers.can_keep(module_name, module, tensor):
+        if keep_bf16 and attr == "weight" and bf16_layers.can_keep(module_name, module, tensor,
+                                                                  pad=module_name.startswith("visual.")):
             kept[module_name] = tensor
             loaded.add(name)
             continue
