@@ -15,11 +15,14 @@ Qwen2.5-VL's 3420-wide MLP) gets zero columns up to a multiple of 32, and its in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from gguf import GGMLQuantizationType
 from torch import nn
 
 from ..models.quant import QuantEmbedding, QuantLinear, has_kernel
+from .quantized import linear_bias, replace_module
 
 BF16 = GGMLQuantizationType.BF16
 PAD_TO = 32  # the AMX tiles' block (the kernels' BF16 rows need 16)
@@ -53,23 +56,18 @@ def can_keep(module_name: str, module: nn.Module, weight: torch.Tensor, pad: boo
     return isinstance(module, nn.Embedding) and module_name == "model.embed_tokens" and readable
 
 
-def keep(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def keep(model: nn.Module, weights: dict[str, torch.Tensor], path: Path | None = None) -> None:
     """Put QuantLinear / QuantEmbedding over the kept bfloat16 `weights` (module name → weight) in `model`."""
     for module_name, weight in weights.items():
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
+        old = model.get_submodule(module_name)
         weight = weight.contiguous()
         if isinstance(old, nn.Embedding):
             new: nn.Module = QuantEmbedding(weight.view(torch.uint8), BF16, weight.shape[1])
+        elif has_kernel(BF16, weight.shape[1]):
+            new = QuantLinear([(weight.view(torch.uint8), BF16)], weight.shape[1], linear_bias(old, module_name, path))
         else:
-            # A bias the checkpoint lacks is still on the meta device: the loader reports it as missing.
-            bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
-            if has_kernel(BF16, weight.shape[1]):
-                new = QuantLinear([(weight.view(torch.uint8), BF16)], weight.shape[1], bias)
-            else:
-                new = PaddedLinear(weight, bias)
-        setattr(parent, child, new)
+            new = PaddedLinear(weight, linear_bias(old, module_name, path))
+        replace_module(model, module_name, new)
 
 
 def keep_linears(model: nn.Module) -> int:
@@ -83,12 +81,3 @@ def keep_linears(model: nn.Module) -> int:
                 kept[name] = weight
     keep(model, kept)
     return len(kept)
-
-
-def tie_lm_head(model: nn.Module) -> None:
-    """The output projection shares the token embedding's weight (tied embeddings, or no lm_head saved)."""
-    embed = model.model.embed_tokens
-    if isinstance(embed, QuantEmbedding):
-        model.lm_head = embed.as_linear()
-    else:
-        model.lm_head.weight = embed.weight

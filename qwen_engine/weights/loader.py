@@ -23,7 +23,7 @@ from ..models import w8a8
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
 from . import bf16_layers, w8a8_store
-from .quantized import build_quantized, fuse_projections
+from .quantized import build_quantized, fuse_projections, tie_lm_head
 from .sources import ModelSource, merge_defaults, resolve_source
 
 # A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
@@ -224,11 +224,11 @@ def _build(
         setattr(module, attr, torch.nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         loaded.add(name)
     if kept:
-        bf16_layers.keep(model, kept)
+        bf16_layers.keep(model, kept, path)
         fuse_projections(model)
     if config.tie_word_embeddings or "lm_head.weight" not in loaded:
         if "model.embed_tokens.weight" in loaded:
-            bf16_layers.tie_lm_head(model)
+            tie_lm_head(model)
             loaded.add("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:

@@ -52,21 +52,15 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
         raise ModelLoadError(f"{path}: checkpoint lacks tensors {shown}")
 
     for module_name, (data, qtype, in_features) in blocks.items():
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
+        old = model.get_submodule(module_name)
         if isinstance(old, torch.nn.Embedding):
-            new = QuantEmbedding(data, qtype, in_features)
+            replace_module(model, module_name, QuantEmbedding(data, qtype, in_features))
         else:
-            bias = old.bias if old.bias is not None and old.bias.device.type != "meta" else None
-            if old.bias is not None and bias is None:
-                raise ModelLoadError(f"{path}: checkpoint lacks tensor {module_name}.bias")
-            new = QuantLinear([(data, qtype)], in_features, bias)
-        setattr(parent, child, new)
+            bias = linear_bias(old, module_name, path)
+            replace_module(model, module_name, QuantLinear([(data, qtype)], in_features, bias))
 
     if config.tie_word_embeddings or "lm_head.weight" not in loaded:
-        embed = model.model.embed_tokens
-        model.lm_head = embed.as_linear() if isinstance(embed, QuantEmbedding) else _tied_linear(embed)
+        tie_lm_head(model)
     fuse_projections(model)
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim)
     return model.eval()
@@ -96,8 +90,25 @@ def _float32(gguf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return values.reshape(shape)
 
 
-def _tied_linear(embed: torch.nn.Embedding) -> torch.nn.Linear:
-    with torch.device("meta"):
-        lm_head = torch.nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False)
-    lm_head.weight = embed.weight
-    return lm_head
+def replace_module(model: torch.nn.Module, module_name: str, new: torch.nn.Module) -> None:
+    """Put `new` where the submodule `module_name` is."""
+    parent_name, _, child = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def linear_bias(old: torch.nn.Module, module_name: str, path: Path | None) -> torch.Tensor | None:
+    """The loaded bias of a linear layer being replaced; one still on the meta device was not in the checkpoint."""
+    if old.bias is None:
+        return None
+    if old.bias.device.type == "meta":
+        raise ModelLoadError(f"{path or 'the model'}: checkpoint lacks tensor {module_name}.bias")
+    return old.bias
+
+
+def tie_lm_head(model: QwenForCausalLM) -> None:
+    """The output projection shares the token embedding's weight (tied embeddings, or no output tensor saved)."""
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantEmbedding):
+        model.lm_head = embed.as_linear()
+    else:
+        model.lm_head.weight = embed.weight
