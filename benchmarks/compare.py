@@ -16,7 +16,8 @@ With --streams 8,16,32, qwen-engine and llama.cpp also decode N different short 
 at once, 64 greedy tokens per stream: qwen-engine through its continuous-batching engine, llama.cpp through
 llama-cpp-python's low-level batch API (N sequences in one context, one llama_decode per step, as llama-server's
 parallel slots do). Throughput is the generated tokens of all streams over the decode phase (after every
-stream has its first token). Not a test: nothing is asserted.
+stream has its first token). --context N makes the single-stream prompt at least N tokens long (more copies of
+the module under review), for prefill and decode at longer contexts. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def totals_by_customer(orders):
 '''
 
 
-def prompt_messages() -> list[dict]:
+def prompt_messages(copies: int = 3) -> list[dict]:
+    """The review prompt; `copies` of the module make it longer (3: ~516 tokens, each one ~150 more)."""
     question = (
         "Review the following Python module. Point out bugs, edge cases that are not handled, and performance "
         "problems, then propose an improved version with type hints and docstrings.\n```python\n"
-        + CODE * 3 + "```"
+        + CODE * copies + "```"
     )
     return [{"role": "system", "content": "You are a careful senior Python reviewer."},
             {"role": "user", "content": question}]
@@ -113,7 +115,8 @@ def run_llama_cpp(model: str, ids: list[int]) -> dict:
     from llama_cpp import Llama
 
     start = time.perf_counter()
-    llm = Llama(model_path=model, n_ctx=2048, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
+    n_ctx = max(2048, len(ids) + DECODE_TOKENS + 64)
+    llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS, n_batch=512, verbose=False)
     load = time.perf_counter() - start
     tokens = []
     start = time.perf_counter()
@@ -292,6 +295,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--systems", default="qwen-engine,llama.cpp,transformers")
     p.add_argument("--threads", type=int, default=2, help="threads for every system (default 2)")
+    p.add_argument("--context", type=int, default=0,
+                   help="make the single-stream prompt at least this many tokens (more copies of its module)")
     p.add_argument("--streams", default="", help="also measure N concurrent streams, e.g. 8,16,32")
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the single-stream table (--no-single: only the streams)")
@@ -313,8 +318,12 @@ def main() -> None:
     model = args.model or str(demo_model_path())
     meta = GGUFFile(model).metadata
     tok = QwenTokenizer.from_gguf_metadata(meta)
-    text = ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map()).render(prompt_messages())
-    ids = tok.encode(text)
+    template = ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map())
+    copies = 3
+    ids = tok.encode(template.render(prompt_messages(copies)))
+    while len(ids) < args.context:
+        copies += 1
+        ids = tok.encode(template.render(prompt_messages(copies)))
     # The children import qwen_engine from this checkout, whatever is installed in the environment.
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), QWEN_ENGINE_BENCH_THREADS=str(args.threads),
                PYTHONPATH=str(ROOT))
@@ -360,8 +369,7 @@ def main() -> None:
         streams: dict[int, dict[str, list[dict]]] = {n: {s: [] for s in parallel_systems} for n in levels}
         for run in range(args.runs):
             for n in levels:
-                prompts = [tok.encode(ChatTemplate(meta.get("tokenizer.chat_template"), tok.special_tokens_map())
-                                      .render(stream_messages(i))) for i in range(n)]
+                prompts = [tok.encode(template.render(stream_messages(i))) for i in range(n)]
                 for system in parallel_systems:
                     r = run_child(f"{system}@parallel", prompts)
                     if r is None:
@@ -394,12 +402,15 @@ def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:
     base = rows.get("llama.cpp")
     print(f"prompt: {prompt_tokens} tokens; decode: {DECODE_TOKENS} greedy tokens; {THREADS} threads; medians of "
           f"{max(len(r) for r in results.values())} runs")
+    # transformers on the dequantised model is the float32 reference the default mode must match token for token.
+    reference = rows.get("transformers")
     print("| system | load s | prefill tok/s | decode tok/s | peak RSS MiB | prefill × llama.cpp | decode × llama.cpp |"
-          " same tokens as llama.cpp |")
-    print("|---|---|---|---|---|---|---|---|")
+          " same tokens as llama.cpp |" + (" same tokens as transformers |" if reference else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if reference else ""))
     for system, r in rows.items():
         print(f"| {system} | {r['load']:.1f} | {r['prefill']:.1f} | {r['decode']:.1f} | {r['rss']:.0f} | "
-              f"{_ratio(r, base, 'prefill')} | {_ratio(r, base, 'decode')} | {_same_tokens(r, base)} |")
+              f"{_ratio(r, base, 'prefill')} | {_ratio(r, base, 'decode')} | {_same_tokens(r, base)} |"
+              + (f" {_same_tokens(r, reference)} |" if reference else ""))
 
 
 def report_streams(streams: dict[int, dict[str, list[dict]]]) -> None:

@@ -50,6 +50,26 @@ def test_long_context(native):
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize("length", [63, 64, 65, 127, 128, 129, 511, 512, 513, 1025, 2047])
+def test_lengths_around_the_chunk_boundaries(native, length):
+    # A sequence's keys are cut into equal chunks (an even number from 128 keys; none under 64 keys) whose
+    # softmax parts are merged: every length must give the reference's result, with no empty or missing chunk.
+    q, k, v, table, padding = random_case([length], slots=2100)
+    ours = native.decode_attention(q, k, v, table, torch.tensor([length]), 0.125)
+    ref = decode_attention(q, k[table], v[table], padding)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+
+
+def test_a_sequence_gets_the_same_result_in_any_batch(native):
+    # The chunks depend only on a sequence's own length, so its output is bit-identical alone or beside others.
+    q, k, v, table, _ = random_case([700, 5, 1300, 64], slots=2100)
+    lengths = torch.tensor([700, 5, 1300, 64])
+    together = native.decode_attention(q, k, v, table, lengths, 0.125)
+    for i in range(4):
+        alone = native.decode_attention(q[i : i + 1], k, v, table[i : i + 1, : lengths[i]], lengths[i : i + 1], 0.125)
+        assert torch.equal(alone, together[i : i + 1])
+
+
 def test_odd_head_size_uses_the_scalar_tail(native):
     q, k, v, table, padding = random_case([7, 3], q_heads=4, kv_heads=1, dim=20)
     ours = native.decode_attention(q, k, v, table, torch.tensor([7, 3]), 20**-0.5)
