@@ -25,8 +25,10 @@
 namespace {
 
 constexpr int KB = 64;  // keys per block: 4 vectors of scores per query row
-constexpr int TILE_ROWS = 32;  // query rows (positions x heads of a kv head) per task: they share each block
-                               // of keys and values while it sits in L1
+// Query rows (positions x heads of a kv head) per task: they share each block of keys and values while it sits
+// in L1, and each task reads its kv head's keys and values once from L2 or memory. 256 rather than 32: at
+// 4096 keys those are 2 MiB a head, and a 512-query chunk ran 1.17x faster (the same results, bit for bit).
+constexpr int TILE_ROWS = 256;
 
 // R query rows against one block of keys; row r sees the block's first n[r] keys (0 ≤ n[r] ≤ KB; a row that
 // sees none keeps its state, which is finite by then: every row sees the first block's key 0). kt: the
