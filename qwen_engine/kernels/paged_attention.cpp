@@ -270,22 +270,23 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
                      fscale, work.data(), po + h * group * D, po + Hq * D + h * group, po + Hq * D + Hq + h * group);
     }
   });
-  // Each head's chunks, rescaled to its largest score, summed and divided by their total (one chunk: divided
-  // as it is).
+  // Each head's chunks, rescaled to its largest score, summed and divided by their total. (A single chunk's
+  // weight is e^0 = 1 exactly, so it is divided as it is.)
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t hq = 0; hq < Hq; ++hq) {
-        const int64_t c0 = first[b], c1 = first[b + 1];
-        float top = parts[c0 * part + Hq * D + hq];
-        for (int64_t c = c0 + 1; c < c1; ++c) top = std::max(top, parts[c * part + Hq * D + hq]);
+        const auto top_of = [&](int64_t c) { return parts[c * part + Hq * D + hq]; };
+        const auto total_of = [&](int64_t c) { return parts[c * part + Hq * D + Hq + hq]; };
+        float top = top_of(first[b]);
+        for (int64_t c = first[b] + 1; c < first[b + 1]; ++c) top = std::max(top, top_of(c));
         float* o = op + (b * Hq + hq) * D;
         std::fill(o, o + D, 0.0f);
         float total = 0.0f;
-        for (int64_t c = c0; c < c1; ++c) {
-          const float* pc = parts.data() + c * part;
-          const float w = c1 - c0 == 1 ? 1.0f : std::exp(pc[Hq * D + hq] - top);
-          total += w * pc[Hq * D + Hq + hq];
-          for (int64_t d = 0; d < D; ++d) o[d] += w * pc[hq * D + d];
+        for (int64_t c = first[b]; c < first[b + 1]; ++c) {
+          const float w = std::exp(top_of(c) - top);
+          total += w * total_of(c);
+          const float* pc = parts.data() + c * part + hq * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * pc[d];
         }
         const float inv = 1.0f / total;
         for (int64_t d = 0; d < D; ++d) o[d] *= inv;
