@@ -20,6 +20,12 @@
 #else
 #define QE_AVX512 0
 #endif
+// AVX2 + FMA + F16C without AVX-512 (e.g. AMD Zen 2/3): 8-lane versions of the same decodes.
+#if !QE_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QE_AVX2 1
+#else
+#define QE_AVX2 0
+#endif
 #if QE_AVX512 && defined(__AVX512VBMI__)
 #define QE_VBMI 1
 #else
@@ -58,8 +64,15 @@ inline __m512 scaled(__m512i q, __m512 d) { return _mm512_mul_ps(_mm512_cvtepi32
 inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 #endif
 
+#if QE_AVX2
+inline __m256i bytes8(const uint8_t* p) {  // 8 bytes → 8 int32 lanes
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 scaled8(__m256i q, __m256 d) { return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d); }
+#endif
+
 // Each block type: QK values in BYTES bytes. `scalar` writes the QK floats; `vec` hands them to f(v, w) as
-// 16-lane vectors, w holding values [16v, 16v + 16) of the block.
+// 16-lane vectors, w holding values [16v, 16v + 16) of the block (AVX2: `vec8`, 8-lane vectors, [8v, 8v + 8)).
 
 struct Q8_0 {
   static constexpr int QK = 32, BYTES = 34;
@@ -74,6 +87,14 @@ struct Q8_0 {
     const __m512 d = _mm512_set1_ps(f16(b));
     for (int v = 0; v < 2; ++v)
       f(v, scaled(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * v))), d));
+  }
+#endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    const __m256 d = _mm256_set1_ps(f16(b));
+    for (int v = 0; v < 4; ++v)
+      f(v, scaled8(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 2 + 8 * v))), d));
   }
 #endif
 };
@@ -95,6 +116,18 @@ struct Q4_0 {  // value j: low nibble of qs[j] (j < 16) or high nibble of qs[j -
     const __m512i q = bytes16(b + 2);
     f(0, _mm512_permutexvar_ps(q, table));  // the permute reads only the low 4 bits of each index
     f(1, _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table));
+  }
+#endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    const __m256 d = _mm256_set1_ps(f16(b));
+    const __m256i fifteen = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    for (int v = 0; v < 2; ++v) {
+      const __m256i q = bytes8(b + 2 + 8 * v);
+      f(v, scaled8(_mm256_sub_epi32(_mm256_and_si256(q, fifteen), eight), d));
+      f(v + 2, scaled8(_mm256_sub_epi32(_mm256_srli_epi32(q, 4), eight), d));
+    }
   }
 #endif
 };
@@ -124,6 +157,26 @@ struct Q5_0 {  // as Q4_0 plus a fifth bit per value in qh (bit j for value j); 
     const __mmask16 lo_bits = static_cast<__mmask16>(qh & 0xFFFF), hi_bits = static_cast<__mmask16>(qh >> 16);
     f(0, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(q, low_table), lo_bits, q, high_table));
     f(1, _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, low_table), hi_bits, hi, high_table));
+  }
+#endif
+#if QE_AVX2
+  // Lane j of vector v takes the fifth bit of value 8v + j from qh shifted right by 8v + j.
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    const __m256 d = _mm256_set1_ps(f16(b));
+    const __m256i qh = _mm256_set1_epi32(static_cast<int>(u32(b + 2)));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), one = _mm256_set1_epi32(1);
+    const __m256i fifteen = _mm256_set1_epi32(15), sixteen = _mm256_set1_epi32(16);
+    for (int v = 0; v < 2; ++v) {
+      const __m256i q = bytes8(b + 6 + 8 * v);
+      const __m256i bit_lo = _mm256_and_si256(_mm256_srlv_epi32(qh, _mm256_add_epi32(lane, _mm256_set1_epi32(8 * v))), one);
+      const __m256i bit_hi =
+          _mm256_and_si256(_mm256_srlv_epi32(qh, _mm256_add_epi32(lane, _mm256_set1_epi32(16 + 8 * v))), one);
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(q, fifteen), _mm256_slli_epi32(bit_lo, 4));
+      const __m256i hi = _mm256_or_si256(_mm256_srli_epi32(q, 4), _mm256_slli_epi32(bit_hi, 4));
+      f(v, scaled8(_mm256_sub_epi32(lo, sixteen), d));
+      f(v + 2, scaled8(_mm256_sub_epi32(hi, sixteen), d));
+    }
   }
 #endif
 };
@@ -175,6 +228,23 @@ struct Q4_K {  // d, dmin, 12 bytes of packed 6-bit scales/mins for 8 sub-blocks
       }
   }
 #endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    float ds[8], dm[8];
+    scales(b, ds, dm);
+    const __m256i fifteen = _mm256_set1_epi32(15);
+    const uint8_t* qs = b + 16;
+    for (int g = 0; g < 4; ++g)
+      for (int part = 0; part < 4; ++part) {
+        const __m256i q = bytes8(qs + 32 * g + 8 * part);
+        const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, fifteen)), hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4));
+        f(8 * g + part, _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ds[2 * g]), lo), _mm256_set1_ps(dm[2 * g])));
+        f(8 * g + 4 + part,
+          _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(ds[2 * g + 1]), hi), _mm256_set1_ps(dm[2 * g + 1])));
+      }
+  }
+#endif
 };
 
 struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w = (d * scale) * (q - 32)
@@ -215,6 +285,27 @@ struct Q6_K {  // ql[128] low nibbles, qh[64] 2-bit pairs, 16 int8 scales, d; w 
       }
   }
 #endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = f16(b + 208);
+    const __m256i fifteen = _mm256_set1_epi32(15), three = _mm256_set1_epi32(3), bias = _mm256_set1_epi32(32);
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 4; ++c) {  // values l = 8c .. 8c + 7 of each 32
+        const __m256i high_bits = bytes8(qh + 32 * h + 8 * c);
+        const __m256i low0 = bytes8(ql + 64 * h + 8 * c), low1 = bytes8(ql + 64 * h + 32 + 8 * c);
+        for (int t = 0; t < 4; ++t) {
+          const __m256i lowbytes = (t & 1) ? low1 : low0;
+          const __m256i low = t < 2 ? _mm256_and_si256(lowbytes, fifteen) : _mm256_srli_epi32(lowbytes, 4);
+          const __m256i high = _mm256_and_si256(_mm256_srlv_epi32(high_bits, _mm256_set1_epi32(2 * t)), three);
+          const __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_slli_epi32(high, 4)), bias);
+          f(16 * h + 4 * t + c, scaled8(q, _mm256_set1_ps(d * static_cast<float>(sc[8 * h + 2 * t + c / 2]))));
+        }
+      }
+  }
+#endif
 };
 
 struct F32 {  // plain float32 rows (a float model's weights viewed as bytes), so one decode path serves both
@@ -224,6 +315,13 @@ struct F32 {  // plain float32 rows (a float model's weights viewed as bytes), s
   template <class F>
   static inline void vec(const uint8_t* b, F&& f) {
     f(0, _mm512_loadu_ps(reinterpret_cast<const float*>(b)));
+  }
+#endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    f(0, _mm256_loadu_ps(reinterpret_cast<const float*>(b)));
+    f(1, _mm256_loadu_ps(reinterpret_cast<const float*>(b) + 8));
   }
 #endif
 };
@@ -237,6 +335,13 @@ struct F16 {
   template <class F>
   static inline void vec(const uint8_t* b, F&& f) {
     f(0, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b))));
+  }
+#endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    f(0, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
+    f(1, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16))));
   }
 #endif
 };
@@ -256,6 +361,15 @@ struct BF16 {  // the top 16 bits of a float32
     f(0, _mm512_castsi512_ps(_mm512_slli_epi32(h, 16)));
   }
 #endif
+#if QE_AVX2
+  template <class F>
+  static inline void vec8(const uint8_t* b, F&& f) {
+    for (int v = 0; v < 2; ++v) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * v)));
+      f(v, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+  }
+#endif
 };
 
 // One row of W (K values) into out.
@@ -265,6 +379,9 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
 #if QE_AVX512
     float* o = out + b * B::QK;
     B::vec(row + b * B::BYTES, [o](int v, __m512 w) { _mm512_storeu_ps(o + 16 * v, w); });
+#elif QE_AVX2
+    float* o = out + b * B::QK;
+    B::vec8(row + b * B::BYTES, [o](int v, __m256 w) { _mm256_storeu_ps(o + 8 * v, w); });
 #else
     B::scalar(row + b * B::BYTES, out + b * B::QK);
 #endif

@@ -37,6 +37,23 @@
 
 namespace {
 
+#if QE_AVX512 || QE_AVX2
+// Q4_K's 8 sub-block scales d * sc[j] and minimums dmin * m[j], unpacked 4 at a time from the 12 packed bytes
+// (the same fields as Q4_K::scales).
+inline void q4k_scales(const uint8_t* b, __m256& ds, __m256& dm) {
+  uint64_t a;
+  std::memcpy(&a, b + 4, 8);
+  const uint32_t c = u32(b + 12), a_lo = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
+  const uint32_t sc_lo = a_lo & 0x3F3F3F3F, m_lo = a_hi & 0x3F3F3F3F;
+  const uint32_t sc_hi = (c & 0x0F0F0F0F) | (((a_lo >> 6) & 0x03030303) << 4);
+  const uint32_t m_hi = ((c >> 4) & 0x0F0F0F0F) | (((a_hi >> 6) & 0x03030303) << 4);
+  const __m128i v = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(m_lo),
+                                   static_cast<int>(m_hi));
+  ds = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_set1_ps(f16(b)));
+  dm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), _mm256_set1_ps(f16(b + 2)));
+}
+#endif
+
 // y[m, n] = x[m, :] · W[n, :] (+ bias[n]) for M rows of x and weight rows [n0, n1).
 #if QE_AVX512
 // The GEMVs prefetch the weights this many bytes ahead of the current block, into L2: they stream from a
@@ -95,21 +112,6 @@ void gemv1_unscaled_pair(const uint8_t* W, int64_t row_bytes, int64_t K, const f
 void sums32(const float* x, int64_t K, float* out) {
   for (int64_t b = 0; b < K / 32; ++b)
     out[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * b), _mm512_loadu_ps(x + 32 * b + 16)));
-}
-
-// Q4_K's 8 sub-block scales d * sc[j] and minimums dmin * m[j], unpacked 4 at a time from the 12 packed bytes
-// (the same fields as Q4_K::scales).
-inline void q4k_scales(const uint8_t* b, __m256& ds, __m256& dm) {
-  uint64_t a;
-  std::memcpy(&a, b + 4, 8);
-  const uint32_t c = u32(b + 12), a_lo = static_cast<uint32_t>(a), a_hi = static_cast<uint32_t>(a >> 32);
-  const uint32_t sc_lo = a_lo & 0x3F3F3F3F, m_lo = a_hi & 0x3F3F3F3F;
-  const uint32_t sc_hi = (c & 0x0F0F0F0F) | (((a_lo >> 6) & 0x03030303) << 4);
-  const uint32_t m_hi = ((c >> 4) & 0x0F0F0F0F) | (((a_hi >> 6) & 0x03030303) << 4);
-  const __m128i v = _mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), static_cast<int>(m_lo),
-                                   static_cast<int>(m_hi));
-  ds = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_set1_ps(f16(b)));
-  dm = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))), _mm256_set1_ps(f16(b + 2)));
 }
 
 // One row of x against Q4_K weight row n, scales factored out: sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], with
@@ -248,6 +250,208 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
   if constexpr (M == 1 && Unscaled<B>::value)
     for (; n + 2 <= n1; n += 2) gemv1_unscaled_pair<B>(W, row_bytes, K, x, y, bias, n);
   for (; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
+}
+#elif QE_AVX2
+// The same GEMV structure on 8-lane AVX2 vectors (no AVX-512: e.g. AMD Zen 2/3). Prefetch as above.
+constexpr int PREFETCH = 16384;
+inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
+
+// A Q8_0 or Q5_0 block's 32 values, unscaled, as int8 (q, or q - 16 for Q5_0) in one 256-bit register.
+template <class B>
+struct Int8Block : std::false_type {};
+template <>
+struct Int8Block<Q8_0> : std::true_type {
+  static inline __m256i q(const uint8_t* b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2)); }
+};
+template <>
+struct Int8Block<Q5_0> : std::true_type {
+  // Nibbles: bytes 0-15 low (values 0-15), 16-31 high (values 16-31). Fifth bits: byte i of the result gets
+  // byte i / 8 of qh by a shuffle, then the test of bit i % 8 turns it into 0x00 or 0xFF.
+  static inline __m256i q(const uint8_t* b) {
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 6));
+    const __m256i nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(static_cast<int>(u32(b + 2))),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+    return _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(set, _mm256_set1_epi8(0x10))), _mm256_set1_epi8(16));
+  }
+};
+
+// The 32 int8 values as four vectors of 8 floats (exact small integers).
+inline void int8x8(__m256i q, __m256 f[4]) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// Sums of every 32 (Q4_K's minimums) or 16 (Q6_K's offset) values of x.
+void sums32(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const float* p = x + 32 * b;
+    out[b] = hsum8(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                                 _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24))));
+  }
+}
+void sums16(const float* x, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 16; ++b) out[b] = hsum8(_mm256_add_ps(_mm256_loadu_ps(x + 16 * b), _mm256_loadu_ps(x + 16 * b + 8)));
+}
+
+// One row of x against Q4_K weight row n with the scales factored out, as the AVX-512 gemv1_q4k.
+void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q4_K::BYTES;
+    prefetch(blk + PREFETCH);
+    prefetch(blk + PREFETCH + 64);
+    prefetch(blk + PREFETCH + 128);
+    __m256 ds, dm;
+    q4k_scales(blk, ds, dm);
+    accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
+    alignas(32) float dsa[8];
+    _mm256_store_ps(dsa, ds);
+    const uint8_t* qs = blk + 16;
+    const float* xb = x + 256 * b;
+    for (int g = 0; g < 4; ++g) {
+      const float* xg = xb + 64 * g;
+      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+      for (int part = 0; part < 4; ++part) {
+        const __m256i q = bytes8(qs + 32 * g + 8 * part);
+        lo = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, fifteen)), _mm256_loadu_ps(xg + 8 * part), lo);
+        hi = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), _mm256_loadu_ps(xg + 32 + 8 * part), hi);
+      }
+      acc0 = _mm256_fmadd_ps(lo, _mm256_set1_ps(dsa[2 * g]), acc0);
+      acc1 = _mm256_fmadd_ps(hi, _mm256_set1_ps(dsa[2 * g + 1]), acc1);
+    }
+  }
+  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - hsum8(accm) + (bias ? bias[n] : 0.0f);
+}
+
+// One row of x against Q6_K weight row n with scales and offset factored out, as the AVX-512 gemv1_q6k.
+void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  const __m128i low4 = _mm_set1_epi8(0x0F), high2 = _mm_set1_epi8(0x30);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q6_K::BYTES;
+    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const __m256 d = _mm256_set1_ps(f16(blk + 208));
+    const __m256 s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192)))), d);
+    const __m256 s1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 200)))), d);
+    accm = _mm256_fmadd_ps(s0, _mm256_loadu_ps(xs + 16 * b), accm);
+    accm = _mm256_fmadd_ps(s1, _mm256_loadu_ps(xs + 16 * b + 8), accm);
+    alignas(32) float sa[16];
+    _mm256_store_ps(sa, s0);
+    _mm256_store_ps(sa + 8, s1);
+    const float* xb = x + 256 * b;
+    for (int h = 0; h < 2; ++h)
+      for (int half = 0; half < 2; ++half) {
+        const __m128i H = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 32 * h + 16 * half));
+        const __m128i L0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 16 * half));
+        const __m128i L1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 32 + 16 * half));
+        for (int t = 0; t < 4; ++t) {
+          const __m128i Lb = (t & 1) ? L1 : L0;
+          const __m128i low = _mm_and_si128(t < 2 ? Lb : _mm_srli_epi16(Lb, 4), low4);
+          const __m128i hs = t == 0 ? _mm_slli_epi16(H, 4) : t == 1 ? _mm_slli_epi16(H, 2) : t == 2 ? H : _mm_srli_epi16(H, 2);
+          const __m128i q = _mm_or_si128(low, _mm_and_si128(hs, high2));
+          const float* xv = xb + 128 * h + 32 * t + 16 * half;
+          __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), _mm256_loadu_ps(xv));
+          p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8))), _mm256_loadu_ps(xv + 8), p);
+          const __m256 s = _mm256_set1_ps(sa[8 * h + 2 * t + half]);
+          if (half == 0)
+            acc0 = _mm256_fmadd_ps(p, s, acc0);
+          else
+            acc1 = _mm256_fmadd_ps(p, s, acc1);
+        }
+      }
+  }
+  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(accm) + (bias ? bias[n] : 0.0f);
+}
+
+// M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
+template <class B, int M>
+void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
+                  int64_t ldy, const float* bias, int64_t n) {
+  const int64_t nb = K / B::QK;
+  const uint8_t* row = W + n * row_bytes;
+  constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent sums per row of x, to hide the FMA latency
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  if constexpr (Int8Block<B>::value) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * 32;
+      const uint8_t* blk = row + b * B::BYTES;
+      prefetch(blk + PREFETCH);
+      __m256 f[4];
+      int8x8(Int8Block<B>::q(blk), f);
+      const __m256 d = _mm256_set1_ps(f16(blk));
+      if constexpr (M == 1) {  // the scale applied once per block, to the block's partial sum
+        __m256 p0 = _mm256_mul_ps(f[0], _mm256_loadu_ps(xb)), p1 = _mm256_mul_ps(f[1], _mm256_loadu_ps(xb + 8));
+        p0 = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(xb + 16), p0);
+        p1 = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(xb + 24), p1);
+        acc[0][b & 3] = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), d, acc[0][b & 3]);
+      } else {
+        for (int v = 0; v < 4; ++v) {
+          const __m256 w = _mm256_mul_ps(f[v], d);
+          for (int m = 0; m < M; ++m)
+            acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * ldx + 8 * v), acc[m][v % A]);
+        }
+      }
+    }
+  } else {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + b * B::QK;
+      const uint8_t* blk = row + b * B::BYTES;
+      for (int off = 0; off < B::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+      B::vec8(blk, [&](int v, __m256 w) {
+        for (int m = 0; m < M; ++m)
+          acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * ldx + 8 * v), acc[m][v % A]);
+      });
+    }
+  }
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) + add;
+  }
+}
+
+template <class B, int M>
+void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
+               const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
+}
+
+// Any number of rows of x, 8 at a time (each group decodes the weights again; they stay in cache meanwhile
+// only for small N, so the grain of the caller's row split keeps a task's weight rows few).
+template <class B>
+void gemv_rows_any(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y,
+                   int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; m += 8) {
+      const float* xm = x + m * K;
+      float* ym = y + m * ldy;
+      switch (std::min<int64_t>(8, M - m)) {
+        case 1: gemv_one_row<B, 1>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 2: gemv_one_row<B, 2>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 3: gemv_one_row<B, 3>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 4: gemv_one_row<B, 4>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 5: gemv_one_row<B, 5>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 6: gemv_one_row<B, 6>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        case 7: gemv_one_row<B, 7>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+        default: gemv_one_row<B, 8>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
+      }
+    }
 }
 #else
 template <class B, int M>
@@ -431,6 +635,19 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       default: return gemm_xt<B, 4>(W, row_bytes, K, xt, in.Mp, in.M, y, ldy, bias, n0, n1);
     }
   }
+#elif QE_AVX2
+  const float* x = in.x;
+  if constexpr (std::is_same<B, Q4_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
+      return;
+    }
+  if constexpr (std::is_same<B, Q6_K>::value)
+    if (in.M == 1) {
+      for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
+      return;
+    }
+  return gemv_rows_any<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
 #else
   const float* x = in.x;
   if (in.M > 3) return gemm_small<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
@@ -587,7 +804,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   if (M <= gemv_max_rows) {
     XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
     torch::Tensor xq, xt, xtq, xs, xs16;
-#if QE_AVX512
+#if QE_AVX512 || QE_AVX2
     bool any_q4k = false;
     for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K;
     if (M == 1 && any_q4k) {
@@ -602,6 +819,8 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
       sums16(xp, K, xs16.data_ptr<float>());
       in.xs16 = xs16.data_ptr<float>();
     }
+#endif
+#if QE_AVX512
     if (M > REG_ROWS) {
       xt = torch::empty({K, in.Mp}, xc.options());
       transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
