@@ -69,6 +69,16 @@ def test_dequantisation_is_bit_identical(native, qtype):
     assert torch.equal(ours, reference(raw, qtype, cols))
 
 
+def test_q5_0_re_encoded_as_q8_0_keeps_every_value(native):
+    """The load-time re-encoding (AVX2 hosts): Q8_0 blocks whose gguf dequantisation equals the Q5_0 blocks'
+    bit for bit, for random values and for blocks whose fifth bits are all set or all clear."""
+    raw = random_blocks(Q.Q5_0, 41, 32 * 7, seed=3)
+    raw[0, 2:6], raw[1, 2:6] = 0xFF, 0x00  # qh of each row's first block
+    recoded = native.q5_0_as_q8_0(torch.from_numpy(raw), 32 * 7).numpy()
+    assert recoded.shape == (41, 7 * gguf.GGML_QUANT_SIZES[Q.Q8_0][1])
+    assert torch.equal(reference(recoded, Q.Q8_0, 32 * 7), reference(raw, Q.Q5_0, 32 * 7))
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("batch", BATCHES)
 def test_linear_equals_dequantise_then_matmul(native, qtype, batch):

@@ -128,6 +128,13 @@ class GGUFFile:
         # Larger F32 tensors come back as views of the copy-on-write map: shared with the page cache, never copied.
         return values
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored, shaped [rows, bytes per row], read into memory of their own: for a
+        weight that is converted at load, so the map's pages it would touch never count in the process's RSS."""
+        t = self.tensors[name]
+        rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+        return self._read(t).reshape(rows, -1)
+
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes read into memory of their own (not through the map)."""
         with open(self.path, "rb") as f:  # its length was checked against the tensors when the file was opened
