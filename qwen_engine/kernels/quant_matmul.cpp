@@ -333,11 +333,13 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
-// One row of x against Q6_K weight row n with scales and offset factored out, as the AVX-512 gemv1_q6k.
+// One row of x against Q6_K weight row n with scales and offset factored out, as the AVX-512 gemv1_q6k. Each 8
+// low-nibble bytes and 8 high-bit bytes are widened from memory once and serve four 8-value groups (1.2x the
+// speed of assembling 16 values as bytes and widening those from the register).
 void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
                const float* bias, int64_t n) {
   const uint8_t* row = W + n * row_bytes;
-  const __m128i low4 = _mm_set1_epi8(0x0F), high2 = _mm_set1_epi8(0x30);
+  const __m256i low4 = _mm256_set1_epi32(0x0F), high2 = _mm256_set1_epi32(0x30);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q6_K::BYTES;
@@ -353,23 +355,26 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
     _mm256_store_ps(sa + 8, s1);
     const float* xb = x + 256 * b;
     for (int h = 0; h < 2; ++h)
-      for (int half = 0; half < 2; ++half) {
-        const __m128i H = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + 32 * h + 16 * half));
-        const __m128i L0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 16 * half));
-        const __m128i L1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ql + 64 * h + 32 + 16 * half));
+      for (int half = 0; half < 2; ++half) {  // values l = 16 half .. 16 half + 15 of each 32: one scale each
+        __m256 p[4];
+        for (int c = 2 * half; c < 2 * half + 2; ++c) {
+          const __m256i L0 = bytes8(ql + 64 * h + 8 * c), L1 = bytes8(ql + 64 * h + 32 + 8 * c);
+          const __m256i H = bytes8(qh + 32 * h + 8 * c);
+          for (int t = 0; t < 4; ++t) {
+            const __m256i Lb = (t & 1) ? L1 : L0;
+            const __m256i low = t < 2 ? _mm256_and_si256(Lb, low4) : _mm256_srli_epi32(Lb, 4);
+            const __m256i hs = t == 0 ? _mm256_slli_epi32(H, 4) : t == 1 ? _mm256_slli_epi32(H, 2) : t == 2 ? H : _mm256_srli_epi32(H, 2);
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_or_si256(low, _mm256_and_si256(hs, high2)));
+            const __m256 xv = _mm256_loadu_ps(xb + 128 * h + 32 * t + 8 * c);
+            p[t] = c == 2 * half ? _mm256_mul_ps(w, xv) : _mm256_fmadd_ps(w, xv, p[t]);
+          }
+        }
         for (int t = 0; t < 4; ++t) {
-          const __m128i Lb = (t & 1) ? L1 : L0;
-          const __m128i low = _mm_and_si128(t < 2 ? Lb : _mm_srli_epi16(Lb, 4), low4);
-          const __m128i hs = t == 0 ? _mm_slli_epi16(H, 4) : t == 1 ? _mm_slli_epi16(H, 2) : t == 2 ? H : _mm_srli_epi16(H, 2);
-          const __m128i q = _mm_or_si128(low, _mm_and_si128(hs, high2));
-          const float* xv = xb + 128 * h + 32 * t + 16 * half;
-          __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), _mm256_loadu_ps(xv));
-          p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q, 8))), _mm256_loadu_ps(xv + 8), p);
           const __m256 s = _mm256_set1_ps(sa[8 * h + 2 * t + half]);
-          if (half == 0)
-            acc0 = _mm256_fmadd_ps(p, s, acc0);
+          if (t & 1)
+            acc1 = _mm256_fmadd_ps(p[t], s, acc1);
           else
-            acc1 = _mm256_fmadd_ps(p, s, acc1);
+            acc0 = _mm256_fmadd_ps(p[t], s, acc0);
         }
       }
   }
