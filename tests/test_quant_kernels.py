@@ -267,3 +267,29 @@ def test_kernel_cache_is_keyed_by_the_cpus_instruction_sets():
     cpu_flags = next((line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     if native_flags and "-march=" in target and "avx512f" in cpu_flags:
         assert "-mavx512f" in target.split()
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path):
+    # A build killed by SIGKILL or a restart leaves torch's lock file behind; waiting on it hung a CI run.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from qwen_engine import kernels\n"
+        f"with kernels.build_lock(Path({str(tmp_path)!r})):\n"
+        f"    (Path({str(tmp_path)!r}) / 'lock').touch(); print('building', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "building"
+    waiter = subprocess.Popen([sys.executable, "-c", (
+        "from pathlib import Path; from qwen_engine import kernels\n"
+        f"with kernels.build_lock(Path({str(tmp_path)!r})): print('got it', flush=True)")],
+        stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert waiter.poll() is None  # a live build is waited for
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    out, _ = waiter.communicate(timeout=60)
+    assert out.strip() == "got it"
+    assert not (tmp_path / "lock").exists()  # the killed build's file, removed before torch would wait on it

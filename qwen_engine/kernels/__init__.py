@@ -13,11 +13,14 @@ dequantise, then matmul — the same numbers, slower.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -87,8 +90,25 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                build_directory=str(directory), verbose=False)
+    with build_lock(directory):
+        return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                    build_directory=str(directory), verbose=False)
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """One build at a time in a directory, by a lock the kernel drops when its holder dies.
+
+    torch's own lock is a plain file that a killed build (SIGKILL, a machine restart) leaves behind; every later
+    process then waits for it forever. Holding this lock means no live process is building here, so such a
+    leftover file can be removed before torch looks for it."""
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds; released if it dies
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def native() -> ModuleType | None:
