@@ -1,4 +1,4 @@
-"""The w8a8 mode's int8 products (VNNI on rows, AMX tiles) against the default float32 products on GGUF blocks.
+"""The w8a8 mode's int8 products (AVX2 or VNNI on rows, AMX tiles) against the default float32 products on GGUF blocks.
 
     python benchmarks/int8_kernels.py [--layer 3] [--rows 1,8,32,523]
 
@@ -38,13 +38,13 @@ def main() -> None:
     args = p.parse_args()
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear"):
-        raise SystemExit("no VNNI kernels here; nothing to compare")
+        raise SystemExit("no int8 kernels in this build; nothing to compare")
     amx = native.int8_has_amx()
     llm = LLM(progress=False)
     layer = llm.model.model.layers[args.layer]
     products = {"qkv": layer.self_attn.qkv_proj, "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj,
                 "lm_head": llm.model.lm_head}
-    print(f"{torch.get_num_threads()} threads; ms per call | product | M | float32 on GGUF blocks | int8 VNNI | "
+    print(f"{torch.get_num_threads()} threads; ms per call | product | M | float32 on GGUF blocks | int8 rows | "
           f"int8 AMX | AMX × float32")
     for name, q in products.items():
         int8 = w8a8.W8A8Linear(q.dequantized(), q.bias)
@@ -57,7 +57,7 @@ def main() -> None:
             base = best_of(partial(native.linear, x, q.blocks, q._type_ids, q.bias, 64), repeats)
             vnni = best_of(partial(native.int8_linear, x, rows, int8.weight_scales, int8.bias, int8.group), repeats)
             tiles = "–"
-            ratio = f"{base / vnni:.2f}× (VNNI)"
+            ratio = f"{base / vnni:.2f}× (rows)"
             if amx:
                 t = best_of(partial(native.int8_linear_amx, x, int8.packed, int8.out_features, int8.weight_scales,
                                     int8.bias, int8.group), repeats)

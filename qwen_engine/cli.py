@@ -103,7 +103,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--quantization", choices=["w8a8"], help="optional lossy mode: int8 weights and activations "
-                   "(faster prefill and many streams on CPUs with AVX-512 VNNI; see docs/benchmarks.md)")
+                   "(int8 products on AVX2, AVX-512 VNNI or AMX; see docs/usage.md)")
     p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
     p.add_argument("--system", "-s", help="system message")
 

@@ -1,8 +1,8 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums; both kernels where the CPU has AMX: VNNI on rows, AMX tiles); the mode as a whole is checked against the float model on the
-demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
+the outputs equal up to the order of float sums; AVX2 or VNNI on rows, and AMX tiles where the CPU has them);
+the mode as a whole is checked against the float model on the demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
 nats and ~98 %; benchmarks/compare.py --quality prints them), plus the native decode step against the PyTorch
 layers on the converted model.
 """
@@ -54,7 +54,7 @@ def resident_bytes_of_mapping(address: int) -> int | None:
 def int8_native():
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear"):
-        pytest.skip("no AVX-512 VNNI kernels on this machine: w8a8 runs its PyTorch reference")
+        pytest.skip("no int8 kernels (AVX2 or AVX-512 VNNI) in this build: w8a8 runs its PyTorch reference")
     return native
 
 

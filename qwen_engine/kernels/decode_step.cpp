@@ -92,7 +92,7 @@ struct Linear {
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, amx_rows = 0;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if QE_INT8
     if (group > 0 && amx_rows > 0) return int8_linear_amx(x, int8_weight, amx_rows, int8_scales, bias, group);
     if (group > 0) return int8_linear(x, int8_weight, int8_scales, bias, group);
 #endif

@@ -55,6 +55,15 @@ inline void transpose16(__m512 r[16]) {
 }
 #endif
 
+// The w8a8 mode's int8 products (int8_matmul.cpp): 512 with AVX-512 VNNI, 256 with AVX2, 0 without.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define QE_INT8 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define QE_INT8 256
+#else
+#define QE_INT8 0
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 

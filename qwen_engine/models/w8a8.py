@@ -1,4 +1,5 @@
-"""The optional lossy mode `w8a8`: int8 weights and int8 activations, for throughput on CPUs with AVX-512 VNNI.
+"""The optional lossy mode `w8a8`: int8 weights and int8 activations, for throughput on CPUs with AVX2,
+AVX-512 VNNI or AMX.
 
 The default path keeps the model's numbers (GGUF blocks dequantised inside float32 products). This mode trades
 a measured amount of accuracy for speed where float32 products are compute-bound — many sequences decoding at
@@ -8,7 +9,8 @@ once, and prefill:
   (symmetric, max |w| / 127);
 - each row of activations is quantised on the fly to int8 in groups of GROUP values along the input, one scale
   per group (per-token scales lose several times more: activations have outlier channels);
-- the group dot products are exact integers (VNNI, kernels/int8_matmul.cpp), scaled in float32.
+- the group dot products are exact integers (AVX2 vpmaddubsw, AVX-512 VNNI or AMX tiles;
+  kernels/int8_matmul.cpp), scaled in float32.
 
 `benchmarks/compare.py --quantization w8a8` prints its mean KL divergence from the float32 model and its greedy
 agreement; `tests/test_w8a8.py` bounds both on the demo model. Embeddings, norms and attention stay float32.
