@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +27,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
 from qwen_engine import kernels
-
-MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+from qwen_engine.weights.demo import demo_model_path
 
 
 def best_rate(nbytes: int, fn, passes: int = 5) -> float:
@@ -48,8 +46,7 @@ def main() -> None:
     p.add_argument("--model", help="GGUF file (default: the demo model under QWEN_ENGINE_HOME)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    home = Path(os.environ.get("QWEN_ENGINE_HOME") or Path.home() / ".qwen-engine")
-    path = Path(args.model) if args.model else home / "models" / MODEL
+    path = Path(args.model) if args.model else demo_model_path()  # assembled on first use, as the engine does
     native = kernels.native()
     if native is None:
         raise SystemExit("the native kernels are not available")
