@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .quant import QuantLinear, gemv_max_rows
+from .quant import GEMV_MAX_ROWS, QuantLinear
 from .w8a8 import W8A8Linear
 
 F32 = 0  # ggml's type number for float32 rows
@@ -59,7 +59,7 @@ def build(model: nn.Module):
         return None
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                             cfg.rms_norm_eps, model.model.norm.weight.detach().float(), gemv_max_rows())
+                             cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
     int8 = hasattr(native, "int8_linear")
     for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp

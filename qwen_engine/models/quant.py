@@ -11,8 +11,6 @@ layer and computed in one call, even when their block types differ.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,18 +24,9 @@ Q = GGMLQuantizationType
 KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K})
 # Up to this many rows of x (a batch of decodes), the kernel reads the weights once and dequantises them in
 # registers (≤ 3 rows) or into a small cache-resident tile (more); above it (prefill), it dequantises into a
-# scratch buffer and lets MKL multiply. The kernel's GEMV takes up to 64 rows; which is faster decides the
-# limit the models use, gemv_max_rows().
+# scratch buffer and lets MKL multiply. The tile path was faster than MKL up to ~128 rows on the AVX-512 host,
+# and up to 64 on an AVX2 one (Zen 3).
 GEMV_MAX_ROWS = 64
-
-
-@functools.cache
-def gemv_max_rows() -> int:
-    """Rows of x up to which the models use the kernel's GEMV rather than dequantise + MKL: 64 with AVX-512 (on
-    the AVX-512 host the GEMV won up to ~128 rows); 24 on AVX2 builds, whose 8-lane GEMV ties MKL at 24-32 rows
-    and loses above (Zen 3, the demo model's layers: 0.85-1.03x MKL's time at 24 rows, 1.4-1.8x at 64)."""
-    native = kernels.native()
-    return 24 if native is not None and not native.has_avx512() else GEMV_MAX_ROWS
 
 
 def row_multiple(qtype: GGMLQuantizationType) -> int:
@@ -117,7 +106,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         native = kernels.native()
         if native is not None and x2.dtype == torch.float32 and x2.device.type == "cpu":
-            y = native.linear(x2, self.blocks, self._type_ids, self.bias, gemv_max_rows())
+            y = native.linear(x2, self.blocks, self._type_ids, self.bias, GEMV_MAX_ROWS)
         else:
             y = F.linear(x2.float(), self.dequantized(), self.bias)
         return y.view(*lead, self.out_features)
