@@ -34,31 +34,24 @@ using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const int32
                         int64_t, const float*, const float*);
 
 #if QE_INT8 == 512
-// x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G].
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
-  const int64_t groups = K / G;
-  at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const float* xg = x + (i / groups) * K + (i % groups) * G;
-      int8_t* qg = q + (i / groups) * K + (i % groups) * G;
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
-      const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
-      const __m512 d = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
-      const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t k = 0; k < G; k += 16) {
-        // x / d rounded half to even, as torch.round does (the reference in models/w8a8.py)
-        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + k), d),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
-        sum = _mm512_add_epi32(sum, v);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + k), _mm512_cvtepi32_epi8(v));
-      }
-      scales[i] = scale;
-      starts[i] = -8 * _mm512_reduce_add_epi32(sum);
-    }
-  });
+// G values of x → G int8 (x / scale rounded half to even, as torch.round in the reference, models/w8a8.py) and
+// their sum; returns the scale, max |x| / 127.
+float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
+  const __m512 d = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  __m512i sums = _mm512_setzero_si512();
+  for (int64_t k = 0; k < G; k += 16) {
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), d),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+    sums = _mm512_add_epi32(sums, v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+  }
+  sum = _mm512_reduce_add_epi32(sums);
+  return scale;
 }
 
 // One weight row of K floats → K bytes int8 + 128; returns the row's scale.
@@ -149,28 +142,20 @@ inline void store16(__m256i a, __m256i b, void* dst) {
   _mm_storeu_si128(static_cast<__m128i*>(dst), _mm256_castsi256_si128(ordered));
 }
 
-// x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G] (those of the
-// VNNI kernel, -8 * sum(q); this kernel has no +128 to take off and does not read them).
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
-  const int64_t groups = K / G;
-  at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const float* xg = x + (i / groups) * K + (i % groups) * G;
-      int8_t* qg = q + (i / groups) * K + (i % groups) * G;
-      __m256 amax = _mm256_setzero_ps();
-      for (int64_t k = 0; k < G; k += 8) amax = max_abs8(amax, xg + k);
-      const float scale = hmax8(amax) / 127.0f;
-      const __m256 d = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
-      __m256i sum = _mm256_setzero_si256();
-      for (int64_t k = 0; k < G; k += 16) {
-        const __m256i lo = quantized8(xg + k, d), hi = quantized8(xg + k + 8, d);
-        sum = _mm256_add_epi32(sum, _mm256_add_epi32(lo, hi));
-        store16<false>(lo, hi, qg + k);
-      }
-      scales[i] = scale;
-      starts[i] = -8 * hsum8i(sum);
-    }
-  });
+// quantize_group (as the AVX-512 one above) on 8 lanes.
+float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t k = 0; k < G; k += 8) amax = max_abs8(amax, x + k);
+  const float scale = hmax8(amax) / 127.0f;
+  const __m256 d = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+  __m256i sums = _mm256_setzero_si256();
+  for (int64_t k = 0; k < G; k += 16) {
+    const __m256i lo = quantized8(x + k, d), hi = quantized8(x + k + 8, d);
+    sums = _mm256_add_epi32(sums, _mm256_add_epi32(lo, hi));
+    store16<false>(lo, hi, q + k);
+  }
+  sum = hsum8i(sums);
+  return scale;
 }
 
 // One weight row of K floats → K bytes int8 + 128; returns the row's scale.
@@ -239,6 +224,21 @@ constexpr TileFn TILES[MR][NR] = {
 
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
+
+// x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
+// which the VNNI kernel's 16 lanes start from to take off the weights' +128 (the AVX2 kernel has none to take
+// off and does not read them).
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t offset = (i / groups) * K + (i % groups) * G;
+      int32_t sum;
+      scales[i] = quantize_group(x + offset, G, q + offset, sum);
+      starts[i] = -8 * sum;
+    }
+  });
+}
 
 }  // namespace
 
