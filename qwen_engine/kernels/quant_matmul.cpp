@@ -56,6 +56,8 @@ inline void q4k_scales(const uint8_t* b, __m256& ds, __m256& dm) {
 
 // The most rows of x the GEMV paths take (their buffers and register tiles are sized for it).
 constexpr int64_t GEMV_ROWS_MAX = 64;
+// Rows of x a vector of the transposed x (gemm_xt) holds: Mp, its row length, is a multiple of this.
+constexpr int64_t XT_LANES = QE_AVX512 ? 16 : 8;
 
 // y[m, n] = x[m, :] · W[n, :] (+ bias[n]) for M rows of x and weight rows [n0, n1).
 #if QE_AVX512
@@ -442,28 +444,6 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
                const float* bias, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
 }
-
-// Any number of rows of x, 8 at a time (each group decodes the weights again; they stay in cache meanwhile
-// only for small N, so the grain of the caller's row split keeps a task's weight rows few).
-template <class B>
-void gemv_rows_any(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y,
-                   int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t m = 0; m < M; m += 8) {
-      const float* xm = x + m * K;
-      float* ym = y + m * ldy;
-      switch (std::min<int64_t>(8, M - m)) {
-        case 1: gemv_one_row<B, 1>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 2: gemv_one_row<B, 2>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 3: gemv_one_row<B, 3>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 4: gemv_one_row<B, 4>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 5: gemv_one_row<B, 5>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 6: gemv_one_row<B, 6>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        case 7: gemv_one_row<B, 7>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-        default: gemv_one_row<B, 8>(W, row_bytes, K, xm, K, ym, ldy, bias, n); break;
-      }
-    }
-}
 #else
 template <class B, int M>
 void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
@@ -718,7 +698,6 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
       return;
     }
-  return gemv_rows_any<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
 #else
   const float* x = in.x;
   if (in.M > 3) return gemm_small<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
@@ -727,7 +706,7 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
     case 1: gemv_rows<B, 1>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 2: gemv_rows<B, 2>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 3: gemv_rows<B, 3>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
-#if QE_AVX512
+#if QE_AVX512 || QE_AVX2
     case 4: gemv_rows<B, 4>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 5: gemv_rows<B, 5>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
     case 6: gemv_rows<B, 6>(W, row_bytes, K, x, K, y, ldy, bias, n0, n1); break;
@@ -873,7 +852,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return y;
   }
   if (M <= std::min(gemv_max_rows, GEMV_ROWS_MAX)) {
-    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + 15) / 16 * 16};
+    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
     torch::Tensor xq, xt, xtq, xs, xs16;
 #if QE_AVX512 || QE_AVX2
     bool any_q4k = false;
@@ -913,7 +892,6 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 #endif
 #elif QE_AVX2
     if (M > REG_ROWS) {
-      in.Mp = (M + 7) / 8 * 8;
       xt = torch::empty({K, in.Mp}, xc.options());
       transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
       in.xt = xt.data_ptr<float>();
