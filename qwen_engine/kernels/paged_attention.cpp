@@ -37,28 +37,15 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-#if defined(__AVX512F__)
-// The four sums of v0..v3's lanes: pairs of vectors are folded together before the lanes are, so four
-// reductions cost about a third of four separate ones.
-inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
-  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 / 128 bits
-  const __m512 c = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
-  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))));
-  const __m256 e = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));  // v0 v1 v2 v3 twice
-  return _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
-}
-#endif
-
-#if defined(__AVX512F__)
+#if QE_LANES
 // Key and value rows are read this many keys ahead of their use, into L2: the hardware prefetchers alone
-// stream ~6 GB/s a core here (a kv head's rows are 16·V floats of every pool row, not one run of memory).
+// stream ~6 GB/s a core here (a kv head's rows are D floats of every pool row, not one run of memory).
 constexpr int64_t AHEAD = 64;
 
-// Prefetches the 16·V floats of a kv head's row at p.
-template <int V>
+// Prefetches the D floats of a kv head's row at p, one cache line at a time.
+template <int D>
 inline void prefetch_row(const float* p) {
-  for (int l = 0; l < V; ++l) _mm_prefetch(reinterpret_cast<const char*>(p + 16 * l), _MM_HINT_T1);
+  for (int l = 0; l < D; l += 16) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T1);
 }
 
 // The query heads that share a kv head are computed together, so each key and value row is read from memory
@@ -66,93 +53,100 @@ inline void prefetch_row(const float* p) {
 // next to the other heads', and reading them again per head made attention ~40 % of a 4000-token decode step.
 // Grouping changes only the order in which heads are visited: each head's products, sums and reductions are
 // the ones it would get alone, so the result does not depend on the group size.
+// Written once on vfloat (vec_math.h): V vectors of QE_LANES floats make a head of D floats.
 
-// scores[g * n + s] = (scale · q_g) · key(s) for the G heads of one group (q: G rows of 16·V floats) and the n
+// scores[g * n + s] = (scale · q_g) · key(s) for the G heads of one group (q: G rows of D floats) and the n
 // keys of their kv head (key s at base[slots[s] * row + offset]; keys up to `reach` may be prefetched). Four
 // keys at a time: their rows are read from memory for the first head and from L1 for the others, and each
 // head's four sums are reduced together.
 template <int V>
 void group_scores_v(const float* q, int64_t G, const float* base, const int64_t* slots, int64_t n, int64_t reach,
                     int64_t row, int64_t offset, float scale, float* scaled, float* scores) {
-  constexpr int D = 16 * V;
+  constexpr int D = QE_LANES * V;
   // scaled (G · D floats of workspace) = scale · q, applied before the products
-  const __m512 sv = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < G * D; i += 16) _mm512_storeu_ps(scaled + i, _mm512_mul_ps(_mm512_loadu_ps(q + i), sv));
+  const vfloat sv = vset(scale);
+  for (int64_t i = 0; i < G * D; i += QE_LANES) vstore(scaled + i, vmul(vload(q + i), sv));
   int64_t s = 0;
   for (; s + 4 <= n; s += 4) {
     const float* key[4];
     for (int r = 0; r < 4; ++r) key[r] = base + slots[s + r] * row + offset;
     if (s + AHEAD + 4 <= reach)
-      for (int r = 0; r < 4; ++r) prefetch_row<V>(base + slots[s + AHEAD + r] * row + offset);
+      for (int r = 0; r < 4; ++r) prefetch_row<D>(base + slots[s + AHEAD + r] * row + offset);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = scaled + g * D;
-      __m512 acc[4];
+      vfloat acc[4];
       for (int r = 0; r < 4; ++r) {
-        acc[r] = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(key[r]));
-        for (int d = 1; d < V; ++d)
-          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * d), _mm512_loadu_ps(key[r] + 16 * d), acc[r]);
+        acc[r] = vmul(vload(qg), vload(key[r]));
+        for (int d = 1; d < V; ++d) acc[r] = vfma(vload(qg + QE_LANES * d), vload(key[r] + QE_LANES * d), acc[r]);
       }
-      _mm_storeu_ps(scores + g * n + s, reduce4(acc[0], acc[1], acc[2], acc[3]));
+      _mm_storeu_ps(scores + g * n + s, vsum4(acc[0], acc[1], acc[2], acc[3]));
     }
   }
   for (; s < n; ++s) {
     const float* k = base + slots[s] * row + offset;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = scaled + g * D;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k));
-      for (int d = 1; d < V; ++d) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * d), _mm512_loadu_ps(k + 16 * d), acc);
-      scores[g * n + s] = _mm512_reduce_add_ps(acc);
+      vfloat acc = vmul(vload(qg), vload(k));
+      for (int d = 1; d < V; ++d) acc = vfma(vload(qg + QE_LANES * d), vload(k + QE_LANES * d), acc);
+      scores[g * n + s] = vsum(acc);
     }
   }
 }
 
-// sums[h] += Σ_s p[h * n + s] · value(s) over keys s0..s1 for H heads, each value row loaded once for all of
-// them; the running sums (H rows of 16·V floats) continue in key order from one call to the next.
-template <int V, int H>
+// sums[h] += Σ_s p[h * n + s] · value(s) over keys s0..s1 for H heads and VS vectors of their values starting
+// at float `dim` (sums: H rows of D floats), each value slice loaded once for all of them; the running sums
+// continue in key order from one call to the next.
+template <int D, int VS, int H>
 void group_values_v(const float* p, int64_t n, int64_t s0, int64_t s1, int64_t reach, const float* base,
-                    const int64_t* slots, int64_t row, int64_t offset, float* sums) {
-  __m512 acc[H][V];
+                    const int64_t* slots, int64_t row, int64_t offset, int dim, float* sums) {
+  vfloat acc[H][VS];
   for (int h = 0; h < H; ++h)
-    for (int d = 0; d < V; ++d) acc[h][d] = _mm512_loadu_ps(sums + h * 16 * V + 16 * d);
+    for (int d = 0; d < VS; ++d) acc[h][d] = vload(sums + h * D + dim + QE_LANES * d);
   for (int64_t s = s0; s < s1; ++s) {
-    const float* value = base + slots[s] * row + offset;
-    if (s + AHEAD < reach) prefetch_row<V>(base + slots[s + AHEAD] * row + offset);
-    __m512 v[V];
-    for (int d = 0; d < V; ++d) v[d] = _mm512_loadu_ps(value + 16 * d);
+    const float* value = base + slots[s] * row + offset + dim;
+    if (dim == 0 && s + AHEAD < reach) prefetch_row<D>(base + slots[s + AHEAD] * row + offset);
+    vfloat v[VS];
+    for (int d = 0; d < VS; ++d) v[d] = vload(value + QE_LANES * d);
     for (int h = 0; h < H; ++h) {
-      const __m512 w = _mm512_set1_ps(p[h * n + s]);
-      for (int d = 0; d < V; ++d) acc[h][d] = _mm512_fmadd_ps(w, v[d], acc[h][d]);
+      const vfloat w = vset(p[h * n + s]);
+      for (int d = 0; d < VS; ++d) acc[h][d] = vfma(w, v[d], acc[h][d]);
     }
   }
   for (int h = 0; h < H; ++h)
-    for (int d = 0; d < V; ++d) _mm512_storeu_ps(sums + h * 16 * V + 16 * d, acc[h][d]);
+    for (int d = 0; d < VS; ++d) vstore(sums + h * D + dim + QE_LANES * d, acc[h][d]);
 }
 
-// Heads per pass over the values: H · V accumulators plus V value vectors stay within the 32 registers.
+// A pass over the values takes VS vectors of each value row for H heads: H · VS accumulators plus VS value
+// vectors stay within the registers (AVX-512: a whole row of up to 16 vectors; AVX2's 16 registers: slices of
+// up to 4 vectors, 2 heads at a time).
 template <int V>
-constexpr int values_heads() { return V >= 16 ? 1 : V == 8 ? 2 : 4; }
+constexpr int values_slice() { return QE_REGS == 32 ? V : (V < 4 ? V : 4); }
+template <int V>
+constexpr int values_heads() {
+  return QE_REGS == 32 ? (V >= 16 ? 1 : V == 8 ? 2 : 4) : (values_slice<V>() == 4 ? 2 : 4);
+}
 
 // out[g] = Σ_s p[g * n + s] · value(s) for the G heads. A group needs more than one pass over the values
 // (7 heads of 64: 4, then 3); the keys are taken KEYS at a time so the later passes find the rows in L1.
 template <int V>
 void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const float* base, const int64_t* slots,
                   int64_t row, int64_t offset, float* out) {
-  constexpr int H = values_heads<V>();
-  constexpr int64_t KEYS = 512 / V;  // 32 KiB of value rows
-  std::fill(out, out + G * 16 * V, 0.0f);
+  constexpr int D = QE_LANES * V, VS = values_slice<V>(), H = values_heads<V>();
+  constexpr int64_t KEYS = 8192 / D;  // 32 KiB of value rows
+  std::fill(out, out + G * D, 0.0f);
   for (int64_t s0 = 0; s0 < n; s0 += KEYS) {
     const int64_t s1 = std::min(n, s0 + KEYS);
     for (int64_t g = 0; g < G;) {
       // Passes of near-equal size (7 heads, at most 4 a pass: 4 + 3).
       const int64_t passes = (G - g + H - 1) / H, take = (G - g + passes - 1) / passes;
       const float* pg = p + g * n;
-      float* og = out + g * 16 * V;
-      switch (take) {
-        case 4: if constexpr (H >= 4) group_values_v<V, 4>(pg, n, s0, s1, reach, base, slots, row, offset, og); break;
-        case 3: if constexpr (H >= 3) group_values_v<V, 3>(pg, n, s0, s1, reach, base, slots, row, offset, og); break;
-        case 2: if constexpr (H >= 2) group_values_v<V, 2>(pg, n, s0, s1, reach, base, slots, row, offset, og); break;
-        default: group_values_v<V, 1>(pg, n, s0, s1, reach, base, slots, row, offset, og);
-      }
+      float* og = out + g * D;
+      for (int dim = 0; dim < D; dim += QE_LANES * VS) switch (take) {
+          case 4: if constexpr (H >= 4) group_values_v<D, VS, 4>(pg, n, s0, s1, reach, base, slots, row, offset, dim, og); break;
+          case 3: if constexpr (H >= 3) group_values_v<D, VS, 3>(pg, n, s0, s1, reach, base, slots, row, offset, dim, og); break;
+          case 2: if constexpr (H >= 2) group_values_v<D, VS, 2>(pg, n, s0, s1, reach, base, slots, row, offset, dim, og); break;
+          default: group_values_v<D, VS, 1>(pg, n, s0, s1, reach, base, slots, row, offset, dim, og);
+        }
       g += take;
     }
   }
@@ -168,11 +162,11 @@ void attend_chunk(const float* q, int64_t G, const float* kbase, const float* vb
                   int64_t reach, int64_t row, int64_t offset, int64_t D, float scale, float* work, float* out,
                   float* top, float* total) {
   float* scores = work;
-#if defined(__AVX512F__)
+#if QE_LANES
   float* scaled = work + G * n;
   switch (D) {
 #define QE_GROUP(V)                                                                                             \
-  case 16 * V: {                                                                                                \
+  case QE_LANES * V: {                                                                                                \
     group_scores_v<V>(q, G, kbase, slots, n, reach, row, offset, scale, scaled, scores);                        \
     for (int64_t g = 0; g < G; ++g) {                                                                           \
       float* sg = scores + g * n;                                                                               \
@@ -183,6 +177,9 @@ void attend_chunk(const float* q, int64_t G, const float* kbase, const float* vb
     return;                                                                                                     \
   }
     QE_GROUP(1) QE_GROUP(2) QE_GROUP(4) QE_GROUP(8) QE_GROUP(16)
+#if QE_LANES == 8
+    QE_GROUP(32)
+#endif
 #undef QE_GROUP
     default: break;
   }

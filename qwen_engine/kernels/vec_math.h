@@ -98,6 +98,47 @@ inline __m256 exp256(__m256 x) {
 #define QE_VEC8 0
 #endif
 
+// One float vector of the build's widest kind (QE_LANES floats; 0 without AVX2), so that a kernel whose loops
+// only load, multiply, add and reduce is written once for AVX-512 and AVX2. QE_REGS: the vector registers.
+#if defined(__AVX512F__)
+#define QE_LANES 16
+#define QE_REGS 32
+using vfloat = __m512;
+inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm512_storeu_ps(p, v); }
+inline vfloat vset(float x) { return _mm512_set1_ps(x); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+// The four sums of v0..v3's lanes: pairs of vectors are folded together before the lanes are, so four
+// reductions cost about a third of four separate ones.
+inline __m128 vsum4(vfloat v0, vfloat v1, vfloat v2, vfloat v3) {
+  const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));  // v0 v1 v0 v1 / 128 bits
+  const __m512 c = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  const __m512 d = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(c))));
+  const __m256 e = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));  // v0 v1 v2 v3 twice
+  return _mm_add_ps(_mm256_castps256_ps128(e), _mm256_extractf128_ps(e, 1));
+}
+#elif QE_VEC8
+#define QE_LANES 8
+#define QE_REGS 16
+using vfloat = __m256;
+inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vfloat v) { _mm256_storeu_ps(p, v); }
+inline vfloat vset(float x) { return _mm256_set1_ps(x); }
+inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vfloat v) { return hsum8(v); }
+inline __m128 vsum4(vfloat v0, vfloat v1, vfloat v2, vfloat v3) {
+  const __m256 a = _mm256_hadd_ps(v0, v1), c = _mm256_hadd_ps(v2, v3);  // per 128 bits: v0 v0 v1 v1 / v2 v2 v3 v3
+  const __m256 d = _mm256_hadd_ps(a, c);                                // per 128 bits: v0 v1 v2 v3
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+#else
+#define QE_LANES 0
+#endif
+
 // The largest of n > 0 values (a softmax's shift): the same value std::max_element finds, 16 lanes at a time.
 inline float max_value(const float* x, int64_t n) {
   int64_t i = 0;
