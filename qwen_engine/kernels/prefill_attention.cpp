@@ -2,9 +2,9 @@
 // positions (query i sits at position S - T + i and sees keys 0..S-T+i), read in place from the paged pool
 // through the sequence's slot list.
 //
-// The score matrix is never materialised. Keys are taken 64 at a time; for each, the scores of a few query
-// rows are computed in registers, folded into a running softmax (the maximum so far m, the sum of
-// exponentials l, and the output rescaled by e^(m_old - m_new)), and the block's values are added to the
+// The score matrix is never materialised. Keys are taken KB (4 vectors) at a time; for each block, the scores
+// of a few query rows are computed in registers, folded into a running softmax (the maximum so far m, the sum
+// of exponentials l, and the output rescaled by e^(m_old - m_new)), and the block's values are added to the
 // output with those weights; the output is divided by l at the end. A block of keys and values (32 KiB at
 // head size 64) serves every query head of its kv head and several query positions while it sits in L1.
 //
@@ -21,100 +21,100 @@
 
 #include "vec_math.h"
 
-#if defined(__AVX512F__)
+#if QE_LANES
 namespace {
 
-constexpr int KB = 64;  // keys per block: 4 vectors of scores per query row
+// Written once on vec_math.h's vfloat: a head of D floats is V vectors of QE_LANES.
+constexpr int KB = 4 * QE_LANES;  // keys per block: 4 vectors of scores per query row
+// Query rows scored together: R x 4 score vectors, 4 key vectors and a broadcast stay in the registers.
+constexpr int R = QE_REGS == 32 ? 4 : 2;
 // Query rows (positions x heads of a kv head) per task: they share each block of keys and values while it sits
 // in L1, and each task reads its kv head's keys and values once from L2 or memory. 256 rather than 32: at
 // 4096 keys those are 2 MiB a head, and a 512-query chunk ran 1.17x faster (the same results, bit for bit).
 constexpr int TILE_ROWS = 256;
 
-// R query rows against one block of keys; row r sees the block's first n[r] keys (0 ≤ n[r] ≤ KB; a row that
+// RR query rows against one block of keys; row r sees the block's first n[r] keys (0 ≤ n[r] ≤ KB; a row that
 // sees none keeps its state, which is finite by then: every row sees the first block's key 0). kt: the
 // block's keys transposed, D rows of ldk floats; vals(j): value row j. m, l: the rows' running max and sum;
 // o: their outputs so far; p: R · KB floats of workspace. The loops over rows and vectors are unrolled so the
-// R x 4 score vectors stay in registers (an indexed array would be kept in memory, stored every step).
-template <int V, int R, class Vals>
+// RR x 4 score vectors stay in registers (an indexed array would be kept in memory, stored every step).
+template <int V, int RR, class Vals>
 inline void block_rows(const float* const* q, const float* kt, int64_t ldk, Vals vals, const int* n, float scale,
                        float* const* m, float* const* l, float* const* o, float* p) {
-  constexpr int D = 16 * V;
-  __m512 s[R][4];
+  constexpr int D = QE_LANES * V, L = QE_LANES;
+  vfloat s[RR][4];
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < RR; ++r)
     #pragma GCC unroll 16
-    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) s[r][c] = vzero();
   for (int d = 0; d < D; ++d) {
     const float* kd = kt + d * ldk;
-    const __m512 k0 = _mm512_loadu_ps(kd), k1 = _mm512_loadu_ps(kd + 16), k2 = _mm512_loadu_ps(kd + 32),
-                 k3 = _mm512_loadu_ps(kd + 48);
+    const vfloat k0 = vload(kd), k1 = vload(kd + L), k2 = vload(kd + 2 * L), k3 = vload(kd + 3 * L);
     #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512 qd = _mm512_set1_ps(q[r][d]);
-      s[r][0] = _mm512_fmadd_ps(qd, k0, s[r][0]);
-      s[r][1] = _mm512_fmadd_ps(qd, k1, s[r][1]);
-      s[r][2] = _mm512_fmadd_ps(qd, k2, s[r][2]);
-      s[r][3] = _mm512_fmadd_ps(qd, k3, s[r][3]);
+    for (int r = 0; r < RR; ++r) {
+      const vfloat qd = vset(q[r][d]);
+      s[r][0] = vfma(qd, k0, s[r][0]);
+      s[r][1] = vfma(qd, k1, s[r][1]);
+      s[r][2] = vfma(qd, k2, s[r][2]);
+      s[r][3] = vfma(qd, k3, s[r][3]);
     }
   }
-  const __m512 sv = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const vfloat sv = vset(scale), ninf = vset(-std::numeric_limits<float>::infinity());
   alignas(64) float m_old[16] = {}, m_new[16] = {}, alpha[16];
-  __mmask16 live[R][4];  // keys of the block each row may see
-  int keys = 0;          // keys any row sees
+  int keys = 0;  // keys any row sees
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < RR; ++r) {
     keys = std::max(keys, n[r]);
-    __m512 top = ninf;
+    vfloat top = ninf;
     #pragma GCC unroll 16
-    for (int c = 0; c < 4; ++c) {
-      live[r][c] = static_cast<__mmask16>((1u << std::clamp(n[r] - 16 * c, 0, 16)) - 1);
-      s[r][c] = _mm512_mask_mul_ps(ninf, live[r][c], s[r][c], sv);
-      top = _mm512_max_ps(top, s[r][c]);
+    for (int c = 0; c < 4; ++c) {  // scaled scores of the keys the row sees, -inf for the others
+      s[r][c] = vfirst(vmul(s[r][c], sv), std::clamp(n[r] - L * c, 0, L), ninf);
+      top = vmax(top, s[r][c]);
     }
     m_old[r] = *m[r];
-    m_new[r] = std::max(m_old[r], _mm512_reduce_max_ps(top));
+    m_new[r] = std::max(m_old[r], vmaxall(top));
   }
   // e^(m_old - m_new) for all rows at once (0 up to float32's smallest normal for the first block's -inf)
-  _mm512_store_ps(alpha, exp512(_mm512_sub_ps(_mm512_load_ps(m_old), _mm512_load_ps(m_new))));
+  vstore(alpha, vexp(vsub(vload(m_old), vload(m_new))));
   #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    const __m512 shift = _mm512_set1_ps(m_new[r]);
-    __m512 sum = _mm512_setzero_ps();
+  for (int r = 0; r < RR; ++r) {
+    const vfloat shift = vset(m_new[r]);
+    vfloat sum = vzero();
     #pragma GCC unroll 16
     for (int c = 0; c < 4; ++c) {
-      const __m512 e = _mm512_maskz_mov_ps(live[r][c], exp512(_mm512_sub_ps(s[r][c], shift)));
-      _mm512_storeu_ps(p + r * KB + 16 * c, e);
-      sum = _mm512_add_ps(sum, e);
+      const vfloat e = vfirst(vexp(vsub(s[r][c], shift)), std::clamp(n[r] - L * c, 0, L), vzero());
+      vstore(p + r * KB + L * c, e);
+      sum = vadd(sum, e);
     }
-    *l[r] = *l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    *l[r] = *l[r] * alpha[r] + vsum(sum);
     *m[r] = m_new[r];
   }
-  // Outputs 64 values (4 vectors) of each row at a time, so R x 4 accumulators fit in the registers.
+  // Outputs 4 vectors of each row at a time, so RR x 4 accumulators fit in the registers.
   constexpr int CV = V < 4 ? V : 4;
   for (int c0 = 0; c0 < V; c0 += CV) {
-    __m512 acc[R][CV];
+    vfloat acc[RR][CV];
     #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(alpha[r]);
+    for (int r = 0; r < RR; ++r) {
+      const vfloat a = vset(alpha[r]);
       #pragma GCC unroll 16
-      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + 16 * (c0 + c)), a);
+      for (int c = 0; c < CV; ++c) acc[r][c] = vmul(vload(o[r] + L * (c0 + c)), a);
     }
     for (int j = 0; j < keys; ++j) {
-      const float* v = vals(j) + 16 * c0;
-      __m512 vv[CV];
+      const float* v = vals(j) + L * c0;
+      vfloat vv[CV];
       #pragma GCC unroll 16
-      for (int c = 0; c < CV; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
+      for (int c = 0; c < CV; ++c) vv[c] = vload(v + L * c);
       #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const __m512 pj = _mm512_set1_ps(p[r * KB + j]);
+      for (int r = 0; r < RR; ++r) {
+        const vfloat pj = vset(p[r * KB + j]);
         #pragma GCC unroll 16
-        for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(pj, vv[c], acc[r][c]);
+        for (int c = 0; c < CV; ++c) acc[r][c] = vfma(pj, vv[c], acc[r][c]);
       }
     }
     #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < RR; ++r)
       #pragma GCC unroll 16
-      for (int c = 0; c < CV; ++c) _mm512_storeu_ps(o[r] + 16 * (c0 + c), acc[r][c]);
+      for (int c = 0; c < CV; ++c) vstore(o[r] + L * (c0 + c), acc[r][c]);
   }
 }
 
@@ -122,8 +122,8 @@ template <int V, class Vals>
 inline void block_any_rows(int rows, const float* const* q, const float* kt, int64_t ldk, Vals vals, const int* n,
                            float scale, float* const* m, float* const* l, float* const* o, float* p) {
   switch (rows) {
-    case 4: block_rows<V, 4>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
-    case 3: block_rows<V, 3>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+    case 4: if constexpr (R >= 4) block_rows<V, 4>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
+    case 3: if constexpr (R >= 3) block_rows<V, 3>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
     case 2: block_rows<V, 2>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
     default: block_rows<V, 1>(q, kt, ldk, vals, n, scale, m, l, o, p); break;
   }
@@ -132,8 +132,10 @@ inline void block_any_rows(int rows, const float* const* q, const float* kt, int
 template <int V>
 void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, const float* vp, const int64_t* slots,
             int64_t T, int64_t S, int64_t Hq, int64_t Hkv, float scale, float* out) {
-  constexpr int D = 16 * V, R = 4;
-  const int64_t group = Hq / Hkv, row = Hkv * D, ldk = (S + KB - 1) / KB * KB, first = S - T;
+  constexpr int D = QE_LANES * V;
+  // ldk: the keys rounded up to whole blocks plus one cache line, so that the D rows of a block do not all map
+  // to the same L1 set (at 4096 keys they were 16 KiB apart and evicted one another: 1.9x slower at head 64).
+  const int64_t group = Hq / Hkv, row = Hkv * D, ldk = (S + KB - 1) / KB * KB + 16, first = S - T;
   // Keys transposed per kv head ([Hkv][D][ldk], zero past S), so a block's scores are vector products.
   std::vector<float> kt(Hkv * D * ldk, 0.0f);
   at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
@@ -210,16 +212,16 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(sp[s] >= 0 && sp[s] < k.size(0), "slot ", sp[s], " out of range");
   auto out = torch::empty({T, Hq * D}, q.options());
-#if defined(__AVX512F__)
+#if QE_LANES
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   const float fs = static_cast<float>(scale);
   float* op = out.data_ptr<float>();
   switch (D) {
-    case 32: attend<2>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
-    case 64: attend<4>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
-    case 128: attend<8>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    case 32: attend<32 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    case 64: attend<64 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
+    case 128: attend<128 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
     default: break;
   }
 #endif
@@ -227,7 +229,7 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
 }
 
 bool prefill_attention_supports(int64_t head_dim) {
-#if defined(__AVX512F__)
+#if QE_LANES
   return head_dim == 32 || head_dim == 64 || head_dim == 128;
 #else
   (void)head_dim;

@@ -110,6 +110,16 @@ inline vfloat vset(float x) { return _mm512_set1_ps(x); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm512_mul_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm512_fmadd_ps(a, b, c); }
 inline float vsum(vfloat v) { return _mm512_reduce_add_ps(v); }
+inline vfloat vzero() { return _mm512_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm512_sub_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
+inline float vmaxall(vfloat v) { return _mm512_reduce_max_ps(v); }
+inline vfloat vexp(vfloat v) { return exp512(v); }
+// a in the first `count` lanes (0 ≤ count ≤ QE_LANES), fill in the others.
+inline vfloat vfirst(vfloat a, int count, vfloat fill) {
+  return _mm512_mask_mov_ps(fill, static_cast<__mmask16>((1u << count) - 1), a);
+}
 // The four sums of v0..v3's lanes: pairs of vectors are folded together before the lanes are, so four
 // reductions cost about a third of four separate ones.
 inline __m128 vsum4(vfloat v0, vfloat v1, vfloat v2, vfloat v3) {
@@ -130,6 +140,20 @@ inline vfloat vset(float x) { return _mm256_set1_ps(x); }
 inline vfloat vmul(vfloat a, vfloat b) { return _mm256_mul_ps(a, b); }
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) { return _mm256_fmadd_ps(a, b, c); }
 inline float vsum(vfloat v) { return hsum8(v); }
+inline vfloat vzero() { return _mm256_setzero_ps(); }
+inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
+inline vfloat vsub(vfloat a, vfloat b) { return _mm256_sub_ps(a, b); }
+inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
+inline float vmaxall(vfloat v) {
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+inline vfloat vexp(vfloat v) { return exp256(v); }
+inline vfloat vfirst(vfloat a, int count, vfloat fill) {
+  const __m256i keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(fill, a, _mm256_castsi256_ps(keep));
+}
 inline __m128 vsum4(vfloat v0, vfloat v1, vfloat v2, vfloat v3) {
   const __m256 a = _mm256_hadd_ps(v0, v1), c = _mm256_hadd_ps(v2, v3);  // per 128 bits: v0 v0 v1 v1 / v2 v2 v3 v3
   const __m256 d = _mm256_hadd_ps(a, c);                                // per 128 bits: v0 v1 v2 v3
