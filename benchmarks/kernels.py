@@ -14,14 +14,13 @@ lm_head), from the per-kind times and from a pass that calls them in the model's
 the current one, printing both and the speed-up. The two take turns going first: on this host whichever ran
 second after the other was up to 40 % faster. --amx times the current build with its AMX prefill products
 against the same build on MKL (prefill sizes: e.g. --batches 128,523), on a CPU with AMX tiles. Times are the minimum over --repeat interleaved repetitions.
-Needs the demo model (QWEN_ENGINE_HOME, default ~/.qwen-engine). Not a test: nothing is asserted.
+Needs the demo model (where the engine keeps it; --model for another GGUF). Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import time
 import warnings
 from pathlib import Path
@@ -30,15 +29,11 @@ import gguf
 import torch
 
 from qwen_engine import kernels
-
-MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+from qwen_engine.weights.demo import demo_model_path
 
 
 def model_path(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    home = Path(os.environ.get("QWEN_ENGINE_HOME") or Path.home() / ".qwen-engine")
-    return home / "models" / MODEL
+    return Path(arg) if arg else demo_model_path()
 
 
 def load_so(path: str):
@@ -106,7 +101,7 @@ def run(module, calls, x: torch.Tensor, amx: bool | None = None) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help=f"GGUF file (default: $QWEN_ENGINE_HOME/models/{MODEL})")
+    p.add_argument("--model", help="GGUF file (default: the demo model)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: one per available core)")
     p.add_argument("--batches", default="1,8,32", help="rows of x, comma-separated")
     p.add_argument("--repeat", type=int, default=7)
