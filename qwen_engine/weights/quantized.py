@@ -24,6 +24,7 @@ from ..kernels import native as native_kernels
 from ..models.layers import RotaryEmbedding
 from ..models.quant import QuantEmbedding, QuantLinear, has_kernel
 from ..models.qwen import QwenForCausalLM
+from .arena import WeightArena
 from .gguf import GGUFFile, hf_name
 
 
@@ -33,6 +34,8 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
     expected = {name for name, _ in model.named_parameters()}
     blocks: dict[str, tuple[torch.Tensor, GGMLQuantizationType, int]] = {}  # module name → (bytes, type, K)
     loaded = set()
+    recoded = _recoded_sizes(model, gguf, expected)
+    arena = WeightArena(sum(recoded.values())) if recoded else None
     for gguf_name, info in gguf.tensors.items():
         name = hf_name(gguf_name)
         if name is None or name not in expected:
@@ -43,9 +46,9 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
         if tuple(getattr(module, attr).shape) != shape:
             raise ModelLoadError(f"{path}: tensor {name} has shape {shape}, expected {tuple(getattr(module, attr).shape)}")
         if len(shape) == 2 and info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, shape[1]):
-            if info.qtype == GGMLQuantizationType.Q5_0 and attr == "weight" and recode_q5_0(module):
+            if gguf_name in recoded:
                 data = native_kernels().q5_0_as_q8_0(torch.from_numpy(gguf.read(gguf_name)), shape[1])
-                blocks[module_name] = (data, GGMLQuantizationType.Q8_0, shape[1])
+                blocks[module_name] = (arena.hold(data), GGMLQuantizationType.Q8_0, shape[1])
             else:
                 blocks[module_name] = (torch.from_numpy(gguf.raw(gguf_name)), info.qtype, shape[1])
         else:
@@ -70,6 +73,21 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
     fuse_projections(model)
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim)
     return model.eval()
+
+
+def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -> dict[str, int]:
+    """GGUF tensor name → its bytes as Q8_0, for the Q5_0 weights build_quantized re-encodes (recode_q5_0). They
+    go to one WeightArena, sized before any is converted, so that loading never holds two copies of them."""
+    sizes = {}
+    for gguf_name, info in gguf.tensors.items():
+        name = hf_name(gguf_name)
+        if name is None or name not in expected or info.qtype != GGMLQuantizationType.Q5_0 or len(info.shape) != 2:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        rows, in_features = int(info.shape[1]), int(info.shape[0])
+        if attr == "weight" and has_kernel(info.qtype, in_features) and recode_q5_0(model.get_submodule(module_name)):
+            sizes[gguf_name] = WeightArena.size_for_bytes(rows * in_features // 32 * 34)
+    return sizes
 
 
 def recode_q5_0(module: torch.nn.Module) -> bool:

@@ -1,0 +1,51 @@
+"""WeightArena: the one mapping that holds re-encoded weights (weights/arena.py), and where the demo model's
+re-encoded Q5_0 weights end up."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from qwen_engine.models.quant import QuantLinear
+from qwen_engine.weights import quantized
+from qwen_engine.weights.arena import ALIGN, HUGE_PAGE, WeightArena
+
+
+def test_holds_copies_on_their_own_pages_from_a_huge_page_boundary():
+    first = torch.arange(10_000, dtype=torch.int32).view(torch.uint8).view(100, 400)
+    second = torch.full((3, 5), 7, dtype=torch.uint8)
+    arena = WeightArena(WeightArena.size_for_bytes(first.numel()) + WeightArena.size_for_bytes(second.numel()))
+    a, b = arena.hold(first), arena.hold(second)
+    assert a.shape == first.shape and b.shape == second.shape
+    assert torch.equal(a, first) and torch.equal(b, second)
+    assert a.data_ptr() % HUGE_PAGE == 0
+    assert b.data_ptr() - a.data_ptr() == WeightArena.size_for_bytes(first.numel()) == 40_960
+    first.zero_()  # a copy, not a view of the source
+    assert a.view(torch.int32).flatten()[-1] == 9_999
+    del arena
+    gc.collect()  # the views keep the mapping alive
+    assert int(a.view(torch.int32).sum()) == sum(range(10_000)) and int(b.sum()) == 7 * 15
+
+
+def test_refuses_more_than_it_was_sized_for():
+    arena = WeightArena(ALIGN)
+    arena.hold(torch.zeros(ALIGN, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="arena full"):
+        arena.hold(torch.zeros(1, dtype=torch.uint8))
+
+
+def test_recoded_weights_of_the_demo_model_share_one_arena(demo_llm, demo_gguf):
+    if not quantized.recode_q5_0(torch.nn.Linear(1, 1)):
+        pytest.skip("this build keeps Q5_0 weights as the file's blocks (no re-encoding here)")
+    layers = demo_llm.model.model.layers
+    recoded = [b for layer in layers for b in layer.mlp.gate_up_proj.blocks]  # gate and up are Q5_0 in the file
+    assert len(recoded) == 48
+    # Arena slots start on pages of their own (a separately allocated tensor starts just past malloc's header),
+    # and the 48 weights lie within one span no longer than all re-encoded weights together.
+    assert all(b.data_ptr() % ALIGN == 0 for b in recoded)
+    starts = sorted(b.data_ptr() for b in recoded)
+    total = sum(WeightArena.size_for_bytes(p.numel()) for m in demo_llm.model.modules()
+                if isinstance(m, QuantLinear) for p in m.blocks if p.data_ptr() % ALIGN == 0)
+    assert starts[-1] + recoded[0].numel() - starts[0] <= total
