@@ -49,3 +49,35 @@ def test_recoded_weights_of_the_demo_model_share_one_arena(demo_llm, demo_gguf):
     total = sum(WeightArena.size_for_bytes(p.numel()) for m in demo_llm.model.modules()
                 if isinstance(m, QuantLinear) for p in m.blocks if p.data_ptr() % ALIGN == 0)
     assert starts[-1] + recoded[0].numel() - starts[0] <= total
+
+
+def huge_pages_of(address: int) -> int:
+    """kB of transparent huge pages in this process's mapping that holds `address` (from /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and fields[0] == "AnonHugePages:":
+                return int(fields[1])
+    raise AssertionError("address not mapped")
+
+
+def test_huge_pages_only_when_asked(monkeypatch):
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are switched off on this system")
+    data = torch.ones(6 << 20, dtype=torch.uint8)
+    monkeypatch.delenv("QWEN_ENGINE_HUGE_PAGES", raising=False)
+    plain = WeightArena(data.numel()).hold(data)
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
+    huge = WeightArena(data.numel()).hold(data)
+    if "[always]" not in mode:
+        assert huge_pages_of(plain.data_ptr()) == 0
+    assert huge_pages_of(huge.data_ptr()) >= 2048  # at least one 2 MiB page of the 6 MiB
+    assert torch.equal(huge, data) and torch.equal(plain, data)

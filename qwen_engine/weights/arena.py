@@ -1,15 +1,19 @@
-"""Weights that a decode step streams, kept in one anonymous mapping backed by 2 MiB pages where the kernel allows.
+"""Weights the loader re-encodes (weights/quantized.py), kept in one anonymous mapping that may be backed by 2 MiB
+pages.
 
-A decode step reads every weight once. Spread over 4 KiB pages, ~120,000 of them a step, each costs a TLB miss
-and stops the CPU's hardware prefetchers at its edge; in 2 MiB pages the same bytes stream faster (the demo
-model's 24 Q8_0 gate+up weights on the AVX2 host: 8.6 ms a step in separately allocated tensors, 7.6 ms here).
-Linux gives an anonymous mapping transparent huge pages when it is advised so (`madvise` mode) or always; with
-THP off this is still one contiguous allocation and nothing else changes.
+A decode step reads every weight once. Spread over 4 KiB pages, ~65,000 of them a step for the demo model's
+re-encoded weights, each costs a TLB miss and stops the CPU's hardware prefetchers at its edge; in 2 MiB pages
+the same bytes stream faster (the 24 Q8_0 gate+up weights on the AVX2 host: 26–27 GB/s in 4 KiB pages, 28–30
+in 2 MiB pages). QWEN_ENGINE_HUGE_PAGES=1 advises the mapping for transparent huge pages (Linux, THP in
+`madvise` or `always` mode). It is off by default: on a virtual machine whose memory was never touched, getting
+the huge pages cost up to ~2 s at load here (the hypervisor backs each one on first touch), against the
+~0.1 s of small pages, so it pays for long-running servers rather than one-off commands.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 
 import torch
 
@@ -23,7 +27,7 @@ class WeightArena:
     def __init__(self, size: int) -> None:
         self._map = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advice is not None:
+        if advice is not None and os.environ.get("QWEN_ENGINE_HUGE_PAGES") == "1":
             try:
                 self._map.madvise(advice)
             except OSError:  # a kernel without THP: plain pages, same layout
