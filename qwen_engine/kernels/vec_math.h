@@ -163,23 +163,15 @@ inline __m128 vsum4(vfloat v0, vfloat v1, vfloat v2, vfloat v3) {
 #define QE_LANES 0
 #endif
 
-// The largest of n > 0 values (a softmax's shift): the same value std::max_element finds, 16 lanes at a time.
+// The largest of n > 0 values (a softmax's shift): the same value std::max_element finds, a vector at a time.
 inline float max_value(const float* x, int64_t n) {
   int64_t i = 0;
   float top = x[0];
-#if defined(__AVX512F__)
-  if (n >= 16) {
-    __m512 m = _mm512_loadu_ps(x);
-    for (i = 16; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
-    top = _mm512_reduce_max_ps(m);
-  }
-#elif QE_VEC8
-  if (n >= 8) {
-    __m256 m = _mm256_loadu_ps(x);
-    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#if QE_LANES
+  if (n >= QE_LANES) {
+    vfloat m = vload(x);
+    for (i = QE_LANES; i + QE_LANES <= n; i += QE_LANES) m = vmax(m, vload(x + i));
+    top = vmaxall(m);
   }
 #endif
   for (; i < n; ++i) top = x[i] > top ? x[i] : top;

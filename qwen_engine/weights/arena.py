@@ -45,7 +45,7 @@ class WeightArena:
             raise ValueError(f"weight arena full: {stop - self._end} bytes over its {self._end} bytes")
         view = self._bytes[start:stop].view(data.shape)
         view.copy_(data)
-        self._used = (stop + ALIGN - 1) // ALIGN * ALIGN
+        self._used = start + self.size_for_bytes(data.numel())
         return view
 
     @staticmethod

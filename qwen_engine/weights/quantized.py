@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..config import ModelConfig
 from ..errors import ModelLoadError
@@ -86,7 +86,8 @@ def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -
         module_name, _, attr = name.rpartition(".")
         rows, in_features = int(info.shape[1]), int(info.shape[0])
         if attr == "weight" and has_kernel(info.qtype, in_features) and recode_q5_0(model.get_submodule(module_name)):
-            sizes[gguf_name] = WeightArena.size_for_bytes(rows * in_features // 32 * 34)
+            block, q8_0_bytes = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]  # Q5_0 has the same 32-value blocks
+            sizes[gguf_name] = WeightArena.size_for_bytes(rows * in_features // block * q8_0_bytes)
     return sizes
 
 
