@@ -1,4 +1,5 @@
-"""The w8a8 mode's int8 products (AVX2 or VNNI on rows, AMX tiles) against the default float32 products on GGUF blocks.
+"""The w8a8 mode's int8 products (AVX2 or VNNI on rows; AMX tiles or AVX2 units of 8 rows, the layout the mode
+keeps on such CPUs) against the default float32 products on GGUF blocks.
 
     python benchmarks/int8_kernels.py [--layer 3] [--rows 1,8,32,523]
 
@@ -39,13 +40,14 @@ def main() -> None:
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear"):
         raise SystemExit("no int8 kernels in this build; nothing to compare")
-    amx = native.int8_has_amx()
+    layout = w8a8.weight_layout()  # "amx", "units" (AVX2) or "rows"
+    packed_linear = {"amx": "int8_linear_amx", "units": "int8_linear_units"}.get(layout)
     llm = LLM(progress=False)
     layer = llm.model.model.layers[args.layer]
     products = {"qkv": layer.self_attn.qkv_proj, "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj,
                 "lm_head": llm.model.lm_head}
     print(f"{torch.get_num_threads()} threads; ms per call | product | M | float32 on GGUF blocks | int8 rows | "
-          f"int8 AMX | AMX × float32")
+          f"int8 {layout} | {layout} × float32")
     for name, q in products.items():
         int8 = w8a8.W8A8Linear(q.dequantized(), q.bias)
         rows = int8.weight_rows()
@@ -58,9 +60,9 @@ def main() -> None:
             vnni = best_of(partial(native.int8_linear, x, rows, int8.weight_scales, int8.bias, int8.group), repeats)
             tiles = "–"
             ratio = f"{base / vnni:.2f}× (rows)"
-            if amx:
-                t = best_of(partial(native.int8_linear_amx, x, int8.packed, int8.out_features, int8.weight_scales,
-                                    int8.bias, int8.group), repeats)
+            if packed_linear is not None:
+                t = best_of(partial(getattr(native, packed_linear), x, int8.packed, int8.out_features,
+                                    int8.weight_scales, int8.bias, int8.group), repeats)
                 tiles, ratio = f"{t * 1e3:.3f}", f"{base / t:.2f}×"
             print(f"| {name} {q.out_features}×{q.in_features} | {m} | {base * 1e3:.3f} | {vnni * 1e3:.3f} | "
                   f"{tiles} | {ratio} |")

@@ -1,7 +1,8 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums; AVX2 or VNNI on rows, and AMX tiles where the CPU has them);
+the outputs equal up to the order of float sums; AVX2 or VNNI on rows, AVX2 on units of 8 rows, and AMX
+tiles where the CPU has them);
 the mode as a whole is checked against the float model on the demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
 nats and ~98 %; benchmarks/compare.py --quality prints them), plus the native decode step against the PyTorch
 layers on the converted model.
@@ -59,7 +60,7 @@ def int8_native():
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 896, 1152), (3, 128, 10), (5, 4864, 67), (8, 192, 7), (16, 128, 32),
-                                   (17, 256, 33), (67, 896, 100), (130, 256, 50)])
+                                   (17, 256, 33), (67, 896, 100), (130, 256, 50), (300, 128, 26)])
 def test_kernel_equals_reference(M, K, N):
     native = int8_native()
     gen = torch.Generator().manual_seed(M * K + N)
@@ -76,9 +77,12 @@ def test_kernel_equals_reference(M, K, N):
     ref = w8a8.reference_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
     y = native.int8_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
     assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
-    if native.int8_has_amx():
-        assert layer.packed is not None and torch.equal(w8a8.unpack_amx(w8a8.pack_amx(rows), N, K), rows)
-        y = native.int8_linear_amx(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group)
+    for layout, packed_linear in (("amx", "int8_linear_amx"), ("units", "int8_linear_units")):
+        if w8a8.weight_layout() != layout:
+            continue
+        pack, unpack = w8a8.PACK[layout]
+        assert layer.packed is not None and torch.equal(unpack(pack(rows), N, K), rows)
+        y = getattr(native, packed_linear)(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group)
         assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
         assert torch.equal(layer(x), y)
     # and it is a product: within int8 rounding of the float one

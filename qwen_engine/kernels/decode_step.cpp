@@ -35,6 +35,9 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
 torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                               const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                               int64_t group);
+torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
+                                const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
+                                int64_t group);
 
 namespace {
 
@@ -88,12 +91,17 @@ struct Linear {
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
   // The w8a8 mode (int8_matmul.cpp): int8 rows (+ 128) and their scales, x quantised in groups of `group`;
-  // amx_rows > 0: the weight is packed for AMX tiles and has that many rows.
+  // packed_rows > 0: the weight has that many rows, packed in this build's layout (AMX tiles, or AVX2 units of
+  // 8 rows: models/w8a8.py).
   torch::Tensor int8_weight, int8_scales;
-  int64_t group = 0, amx_rows = 0;
+  int64_t group = 0, packed_rows = 0;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
+#if QE_INT8 == 256
+    if (group > 0 && packed_rows > 0) return int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group);
+#elif QE_INT8
+    if (group > 0 && packed_rows > 0) return int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group);
+#endif
 #if QE_INT8
-    if (group > 0 && amx_rows > 0) return int8_linear_amx(x, int8_weight, amx_rows, int8_scales, bias, group);
     if (group > 0) return int8_linear(x, int8_weight, int8_scales, bias, group);
 #endif
     TORCH_CHECK(group == 0, "this build has no int8 kernels");
@@ -135,13 +143,13 @@ class DecodeStep {
 
   // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
   void set_int8(int64_t li, const std::string& which, torch::Tensor weight, torch::Tensor scales,
-                c10::optional<torch::Tensor> bias, int64_t group, int64_t amx_rows) {
+                c10::optional<torch::Tensor> bias, int64_t group, int64_t packed_rows) {
     TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
     Layer& l = layers_[li];
     Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
               : which == "down" ? &l.down : nullptr;
     TORCH_CHECK(p != nullptr, "no projection ", which);
-    *p = Linear{{}, {}, bias, weight, scales, group, amx_rows};
+    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }

@@ -9,8 +9,8 @@ once, and prefill:
   (symmetric, max |w| / 127);
 - each row of activations is quantised on the fly to int8 in groups of GROUP values along the input, one scale
   per group (per-token scales lose several times more: activations have outlier channels);
-- the group dot products are exact integers (AVX2 vpmaddubsw, AVX-512 VNNI or AMX tiles;
-  kernels/int8_matmul.cpp), scaled in float32.
+- the group dot products are exact integers (AVX2 vpmaddubsw on weights packed in units of 8 rows, AVX-512
+  VNNI, or AMX tiles; kernels/int8_matmul.cpp), scaled in float32.
 
 `benchmarks/compare.py --quantization w8a8` prints its mean KL divergence from the float32 model and its greedy
 agreement; `tests/test_w8a8.py` bounds both on the demo model. Embeddings, norms and attention stay float32.
@@ -44,9 +44,17 @@ def group_size(in_features: int) -> int:
 
 
 def weight_layout() -> str:
-    """How the int8 weights are kept: "amx" (tiles, models/w8a8.py pack_amx) where the CPU has AMX, else "rows"."""
+    """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units" (pack_units) in AVX2
+    builds, else "rows"."""
     native = kernels.native()
-    return "amx" if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx() else "rows"
+    if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
+        return "amx"
+    if native is not None and hasattr(native, "int8_has_units") and native.int8_has_units():
+        return "units"
+    return "rows"
+
+
+PACKED_ROWS = {"amx": 32, "units": 8}  # rows per unit of a packed layout (the weight is padded to whole units)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +88,24 @@ def unpack_amx(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return tiles.reshape(-1, K)[:N].contiguous()
 
 
+def pack_units(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (int8 + 128) → the AVX2 kernel's layout: units of 8 rows, each [k / 4][row][k % 4], as the
+    int8 values themselves (the +128 taken off: the top bit flipped), N padded to 8 with zero weights."""
+    N, K = rows.shape
+    padded = torch.full(((N + 7) // 8 * 8, K), 128, dtype=torch.uint8)
+    padded[:N] = rows
+    return padded.view(-1, 8, K // 4, 4).permute(0, 2, 1, 3).bitwise_xor(128).contiguous().view(-1)
+
+
+def unpack_units(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of pack_units."""
+    units = packed.view(-1, K // 4, 8, 4).permute(0, 2, 1, 3).bitwise_xor(128)
+    return units.reshape(-1, K)[:N].contiguous()
+
+
+PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units)}
+
+
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                      group: int) -> torch.Tensor:
     """The same numbers as the kernel, in PyTorch (up to the order of float sums): the fallback and the tests'
@@ -110,17 +136,19 @@ class W8A8Linear(nn.Module):
         self.group = group_size(self.in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         native = kernels.native()
-        # With AMX the weight is kept only in the tiles' layout (weight_rows() gives the rows back); each block
-        # of rows is quantised and packed in turn, so no second copy of the whole weight is ever made.
-        amx = weight_layout() == "amx"
+        # In a packed layout (AMX tiles, AVX2 units) the weight is kept only packed (weight_rows() gives the rows
+        # back); each block of rows is quantised and packed in turn, so no second copy of the whole weight is
+        # ever made.
+        self.layout = weight_layout()
+        unit = PACKED_ROWS.get(self.layout, 0)
         self.weight_scales = torch.empty(self.out_features)
-        if amx:
-            self.packed = torch.empty((self.out_features + 31) // 32 * 32 * self.padded, dtype=torch.uint8)
+        if unit:
+            self.packed = torch.empty(-(-self.out_features // unit) * unit * self.padded, dtype=torch.uint8)
             self.weight_u8 = None
         else:
             self.packed = None
             self.weight_u8 = torch.empty(self.out_features, self.padded, dtype=torch.uint8)
-        row, pending = 0, []  # pending: quantised rows not yet packed (tiles take 32 rows at a time)
+        row, pending = 0, []  # pending: quantised rows not yet packed (a unit takes `unit` rows at a time)
         for i, part in enumerate(parts):
             rows = int(part.shape[0])
             values = F.pad(part.float(), (0, self.padded - self.in_features)).contiguous()
@@ -130,15 +158,15 @@ class W8A8Linear(nn.Module):
                 u8, scales = quantize_weight(values)
             self.weight_scales[row : row + rows] = scales
             row += rows
-            if not amx:
+            if not unit:
                 self.weight_u8[row - rows : row] = u8
                 continue
             pending.append(u8)
-            if row % 32 == 0 or i == len(parts) - 1:
+            if row % unit == 0 or i == len(parts) - 1:
                 block = torch.cat(pending) if len(pending) > 1 else pending[0]
                 start = (row - block.shape[0]) * self.padded
-                tiles = pack_amx(block)
-                self.packed[start : start + tiles.numel()] = tiles
+                packed = PACK[self.layout][0](block)
+                self.packed[start : start + packed.numel()] = packed
                 pending = []
 
     @classmethod
@@ -150,12 +178,13 @@ class W8A8Linear(nn.Module):
         layer.out_features, layer.in_features = int(scales.shape[0]), in_features
         layer.padded, layer.group = padded_size(in_features), group_size(in_features)
         layer.weight_scales, layer.bias = scales, bias
-        amx = weight_layout() == "amx"
-        rows = (layer.out_features + 31) // 32 * 32 if amx else layer.out_features
+        layer.layout = weight_layout()
+        unit = PACKED_ROWS.get(layer.layout, 0)
+        rows = -(-layer.out_features // unit) * unit if unit else layer.out_features
         if weight.dtype != torch.uint8 or weight.numel() != rows * layer.padded or (
                 bias is not None and bias.shape != scales.shape):
             raise ValueError(f"stored int8 layer does not fit {layer.out_features} x {in_features}")
-        layer.packed, layer.weight_u8 = (weight, None) if amx else (None, weight.view(-1, layer.padded))
+        layer.packed, layer.weight_u8 = (weight, None) if unit else (None, weight.view(-1, layer.padded))
         return layer
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -166,7 +195,7 @@ class W8A8Linear(nn.Module):
     def weight_rows(self) -> torch.Tensor:
         """uint8 [N, K]: the int8 weight + 128, row by row."""
         if self.packed is not None:
-            return unpack_amx(self.packed, self.out_features, self.padded)
+            return PACK[self.layout][1](self.packed, self.out_features, self.padded)
         return self.weight_u8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +205,8 @@ class W8A8Linear(nn.Module):
             x2 = F.pad(x2, (0, self.padded - self.in_features))
         native = kernels.native()
         if native is not None and self.packed is not None:
-            y = native.int8_linear_amx(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
+            packed_linear = native.int8_linear_amx if self.layout == "amx" else native.int8_linear_units
+            y = packed_linear(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
         elif native is not None and hasattr(native, "int8_linear"):
             y = native.int8_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
         else:
