@@ -90,6 +90,20 @@ def test_kernel_equals_reference(M, K, N):
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+def test_units_layout():
+    """pack_units (the AVX2 kernel's layout), checked in PyTorch on every host: unit u, 4-value step t, row r,
+    byte c holds weight row 8u + r, column 4t + c, as its int8 value; rows are padded to 8 with zero weights."""
+    gen = torch.Generator().manual_seed(8)
+    rows = torch.randint(1, 256, (13, 128), generator=gen, dtype=torch.uint8)  # int8 values + 128
+    packed = w8a8.pack_units(rows)
+    assert packed.numel() == 16 * 128
+    units = packed.view(torch.int8).view(2, 32, 8, 4)
+    for u, t, r, c in [(0, 0, 0, 0), (0, 5, 3, 2), (1, 31, 4, 3), (1, 7, 0, 1)]:
+        assert int(units[u, t, r, c]) == int(rows[8 * u + r, 4 * t + c]) - 128
+    assert torch.equal(units[1, :, 5:], torch.zeros(32, 3, 4, dtype=torch.int8))  # padding rows 13-15
+    assert torch.equal(w8a8.unpack_units(packed, 13, 128), rows)
+
+
 def test_weight_quantisation_equals_reference():
     native = int8_native()
     w = torch.randn(300, 896, generator=torch.Generator().manual_seed(3)) * 0.05
