@@ -515,7 +515,8 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
                   int64_t ldy, const float* bias, int64_t n) {
   const int64_t nb = K / B::QK;
   const uint8_t* row = W + n * row_bytes;
-  constexpr int A = M == 1 ? 4 : M == 2 ? 2 : 1;  // independent sums per row of x, to hide the FMA latency
+  // Independent sums per row of x: enough chains to hide the FMA latency (4 cycles), few enough for 16 registers.
+  constexpr int A = M <= 3 ? 4 : M == 4 ? 2 : 1;
   __m256 acc[M][A];
   for (int m = 0; m < M; ++m)
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
