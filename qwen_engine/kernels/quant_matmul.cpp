@@ -386,6 +386,17 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
+// y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
+template <int M, int A>
+inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) + add;
+  }
+}
+
 // 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
 // the dequantisation gives, Q4_K's minimums apart) and serve every row with one FMA. The generic path (vec8,
 // below) decodes through per-sub-block tables and took a decode step of two sequences from 1x to 1.6x the time
@@ -432,12 +443,7 @@ void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
       }
     }
   }
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) + add;
-  }
+  store_sums<M, A>(acc, y, ldy, bias, n);
 }
 
 // Q6_K: w = d·sc·(q − 32), q from 4 low bits (ql) and 2 high bits (qh); each 8 bytes of ql and qh widened once
@@ -475,12 +481,7 @@ void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
         }
       }
   }
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) + add;
-  }
+  store_sums<M, A>(acc, y, ldy, bias, n);
 }
 
 // Weight rows [n0, n1) of a K-quant against M (2-8) rows of x.
@@ -555,12 +556,7 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
       });
     }
   }
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) + add;
-  }
+  store_sums<M, A>(acc, y, ldy, bias, n);
 }
 
 template <class B, int M>
