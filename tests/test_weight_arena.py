@@ -4,11 +4,13 @@ re-encoded Q5_0 weights end up."""
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
-from qwen_engine.models.quant import QuantLinear
+from qwen_engine.models.quant import OwnType, QuantLinear
 from qwen_engine.weights import quantized
 from qwen_engine.weights.arena import ALIGN, HUGE_PAGE, WeightArena
 
@@ -37,11 +39,14 @@ def test_refuses_more_than_it_was_sized_for():
 
 
 def test_recoded_weights_of_the_demo_model_share_one_arena(demo_llm, demo_gguf):
-    if not quantized.recode_q5_0(torch.nn.Linear(1, 1)):
+    if not quantized.recode_q5_0(torch.nn.Linear(896, 1), 896):
         pytest.skip("this build keeps Q5_0 weights as the file's blocks (no re-encoding here)")
     layers = demo_llm.model.model.layers
     recoded = [b for layer in layers for b in layer.mlp.gate_up_proj.blocks]  # gate and up are Q5_0 in the file
     assert len(recoded) == 48
+    # Rows of 896 values (7 x 128) take the fields layout (unless QWEN_ENGINE_RECODE_Q5_0 asks for Q8_0).
+    expected = OwnType.Q5_0_FIELDS if os.environ.get("QWEN_ENGINE_RECODE_Q5_0") != "q8_0" else Q.Q8_0
+    assert {t for layer in layers for t in layer.mlp.gate_up_proj.qtypes} == {expected}
     # Arena slots start on pages of their own (a separately allocated tensor starts just past malloc's header),
     # and the 48 weights lie within one span no longer than all re-encoded weights together.
     assert all(b.data_ptr() % ALIGN == 0 for b in recoded)

@@ -386,6 +386,74 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
+// Q5F (quant_blocks.h): M rows of x with each value scaled by 2^-shift of its field, exactly, so a field can be
+// multiplied where it sits in its lane: (q 2^s)(x 2^-s) is the product q x, rounded the same. The rows are
+// interleaved 8 values at a time (values 8c .. 8c + 7 of rows 0 .. M - 1, then of c + 1), so the GEMVs find
+// every x vector of a block at a fixed offset from one pointer (with rows K apart, the compiler kept 16 x M
+// addresses and spilled them: 2-8 rows ran at 0.6-0.8x Q8_0's speed).
+void fields_x(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, -Q5F::shift(static_cast<int>(k % Q5F::QK) / 8)));
+    for (int64_t m = 0; m < M; ++m)
+      _mm256_storeu_ps(out + k * M + 8 * m, _mm256_mul_ps(_mm256_loadu_ps(x + m * K + k), s));
+  }
+}
+
+inline __m256 q5f_field(const __m256i (&g)[3], int v) {  // q 2^shift(v) of values 8v .. 8v + 7, as floats
+  return _mm256_cvtepi32_ps(_mm256_and_si256(g[Q5F::group(v)], _mm256_set1_epi32(31 << Q5F::shift(v))));
+}
+
+inline __m256 q5f_field(const uint8_t* blk, int v) {  // the same, the group read from memory
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * Q5F::group(v)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(31 << Q5F::shift(v))));
+}
+
+inline void q5f_load(const uint8_t* blk, __m256i (&g)[3]) {
+  for (int i = 0; i < 3; ++i) g[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
+}
+
+inline __m128 q5f_scales(const uint8_t* blk) {  // the four blocks' d
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 96)));
+}
+
+inline float hsum4(__m128 v) {
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
+// One row of x (as fields_x) against Q5F weight row n: per Q5_0 block, four 8-value partial sums of q x, scaled
+// by the block's d once. Q5_0's -16 is taken off at the end: -16 times the sum over blocks of d times the sum of
+// x over the block (xs: sums of every 32 values of x).
+void gemv1_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m128 offsets = _mm_setzero_ps();
+  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+    const uint8_t* blk = row + b * Q5F::BYTES;
+    prefetch(blk + PREFETCH);
+    prefetch(blk + PREFETCH + 64);
+    const __m128 d4 = q5f_scales(blk);
+    offsets = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + 4 * b), offsets);
+    alignas(16) float d[4];
+    _mm_store_ps(d, d4);
+    __m256i g[3];
+    q5f_load(blk, g);
+    const float* xb = xf + Q5F::QK * b;
+    __m256 p[4][2];
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; ++v) {
+      const __m256 f = q5f_field(g, v), xv = _mm256_loadu_ps(xb + 8 * v);
+      p[v / 4][v & 1] = v % 4 < 2 ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, p[v / 4][v & 1]);
+    }
+    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[0][0], p[0][1]), _mm256_broadcast_ss(d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[1][0], p[1][1]), _mm256_broadcast_ss(d + 1), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[2][0], p[2][1]), _mm256_broadcast_ss(d + 2), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[3][0], p[3][1]), _mm256_broadcast_ss(d + 3), acc1);
+  }
+  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 16.0f * hsum4(offsets) + (bias ? bias[n] : 0.0f);
+}
+
 // y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
 template <int M, int A>
 inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
@@ -508,6 +576,74 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
     case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
     default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
   }
+}
+
+// 2-8 rows of x (as fields_x) against Q5F weight row n: each 8 fields scaled by their block's d once (d q 2^s,
+// exact), one FMA per row of x. A: independent sums per row of x. HOLD keeps a block's three 32-byte groups in
+// registers, else each AND reads its group from L1; INL sums the offsets (as gemv1_q5f) in the block loop, else
+// in a pass over the scales after it: with 8 sums, holding both spilled (0.81-0.85x Q8_0's speed at 2 and 4
+// rows in a cache-resident layer).
+template <int M, int A, bool HOLD, bool INL>
+void gemvm_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+               int64_t ldy, const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc[M][A];
+  __m128 offsets[M];
+  for (int m = 0; m < M; ++m) {
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    offsets[m] = _mm_setzero_ps();
+  }
+  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+    const uint8_t* blk = row + b * Q5F::BYTES;
+    prefetch(blk + PREFETCH);
+    prefetch(blk + PREFETCH + 64);
+    const __m128 d4 = q5f_scales(blk);
+    if constexpr (INL)
+      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
+    alignas(16) float d[4];
+    _mm_store_ps(d, d4);
+    __m256i g[3];
+    if constexpr (HOLD) q5f_load(blk, g);
+    const float* xb = xf + Q5F::QK * M * b;
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; ++v) {
+      const __m256 f = HOLD ? q5f_field(g, v) : q5f_field(blk, v);
+      const __m256 w = _mm256_mul_ps(f, _mm256_broadcast_ss(d + v / 4));
+      for (int m = 0; m < M; ++m)
+        acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * (M * v + m)), acc[m][v % A]);
+    }
+  }
+  if constexpr (!INL)
+    for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+      const __m128 d4 = q5f_scales(row + b * Q5F::BYTES);
+      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
+    }
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) - 16.0f * hsum4(offsets[m]) + add;
+  }
+}
+
+template <int M>
+inline void gemvm_q5f_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+                          int64_t ldy, const float* bias, int64_t n) {
+  gemvm_q5f<M, M == 2 ? 2 : kq_sums<M>(), M != 4, M <= 3>(W, row_bytes, K, xf, xs, y, ldy, bias, n);
+}
+
+void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, int64_t M, const float* xs, float* y,
+              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) switch (M) {
+      case 1: gemv1_q5f(W, row_bytes, K, xf, xs, y, bias, n); break;
+      case 2: gemvm_q5f_row<2>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 3: gemvm_q5f_row<3>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 4: gemvm_q5f_row<4>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 5: gemvm_q5f_row<5>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 6: gemvm_q5f_row<6>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 7: gemvm_q5f_row<7>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+    }
 }
 
 // M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
@@ -780,6 +916,7 @@ struct XForms {
   const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
   const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
+  const float* xf;    // x as fields_x (AVX2, up to REG_ROWS rows with a Q5F segment)
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
@@ -813,6 +950,7 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
 #elif QE_AVX2
   const float* x = in.x;
   if (in.xt) return gemm_xt<B>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
+  if constexpr (std::is_same<B, Q5F>::value) return gemv_q5f(W, row_bytes, K, in.xf, in.M, in.xs, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
       for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
@@ -858,6 +996,7 @@ int block_values(int64_t qtype) {
   switch (qtype) {
     case T_Q8_0: case T_Q4_0: case T_Q5_0: return 32;
     case T_Q4_K: case T_Q6_K: return 256;
+    case T_Q5_0_FIELDS: return Q5F::QK;
     case T_F32: case T_F16: case T_BF16: return 16;
     default: return 0;
   }
@@ -870,6 +1009,7 @@ int block_bytes(int64_t qtype) {
     case T_Q5_0: return Q5_0::BYTES;
     case T_Q4_K: return Q4_K::BYTES;
     case T_Q6_K: return Q6_K::BYTES;
+    case T_Q5_0_FIELDS: return Q5F::BYTES;
     case T_F32: return F32::BYTES;
     case T_F16: return F16::BYTES;
     case T_BF16: return BF16::BYTES;
@@ -885,6 +1025,7 @@ void with_block_type(int64_t qtype, Fn&& fn) {
     case T_Q5_0: fn(Q5_0{}); break;
     case T_Q4_K: fn(Q4_K{}); break;
     case T_Q6_K: fn(Q6_K{}); break;
+    case T_Q5_0_FIELDS: fn(Q5F{}); break;
     case T_F32: fn(F32{}); break;
     case T_F16: fn(F16{}); break;
     case T_BF16: fn(BF16{}); break;
@@ -984,12 +1125,20 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return y;
   }
   if (M <= std::min(gemv_max_rows, GEMV_ROWS_MAX)) {
-    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
-    torch::Tensor xq, xt, xtq, xs, xs16;
+    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
+    torch::Tensor xq, xt, xtq, xs, xs16, xf;
 #if QE_AVX512 || QE_AVX2
-    bool any_q4k = false;
-    for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K;
-    if (any_q4k && (M == 1 || (QE_AVX2 && M <= REG_ROWS))) {  // the AVX2 K-quant paths take them up to 8 rows
+    bool any_q4k = false, any_q5f = false;
+    for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
+    any_q5f &= QE_AVX2 && M <= REG_ROWS;  // (other builds, and more rows, decode Q5F generically)
+#if QE_AVX2
+    if (any_q5f) {
+      xf = torch::empty_like(xc);
+      fields_x(xp, M, K, xf.data_ptr<float>());
+      in.xf = xf.data_ptr<float>();
+    }
+#endif
+    if ((any_q4k && (M == 1 || (QE_AVX2 && M <= REG_ROWS))) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
       xs = torch::empty({M, K / 32}, xc.options());
       for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
       in.xs = xs.data_ptr<float>();
@@ -1105,6 +1254,35 @@ torch::Tensor q5_0_as_q8_0(const torch::Tensor& weight, int64_t K) {
   return out;
 }
 
+// Q5_0 rows re-laid as Q5F rows (quant_blocks.h): each four blocks' values q (0..31) moved into 5-bit fields and
+// their scales copied, so every dequantised value is the same float32 (d * (q - 16)). K: a multiple of 128.
+torch::Tensor q5_0_as_fields(const torch::Tensor& weight, int64_t K) {
+  TORCH_CHECK(K % Q5F::QK == 0, "Q5_0 rows of ", K, " values cannot be re-laid in groups of ", Q5F::QK);
+  const auto segs = segments_of({weight}, {T_Q5_0}, K);
+  const int64_t groups = weight.size(0) * (K / Q5F::QK);
+  auto out = torch::empty({weight.size(0), K / Q5F::QK * Q5F::BYTES}, torch::dtype(torch::kUInt8));
+  const uint8_t* src = segs[0].data;
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      uint8_t* o = dst + g * Q5F::BYTES;
+      uint32_t lanes[24] = {};
+      for (int blk = 0; blk < 4; ++blk) {
+        const uint8_t* in = src + (4 * g + blk) * Q5_0::BYTES;
+        o[96 + 2 * blk] = in[0], o[97 + 2 * blk] = in[1];
+        const uint32_t qh = u32(in + 2);
+        for (int j = 0; j < 32; ++j) {  // value j of the block: a nibble of byte j % 16, fifth bit j of qh
+          const uint32_t q = (j < 16 ? in[6 + j] & 15 : in[6 + j - 16] >> 4) | (((qh >> j) & 1) << 4);
+          const int i = 32 * blk + j, v = i / 8;
+          lanes[8 * Q5F::group(v) + i % 8] |= q << Q5F::shift(v);
+        }
+      }
+      std::memcpy(o, lanes, sizeof(lanes));  // little-endian lanes, as the kernels load them
+    }
+  });
+  return out;
+}
+
 // Whether this build's Q8_0 products are enough faster than its Q5_0 ones to re-encode Q5_0 weights at load.
 bool prefers_q8_0_to_q5_0() { return QE_AVX2; }
 
@@ -1143,6 +1321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_rows", &dequantize_rows, "selected rows of a GGUF weight as float32");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
   m.def("q5_0_as_q8_0", &q5_0_as_q8_0, "Q5_0 rows re-encoded as Q8_0 rows with the same values");
+  m.def("q5_0_as_fields", &q5_0_as_fields, "Q5_0 rows re-laid in 5-bit fields (own type 1006), the same values");
   m.def("prefers_q8_0_to_q5_0", &prefers_q8_0_to_q5_0, "whether loads should re-encode Q5_0 weights as Q8_0");
   m.def("amx_prefill_available", &amx_prefill_available, "whether prefill products can run on AMX tiles here");
   m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");

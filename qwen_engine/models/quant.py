@@ -11,6 +11,8 @@ layer and computed in one call, even when their block types differ.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,19 @@ from torch import nn
 from .. import kernels
 
 Q = GGMLQuantizationType
+
+
+class OwnType(IntEnum):
+    """Block types of our own, not ggml's: exact re-encodings of GGUF blocks made at load for faster kernels
+    (kernels/quant_blocks.h), numbered past ggml's. Only the native kernels read them."""
+
+    Q5_0_FIELDS = 1006  # four Q5_0 blocks' values in 5-bit lane fields: 104 bytes per 128 values
+
+
+OWN_SIZES = {OwnType.Q5_0_FIELDS: (128, 104)}  # values, bytes per block
+BlockType = GGMLQuantizationType | OwnType
 # Block types the native kernels read directly; any other type is dequantised to float32 at load.
-KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K})
+KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, OwnType.Q5_0_FIELDS})
 # Up to this many rows of x (a batch of decodes), the kernel reads the weights once and dequantises them in
 # registers (≤ 3 rows) or into a small cache-resident tile (more); above it (prefill), it dequantises into a
 # scratch buffer and lets MKL multiply. The tile path was faster than MKL up to ~128 rows on the AVX-512 host,
@@ -29,21 +42,30 @@ KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K}
 GEMV_MAX_ROWS = 64
 
 
-def row_multiple(qtype: GGMLQuantizationType) -> int:
+def block_type(t: int) -> BlockType:
+    return OwnType(t) if t in OWN_SIZES else GGMLQuantizationType(t)
+
+
+def block_size(qtype: BlockType) -> tuple[int, int]:
+    """(values, bytes) of one block."""
+    return OWN_SIZES[qtype] if qtype in OWN_SIZES else GGML_QUANT_SIZES[qtype]
+
+
+def row_multiple(qtype: BlockType) -> int:
     """Values a row of this type must hold a multiple of: its block, and 16 for F16/BF16 (the kernels read those
     16 values at a time)."""
-    block = GGML_QUANT_SIZES[qtype][0]
+    block = block_size(qtype)[0]
     return 16 if qtype in (Q.F16, Q.BF16) else block
 
 
-def has_kernel(qtype: GGMLQuantizationType, in_features: int) -> bool:
+def has_kernel(qtype: BlockType, in_features: int) -> bool:
     return qtype in KERNEL_TYPES and in_features % row_multiple(qtype) == 0
 
 
-def check_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> None:
+def check_blocks(blocks: torch.Tensor, qtype: BlockType, in_features: int) -> None:
     if qtype not in KERNEL_TYPES:
         raise ValueError(f"no quantised kernel for GGUF type {qtype.name}")
-    block, size = GGML_QUANT_SIZES[qtype]
+    block, size = block_size(qtype)
     if in_features % row_multiple(qtype):
         raise ValueError(f"{qtype.name} rows need a multiple of {row_multiple(qtype)} values, got {in_features}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[1] != in_features // block * size:
@@ -53,11 +75,13 @@ def check_blocks(blocks: torch.Tensor, qtype: GGMLQuantizationType, in_features:
         )
 
 
-def dequantize(blocks: torch.Tensor, qtype: GGMLQuantizationType, in_features: int) -> torch.Tensor:
+def dequantize(blocks: torch.Tensor, qtype: BlockType, in_features: int) -> torch.Tensor:
     """float32 [rows, in_features]: the native kernel's dequantisation, or the gguf package's (the reference)."""
     native = kernels.native()
     if native is not None:
         return native.dequantize(blocks, int(qtype), in_features)
+    if qtype in OWN_SIZES:
+        raise RuntimeError(f"{qtype.name} blocks need the native kernels, which are not available")
     from gguf.quants import dequantize as reference
 
     values = reference(blocks.numpy(), qtype).reshape(blocks.shape[0], in_features)
@@ -69,7 +93,7 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self,
-        segments: list[tuple[torch.Tensor, GGMLQuantizationType]],
+        segments: list[tuple[torch.Tensor, BlockType]],
         in_features: int,
         bias: torch.Tensor | None = None,
     ):
@@ -79,7 +103,7 @@ class QuantLinear(nn.Module):
         for blocks, qtype in segments:
             check_blocks(blocks, qtype, in_features)
         self.blocks = [b for b, _ in segments]
-        self.qtypes = [GGMLQuantizationType(t) for _, t in segments]
+        self.qtypes = [block_type(t) for _, t in segments]
         self.in_features = in_features
         self.out_features = sum(int(b.shape[0]) for b in self.blocks)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -126,7 +150,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, blocks: torch.Tensor, qtype: GGMLQuantizationType, dim: int):
         super().__init__()
         check_blocks(blocks, qtype, dim)
-        self.blocks, self.qtype, self.dim = blocks, GGMLQuantizationType(qtype), dim
+        self.blocks, self.qtype, self.dim = blocks, block_type(qtype), dim
         self.num_embeddings = int(blocks.shape[0])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
