@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/kernels.py [--threads 2] [--batches 1,8,32] [--repeat 7]
     PYTHONPATH=. python benchmarks/kernels.py --baseline ~/.cache/qwen-engine/kernels/<hash>/<name>.so
+    PYTHONPATH=. python benchmarks/kernels.py --recode-q5-0 fields   # (or q8_0) the Q5_0 weights as AVX2 loads keep them
 
 For each weight kind of a decoder layer — qkv (stacked q/k/v segments, Q5_0 with a Q5_0 or Q8_0 v, bias),
 attn_output (Q5_0), gate+up (two stacked 4864x896 Q5_0), ffn_down (4864 → 896, Q4_K in half the layers,
@@ -29,6 +30,7 @@ import gguf
 import torch
 
 from qwen_engine import kernels
+from qwen_engine.models.quant import OwnType, block_size, block_type
 from qwen_engine.weights.demo import demo_model_path
 
 
@@ -86,8 +88,23 @@ def weight_count(call, K: int) -> int:
 
 def in_features(call) -> int:
     segs, qtypes, _ = call
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtypes[0])]
+    block, size = block_size(block_type(qtypes[0]))
     return segs[0].shape[1] // size * block
+
+
+def recode(kinds: dict[str, list], module, to: str) -> None:
+    """Q5_0 segments re-encoded in place as the engine's load does on AVX2 hosts (weights/quantized.py)."""
+    q5_0 = int(gguf.GGMLQuantizationType.Q5_0)
+    for calls in kinds.values():
+        for segs, qtypes, _ in calls:
+            for i, (seg, qtype) in enumerate(zip(segs, qtypes, strict=True)):
+                if qtype != q5_0:
+                    continue
+                K = seg.shape[1] // 22 * 32
+                if to == "fields" and K % 128 == 0:
+                    segs[i], qtypes[i] = module.q5_0_as_fields(seg, K), int(OwnType.Q5_0_FIELDS)
+                else:
+                    segs[i], qtypes[i] = module.q5_0_as_q8_0(seg, K), int(gguf.GGMLQuantizationType.Q8_0)
 
 
 def run(module, calls, x: torch.Tensor, amx: bool | None = None) -> float:
@@ -107,6 +124,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--baseline", help="another build of the extension (.so) to time against")
     p.add_argument("--amx", action="store_true", help="time the AMX prefill products against MKL (same build)")
+    p.add_argument("--recode-q5-0", choices=["none", "q8_0", "fields"], default="none",
+                   help="re-encode the Q5_0 weights first, as loads do on AVX2 hosts (Q5_0_FIELDS or Q8_0)")
     args = p.parse_args()
 
     if args.threads:
@@ -124,6 +143,8 @@ def main() -> None:
     else:
         modules = [("current", current, None)] + ([("baseline", load_so(args.baseline), None)] if args.baseline else [])
     kinds, order = weights(model_path(args.model))
+    if args.recode_q5_0 != "none":
+        recode(kinds, current, args.recode_q5_0)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"threads {torch.get_num_threads()}, AVX-512 {current.has_avx512()}, min of {args.repeat}")
     if args.amx:

@@ -3,8 +3,8 @@
 // dequantize()/dequantize_rows() give exactly the float32 that gguf.quants.dequantize produces (same operations
 // in the same order; the build disables FMA contraction so `d * q - m` is not fused). The products differ from
 // a float32 matmul over the dequantised matrix only in rounding: the order of the sums, and block or sub-block
-// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K at one row of x the minimum/offset terms
-// computed from per-call sums of x) rather than to each value.
+// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K at one row of x and Q5_0_FIELDS (Q5F, AVX2)
+// at up to 8 the minimum/offset terms computed from per-call sums of x) rather than to each value.
 //
 // Paths, by the number of rows of x (M):
 //   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
@@ -12,7 +12,8 @@
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
 //     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
 //     ahead. K-quants with 4-8 rows are dequantised 4 weight rows at a time into a buffer and multiplied in
-//     4x4 tiles (their in-register decode costs more than it saves there).
+//     4x4 tiles (their in-register decode costs more than it saves there). On AVX2: K-quants and Q5F with 2-8
+//     rows decode each 8 values once for all rows; Q5F reads x scaled per field (fields_x).
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
