@@ -61,12 +61,20 @@ constexpr int64_t GEMV_ROWS_MAX = 64;
 constexpr int64_t XT_LANES = QE_AVX512 ? 16 : 8;
 
 // y[m, n] = x[m, :] · W[n, :] (+ bias[n]) for M rows of x and weight rows [n0, n1).
-#if QE_AVX512
+#if QE_AVX512 || QE_AVX2
 // The GEMVs prefetch the weights this many bytes ahead of the current block, into L2: they stream from a
 // page-cache mmap, and the hardware prefetchers stop at each 4 KiB page (measured on the demo model's decode
 // step: 16 KiB into L2 beat 1.5-8 KiB and prefetching into L1).
 constexpr int PREFETCH = 16384;
 inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
+// Every cache line of a block of B, PREFETCH bytes ahead.
+template <class B>
+inline void prefetch_block(const uint8_t* blk) {
+  for (int off = 0; off < B::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+}
+#endif
+
+#if QE_AVX512
 
 // Whether the unscaled decode of B hands out a block's values in a permuted lane order (then x must be too).
 template <class B>
@@ -130,9 +138,7 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   __m256 accm = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q4_K::BYTES;
-    prefetch(blk + PREFETCH);
-    prefetch(blk + PREFETCH + 64);
-    prefetch(blk + PREFETCH + 128);
+    prefetch_block<Q4_K>(blk);
     __m256 ds, dm;
     q4k_scales(blk, ds, dm);
     accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
@@ -152,10 +158,7 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
       acc1 = _mm512_fmadd_ps(hi, _mm512_set1_ps(dsa[2 * g + 1]), acc1);
     }
   }
-  __m128 m4 = _mm_add_ps(_mm256_castps256_ps128(accm), _mm256_extractf128_ps(accm, 1));
-  m4 = _mm_add_ps(m4, _mm_movehl_ps(m4, m4));
-  const float mins = _mm_cvtss_f32(_mm_add_ss(m4, _mm_movehdup_ps(m4)));
-  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - mins + (bias ? bias[n] : 0.0f);
+  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
 // Sum of every 16 values of x (K / 16 floats): the part of a Q6_K product that its offset -32 scales.
@@ -173,7 +176,7 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), accm = _mm512_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q6_K::BYTES;
-    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    prefetch_block<Q6_K>(blk);
     const uint8_t *ql = blk, *qh = blk + 128;
     const __m512 s = _mm512_mul_ps(
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192)))),
@@ -218,7 +221,7 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + b * 32;
       const uint8_t* blk = row + b * B::BYTES;
-      prefetch(blk + PREFETCH);
+      prefetch_block<B>(blk);
       __m512 lo, hi;
       Unscaled<B>::q(blk, lo, hi);
       const __m512 d = block_scale(blk);
@@ -233,8 +236,7 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + b * B::QK;
       const uint8_t* blk = row + b * B::BYTES;
-      for (int off = 0; off < B::BYTES; off += 64)
-        prefetch(blk + PREFETCH + off);
+      prefetch_block<B>(blk);
       B::vec(blk, [&](int v, __m512 w) {
         for (int m = 0; m < M; ++m)
           acc[m][v % A] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xb + m * ldx + 16 * v), acc[m][v % A]);
@@ -259,8 +261,6 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
 }
 #elif QE_AVX2
 // The same GEMV structure on 8-lane AVX2 vectors (no AVX-512: e.g. AMD Zen 2/3). Prefetch as above.
-constexpr int PREFETCH = 16384;
-inline void prefetch(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1); }
 
 // A Q8_0 or Q5_0 block's values, unscaled (q, or q - 16 for Q5_0), 8 at a time as exact small integers in
 // float32: `at(b, v)` gives values [8v, 8v + 8) of block b. Each is widened straight from memory (measured on
@@ -314,9 +314,7 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q4_K::BYTES;
-    prefetch(blk + PREFETCH);
-    prefetch(blk + PREFETCH + 64);
-    prefetch(blk + PREFETCH + 128);
+    prefetch_block<Q4_K>(blk);
     __m256 ds, dm;
     q4k_scales(blk, ds, dm);
     accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
@@ -349,7 +347,7 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), accm = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q6_K::BYTES;
-    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    prefetch_block<Q6_K>(blk);
     const uint8_t *ql = blk, *qh = blk + 128;
     const __m256 d = _mm256_set1_ps(f16(blk + 208));
     const __m256 s0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192)))), d);
@@ -417,11 +415,6 @@ inline __m128 q5f_scales(const uint8_t* blk) {  // the four blocks' d
   return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 96)));
 }
 
-inline float hsum4(__m128 v) {
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-}
-
 // One row of x (as fields_x) against Q5F weight row n: per Q5_0 block, four 8-value partial sums of q x, scaled
 // by the block's d once. Q5_0's -16 is taken off at the end: -16 times the sum over blocks of d times the sum of
 // x over the block (xs: sums of every 32 values of x).
@@ -432,8 +425,7 @@ void gemv1_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, 
   __m128 offsets = _mm_setzero_ps();
   for (int64_t b = 0; b < K / Q5F::QK; ++b) {
     const uint8_t* blk = row + b * Q5F::BYTES;
-    prefetch(blk + PREFETCH);
-    prefetch(blk + PREFETCH + 64);
+    prefetch_block<Q5F>(blk);
     const __m128 d4 = q5f_scales(blk);
     offsets = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + 4 * b), offsets);
     alignas(16) float d[4];
@@ -486,9 +478,7 @@ void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q4_K::BYTES;
-    prefetch(blk + PREFETCH);
-    prefetch(blk + PREFETCH + 64);
-    prefetch(blk + PREFETCH + 128);
+    prefetch_block<Q4_K>(blk);
     __m256 ds, dm;
     q4k_scales(blk, ds, dm);
     for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(xs + m * (K / 32) + 8 * b), acc[m][0]);
@@ -528,7 +518,7 @@ void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
     for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q6_K::BYTES;
-    for (int off = 0; off < Q6_K::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+    prefetch_block<Q6_K>(blk);
     const uint8_t *ql = blk, *qh = blk + 128;
     const __m256 d = _mm256_set1_ps(f16(blk + 208));
     alignas(32) float sa[16];  // d·sc of each 16 values: exact in float32 (11-bit d times an int8)
@@ -596,8 +586,7 @@ void gemvm_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, 
   }
   for (int64_t b = 0; b < K / Q5F::QK; ++b) {
     const uint8_t* blk = row + b * Q5F::BYTES;
-    prefetch(blk + PREFETCH);
-    prefetch(blk + PREFETCH + 64);
+    prefetch_block<Q5F>(blk);
     const __m128 d4 = q5f_scales(blk);
     if constexpr (INL)
       for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
@@ -662,7 +651,7 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + b * 32;
       const uint8_t* blk = row + b * B::BYTES;
-      prefetch(blk + PREFETCH);
+      prefetch_block<B>(blk);
       const __m256 d = _mm256_set1_ps(f16(blk));
       if constexpr (M == 1) {  // the scale applied once per block, to the block's partial sum
         __m256 p0 = _mm256_mul_ps(Ints8<B>::at(blk, 0), _mm256_loadu_ps(xb));
@@ -686,7 +675,7 @@ void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + b * B::QK;
       const uint8_t* blk = row + b * B::BYTES;
-      for (int off = 0; off < B::BYTES; off += 64) prefetch(blk + PREFETCH + off);
+      prefetch_block<B>(blk);
       B::vec8(blk, [&](int v, __m256 w) {
         for (int m = 0; m < M; ++m)
           acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * ldx + 8 * v), acc[m][v % A]);

@@ -67,10 +67,13 @@ inline void transpose16(__m512 r[16]) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
+inline float hsum4(__m128 v) {  // the sum of 4 lanes
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+}
+
 inline float hsum8(__m256 v) {  // the sum of 8 lanes
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  return hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
