@@ -42,14 +42,16 @@ def _native_flags() -> tuple[list[str], str]:
     and what "native" means here: the instruction sets the compiler turns on for this CPU. That goes into the
     cache key, so a cache shared with another machine (a network home, a copied image) never hands this CPU
     code built for instructions it lacks (AMX, AVX-512), which would die on an illegal instruction."""
+    # QWEN_ENGINE_KERNEL_ISA=avx2 builds the AVX2 paths on an AVX-512 CPU (to compare the two on one machine).
+    march = ["-march=native"] + (["-mno-avx512f"] if os.environ.get("QWEN_ENGINE_KERNEL_ISA") == "avx2" else [])
     try:
-        probe = subprocess.run(["c++", "-march=native", "-x", "c++", "-E", "-v", "-", "-o", os.devnull],
+        probe = subprocess.run(["c++", *march, "-x", "c++", "-E", "-v", "-", "-o", os.devnull],
                                input="", capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return [], ""
     if probe.returncode != 0:
         return [], ""
-    return ["-march=native"], target_of(probe.stderr)
+    return march, target_of(probe.stderr)
 
 
 def target_of(verbose_output: str) -> str:

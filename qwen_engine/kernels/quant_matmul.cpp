@@ -108,6 +108,7 @@ void gemv1_unscaled_pair(const uint8_t* W, int64_t row_bytes, int64_t K, const f
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* b0 = r0 + b * B::BYTES;
     const uint8_t* b1 = r1 + b * B::BYTES;
+    prefetch(b0 + PREFETCH);
     prefetch(b1 + PREFETCH);
     const __m512 x0 = _mm512_loadu_ps(x + 32 * b), x1 = _mm512_loadu_ps(x + 32 * b + 16);
     __m512 lo0, hi0, lo1, hi1;
