@@ -12,8 +12,9 @@
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
 //     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
 //     ahead. K-quants with 4-8 rows are dequantised 4 weight rows at a time into a buffer and multiplied in
-//     4x4 tiles (their in-register decode costs more than it saves there). On AVX2: K-quants and Q5F with 2-8
-//     rows decode each 8 values once for all rows; Q5F reads x scaled per field (fields_x).
+//     4x4 tiles (their in-register decode costs more than it saves there). On AVX2: K-quants with 2-8 rows
+//     decode each 8 values once for all rows. Q5F (AVX2 and AVX-512 builds, 1-8 rows): 8-lane fields, x read
+//     scaled per field (fields_x).
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
@@ -386,68 +387,6 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
-// Q5F (quant_blocks.h): M rows of x with each value scaled by 2^-shift of its field, exactly, so a field can be
-// multiplied where it sits in its lane: (q 2^s)(x 2^-s) is the product q x, rounded the same. The rows are
-// interleaved 8 values at a time (values 8c .. 8c + 7 of rows 0 .. M - 1, then of c + 1), so the GEMVs find
-// every x vector of a block at a fixed offset from one pointer (with rows K apart, the compiler kept 16 x M
-// addresses and spilled them: 2-8 rows ran at 0.6-0.8x Q8_0's speed).
-void fields_x(const float* x, int64_t M, int64_t K, float* out) {
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, -Q5F::shift(static_cast<int>(k % Q5F::QK) / 8)));
-    for (int64_t m = 0; m < M; ++m)
-      _mm256_storeu_ps(out + k * M + 8 * m, _mm256_mul_ps(_mm256_loadu_ps(x + m * K + k), s));
-  }
-}
-
-inline __m256 q5f_field(const __m256i (&g)[3], int v) {  // q 2^shift(v) of values 8v .. 8v + 7, as floats
-  return _mm256_cvtepi32_ps(_mm256_and_si256(g[Q5F::group(v)], _mm256_set1_epi32(31 << Q5F::shift(v))));
-}
-
-inline __m256 q5f_field(const uint8_t* blk, int v) {  // the same, the group read from memory
-  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * Q5F::group(v)));
-  return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(31 << Q5F::shift(v))));
-}
-
-inline void q5f_load(const uint8_t* blk, __m256i (&g)[3]) {
-  for (int i = 0; i < 3; ++i) g[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
-}
-
-inline __m128 q5f_scales(const uint8_t* blk) {  // the four blocks' d
-  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 96)));
-}
-
-// One row of x (as fields_x) against Q5F weight row n: per Q5_0 block, four 8-value partial sums of q x, scaled
-// by the block's d once. Q5_0's -16 is taken off at the end: -16 times the sum over blocks of d times the sum of
-// x over the block (xs: sums of every 32 values of x).
-void gemv1_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
-               const float* bias, int64_t n) {
-  const uint8_t* row = W + n * row_bytes;
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m128 offsets = _mm_setzero_ps();
-  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
-    const uint8_t* blk = row + b * Q5F::BYTES;
-    prefetch_block<Q5F>(blk);
-    const __m128 d4 = q5f_scales(blk);
-    offsets = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + 4 * b), offsets);
-    alignas(16) float d[4];
-    _mm_store_ps(d, d4);
-    __m256i g[3];
-    q5f_load(blk, g);
-    const float* xb = xf + Q5F::QK * b;
-    __m256 p[4][2];
-#pragma GCC unroll 16
-    for (int v = 0; v < 16; ++v) {
-      const __m256 f = q5f_field(g, v), xv = _mm256_loadu_ps(xb + 8 * v);
-      p[v / 4][v & 1] = v % 4 < 2 ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, p[v / 4][v & 1]);
-    }
-    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[0][0], p[0][1]), _mm256_broadcast_ss(d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[1][0], p[1][1]), _mm256_broadcast_ss(d + 1), acc1);
-    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[2][0], p[2][1]), _mm256_broadcast_ss(d + 2), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[3][0], p[3][1]), _mm256_broadcast_ss(d + 3), acc1);
-  }
-  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 16.0f * hsum4(offsets) + (bias ? bias[n] : 0.0f);
-}
-
 // y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
 template <int M, int A>
 inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
@@ -570,73 +509,6 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
   }
 }
 
-// 2-8 rows of x (as fields_x) against Q5F weight row n: each 8 fields scaled by their block's d once (d q 2^s,
-// exact), one FMA per row of x. A: independent sums per row of x. HOLD keeps a block's three 32-byte groups in
-// registers, else each AND reads its group from L1; INL sums the offsets (as gemv1_q5f) in the block loop, else
-// in a pass over the scales after it: with 8 sums, holding both spilled (0.81-0.85x Q8_0's speed at 2 and 4
-// rows in a cache-resident layer).
-template <int M, int A, bool HOLD, bool INL>
-void gemvm_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
-               int64_t ldy, const float* bias, int64_t n) {
-  const uint8_t* row = W + n * row_bytes;
-  __m256 acc[M][A];
-  __m128 offsets[M];
-  for (int m = 0; m < M; ++m) {
-    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
-    offsets[m] = _mm_setzero_ps();
-  }
-  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
-    const uint8_t* blk = row + b * Q5F::BYTES;
-    prefetch_block<Q5F>(blk);
-    const __m128 d4 = q5f_scales(blk);
-    if constexpr (INL)
-      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
-    alignas(16) float d[4];
-    _mm_store_ps(d, d4);
-    __m256i g[3];
-    if constexpr (HOLD) q5f_load(blk, g);
-    const float* xb = xf + Q5F::QK * M * b;
-#pragma GCC unroll 16
-    for (int v = 0; v < 16; ++v) {
-      const __m256 f = HOLD ? q5f_field(g, v) : q5f_field(blk, v);
-      const __m256 w = _mm256_mul_ps(f, _mm256_broadcast_ss(d + v / 4));
-      for (int m = 0; m < M; ++m)
-        acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * (M * v + m)), acc[m][v % A]);
-    }
-  }
-  if constexpr (!INL)
-    for (int64_t b = 0; b < K / Q5F::QK; ++b) {
-      const __m128 d4 = q5f_scales(row + b * Q5F::BYTES);
-      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
-    }
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) - 16.0f * hsum4(offsets[m]) + add;
-  }
-}
-
-template <int M>
-inline void gemvm_q5f_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
-                          int64_t ldy, const float* bias, int64_t n) {
-  gemvm_q5f<M, M == 2 ? 2 : kq_sums<M>(), M != 4, M <= 3>(W, row_bytes, K, xf, xs, y, ldy, bias, n);
-}
-
-void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, int64_t M, const float* xs, float* y,
-              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) switch (M) {
-      case 1: gemv1_q5f(W, row_bytes, K, xf, xs, y, bias, n); break;
-      case 2: gemvm_q5f_row<2>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      case 3: gemvm_q5f_row<3>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      case 4: gemvm_q5f_row<4>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      case 5: gemvm_q5f_row<5>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      case 6: gemvm_q5f_row<6>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      case 7: gemvm_q5f_row<7>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-      default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
-    }
-}
-
 // M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
 template <class B, int M>
 void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
@@ -704,6 +576,139 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
       y[m * ldy + n] = s + (bias ? bias[n] : 0.0f);
     }
   }
+}
+#endif
+
+// Q5_0_FIELDS on 8-lane vectors, in AVX2 and AVX-512 builds (on Zen 4, whose 512-bit operations are two
+// 256-bit halves, these ran gate+up 1.12x faster than the 16-lane Q5_0 decode: docs/benchmarks.md).
+#if QE_AVX512 || QE_AVX2
+// Q5F (quant_blocks.h): M rows of x with each value scaled by 2^-shift of its field, exactly, so a field can be
+// multiplied where it sits in its lane: (q 2^s)(x 2^-s) is the product q x, rounded the same. The rows are
+// interleaved 8 values at a time (values 8c .. 8c + 7 of rows 0 .. M - 1, then of c + 1), so the GEMVs find
+// every x vector of a block at a fixed offset from one pointer (with rows K apart, the compiler kept 16 x M
+// addresses and spilled them: 2-8 rows ran at 0.6-0.8x Q8_0's speed).
+void fields_x(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, -Q5F::shift(static_cast<int>(k % Q5F::QK) / 8)));
+    for (int64_t m = 0; m < M; ++m)
+      _mm256_storeu_ps(out + k * M + 8 * m, _mm256_mul_ps(_mm256_loadu_ps(x + m * K + k), s));
+  }
+}
+
+inline __m256 q5f_field(const __m256i (&g)[3], int v) {  // q 2^shift(v) of values 8v .. 8v + 7, as floats
+  return _mm256_cvtepi32_ps(_mm256_and_si256(g[Q5F::group(v)], _mm256_set1_epi32(31 << Q5F::shift(v))));
+}
+
+inline __m256 q5f_field(const uint8_t* blk, int v) {  // the same, the group read from memory
+  const __m256i lanes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * Q5F::group(v)));
+  return _mm256_cvtepi32_ps(_mm256_and_si256(lanes, _mm256_set1_epi32(31 << Q5F::shift(v))));
+}
+
+inline void q5f_load(const uint8_t* blk, __m256i (&g)[3]) {
+  for (int i = 0; i < 3; ++i) g[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
+}
+
+inline __m128 q5f_scales(const uint8_t* blk) {  // the four blocks' d
+  return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 96)));
+}
+
+// One row of x (as fields_x) against Q5F weight row n: per Q5_0 block, four 8-value partial sums of q x, scaled
+// by the block's d once. Q5_0's -16 is taken off at the end: -16 times the sum over blocks of d times the sum of
+// x over the block (xs: sums of every 32 values of x).
+void gemv1_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m128 offsets = _mm_setzero_ps();
+  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+    const uint8_t* blk = row + b * Q5F::BYTES;
+    prefetch_block<Q5F>(blk);
+    const __m128 d4 = q5f_scales(blk);
+    offsets = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + 4 * b), offsets);
+    alignas(16) float d[4];
+    _mm_store_ps(d, d4);
+    __m256i g[3];
+    q5f_load(blk, g);
+    const float* xb = xf + Q5F::QK * b;
+    __m256 p[4][2];
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; ++v) {
+      const __m256 f = q5f_field(g, v), xv = _mm256_loadu_ps(xb + 8 * v);
+      p[v / 4][v & 1] = v % 4 < 2 ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, p[v / 4][v & 1]);
+    }
+    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[0][0], p[0][1]), _mm256_broadcast_ss(d), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[1][0], p[1][1]), _mm256_broadcast_ss(d + 1), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_add_ps(p[2][0], p[2][1]), _mm256_broadcast_ss(d + 2), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_add_ps(p[3][0], p[3][1]), _mm256_broadcast_ss(d + 3), acc1);
+  }
+  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 16.0f * hsum4(offsets) + (bias ? bias[n] : 0.0f);
+}
+
+// 2-8 rows of x (as fields_x) against Q5F weight row n: each 8 fields scaled by their block's d once (d q 2^s,
+// exact), one FMA per row of x. A: independent sums per row of x. HOLD keeps a block's three 32-byte groups in
+// registers, else each AND reads its group from L1; INL sums the offsets (as gemv1_q5f) in the block loop, else
+// in a pass over the scales after it: with 8 sums, holding both spilled (0.81-0.85x Q8_0's speed at 2 and 4
+// rows in a cache-resident layer).
+template <int M, int A, bool HOLD, bool INL>
+void gemvm_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+               int64_t ldy, const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc[M][A];
+  __m128 offsets[M];
+  for (int m = 0; m < M; ++m) {
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    offsets[m] = _mm_setzero_ps();
+  }
+  for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+    const uint8_t* blk = row + b * Q5F::BYTES;
+    prefetch_block<Q5F>(blk);
+    const __m128 d4 = q5f_scales(blk);
+    if constexpr (INL)
+      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
+    alignas(16) float d[4];
+    _mm_store_ps(d, d4);
+    __m256i g[3];
+    if constexpr (HOLD) q5f_load(blk, g);
+    const float* xb = xf + Q5F::QK * M * b;
+#pragma GCC unroll 16
+    for (int v = 0; v < 16; ++v) {
+      const __m256 f = HOLD ? q5f_field(g, v) : q5f_field(blk, v);
+      const __m256 w = _mm256_mul_ps(f, _mm256_broadcast_ss(d + v / 4));
+      for (int m = 0; m < M; ++m)
+        acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * (M * v + m)), acc[m][v % A]);
+    }
+  }
+  if constexpr (!INL)
+    for (int64_t b = 0; b < K / Q5F::QK; ++b) {
+      const __m128 d4 = q5f_scales(row + b * Q5F::BYTES);
+      for (int m = 0; m < M; ++m) offsets[m] = _mm_fmadd_ps(d4, _mm_loadu_ps(xs + m * (K / 32) + 4 * b), offsets[m]);
+    }
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) - 16.0f * hsum4(offsets[m]) + add;
+  }
+}
+
+template <int M>
+inline void gemvm_q5f_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+                          int64_t ldy, const float* bias, int64_t n) {
+  gemvm_q5f<M, M <= 4 ? 2 : 1, M != 4, M <= 3>(W, row_bytes, K, xf, xs, y, ldy, bias, n);
+}
+
+void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, int64_t M, const float* xs, float* y,
+              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) switch (M) {
+      case 1: gemv1_q5f(W, row_bytes, K, xf, xs, y, bias, n); break;
+      case 2: gemvm_q5f_row<2>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 3: gemvm_q5f_row<3>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 4: gemvm_q5f_row<4>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 5: gemvm_q5f_row<5>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 6: gemvm_q5f_row<6>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      case 7: gemvm_q5f_row<7>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+      default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+    }
 }
 #endif
 
@@ -907,7 +912,7 @@ struct XForms {
   const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
   const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
-  const float* xf;    // x as fields_x (AVX2, up to REG_ROWS rows with a Q5F segment)
+  const float* xf;    // x as fields_x (up to REG_ROWS rows with a Q5F segment)
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
@@ -917,6 +922,8 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
           const float* bias, int64_t n0, int64_t n1) {
 #if QE_AVX512
   const float* x = permuted<B>() ? in.xq : in.x;
+  if constexpr (std::is_same<B, Q5F>::value)
+    if (in.M <= REG_ROWS) return gemv_q5f(W, row_bytes, K, in.xf, in.M, in.xs, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
       for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
@@ -1121,14 +1128,12 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
 #if QE_AVX512 || QE_AVX2
     bool any_q4k = false, any_q5f = false;
     for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
-    any_q5f &= QE_AVX2 && M <= REG_ROWS;  // (other builds, and more rows, decode Q5F generically)
-#if QE_AVX2
+    any_q5f &= M <= REG_ROWS;  // (more rows decode Q5F generically)
     if (any_q5f) {
       xf = torch::empty_like(xc);
       fields_x(xp, M, K, xf.data_ptr<float>());
       in.xf = xf.data_ptr<float>();
     }
-#endif
     if ((any_q4k && (M == 1 || (QE_AVX2 && M <= REG_ROWS))) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
       xs = torch::empty({M, K / 32}, xc.options());
       for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
@@ -1277,8 +1282,17 @@ torch::Tensor q5_0_as_fields(const torch::Tensor& weight, int64_t K) {
   return out;
 }
 
-// Whether this build's Q8_0 products are enough faster than its Q5_0 ones to re-encode Q5_0 weights at load.
-bool prefers_q8_0_to_q5_0() { return QE_AVX2; }
+// Whether loads should re-encode Q5_0 weights (as Q5_0_FIELDS, else Q8_0): where this build's Q5_0 products
+// are the slower ones. AVX2 builds (Zen 3: Q5_0 through a table, 1.2x slower than Q5_0_FIELDS) and AVX-512
+// builds on AMD CPUs (Zen 4: 512-bit operations in two halves; the 16-lane Q5_0 decode, one permute per 16
+// values, ran gate+up 1.12x slower than the 8-lane fields). AVX-512 on Intel keeps Q5_0 (not measured there).
+bool prefers_q8_0_to_q5_0() {
+#if QE_AVX512
+  return __builtin_cpu_is("amd");
+#else
+  return QE_AVX2;
+#endif
+}
 
 bool has_avx512() { return QE_AVX512; }
 

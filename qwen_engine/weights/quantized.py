@@ -100,8 +100,8 @@ def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -
 
 def recode_q5_0(module: torch.nn.Module, in_features: int) -> BlockType | None:
     """The block type a Q5_0 weight of this module is re-encoded to at load, if any: where the kernels run
-    Q5_0 slowly (AVX2 without AVX-512, kernels/quant_matmul.cpp), for linear layers (an embedding reads a row a
-    token). Rows of a multiple of 128 values become Q5_0_FIELDS (the values in 5-bit lane fields, 104 bytes per
+    Q5_0 slowly (AVX2 builds, and AVX-512 ones on AMD's Zen 4: prefers_q8_0_to_q5_0 in
+    kernels/quant_matmul.cpp), for linear layers (an embedding reads a row a token). Rows of a multiple of 128 values become Q5_0_FIELDS (the values in 5-bit lane fields, 104 bytes per
     128 values against Q5_0's 88: a decode as cheap as Q8_0's, ~24 % fewer bytes than Q8_0), others Q8_0 (136
     bytes). The values are the same float32s either way; the weight lives in memory of its own instead of the
     file's map. QWEN_ENGINE_RECODE_Q5_0=0 keeps the file's blocks, =q8_0 takes Q8_0 for every row length."""
