@@ -796,6 +796,9 @@ void gemm_xt(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xt, in
   alignas(64) float wbuf[NR * KC];
   for (int64_t n = n0; n < n1; n += NR) {
     const int nr = static_cast<int>(std::min<int64_t>(NR, n1 - n));
+    // The next group's rows into L2 while this one is multiplied (as the AVX2 gemm_xt below).
+    for (int64_t at = (n + NR) * row_bytes, end = std::min(n1, n + 2 * NR) * row_bytes; at < end; at += 64)
+      prefetch(W + at);
     __m512 acc[MB][NR];
     for (int i = 0; i < MB; ++i)
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
