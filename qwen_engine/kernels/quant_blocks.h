@@ -66,10 +66,12 @@ inline __m512 scaled(__m512i q, __m512 d) { return _mm512_mul_ps(_mm512_cvtepi32
 inline __m512 iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 #endif
 
-#if QE_AVX2
+#if QE_AVX512 || QE_AVX2
 inline __m256i bytes8(const uint8_t* p) {  // 8 bytes → 8 int32 lanes
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
+#endif
+#if QE_AVX2
 inline __m256 scaled8(__m256i q, __m256 d) { return _mm256_mul_ps(_mm256_cvtepi32_ps(q), d); }
 #endif
 

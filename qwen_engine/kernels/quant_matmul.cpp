@@ -11,10 +11,8 @@
 //     of x. Q8_0 and Q5_0 decode to unscaled integers (Q5_0 with one two-table permute per 16 values, in a
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
 //     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
-//     ahead. K-quants with 4-8 rows are dequantised 4 weight rows at a time into a buffer and multiplied in
-//     4x4 tiles (their in-register decode costs more than it saves there). On AVX2: K-quants with 2-8 rows
-//     decode each 8 values once for all rows. Q5F (AVX2 and AVX-512 builds, 1-8 rows): 8-lane fields, x read
-//     scaled per field (fields_x).
+//     ahead. K-quants with 2-8 rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
+//     Q5F (1-8 rows): 8-lane fields, x read scaled per field (fields_x).
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
@@ -387,128 +385,6 @@ void gemv1_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
-// y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
-template <int M, int A>
-inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) + add;
-  }
-}
-
-// 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
-// the dequantisation gives, Q4_K's minimums apart) and serve every row with one FMA. The generic path (vec8,
-// below) decodes through per-sub-block tables and took a decode step of two sequences from 1x to 1.6x the time
-// of one. A: independent sums per row of x, enough to hide the FMA latency.
-template <int M>
-constexpr int kq_sums() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
-
-// Q4_K: w = d·sc·q − dmin·m; the minimums' part is taken off per block with the sums of 32 values of each row
-// of x (xs, K/32 a row).
-template <int M>
-void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
-               float* y, int64_t ldy, const float* bias, int64_t n) {
-  constexpr int A = kq_sums<M>();
-  const uint8_t* row = W + n * row_bytes;
-  const __m256i fifteen = _mm256_set1_epi32(15);
-  __m256 acc[M][A];
-  for (int m = 0; m < M; ++m)
-    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * Q4_K::BYTES;
-    prefetch_block<Q4_K>(blk);
-    __m256 ds, dm;
-    q4k_scales(blk, ds, dm);
-    for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(xs + m * (K / 32) + 8 * b), acc[m][0]);
-    alignas(32) float dsa[8];
-    _mm256_store_ps(dsa, ds);
-    const uint8_t* qs = blk + 16;
-    const float* xb = x + 256 * b;
-    for (int g = 0; g < 4; ++g) {
-      const __m256 slo = _mm256_broadcast_ss(dsa + 2 * g), shi = _mm256_broadcast_ss(dsa + 2 * g + 1);
-      for (int part = 0; part < 4; ++part) {
-        const __m256i q = bytes8(qs + 32 * g + 8 * part);
-        const __m256 wl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, fifteen)), slo);
-        const __m256 wh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), shi);
-        const float* xp = xb + 64 * g + 8 * part;
-        constexpr int lo = 0, hi = A > 1 ? 1 : 0;
-        const int pair = A == 4 ? 2 * (part & 1) : 0;
-        for (int m = 0; m < M; ++m) {
-          acc[m][pair + lo] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp + m * ldx), acc[m][pair + lo]);
-          acc[m][pair + hi] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xp + m * ldx + 32), acc[m][pair + hi]);
-        }
-      }
-    }
-  }
-  store_sums<M, A>(acc, y, ldy, bias, n);
-}
-
-// Q6_K: w = d·sc·(q − 32), q from 4 low bits (ql) and 2 high bits (qh); each 8 bytes of ql and qh widened once
-// serve four 8-value groups, as in gemv1_q6k.
-template <int M>
-void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
-               int64_t ldy, const float* bias, int64_t n) {
-  constexpr int A = kq_sums<M>();
-  const uint8_t* row = W + n * row_bytes;
-  const __m256i low4 = _mm256_set1_epi32(0x0F), high2 = _mm256_set1_epi32(0x30), offset = _mm256_set1_epi32(32);
-  __m256 acc[M][A];
-  for (int m = 0; m < M; ++m)
-    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * Q6_K::BYTES;
-    prefetch_block<Q6_K>(blk);
-    const uint8_t *ql = blk, *qh = blk + 128;
-    const __m256 d = _mm256_set1_ps(f16(blk + 208));
-    alignas(32) float sa[16];  // d·sc of each 16 values: exact in float32 (11-bit d times an int8)
-    _mm256_store_ps(sa, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192)))), d));
-    _mm256_store_ps(sa + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 200)))), d));
-    const float* xb = x + 256 * b;
-    for (int h = 0; h < 2; ++h)
-      for (int c = 0; c < 4; ++c) {
-        const __m256i L0 = bytes8(ql + 64 * h + 8 * c), L1 = bytes8(ql + 64 * h + 32 + 8 * c);
-        const __m256i H = bytes8(qh + 32 * h + 8 * c);
-        for (int t = 0; t < 4; ++t) {  // values 128 h + 32 t + 8 c .. + 7
-          const __m256i Lb = (t & 1) ? L1 : L0;
-          const __m256i low = t < 2 ? _mm256_and_si256(Lb, low4) : _mm256_srli_epi32(Lb, 4);
-          const __m256i hs = t == 0 ? _mm256_slli_epi32(H, 4) : t == 1 ? _mm256_slli_epi32(H, 2) : t == 2 ? H : _mm256_srli_epi32(H, 2);
-          const __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_and_si256(hs, high2)), offset);
-          const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(sa + 8 * h + 2 * t + (c >> 1)));
-          const float* xp = xb + 128 * h + 32 * t + 8 * c;
-          for (int m = 0; m < M; ++m) acc[m][t % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + m * ldx), acc[m][t % A]);
-        }
-      }
-  }
-  store_sums<M, A>(acc, y, ldy, bias, n);
-}
-
-// Weight rows [n0, n1) of a K-quant against M (2-8) rows of x.
-template <class B, int M>
-void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
-                   float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    if constexpr (std::is_same<B, Q4_K>::value)
-      gemvm_q4k<M>(W, row_bytes, K, x, ldx, xs, y, ldy, bias, n);
-    else
-      gemvm_q6k<M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
-  }
-}
-
-template <class B>
-void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, const float* xs, float* y,
-              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  switch (M) {
-    case 2: return gemvm_kq_rows<B, 2>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 3: return gemvm_kq_rows<B, 3>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 4: return gemvm_kq_rows<B, 4>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 5: return gemvm_kq_rows<B, 5>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 6: return gemvm_kq_rows<B, 6>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-  }
-}
-
 // M rows of x against weight row n: the row's values are decoded once per block and serve all M rows.
 template <class B, int M>
 void gemv_one_row(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
@@ -579,8 +455,9 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
 }
 #endif
 
-// Q5_0_FIELDS on 8-lane vectors, in AVX2 and AVX-512 builds (on Zen 4, whose 512-bit operations are two
-// 256-bit halves, these ran gate+up 1.12x faster than the 16-lane Q5_0 decode: docs/benchmarks.md).
+// 8-lane kernels for AVX2 and AVX-512 builds alike: Q5_0_FIELDS at 1-8 rows of x, K-quants at 2-8 (AVX-512
+// builds take them from 3). On Zen 4, whose 512-bit operations are two 256-bit halves, they ran faster than
+// the 16-lane decodes (docs/benchmarks.md, eighteenth pass).
 #if QE_AVX512 || QE_AVX2
 // Q5F (quant_blocks.h): M rows of x with each value scaled by 2^-shift of its field, exactly, so a field can be
 // multiplied where it sits in its lane: (q 2^s)(x 2^-s) is the product q x, rounded the same. The rows are
@@ -710,54 +587,132 @@ void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, i
       default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
     }
 }
-#endif
 
-#if QE_AVX512
-// y[0..MR, 0..NR] of one tile: MR rows of x against NR dequantised weight rows, all K-long, with MR x NR vector
-// accumulators (each x and w vector loaded once per 16 values serves NR or MR FMAs).
-template <int MR, int NR>
-void dot_tile(const float* x, int64_t K, const float* w, float* y, int64_t ldy, const float* bias) {
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    __m512 xv[MR], wv[NR];
-    for (int i = 0; i < MR; ++i) xv[i] = _mm512_loadu_ps(x + i * K + k);
-    for (int j = 0; j < NR; ++j) wv[j] = _mm512_loadu_ps(w + j * K + k);
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv[i], wv[j], acc[i][j]);
+// y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
+template <int M, int A>
+inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) + add;
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, const float*);
-constexpr TileFn TILES[4][4] = {
-    {dot_tile<1, 1>, dot_tile<1, 2>, dot_tile<1, 3>, dot_tile<1, 4>},
-    {dot_tile<2, 1>, dot_tile<2, 2>, dot_tile<2, 3>, dot_tile<2, 4>},
-    {dot_tile<3, 1>, dot_tile<3, 2>, dot_tile<3, 3>, dot_tile<3, 4>},
-    {dot_tile<4, 1>, dot_tile<4, 2>, dot_tile<4, 3>, dot_tile<4, 4>},
-};
+// 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
+// the dequantisation gives, Q4_K's minimums apart) and serve every row with one FMA. The generic path (vec8,
+// below) decodes through per-sub-block tables and took a decode step of two sequences from 1x to 1.6x the time
+// of one. A: independent sums per row of x, enough to hide the FMA latency.
+template <int M>
+constexpr int kq_sums() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
 
-// 4-8 rows of x with K-quant weights: each group of 4 weight rows is dequantised once into a small buffer
-// that stays in cache, then multiplied with x 4 rows at a time.
-template <class B>
-void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
-                const float* bias, int64_t n0, int64_t n1) {
-  constexpr bool plain = std::is_same<B, F32>::value;  // float32 rows are multiplied where they lie
-  std::vector<float> buf(plain ? 0 : 4 * K);
-  for (int64_t n = n0; n < n1; n += 4) {
-    const int nr = static_cast<int>(std::min<int64_t>(4, n1 - n));
-    const float* w = plain ? reinterpret_cast<const float*>(W + n * row_bytes) : buf.data();
-    if (!plain)
-      for (int r = 0; r < nr; ++r) dequant_row<B>(W + (n + r) * row_bytes, K, buf.data() + r * K);
-    for (int64_t m = 0; m < M; m += 4) {
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m));
-      TILES[mr - 1][nr - 1](x + m * K, K, w, y + m * ldy + n, ldy, bias ? bias + n : nullptr);
+// Q4_K: w = d·sc·q − dmin·m; the minimums' part is taken off per block with the sums of 32 values of each row
+// of x (xs, K/32 a row).
+template <int M>
+void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
+               float* y, int64_t ldy, const float* bias, int64_t n) {
+  constexpr int A = kq_sums<M>();
+  const uint8_t* row = W + n * row_bytes;
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q4_K::BYTES;
+    prefetch_block<Q4_K>(blk);
+    __m256 ds, dm;
+    q4k_scales(blk, ds, dm);
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(xs + m * (K / 32) + 8 * b), acc[m][0]);
+    alignas(32) float dsa[8];
+    _mm256_store_ps(dsa, ds);
+    const uint8_t* qs = blk + 16;
+    const float* xb = x + 256 * b;
+    for (int g = 0; g < 4; ++g) {
+      const __m256 slo = _mm256_broadcast_ss(dsa + 2 * g), shi = _mm256_broadcast_ss(dsa + 2 * g + 1);
+      for (int part = 0; part < 4; ++part) {
+        const __m256i q = bytes8(qs + 32 * g + 8 * part);
+        const __m256 wl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, fifteen)), slo);
+        const __m256 wh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), shi);
+        const float* xp = xb + 64 * g + 8 * part;
+        constexpr int lo = 0, hi = A > 1 ? 1 : 0;
+        const int pair = A == 4 ? 2 * (part & 1) : 0;
+        for (int m = 0; m < M; ++m) {
+          acc[m][pair + lo] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp + m * ldx), acc[m][pair + lo]);
+          acc[m][pair + hi] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xp + m * ldx + 32), acc[m][pair + hi]);
+        }
+      }
     }
   }
+  store_sums<M, A>(acc, y, ldy, bias, n);
 }
-#else
+
+// Q6_K: w = d·sc·(q − 32), q from 4 low bits (ql) and 2 high bits (qh); each 8 bytes of ql and qh widened once
+// serve four 8-value groups, as in gemv1_q6k.
+template <int M>
+void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y,
+               int64_t ldy, const float* bias, int64_t n) {
+  constexpr int A = kq_sums<M>();
+  const uint8_t* row = W + n * row_bytes;
+  const __m256i low4 = _mm256_set1_epi32(0x0F), high2 = _mm256_set1_epi32(0x30), offset = _mm256_set1_epi32(32);
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 256; ++b) {
+    const uint8_t* blk = row + b * Q6_K::BYTES;
+    prefetch_block<Q6_K>(blk);
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const __m256 d = _mm256_set1_ps(f16(blk + 208));
+    alignas(32) float sa[16];  // d·sc of each 16 values: exact in float32 (11-bit d times an int8)
+    _mm256_store_ps(sa, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192)))), d));
+    _mm256_store_ps(sa + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 200)))), d));
+    const float* xb = x + 256 * b;
+    for (int h = 0; h < 2; ++h)
+      for (int c = 0; c < 4; ++c) {
+        const __m256i L0 = bytes8(ql + 64 * h + 8 * c), L1 = bytes8(ql + 64 * h + 32 + 8 * c);
+        const __m256i H = bytes8(qh + 32 * h + 8 * c);
+        for (int t = 0; t < 4; ++t) {  // values 128 h + 32 t + 8 c .. + 7
+          const __m256i Lb = (t & 1) ? L1 : L0;
+          const __m256i low = t < 2 ? _mm256_and_si256(Lb, low4) : _mm256_srli_epi32(Lb, 4);
+          const __m256i hs = t == 0 ? _mm256_slli_epi32(H, 4) : t == 1 ? _mm256_slli_epi32(H, 2) : t == 2 ? H : _mm256_srli_epi32(H, 2);
+          const __m256i q = _mm256_sub_epi32(_mm256_or_si256(low, _mm256_and_si256(hs, high2)), offset);
+          const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(sa + 8 * h + 2 * t + (c >> 1)));
+          const float* xp = xb + 128 * h + 32 * t + 8 * c;
+          for (int m = 0; m < M; ++m) acc[m][t % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + m * ldx), acc[m][t % A]);
+        }
+      }
+  }
+  store_sums<M, A>(acc, y, ldy, bias, n);
+}
+
+// Weight rows [n0, n1) of a K-quant against M (2-8) rows of x.
+template <class B, int M>
+void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
+                   float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    if constexpr (std::is_same<B, Q4_K>::value)
+      gemvm_q4k<M>(W, row_bytes, K, x, ldx, xs, y, ldy, bias, n);
+    else
+      gemvm_q6k<M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
+  }
+}
+
+template <class B>
+void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, const float* xs, float* y,
+              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 2: return gemvm_kq_rows<B, 2>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 3: return gemvm_kq_rows<B, 3>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 4: return gemvm_kq_rows<B, 4>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 5: return gemvm_kq_rows<B, 5>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 6: return gemvm_kq_rows<B, 6>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+  }
+}
+#endif
+
+#if !QE_AVX512 && !QE_AVX2
+// 4-8 rows of x in portable builds: one row at a time.
 template <class B>
 void gemm_small(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
                 const float* bias, int64_t n0, int64_t n1) {
@@ -937,8 +892,11 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
       return;
     }
-  // K-quants decode slowly in registers (per-sub-block tables): from 4 rows on, dequantise into a buffer.
-  if (in.M >= 4 && in.M <= REG_ROWS && B::QK == 256) return gemm_small<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
+  // K-quants at 3-8 rows: the 8-lane kernels that decode each 8 values once for all rows. On Zen 4 they ran
+  // 1.2-1.9x faster than the path before at 4-8 rows (4 weight rows dequantised into a buffer, 4x4 tiles) and
+  // 1.1-1.2x the 16-lane decode at 3 (benchmarks/kernels.py, two alternating runs; at 2 rows neither won).
+  if constexpr (std::is_same<B, Q4_K>::value || std::is_same<B, Q6_K>::value)
+    if (in.M >= 3 && in.M <= REG_ROWS) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
   if (in.M > REG_ROWS) {
     const float* xt = permuted<B>() ? in.xtq : in.xt;
     switch (in.Mp / 16) {
@@ -1137,7 +1095,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
       fields_x(xp, M, K, xf.data_ptr<float>());
       in.xf = xf.data_ptr<float>();
     }
-    if ((any_q4k && (M == 1 || (QE_AVX2 && M <= REG_ROWS))) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
+    if ((any_q4k && M <= REG_ROWS) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
       xs = torch::empty({M, K / 32}, xc.options());
       for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
       in.xs = xs.data_ptr<float>();
