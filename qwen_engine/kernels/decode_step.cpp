@@ -38,6 +38,7 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group);
+bool int8_has_amx();
 
 namespace {
 
@@ -91,17 +92,15 @@ struct Linear {
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
   // The w8a8 mode (int8_matmul.cpp): int8 rows (+ 128) and their scales, x quantised in groups of `group`;
-  // packed_rows > 0: the weight has that many rows, packed in this build's layout (AMX tiles, or AVX2 units of
-  // 8 rows: models/w8a8.py).
+  // packed_rows > 0: the weight has that many rows, packed in the layout models/w8a8.py chose for this CPU (AMX
+  // tiles where they run, else units of 8 rows).
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, packed_rows = 0;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
-#if QE_INT8 == 256
-    if (group > 0 && packed_rows > 0) return int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group);
-#elif QE_INT8
-    if (group > 0 && packed_rows > 0) return int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group);
-#endif
 #if QE_INT8
+    if (group > 0 && packed_rows > 0)
+      return int8_has_amx() ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group)
+                            : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group);
     if (group > 0) return int8_linear(x, int8_weight, int8_scales, bias, group);
 #endif
     TORCH_CHECK(group == 0, "this build has no int8 kernels");

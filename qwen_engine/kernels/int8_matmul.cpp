@@ -119,6 +119,50 @@ constexpr TileFn TILES[MR][NR] = {
     {tile<3, 1>, tile<3, 2>, tile<3, 3>},
     {tile<4, 1>, tile<4, 2>, tile<4, 3>},
 };
+
+// The tile above sums each accumulator across its 16 lanes and converts and scales 12 of them per group: at
+// K = 896 that cost as much as its vpdpbusd (Zen 4, w8a8 at 16 streams: ~100 G multiply-adds/s). On the
+// units layout of the AVX2 kernel (below: 4 values of 8 rows a 32-byte load, one output a lane) a group is
+// vpdpbusd on 8-lane vectors (AVX-512 VL): the weights made unsigned as they are loaded (w ^ 0x80 = w + 128)
+// against 4 bytes of x broadcast, the extra 128 * sum(q) taken off by the lanes' start (16 x starts[]).
+// acc[MR][8 * NR] += the products of MR rows of q with NR units starting at wu, group by group; `ahead` and
+// `fetch` as units_tile (AVX2).
+template <int MR, int NR>
+void units_tile(const int8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
+                int64_t G, float* acc, bool ahead, const char* fetch, int64_t fetch_lines) {
+  const int64_t groups = K / G;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t l = g * fetch_lines / groups; l < (g + 1) * fetch_lines / groups; ++l)
+      _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
+    __m256i dot[MR][NR];
+    for (int i = 0; i < MR; ++i) {
+      const __m256i start = _mm256_set1_epi32(16 * starts[i * groups + g]);
+      for (int j = 0; j < NR; ++j) dot[i][j] = start;
+    }
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+      __m256i wv[NR];
+      for (int j = 0; j < NR; ++j) {
+        const int8_t* w = wu + j * 8 * K + k * 8;
+        if (ahead && k % 8 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
+        wv[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), flip);
+      }
+      for (int i = 0; i < MR; ++i) {
+        int32_t xs;
+        std::memcpy(&xs, q + i * K + k, 4);
+        const __m256i xb = _mm256_set1_epi32(xs);
+        for (int j = 0; j < NR; ++j) dot[i][j] = _mm256_dpbusd_epi32(dot[i][j], wv[j], xb);
+      }
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256 s = _mm256_set1_ps(sx[i * groups + g]);
+      for (int j = 0; j < NR; ++j) {
+        float* out = acc + i * 8 * NR + 8 * j;
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, _mm256_loadu_ps(out)));
+      }
+    }
+  }
+}
 #else
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -239,8 +283,8 @@ constexpr TileFn TILES[MR][NR] = {
 // `ahead`: prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units)
 // are prefetched a few at each group.
 template <int MR, int NR>
-void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const float* sx, int64_t K, int64_t G,
-                float* acc, bool ahead, const char* fetch, int64_t fetch_lines) {
+void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const int32_t*, const float* sx, int64_t K,
+                int64_t G, float* acc, bool ahead, const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < groups; ++g) {
@@ -275,6 +319,7 @@ void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const float
     }
   }
 }
+#endif
 
 // From this many tiles of rows of x, each tile prefetches a slice of the next units, a few lines a group (below);
 // with one tile (decode of 1-2 rows) its loop prefetches ahead in the stream. profile_decode.py --quantization
@@ -282,14 +327,14 @@ void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const float
 // 16 and 32 streams within the host's noise. (Whole slices at the start of each tile were slower: 56 / 50 ms.)
 constexpr int64_t SPREAD_TILES = 2;
 
-using UnitsFn = void (*)(const int8_t*, const int8_t*, const uint8_t*, const float*, int64_t, int64_t, float*, bool,
-                        const char*, int64_t);
-constexpr int UMR = 2, UNR = 3;  // 6 accumulators, 3 weight vectors, x and |x| broadcast: 12 registers
+// units_tile(wu, q, |q| (AVX2), starts (VNNI), sx, K, G, acc, ahead, fetch, fetch_lines)
+using UnitsFn = void (*)(const int8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
+                        float*, bool, const char*, int64_t);
+constexpr int UMR = 2, UNR = 3;  // AVX2: 6 accumulators, 3 weight vectors, x and |x| broadcast: 12 registers
 constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
     {units_tile<1, 1>, units_tile<1, 2>, units_tile<1, 3>},
     {units_tile<2, 1>, units_tile<2, 2>, units_tile<2, 3>},
 };
-#endif
 
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
@@ -387,23 +432,25 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   return y;
 }
 
-// int8_linear with the weight in the AVX2 layout (units_tile above): `packed` holds (N + 7) / 8 units of 8 rows.
+// int8_linear with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of 8 rows.
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group) {
-#if QE_INT8 == 256
+#if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t K = x.size(1), units = (N + 7) / 8;
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
               "packed weight must be contiguous uint8 with ", units * 8 * K, " bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N);
   const auto parts = int8_quantize(x, group);
-  const auto magnitudes = parts[0].abs();  // |q| <= 127: the unsigned operand of vpmaddubsw
+  // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
+  const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   const int8_t* w = reinterpret_cast<const int8_t*>(packed.data_ptr<uint8_t>());
   const int8_t* q = parts[0].data_ptr<int8_t>();
   const uint8_t* a = reinterpret_cast<const uint8_t*>(magnitudes.data_ptr<int8_t>());
+  const int32_t* starts = parts[2].data_ptr<int32_t>();
   const float* sx = parts[1].data_ptr<float>();
   const float* sw = weight_scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -423,8 +470,8 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
           std::fill(acc, acc + mr * 8 * nr, 0.0f);
-          UNIT_TILES[mr - 1][nr - 1](w + u * 8 * K, q + m * K, a + m * K, sx + m * groups, K, group, acc,
-                                     t == 0 && !spread, next + l0 * 64, l1 - l0);
+          UNIT_TILES[mr - 1][nr - 1](w + u * 8 * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
+                                     group, acc, t == 0 && !spread, next + l0 * 64, l1 - l0);
           for (int i = 0; i < mr; ++i)
             for (int c = 0; c < 8 * nr && u * 8 + c < N; ++c) {
               const int64_t n = u * 8 + c;
@@ -437,7 +484,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   return y;
 #else
   (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group;
-  TORCH_CHECK(false, "this build has no AVX2 int8 kernels");
+  TORCH_CHECK(false, "this build has no int8 kernels");
 #endif
 }
 
@@ -572,9 +619,9 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 void register_int8(pybind11::module& m) {
   m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
   m.def("int8_linear_amx", &int8_linear_amx, "int8_linear with the weight packed for AMX tiles");
-  m.def("int8_has_units", []() { return QE_INT8 == 256; },
-        "whether int8 weights are kept in units of 8 rows here (AVX2; models/w8a8.py: pack_units)");
-  m.def("int8_linear_units", &int8_linear_units, "int8_linear with the weight in units of 8 rows (AVX2)");
+  m.def("int8_has_units", []() { return QE_INT8 != 0; },
+        "whether int8 weights are kept in units of 8 rows here (AVX2, AVX-512 VNNI; models/w8a8.py: pack_units)");
+  m.def("int8_linear_units", &int8_linear_units, "int8_linear with the weight in units of 8 rows");
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
   m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");
   m.def("int8_linear", &int8_linear, "x @ W^T (+ bias) with W int8 per row and x quantised to int8 per group");

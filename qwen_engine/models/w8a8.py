@@ -45,7 +45,7 @@ def group_size(in_features: int) -> int:
 
 def weight_layout() -> str:
     """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units" (pack_units) in AVX2
-    builds, else "rows"."""
+    and AVX-512 VNNI builds, else "rows"."""
     native = kernels.native()
     if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
         return "amx"
