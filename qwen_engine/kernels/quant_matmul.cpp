@@ -71,6 +71,17 @@ template <class B>
 inline void prefetch_block(const uint8_t* blk) {
   for (int off = 0; off < B::BYTES; off += 64) prefetch(blk + PREFETCH + off);
 }
+
+// y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
+template <int M, int A>
+inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
+  const float add = bias ? bias[n] : 0.0f;
+  for (int m = 0; m < M; ++m) {
+    __m256 s = acc[m][0];
+    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
+    y[m * ldy + n] = hsum8(s) + add;
+  }
+}
 #endif
 
 #if QE_AVX512
@@ -586,17 +597,6 @@ void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, i
       case 7: gemvm_q5f_row<7>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
       default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
     }
-}
-
-// y[m, n] = the sum of row m's A vector sums (+ bias[n]), for the M rows of x of a GEMV.
-template <int M, int A>
-inline void store_sums(const __m256 (&acc)[M][A], float* y, int64_t ldy, const float* bias, int64_t n) {
-  const float add = bias ? bias[n] : 0.0f;
-  for (int m = 0; m < M; ++m) {
-    __m256 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm256_add_ps(s, acc[m][a]);
-    y[m * ldy + n] = hsum8(s) + add;
-  }
 }
 
 // 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
