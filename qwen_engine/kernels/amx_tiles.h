@@ -1,14 +1,14 @@
 // The tile loop of the AMX prefill product (amx_linear.cpp), apart from torch, so that
 // benchmarks/amx_tiles.cpp times this very code.
 #pragma once
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "amx_linear.h"
 
 #if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <immintrin.h>
+
 namespace qe_amx {
 
 constexpr int64_t PANEL = 32;  // weight rows per panel (two A tiles)
