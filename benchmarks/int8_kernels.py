@@ -1,4 +1,4 @@
-"""The w8a8 mode's int8 products (AVX2 or VNNI on rows; AMX tiles or AVX2 units of 8 rows, the layout the mode
+"""The w8a8 mode's int8 products (AVX2 or VNNI on rows; AMX tiles or units of 8 rows, the layout the mode
 keeps on such CPUs) against the default float32 products on GGUF blocks.
 
     python benchmarks/int8_kernels.py [--layer 3] [--rows 1,8,32,523]
@@ -40,8 +40,8 @@ def main() -> None:
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear"):
         raise SystemExit("no int8 kernels in this build; nothing to compare")
-    layout = w8a8.weight_layout()  # "amx", "units" (AVX2) or "rows"
-    packed_linear = {"amx": "int8_linear_amx", "units": "int8_linear_units"}.get(layout)
+    layout = w8a8.weight_layout()  # "amx", "units8" (AVX-512 VNNI), "units" (AVX2) or "rows"
+    packed_linear = {"amx": "int8_linear_amx", "units": "int8_linear_units", "units8": "int8_linear_units"}.get(layout)
     llm = LLM(progress=False)
     layer = llm.model.model.layers[args.layer]
     products = {"qkv": layer.self_attn.qkv_proj, "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj,

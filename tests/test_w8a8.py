@@ -1,8 +1,8 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums; AVX2 or VNNI on rows, AVX2 on units of 8 rows, and AMX
-tiles where the CPU has them);
+the outputs equal up to the order of float sums; AVX2 or VNNI on rows, AVX2 or VNNI on units of 8
+rows, and AMX tiles where the CPU has them);
 the mode as a whole is checked against the float model on the demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
 nats and ~98 %; benchmarks/compare.py --quality prints them), plus the native decode step against the PyTorch
 layers on the converted model.
@@ -77,7 +77,8 @@ def test_kernel_equals_reference(M, K, N):
     ref = w8a8.reference_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
     y = native.int8_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
     assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
-    for layout, packed_linear in (("amx", "int8_linear_amx"), ("units", "int8_linear_units")):
+    for layout, packed_linear in (("amx", "int8_linear_amx"), ("units", "int8_linear_units"),
+                                  ("units8", "int8_linear_units")):
         if w8a8.weight_layout() != layout:
             continue
         pack, unpack = w8a8.PACK[layout]
@@ -102,6 +103,20 @@ def test_units_layout():
         assert int(units[u, t, r, c]) == int(rows[8 * u + r, 4 * t + c]) - 128
     assert torch.equal(units[1, :, 5:], torch.zeros(32, 3, 4, dtype=torch.int8))  # padding rows 13-15
     assert torch.equal(w8a8.unpack_units(packed, 13, 128), rows)
+
+
+def test_units8_layout():
+    """pack_units8 (the AVX-512 VNNI kernel's layout), checked in PyTorch on every host: unit u, 8-value step t,
+    row r, byte c holds weight row 8u + r, column 8t + c, as int8 + 128; rows are padded to 8 with zero weights."""
+    gen = torch.Generator().manual_seed(9)
+    rows = torch.randint(1, 256, (13, 128), generator=gen, dtype=torch.uint8)
+    packed = w8a8.pack_units8(rows)
+    assert packed.numel() == 16 * 128
+    units = packed.view(2, 16, 8, 8)
+    for u, t, r, c in [(0, 0, 0, 0), (0, 5, 3, 6), (1, 15, 4, 7), (1, 7, 0, 1)]:
+        assert int(units[u, t, r, c]) == int(rows[8 * u + r, 8 * t + c])
+    assert torch.equal(units[1, :, 5:], torch.full((16, 3, 8), 128, dtype=torch.uint8))  # padding rows 13-15
+    assert torch.equal(w8a8.unpack_units8(packed, 13, 128), rows)
 
 
 def test_weight_quantisation_equals_reference():

@@ -39,6 +39,18 @@ using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const int32
 // w8a8 decode step: 4 KiB 24.1-24.7 ms, 16 KiB 16.0-17.0 ms (none before: 28.5 ms).
 constexpr int64_t PREFETCH = QE_INT8 == 512 ? 16384 : 4096;
 
+// y[0..cols) = sw * acc + bias for one unit's 8 outputs (cols < 8 in the last unit of a weight, which is padded).
+inline void store_unit(__m256 acc, float* y, const float* sw, const float* bias, int cols) {
+  if (cols >= 8) {
+    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(sw), acc);
+    _mm256_storeu_ps(y, bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v);
+  } else if (cols > 0) {
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(sw, mask), acc);
+    _mm256_maskstore_ps(y, mask, bias ? _mm256_add_ps(v, _mm256_maskload_ps(bias, mask)) : v);
+  }
+}
+
 #if QE_INT8 == 512
 // G values of x → G int8 (x / scale rounded half to even, as torch.round in the reference, models/w8a8.py) and
 // their sum; returns the scale, max |x| / 127.
@@ -121,47 +133,60 @@ constexpr TileFn TILES[MR][NR] = {
 };
 
 // The tile above sums each accumulator across its 16 lanes and converts and scales 12 of them per group: at
-// K = 896 that cost as much as its vpdpbusd (Zen 4, w8a8 at 16 streams: ~100 G multiply-adds/s). On the
-// units layout of the AVX2 kernel (below: 4 values of 8 rows a 32-byte load, one output a lane) a group is
-// vpdpbusd on 8-lane vectors (AVX-512 VL): the weights made unsigned as they are loaded (w ^ 0x80 = w + 128)
-// against 4 bytes of x broadcast, the extra 128 * sum(q) taken off by the lanes' start (16 x starts[]).
-// acc[MR][8 * NR] += the products of MR rows of q with NR units starting at wu, group by group; `ahead` and
-// `fetch` as units_tile (AVX2).
+// K = 896 that cost as much as its vpdpbusd. The units layout on AVX-512 VNNI (models/w8a8.py: pack_units8) has
+// one output a lane pair instead: units of 8 rows, each [K / 8][row][k % 8] as unsigned bytes u = w + 128, so a
+// 64-byte load is 8 values of 8 rows, multiplied against 8 bytes of a row of x broadcast (vpbroadcastq); lanes
+// 2r and 2r + 1 both belong to row r (values 0-3 and 4-7 of the step) and are added once, at the end. The
+// AVX2 layout on 8-lane VNNI took two instructions for what one 16-lane instruction does here, and on Zen 4 (a
+// 512-bit operation in two 256-bit halves, so the multiply rate is the same) the front end held it at ~72 % of
+// that rate: 155 against 204-212 G multiply-adds/s on one core, in a loop on cached data, 4 rows of x.
+// The weights' +128 adds 128 * sum(q) to each group's sum; each of a row's two lanes starts at -64 * sum(q).
+// y[i, 0..cols) = sw * (products of row i of q with the NR units at wu) + bias, for MR rows of q; `ahead`:
+// prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are
+// prefetched a few at each group.
 template <int MR, int NR>
-void units_tile(const int8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
-                int64_t G, float* acc, bool ahead, const char* fetch, int64_t fetch_lines) {
+void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
+                int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
+                const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t l = g * fetch_lines / groups; l < (g + 1) * fetch_lines / groups; ++l)
       _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
-    __m256i dot[MR][NR];
+    __m512i dot[MR][NR];
     for (int i = 0; i < MR; ++i) {
-      const __m256i start = _mm256_set1_epi32(16 * starts[i * groups + g]);
+      const __m512i start = _mm512_set1_epi32(8 * starts[i * groups + g]);
       for (int j = 0; j < NR; ++j) dot[i][j] = start;
     }
-    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
-      __m256i wv[NR];
+    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+      __m512i wv[NR];
       for (int j = 0; j < NR; ++j) {
-        const int8_t* w = wu + j * 8 * K + k * 8;
-        if (ahead && k % 8 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
-        wv[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), flip);
+        const uint8_t* w = wu + j * 8 * K + k * 8;
+        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
+        wv[j] = _mm512_loadu_si512(w);
       }
       for (int i = 0; i < MR; ++i) {
-        int32_t xs;
-        std::memcpy(&xs, q + i * K + k, 4);
-        const __m256i xb = _mm256_set1_epi32(xs);
-        for (int j = 0; j < NR; ++j) dot[i][j] = _mm256_dpbusd_epi32(dot[i][j], wv[j], xb);
+        int64_t xs;
+        std::memcpy(&xs, q + i * K + k, 8);
+        const __m512i xb = _mm512_set1_epi64(xs);
+        for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xb);
       }
     }
     for (int i = 0; i < MR; ++i) {
-      const __m256 s = _mm256_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) {
-        float* out = acc + i * 8 * NR + 8 * j;
-        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, _mm256_loadu_ps(out)));
-      }
+      const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
     }
   }
+  const __m512i pairs = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) {
+      const __m512 p = _mm512_permutexvar_ps(pairs, acc[i][j]);
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
+      store_unit(_mm256_add_ps(_mm512_castps512_ps256(p), hi), y + i * ldy + 8 * j, sw + 8 * j,
+                 bias ? bias + 8 * j : nullptr, cols - 8 * j);
+    }
 }
 #else
 inline float hmax8(__m256 v) {
@@ -279,14 +304,18 @@ constexpr TileFn TILES[MR][NR] = {
 // a group of 128, then 8 conversions, FMAs and sums across lanes); this one ran 1.4x faster in a loop on cached
 // data (70 against 51 G multiply-adds/s on one Zen 3 core).
 //
-// acc[MR][8 * NR] += the products of MR rows of q (and a = |q|) with NR units starting at wu, group by group.
+// y[i, 0..cols) = sw * (products of row i of q (and a = |q|) with the NR units at wu) + bias, for MR rows of q.
 // `ahead`: prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units)
 // are prefetched a few at each group.
 template <int MR, int NR>
-void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const int32_t*, const float* sx, int64_t K,
-                int64_t G, float* acc, bool ahead, const char* fetch, int64_t fetch_lines) {
+void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t*, const float* sx, int64_t K,
+                int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
+                const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     for (int64_t l = g * fetch_lines / groups; l < (g + 1) * fetch_lines / groups; ++l)
       _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
@@ -296,7 +325,7 @@ void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const int32
     for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
       __m256i wv[NR];
       for (int j = 0; j < NR; ++j) {
-        const int8_t* w = wu + j * 8 * K + k * 8;
+        const uint8_t* w = wu + j * 8 * K + k * 8;
         if (ahead && k % 8 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
         wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       }
@@ -312,12 +341,12 @@ void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const int32
     }
     for (int i = 0; i < MR; ++i) {
       const __m256 s = _mm256_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) {
-        float* out = acc + i * 8 * NR + 8 * j;
-        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, _mm256_loadu_ps(out)));
-      }
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
     }
   }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      store_unit(acc[i][j], y + i * ldy + 8 * j, sw + 8 * j, bias ? bias + 8 * j : nullptr, cols - 8 * j);
 }
 #endif
 
@@ -327,21 +356,33 @@ void units_tile(const int8_t* wu, const int8_t* q, const uint8_t* a, const int32
 // 16 and 32 streams within the host's noise. (Whole slices at the start of each tile were slower: 56 / 50 ms.)
 constexpr int64_t SPREAD_TILES = 2;
 
-// units_tile(wu, q, |q| (AVX2), starts (VNNI), sx, K, G, acc, ahead, fetch, fetch_lines)
-using UnitsFn = void (*)(const int8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
-                        float*, bool, const char*, int64_t);
-constexpr int UMR = 2, UNR = 3;  // AVX2: 6 accumulators, 3 weight vectors, x and |x| broadcast: 12 registers
+// units_tile(wu, q, |q| (AVX2), starts (VNNI), sx, K, G, y, ldy, sw, bias, cols, ahead, fetch, fetch_lines)
+using UnitsFn = void (*)(const uint8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
+                        float*, int64_t, const float*, const float*, int, bool, const char*, int64_t);
+#if QE_INT8 == 512
+// 12 integer and 12 float accumulators, 3 weight vectors and x: 28 of the 32 registers
+constexpr int UMR = 4, UNR = 3;
+constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
+    {units_tile<1, 1>, units_tile<1, 2>, units_tile<1, 3>},
+    {units_tile<2, 1>, units_tile<2, 2>, units_tile<2, 3>},
+    {units_tile<3, 1>, units_tile<3, 2>, units_tile<3, 3>},
+    {units_tile<4, 1>, units_tile<4, 2>, units_tile<4, 3>},
+};
+#else
+// 6 integer accumulators, 3 weight vectors, x and |x| broadcast: 12 of the 16 registers (the float sums spill)
+constexpr int UMR = 2, UNR = 3;
 constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
     {units_tile<1, 1>, units_tile<1, 2>, units_tile<1, 3>},
     {units_tile<2, 1>, units_tile<2, 2>, units_tile<2, 3>},
 };
+#endif
 
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
 
 // x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
-// which the VNNI kernel's 16 lanes start from to take off the weights' +128 (the AVX2 kernel has none to take
-// off and does not read them).
+// which each of the 16 lanes of the VNNI row tile starts from to take off the weights' +128 (the VNNI units tile
+// starts each of a row's two lanes at 8x that; the AVX2 kernels have none to take off and do not read them).
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
@@ -447,7 +488,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  const int8_t* w = reinterpret_cast<const int8_t*>(packed.data_ptr<uint8_t>());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
   const int8_t* q = parts[0].data_ptr<int8_t>();
   const uint8_t* a = reinterpret_cast<const uint8_t*>(magnitudes.data_ptr<int8_t>());
   const int32_t* starts = parts[2].data_ptr<int32_t>();
@@ -458,7 +499,6 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
     const int64_t m1 = std::min(M, m0 + ROW_CHUNK);
     // A thread streams a long stretch of units, each pass over UNR of them serving every row of x.
     at::parallel_for(0, (units + UNR - 1) / UNR, 8, [&](int64_t b0, int64_t b1) {
-      alignas(32) float acc[UMR * 8 * UNR];
       const int64_t end = std::min(units, b1 * UNR), tiles = (m1 - m0 + UMR - 1) / UMR;
       for (int64_t u = b0 * UNR; u < end; u += UNR) {
         const int nr = static_cast<int>(std::min<int64_t>(UNR, units - u));
@@ -469,14 +509,10 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
           const int mr = static_cast<int>(std::min<int64_t>(UMR, m1 - m));
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
-          std::fill(acc, acc + mr * 8 * nr, 0.0f);
           UNIT_TILES[mr - 1][nr - 1](w + u * 8 * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
-                                     group, acc, t == 0 && !spread, next + l0 * 64, l1 - l0);
-          for (int i = 0; i < mr; ++i)
-            for (int c = 0; c < 8 * nr && u * 8 + c < N; ++c) {
-              const int64_t n = u * 8 + c;
-              yp[(m + i) * N + n] = sw[n] * acc[i * 8 * nr + c] + (bias_ptr ? bias_ptr[n] : 0.0f);
-            }
+                                     group, yp + m * N + u * 8, N, sw + u * 8, bias_ptr ? bias_ptr + u * 8 : nullptr,
+                                     static_cast<int>(std::min<int64_t>(8 * nr, N - u * 8)), t == 0 && !spread,
+                                     next + l0 * 64, l1 - l0);
         }
       }
     });
@@ -619,8 +655,8 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 void register_int8(pybind11::module& m) {
   m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
   m.def("int8_linear_amx", &int8_linear_amx, "int8_linear with the weight packed for AMX tiles");
-  m.def("int8_has_units", []() { return QE_INT8 != 0; },
-        "whether int8 weights are kept in units of 8 rows here (AVX2, AVX-512 VNNI; models/w8a8.py: pack_units)");
+  m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units8" : QE_INT8 ? "units" : ""); },
+        "the layout of int8 weights in units of 8 rows here: units (AVX2) or units8 (AVX-512 VNNI), models/w8a8.py");
   m.def("int8_linear_units", &int8_linear_units, "int8_linear with the weight in units of 8 rows");
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
   m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");

@@ -9,8 +9,8 @@ once, and prefill:
   (symmetric, max |w| / 127);
 - each row of activations is quantised on the fly to int8 in groups of GROUP values along the input, one scale
   per group (per-token scales lose several times more: activations have outlier channels);
-- the group dot products are exact integers (AVX2 vpmaddubsw on weights packed in units of 8 rows, AVX-512
-  VNNI, or AMX tiles; kernels/int8_matmul.cpp), scaled in float32.
+- the group dot products are exact integers (AVX2 vpmaddubsw or AVX-512 VNNI on weights packed in units of 8
+  rows, or AMX tiles; kernels/int8_matmul.cpp), scaled in float32.
 
 `benchmarks/compare.py --quantization w8a8` prints its mean KL divergence from the float32 model and its greedy
 agreement; `tests/test_w8a8.py` bounds both on the demo model. Embeddings, norms and attention stay float32.
@@ -44,17 +44,17 @@ def group_size(in_features: int) -> int:
 
 
 def weight_layout() -> str:
-    """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units" (pack_units) in AVX2
-    and AVX-512 VNNI builds, else "rows"."""
+    """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units8" (pack_units8) in
+    AVX-512 VNNI builds, "units" (pack_units) in AVX2 builds, else "rows"."""
     native = kernels.native()
     if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
         return "amx"
-    if native is not None and hasattr(native, "int8_has_units") and native.int8_has_units():
-        return "units"
+    if native is not None and hasattr(native, "int8_units_layout"):
+        return native.int8_units_layout() or "rows"
     return "rows"
 
 
-PACKED_ROWS = {"amx": 32, "units": 8}  # rows per unit of a packed layout (the weight is padded to whole units)
+PACKED_ROWS = {"amx": 32, "units": 8, "units8": 8}  # rows per unit of a packed layout (padded to whole units)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +103,21 @@ def unpack_units(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return units.reshape(-1, K)[:N].contiguous()
 
 
-PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units)}
+def pack_units8(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (int8 + 128) → the AVX-512 VNNI kernel's layout: units of 8 rows, each [k / 8][row][k % 8], the
+    bytes as they are (vpdpbusd takes them unsigned), N padded to 8 with zero weights (128)."""
+    N, K = rows.shape
+    padded = torch.full(((N + 7) // 8 * 8, K), 128, dtype=torch.uint8)
+    padded[:N] = rows
+    return padded.view(-1, 8, K // 8, 8).permute(0, 2, 1, 3).contiguous().view(-1)
+
+
+def unpack_units8(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of pack_units8."""
+    return packed.view(-1, K // 8, 8, 8).permute(0, 2, 1, 3).reshape(-1, K)[:N].contiguous()
+
+
+PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units), "units8": (pack_units8, unpack_units8)}
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -136,7 +150,7 @@ class W8A8Linear(nn.Module):
         self.group = group_size(self.in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         native = kernels.native()
-        # In a packed layout (AMX tiles, AVX2 units) the weight is kept only packed (weight_rows() gives the rows
+        # In a packed layout (AMX tiles, units of 8 rows) the weight is kept only packed (weight_rows() gives the rows
         # back); each block of rows is quantised and packed in turn, so no second copy of the whole weight is
         # ever made.
         self.layout = weight_layout()
