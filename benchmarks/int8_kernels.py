@@ -1,4 +1,4 @@
-"""The w8a8 mode's int8 products (AVX2 or VNNI on rows; AMX tiles or units of 8 rows, the layout the mode
+"""The w8a8 mode's int8 products (AMX tiles, or units of 8 rows on AVX2 and AVX-512 VNNI: the layout the mode
 keeps on such CPUs) against the default float32 products on GGUF blocks.
 
     python benchmarks/int8_kernels.py [--layer 3] [--rows 1,8,32,523]
@@ -38,35 +38,28 @@ def main() -> None:
     p.add_argument("--rows", default="1,8,32,523")
     args = p.parse_args()
     native = kernels.native()
-    if native is None or not hasattr(native, "int8_linear"):
+    if native is None or not hasattr(native, "int8_linear_units"):
         raise SystemExit("no int8 kernels in this build; nothing to compare")
-    layout = w8a8.weight_layout()  # "amx", "units8" (AVX-512 VNNI), "units" (AVX2) or "rows"
-    packed_linear = {"amx": "int8_linear_amx", "units": "int8_linear_units", "units8": "int8_linear_units"}.get(layout)
+    layout = w8a8.weight_layout()  # "amx", "units8" (AVX-512 VNNI) or "units" (AVX2)
+    packed_linear = getattr(native, "int8_linear_amx" if layout == "amx" else "int8_linear_units")
     llm = LLM(progress=False)
     layer = llm.model.model.layers[args.layer]
     products = {"qkv": layer.self_attn.qkv_proj, "gate_up": layer.mlp.gate_up_proj, "down": layer.mlp.down_proj,
                 "lm_head": llm.model.lm_head}
-    print(f"{torch.get_num_threads()} threads; ms per call | product | M | float32 on GGUF blocks | int8 rows | "
+    print(f"{torch.get_num_threads()} threads; ms per call | product | M | float32 on GGUF blocks | "
           f"int8 {layout} | {layout} × float32")
     for name, q in products.items():
         int8 = w8a8.W8A8Linear(q.dequantized(), q.bias)
-        rows = int8.weight_rows()
         repeats = 3 if name == "lm_head" else 7
         for m in (int(r) for r in args.rows.split(",")):
             if name == "lm_head" and m > 64:
                 continue
             x = torch.randn(m, q.in_features)
             base = best_of(partial(native.linear, x, q.blocks, q._type_ids, q.bias, 64), repeats)
-            vnni = best_of(partial(native.int8_linear, x, rows, int8.weight_scales, int8.bias, int8.group), repeats)
-            tiles = "–"
-            ratio = f"{base / vnni:.2f}× (rows)"
-            if packed_linear is not None:
-                t = best_of(partial(getattr(native, packed_linear), x, int8.packed, int8.out_features,
-                                    int8.weight_scales, int8.bias, int8.group), repeats)
-                tiles, ratio = f"{t * 1e3:.3f}", f"{base / t:.2f}×"
-            print(f"| {name} {q.out_features}×{q.in_features} | {m} | {base * 1e3:.3f} | {vnni * 1e3:.3f} | "
-                  f"{tiles} | {ratio} |")
-
+            t = best_of(partial(packed_linear, x, int8.packed, int8.out_features, int8.weight_scales, int8.bias,
+                                int8.group), repeats)
+            print(f"| {name} {q.out_features}×{q.in_features} | {m} | {base * 1e3:.3f} | {t * 1e3:.3f} | "
+                  f"{base / t:.2f}× |")
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums; AVX2 or VNNI on rows, AVX2 or VNNI on units of 8
-rows, and AMX tiles where the CPU has them);
+the outputs equal up to the order of float sums; AVX2 or VNNI on units of 8 rows, and AMX tiles where
+the CPU has them);
 the mode as a whole is checked against the float model on the demo: a bound on the mean KL divergence of next-token distributions and on greedy agreement (measured: ~0.003
 nats and ~98 %; benchmarks/compare.py --quality prints them), plus the native decode step against the PyTorch
 layers on the converted model.
@@ -54,7 +54,7 @@ def resident_bytes_of_mapping(address: int) -> int | None:
 
 def int8_native():
     native = kernels.native()
-    if native is None or not hasattr(native, "int8_linear"):
+    if native is None or not hasattr(native, "int8_linear_units"):
         pytest.skip("no int8 kernels (AVX2 or AVX-512 VNNI) in this build: w8a8 runs its PyTorch reference")
     return native
 
@@ -75,8 +75,7 @@ def test_kernel_equals_reference(M, K, N):
 
     rows = layer.weight_rows()
     ref = w8a8.reference_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
-    y = native.int8_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
-    assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+    y = None
     for layout, packed_linear in (("amx", "int8_linear_amx"), ("units", "int8_linear_units"),
                                   ("units8", "int8_linear_units")):
         if w8a8.weight_layout() != layout:
@@ -86,6 +85,7 @@ def test_kernel_equals_reference(M, K, N):
         y = getattr(native, packed_linear)(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group)
         assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
         assert torch.equal(layer(x), y)
+    assert y is not None, f"no packed kernel for the layout {w8a8.weight_layout()}"
     # and it is a product: within int8 rounding of the float one
     exact = x @ layer.weight_float().t() + layer.bias
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()
@@ -163,7 +163,7 @@ def test_demo_model_quality(demo_gguf, demo_llm, tmp_path, monkeypatch):
     assert kl.mean() < 0.01 and agreement > 0.95
     assert kl.mean() > 0  # it is lossy: a mode that silently ran the float path would show 0
 
-    if hasattr(kernels.native() or object(), "int8_linear"):
+    if hasattr(kernels.native() or object(), "int8_linear_units"):
         assert_same_steps(lossy, PROMPTS[:2], 1e-3)  # the native step's int8 products = the PyTorch layers'
 
     # A second load maps the layers the first one kept (weights/w8a8_store.py): the same numbers, bit for bit.

@@ -30,8 +30,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_scales,
-                          const c10::optional<torch::Tensor>& bias, int64_t group);
 torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                               const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                               int64_t group);
@@ -91,17 +89,15 @@ struct Linear {
   std::vector<torch::Tensor> blocks;
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
-  // The w8a8 mode (int8_matmul.cpp): int8 rows (+ 128) and their scales, x quantised in groups of `group`;
-  // packed_rows > 0: the weight has that many rows, packed in the layout models/w8a8.py chose for this CPU (AMX
-  // tiles where they run, else units of 8 rows).
+  // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
+  // for this CPU (AMX tiles where they run, else units of 8 rows), their scales, x quantised in groups of `group`.
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, packed_rows = 0;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
 #if QE_INT8
-    if (group > 0 && packed_rows > 0)
+    if (group > 0)
       return int8_has_amx() ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group)
                             : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group);
-    if (group > 0) return int8_linear(x, int8_weight, int8_scales, bias, group);
 #endif
     TORCH_CHECK(group == 0, "this build has no int8 kernels");
     return linear(x, blocks, qtypes, bias, gemv_max_rows);
@@ -148,6 +144,7 @@ class DecodeStep {
     Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
               : which == "down" ? &l.down : nullptr;
     TORCH_CHECK(p != nullptr, "no projection ", which);
+    TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of 8 rows)");
     *p = Linear{{}, {}, bias, weight, scales, group, packed_rows};
   }
 

@@ -6,7 +6,7 @@
 // The group dot products are exact integers; only the scaling is float. The weights are stored as unsigned
 // bytes u = w + 128, the operand order AVX-512 VNNI wants (vpdpbusd: unsigned x signed bytes, four products
 // summed into each 32-bit lane), so each group's sum carries an extra 128 * sum(q), which the accumulator's
-// starting value takes off again: every one of the 16 lanes starts at -8 * sum(q).
+// starting value takes off again (quantize_rows: the lane starts).
 //
 // AVX2 has no vpdpbusd. Its vpmaddubsw (unsigned x signed bytes, pairs summed into int16) would overflow int16
 // on u * q (2 * 255 * 127), so it multiplies |q| by w with q's sign moved onto it (2 * 127 * 127 fits; w is
@@ -29,10 +29,6 @@
 #include <immintrin.h>
 
 namespace {
-
-// y[0..mr, 0..nr] for mr rows of x and nr weight rows (see tile below).
-using TileFn = void (*)(const uint8_t*, const int8_t*, const float*, const int32_t*, int64_t, int64_t, float*,
-                        int64_t, const float*, const float*);
 
 // The weights stream from memory (or a mapped file); the hardware prefetchers stop at each 4 KiB page. How far
 // ahead: AVX2 on Zen 3, the LM head at one row of x: 4 KiB 24 GB/s, 16 KiB 21.5, 64 KiB 19; AVX-512 on Zen 4, a
@@ -94,53 +90,9 @@ float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
   return scale;
 }
 
-// y[0..MR, 0..NR]: MR rows of q against NR weight rows. Per group, MR x NR integer accumulators run over the
-// group's bytes, then are converted and scaled into float accumulators.
-template <int MR, int NR>
-void tile(const uint8_t* w, const int8_t* q, const float* sx, const int32_t* starts, int64_t K, int64_t G,
-          float* y, int64_t ldy, const float* sw, const float* bias) {
-  const int64_t groups = K / G;
-  __m512 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot[MR][NR];
-    for (int i = 0; i < MR; ++i) {
-      const __m512i start = _mm512_set1_epi32(starts[i * groups + g]);
-      for (int j = 0; j < NR; ++j) dot[i][j] = start;
-    }
-    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
-      __m512i wv[NR];
-      for (int j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + PREFETCH), _MM_HINT_T1);  // a line a row a step
-        wv[j] = _mm512_loadu_si512(w + j * K + k);
-      }
-      for (int i = 0; i < MR; ++i) {
-        const __m512i xv = _mm512_loadu_si512(q + i * K + k);
-        for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xv);
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j)
-      y[i * ldy + j] = sw[j] * _mm512_reduce_add_ps(acc[i][j]) + (bias ? bias[j] : 0.0f);
-}
-
-constexpr int MR = 4, NR = 3;  // 2 * 12 accumulators + 3 weight vectors + x: within the 32 registers
-constexpr TileFn TILES[MR][NR] = {
-    {tile<1, 1>, tile<1, 2>, tile<1, 3>},
-    {tile<2, 1>, tile<2, 2>, tile<2, 3>},
-    {tile<3, 1>, tile<3, 2>, tile<3, 3>},
-    {tile<4, 1>, tile<4, 2>, tile<4, 3>},
-};
-
-// The tile above sums each accumulator across its 16 lanes and converts and scales 12 of them per group: at
-// K = 896 that cost as much as its vpdpbusd. The units layout on AVX-512 VNNI (models/w8a8.py: pack_units8) has
-// one output a lane pair instead: units of 8 rows, each [K / 8][row][k % 8] as unsigned bytes u = w + 128, so a
+// The units layout on AVX-512 VNNI (models/w8a8.py: pack_units8): one output a lane pair, no sums across lanes
+// (an earlier tile of 16-lane rows summed each accumulator across its lanes and converted and scaled 12 of them per
+// group, which at K = 896 cost as much as its vpdpbusd). Units of 8 rows, each [K / 8][row][k % 8] as unsigned bytes u = w + 128, so a
 // 64-byte load is 8 values of 8 rows, multiplied against 8 bytes of a row of x broadcast (vpbroadcastq); lanes
 // 2r and 2r + 1 both belong to row r (values 0-3 and 4-7 of the step) and are added once, at the end. The
 // AVX2 layout on 8-lane VNNI took two instructions for what one 16-lane instruction does here, and on Zen 4 (a
@@ -255,59 +207,12 @@ float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
 }
 
 
-// y[0..MR, 0..NR]: MR rows of q against NR weight rows, 32 bytes a step: |q| times w carrying q's sign
-// (vpmaddubsw, pairs into int16), pairs of those into the group's int32 accumulators (vpmaddwd by 1).
-template <int MR, int NR>
-void tile(const uint8_t* w, const int8_t* q, const float* sx, const int32_t*, int64_t K, int64_t G, float* y,
-          int64_t ldy, const float* sw, const float* bias) {
-  const int64_t groups = K / G;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
-  __m256 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256i dot[MR][NR];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NR; ++j) dot[i][j] = _mm256_setzero_si256();
-    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-      __m256i xv[MR], ax[MR];
-      for (int i = 0; i < MR; ++i) {
-        xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * K + k));
-        ax[i] = _mm256_abs_epi8(xv[i]);
-      }
-      if (k % 64 == 0)  // rows are 64-byte multiples: one line of each a step pair, PREFETCH ahead
-        // (measured on the LM head at one row of x: 24 GB/s against 21.5 with 16 KiB, 19 with 64 KiB)
-        for (int j = 0; j < NR; ++j)
-          _mm_prefetch(reinterpret_cast<const char*>(w + j * K + k + PREFETCH), _MM_HINT_T1);
-      for (int j = 0; j < NR; ++j) {
-        const __m256i wv = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K + k)), flip);
-        for (int i = 0; i < MR; ++i) {
-          const __m256i pairs = _mm256_maddubs_epi16(ax[i], _mm256_sign_epi8(wv, xv[i]));
-          dot[i][j] = _mm256_add_epi32(dot[i][j], _mm256_madd_epi16(pairs, ones));
-        }
-      }
-    }
-    for (int i = 0; i < MR; ++i) {
-      const __m256 s = _mm256_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) y[i * ldy + j] = sw[j] * hsum8(acc[i][j]) + (bias ? bias[j] : 0.0f);
-}
-
-constexpr int MR = 2, NR = 4;  // 8 integer accumulators, 2 x 2 vectors of x, a weight vector: 16 registers
-constexpr TileFn TILES[MR][NR] = {
-    {tile<1, 1>, tile<1, 2>, tile<1, 3>, tile<1, 4>},
-    {tile<2, 1>, tile<2, 2>, tile<2, 3>, tile<2, 4>},
-};
-
 // The AVX2 layout of the weights (models/w8a8.py: pack_units): units of 8 rows, each [K / 4][row][k % 4] as
 // signed bytes, so one 32-byte load is 4 values of 8 rows. Against 4 values of a row of x broadcast to every
 // lane, each lane of an accumulator is one output: no sums across lanes, and a group's integers are scaled
-// with one convert and one FMA for 8 outputs. The tile above spends its time on those (4 steps of 32 bytes
-// a group of 128, then 8 conversions, FMAs and sums across lanes); this one ran 1.4x faster in a loop on cached
-// data (70 against 51 G multiply-adds/s on one Zen 3 core).
+// with one convert and one FMA for 8 outputs. An earlier tile of whole weight rows spent its time on those (4
+// steps of 32 bytes a group of 128, then 8 conversions, FMAs and sums across lanes); this one ran 1.4x faster in
+// a loop on cached data (70 against 51 G multiply-adds/s on one Zen 3 core).
 //
 // y[i, 0..cols) = sw * (products of row i of q (and a = |q|) with the NR units at wu) + bias, for MR rows of q.
 // `ahead`: prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units)
@@ -385,8 +290,8 @@ constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
 constexpr int64_t ROW_CHUNK = 256;
 
 // x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
-// which each of the 16 lanes of the VNNI row tile starts from to take off the weights' +128 (the VNNI units tile
-// starts each of a row's two lanes at 8x that; the AVX2 kernels have none to take off and do not read them).
+// from which the kernels take off the weights' +128: the VNNI units tile starts each of a row's two lanes at 8x
+// that, AMX each output at 16x (the AVX2 kernel has none to take off and does not read them).
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
@@ -444,40 +349,8 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) 
   return {q, scales, starts};
 }
 
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& weight_scales,
-                          const c10::optional<torch::Tensor>& bias, int64_t group) {
-  TORCH_CHECK(weight.dtype() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
-              "weight must be contiguous uint8 [N, K] (int8 values + 128)");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x has ", x.size(1), " columns, the weight ", K);
-  const float* bias_ptr = checked_bias(weight_scales, bias, N);
-  const auto parts = int8_quantize(x, group);
-  const int64_t M = x.size(0), groups = K / group;
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
-  const uint8_t* w = weight.data_ptr<uint8_t>();
-  const int8_t* q = parts[0].data_ptr<int8_t>();
-  const float* sx = parts[1].data_ptr<float>();
-  const int32_t* starts = parts[2].data_ptr<int32_t>();
-  const float* sw = weight_scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t m0 = 0; m0 < M; m0 += ROW_CHUNK) {
-    const int64_t m1 = std::min(M, m0 + ROW_CHUNK);
-    // Grain: a thread streams a long stretch of weight rows, each pass over them serving every row of x.
-    at::parallel_for(0, (N + NR - 1) / NR, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t n = b0 * NR; n < std::min(N, b1 * NR); n += NR) {
-        const int nr = static_cast<int>(std::min<int64_t>(NR, N - n));
-        for (int64_t m = m0; m < m1; m += MR) {
-          const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - m));
-          TILES[mr - 1][nr - 1](w + n * K, q + m * K, sx + m * groups, starts + m * groups, K, group,
-                                yp + m * N + n, N, sw + n, bias_ptr ? bias_ptr + n : nullptr);
-        }
-      }
-    });
-  }
-  return y;
-}
-
-// int8_linear with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of 8 rows.
+// y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of
+// 8 rows, int8 + 128 per output row scaled by weight_scales; x is quantised to int8 in groups of `group`.
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group) {
@@ -658,13 +531,12 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 
 void register_int8(pybind11::module& m) {
   m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
-  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear with the weight packed for AMX tiles");
+  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear_units with the weight packed for AMX tiles");
   m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units8" : QE_INT8 ? "units" : ""); },
         "the layout of int8 weights in units of 8 rows here: units (AVX2) or units8 (AVX-512 VNNI), models/w8a8.py");
-  m.def("int8_linear_units", &int8_linear_units, "int8_linear with the weight in units of 8 rows");
+  m.def("int8_linear_units", &int8_linear_units, "x @ W^T (+ bias), W int8 in units of 8 rows, x quantised to int8 per group");
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
   m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");
-  m.def("int8_linear", &int8_linear, "x @ W^T (+ bias) with W int8 per row and x quantised to int8 per group");
 }
 #else
 void register_int8(pybind11::module&) {}

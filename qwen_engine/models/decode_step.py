@@ -60,7 +60,7 @@ def build(model: nn.Module):
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                              cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
-    int8 = hasattr(native, "int8_linear")
+    int8 = hasattr(native, "int8_linear_units")
     for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -73,13 +73,11 @@ def build(model: nn.Module):
         w8 = {name: p[0] for name, p in projections.items() if isinstance(p[0], W8A8Linear)}
         if any(bias is not None for _, _, bias in parts[1:]) or any(w8[n].bias is not None for n in w8 if n != "qkv"):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
-        if w8 and (not int8 or any(p.padded != p.in_features for p in w8.values())):
+        if w8 and (not int8 or any(p.packed is None or p.padded != p.in_features for p in w8.values())):
             return None
         norms = (None, None) if attn.q_norm is None else (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
         step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,
                        *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
         for name, p in w8.items():
-            packed = p.packed is not None
-            step.set_int8(index, name, p.packed if packed else p.weight_u8, p.weight_scales, p.bias, p.group,
-                          p.out_features if packed else 0)
+            step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features)
     return step

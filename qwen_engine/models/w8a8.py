@@ -45,7 +45,8 @@ def group_size(in_features: int) -> int:
 
 def weight_layout() -> str:
     """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units8" (pack_units8) in
-    AVX-512 VNNI builds, "units" (pack_units) in AVX2 builds, else "rows"."""
+    AVX-512 VNNI builds, "units" (pack_units) in AVX2 builds, else "rows" (no int8 kernels: the PyTorch reference
+    of the same arithmetic, reference_linear)."""
     native = kernels.native()
     if native is not None and hasattr(native, "int8_has_amx") and native.int8_has_amx():
         return "amx"
@@ -221,8 +222,6 @@ class W8A8Linear(nn.Module):
         if native is not None and self.packed is not None:
             packed_linear = native.int8_linear_amx if self.layout == "amx" else native.int8_linear_units
             y = packed_linear(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
-        elif native is not None and hasattr(native, "int8_linear"):
-            y = native.int8_linear(x2, self.weight_u8, self.weight_scales, self.bias, self.group)
         else:
             y = reference_linear(x2, self.weight_rows(), self.weight_scales, self.bias, self.group)
         return y.view(*lead, self.out_features)
