@@ -74,12 +74,18 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
     return q.to(torch.int8).view(x.shape), scales
 
 
+def padded_to_units(rows: torch.Tensor, unit: int) -> torch.Tensor:
+    """uint8 rows (int8 + 128) padded with zero weights (128) to a whole number of units of `unit` rows."""
+    padded = torch.full((-(-rows.shape[0] // unit) * unit, rows.shape[1]), 128, dtype=torch.uint8)
+    padded[: rows.shape[0]] = rows
+    return padded
+
+
 def pack_amx(rows: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] → the AMX kernel's layout: per unit of 32 rows and 64-byte stretch of K, two 1 KiB tiles
     [k / 4][row][k % 4] (N padded to 32 with zero weights)."""
-    N, K = rows.shape
-    padded = torch.full(((N + 31) // 32 * 32, K), 128, dtype=torch.uint8)
-    padded[:N] = rows
+    K = rows.shape[1]
+    padded = padded_to_units(rows, 32)
     return padded.view(-1, 2, 16, K // 64, 16, 4).permute(0, 3, 1, 4, 2, 5).contiguous().view(-1)
 
 
@@ -92,9 +98,8 @@ def unpack_amx(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
 def pack_units(rows: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] (int8 + 128) → the AVX2 kernel's layout: units of 8 rows, each [k / 4][row][k % 4], as the
     int8 values themselves (the +128 taken off: the top bit flipped), N padded to 8 with zero weights."""
-    N, K = rows.shape
-    padded = torch.full(((N + 7) // 8 * 8, K), 128, dtype=torch.uint8)
-    padded[:N] = rows
+    K = rows.shape[1]
+    padded = padded_to_units(rows, 8)
     return padded.view(-1, 8, K // 4, 4).permute(0, 2, 1, 3).bitwise_xor(128).contiguous().view(-1)
 
 
@@ -107,9 +112,8 @@ def unpack_units(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
 def pack_units8(rows: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] (int8 + 128) → the AVX-512 VNNI kernel's layout: units of 8 rows, each [k / 8][row][k % 8], the
     bytes as they are (vpdpbusd takes them unsigned), N padded to 8 with zero weights (128)."""
-    N, K = rows.shape
-    padded = torch.full(((N + 7) // 8 * 8, K), 128, dtype=torch.uint8)
-    padded[:N] = rows
+    K = rows.shape[1]
+    padded = padded_to_units(rows, 8)
     return padded.view(-1, 8, K // 8, 8).permute(0, 2, 1, 3).contiguous().view(-1)
 
 
