@@ -93,7 +93,7 @@ def in_features(call) -> int:
 
 
 def recode(kinds: dict[str, list], module, to: str) -> None:
-    """Q5_0 segments re-encoded in place as the engine's load does on AVX2 hosts (weights/quantized.py)."""
+    """Q5_0 segments re-encoded in place as the engine's load does on AVX2 and AMD hosts (weights/quantized.py)."""
     q5_0 = int(gguf.GGMLQuantizationType.Q5_0)
     for calls in kinds.values():
         for segs, qtypes, _ in calls:
@@ -105,6 +105,16 @@ def recode(kinds: dict[str, list], module, to: str) -> None:
                     segs[i], qtypes[i] = module.q5_0_as_fields(seg, K), int(OwnType.Q5_0_FIELDS)
                 else:
                     segs[i], qtypes[i] = module.q5_0_as_q8_0(seg, K), int(gguf.GGMLQuantizationType.Q8_0)
+
+
+def recode_q6_k(kinds: dict[str, list], module) -> None:
+    """Q6_K segments re-laid in place as Q6_K_FIELDS, as the engine's load does on AVX2 and AMD hosts."""
+    q6_k = int(gguf.GGMLQuantizationType.Q6_K)
+    for calls in kinds.values():
+        for segs, qtypes, _ in calls:
+            for i, (seg, qtype) in enumerate(zip(segs, qtypes, strict=True)):
+                if qtype == q6_k:
+                    segs[i], qtypes[i] = module.q6_k_as_fields(seg, seg.shape[1] // 210 * 256), int(OwnType.Q6_K_FIELDS)
 
 
 def run(module, calls, x: torch.Tensor, amx: bool | None = None) -> float:
@@ -126,6 +136,8 @@ def main() -> None:
     p.add_argument("--amx", action="store_true", help="time the AMX prefill products against MKL (same build)")
     p.add_argument("--recode-q5-0", choices=["none", "q8_0", "fields"], default="none",
                    help="re-encode the Q5_0 weights first, as loads do on AVX2 hosts (Q5_0_FIELDS or Q8_0)")
+    p.add_argument("--recode-q6-k", choices=["none", "fields"], default="none",
+                   help="re-lay the Q6_K weights first, as loads do on AVX2 and AMD hosts (Q6_K_FIELDS)")
     args = p.parse_args()
 
     if args.threads:
@@ -145,6 +157,8 @@ def main() -> None:
     kinds, order = weights(model_path(args.model))
     if args.recode_q5_0 != "none":
         recode(kinds, current, args.recode_q5_0)
+    if args.recode_q6_k != "none":
+        recode_q6_k(kinds, current)
     batches = [int(b) for b in args.batches.split(",")]
     print(f"threads {torch.get_num_threads()}, AVX-512 {current.has_avx512()}, min of {args.repeat}")
     if args.amx:

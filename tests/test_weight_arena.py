@@ -39,7 +39,7 @@ def test_refuses_more_than_it_was_sized_for():
 
 
 def test_recoded_weights_of_the_demo_model_share_one_arena(demo_llm, demo_gguf):
-    if not quantized.recode_q5_0(torch.nn.Linear(896, 1), 896):
+    if not quantized.recode(torch.nn.Linear(896, 1), Q.Q5_0, 896):
         pytest.skip("this build keeps Q5_0 weights as the file's blocks (no re-encoding here)")
     layers = demo_llm.model.model.layers
     recoded = [b for layer in layers for b in layer.mlp.gate_up_proj.blocks]  # gate and up are Q5_0 in the file

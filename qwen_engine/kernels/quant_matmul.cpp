@@ -3,8 +3,8 @@
 // dequantize()/dequantize_rows() give exactly the float32 that gguf.quants.dequantize produces (same operations
 // in the same order; the build disables FMA contraction so `d * q - m` is not fused). The products differ from
 // a float32 matmul over the dequantised matrix only in rounding: the order of the sums, and block or sub-block
-// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K at one row of x and Q5_0_FIELDS (Q5F, AVX2)
-// at up to 8 the minimum/offset terms computed from per-call sums of x) rather than to each value.
+// scales applied to partial sums (d * sum(q x), and for Q4_K/Q6_K/Q6F at one row of x and Q5_0_FIELDS (Q5F,
+// AVX2) at up to 8 the minimum/offset terms computed from per-call sums of x) rather than to each value.
 //
 // Paths, by the number of rows of x (M):
 //   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
@@ -12,7 +12,8 @@
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
 //     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
 //     ahead. K-quants with 2-8 rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
-//     Q5F (1-8 rows): 8-lane fields, x read scaled per field (fields_x).
+//     Q5F (1-8 rows) and Q6F (1 row): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8 rows
+//     decodes each 8 values once for all rows, as the K-quants.
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
@@ -475,9 +476,11 @@ void gemv_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
 // interleaved 8 values at a time (values 8c .. 8c + 7 of rows 0 .. M - 1, then of c + 1), so the GEMVs find
 // every x vector of a block at a fixed offset from one pointer (with rows K apart, the compiler kept 16 x M
 // addresses and spilled them: 2-8 rows ran at 0.6-0.8x Q8_0's speed).
+// (Q6F reads x the same way, with its own shifts.)
+template <class B>
 void fields_x(const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t k = 0; k < K; k += 8) {
-    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, -Q5F::shift(static_cast<int>(k % Q5F::QK) / 8)));
+    const __m256 s = _mm256_set1_ps(std::ldexp(1.0f, -B::shift(static_cast<int>(k % B::QK) / 8)));
     for (int64_t m = 0; m < M; ++m)
       _mm256_storeu_ps(out + k * M + 8 * m, _mm256_mul_ps(_mm256_loadu_ps(x + m * K + k), s));
   }
@@ -494,6 +497,14 @@ inline __m256 q5f_field(const uint8_t* blk, int v) {  // the same, the group rea
 
 inline void q5f_load(const uint8_t* blk, __m256i (&g)[3]) {
   for (int i = 0; i < 3; ++i) g[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 * i));
+}
+
+inline void q6f_scales(const uint8_t* blk, float* s) {  // d * sc[j] for the 16 scales, as Q6_K's dequantisation
+  const __m256 d = _mm256_set1_ps(f16(blk + 208));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i sc = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 192 + 8 * h)));
+    _mm256_store_ps(s + 8 * h, _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc)));
+  }
 }
 
 inline __m128 q5f_scales(const uint8_t* blk) {  // the four blocks' d
@@ -596,6 +607,79 @@ void gemv_q5f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, i
       case 6: gemvm_q5f_row<6>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
       case 7: gemvm_q5f_row<7>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
       default: gemvm_q5f_row<8>(W, row_bytes, K, xf, xs, y, ldy, bias, n); break;
+    }
+}
+
+// One row of x (as fields_x<Q6F>) against Q6F weight row n: per 16 values (one Q6_K scale), two 8-value
+// products of q x summed and scaled once; Q6_K's -32 is taken off at the end with the sums of 16 values of x
+// (xs), as gemv1_q6k.
+void gemv1_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, const float* xs, float* y,
+               const float* bias, int64_t n) {
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), offsets = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / Q6F::QK; ++b) {
+    const uint8_t* blk = row + b * Q6F::BYTES;
+    prefetch_block<Q6F>(blk);
+    alignas(32) float s[16];
+    q6f_scales(blk, s);
+    offsets = _mm256_fmadd_ps(_mm256_load_ps(s), _mm256_loadu_ps(xs + 16 * b), offsets);
+    offsets = _mm256_fmadd_ps(_mm256_load_ps(s + 8), _mm256_loadu_ps(xs + 16 * b + 8), offsets);
+    __m256i g[6];
+    Q6F::load(blk, g);
+    const float* xb = xf + Q6F::QK * b;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      const __m256 f0 = _mm256_cvtepi32_ps(Q6F::field(g, 2 * j)), f1 = _mm256_cvtepi32_ps(Q6F::field(g, 2 * j + 1));
+      const __m256 p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xb + 16 * j + 8), _mm256_mul_ps(f0, _mm256_loadu_ps(xb + 16 * j)));
+      if (j & 1)
+        acc1 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(s + j), acc1);
+      else
+        acc0 = _mm256_fmadd_ps(p, _mm256_broadcast_ss(s + j), acc0);
+    }
+  }
+  y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(offsets) + (bias ? bias[n] : 0.0f);
+}
+
+// 2-8 rows of x against Q6F weight row n: each 8 values shifted down to q - 32 and scaled to the dequantised
+// float32 once, one FMA per row of x, as gemvm_q6k. (x as fields_x, rows interleaved as for Q5F, ran 1.05-1.2x
+// slower from 3 rows.)
+template <int M>
+void gemvm_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y, int64_t ldy,
+                     const float* bias, int64_t n) {
+  constexpr int A = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  const uint8_t* row = W + n * row_bytes;
+  __m256 acc[M][A];
+  for (int m = 0; m < M; ++m)
+    for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / Q6F::QK; ++b) {
+    const uint8_t* blk = row + b * Q6F::BYTES;
+    prefetch_block<Q6F>(blk);
+    alignas(32) float s[16];
+    q6f_scales(blk, s);
+    __m256i g[6];
+    Q6F::load(blk, g);
+    const float* xb = x + Q6F::QK * b;
+#pragma GCC unroll 32
+    for (int v = 0; v < 32; ++v) {
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(Q6F::q8(g, v)), _mm256_broadcast_ss(s + v / 2));
+      for (int m = 0; m < M; ++m) acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * K + 8 * v), acc[m][v % A]);
+    }
+  }
+  store_sums<M, A>(acc, y, ldy, bias, n);
+}
+
+// M rows of x (one row: also as fields_x<Q6F>, xf, with its sums of 16, xs) against Q6F weight rows [n0, n1).
+void gemv_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xf, const float* xs,
+              int64_t M, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) switch (M) {
+      case 1: gemv1_q6f(W, row_bytes, K, xf, xs, y, bias, n); break;
+      case 2: gemvm_q6f<2>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      case 3: gemvm_q6f<3>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      case 4: gemvm_q6f<4>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      case 5: gemvm_q6f<5>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      case 6: gemvm_q6f<6>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      case 7: gemvm_q6f<7>(W, row_bytes, K, x, y, ldy, bias, n); break;
+      default: gemvm_q6f<8>(W, row_bytes, K, x, y, ldy, bias, n); break;
     }
 }
 
@@ -870,7 +954,8 @@ struct XForms {
   const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
   const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
-  const float* xf;    // x as fields_x (up to REG_ROWS rows with a Q5F segment)
+  const float* xf;    // x as fields_x<Q5F> (up to REG_ROWS rows with a Q5F segment)
+  const float* xf6;   // x as fields_x<Q6F> (one row of x with a Q6F segment)
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
@@ -882,6 +967,8 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
   const float* x = permuted<B>() ? in.xq : in.x;
   if constexpr (std::is_same<B, Q5F>::value)
     if (in.M <= REG_ROWS) return gemv_q5f(W, row_bytes, K, in.xf, in.M, in.xs, y, ldy, bias, n0, n1);
+  if constexpr (std::is_same<B, Q6F>::value)
+    if (in.M <= REG_ROWS) return gemv_q6f(W, row_bytes, K, in.x, in.xf6, in.xs16, in.M, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
       for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
@@ -910,6 +997,7 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
   const float* x = in.x;
   if (in.xt) return gemm_xt<B>(W, row_bytes, K, in.xt, in.Mp, in.M, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q5F>::value) return gemv_q5f(W, row_bytes, K, in.xf, in.M, in.xs, y, ldy, bias, n0, n1);
+  if constexpr (std::is_same<B, Q6F>::value) return gemv_q6f(W, row_bytes, K, in.x, in.xf6, in.xs16, in.M, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
       for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
@@ -956,6 +1044,7 @@ int block_values(int64_t qtype) {
     case T_Q8_0: case T_Q4_0: case T_Q5_0: return 32;
     case T_Q4_K: case T_Q6_K: return 256;
     case T_Q5_0_FIELDS: return Q5F::QK;
+    case T_Q6_K_FIELDS: return Q6F::QK;
     case T_F32: case T_F16: case T_BF16: return 16;
     default: return 0;
   }
@@ -969,6 +1058,7 @@ int block_bytes(int64_t qtype) {
     case T_Q4_K: return Q4_K::BYTES;
     case T_Q6_K: return Q6_K::BYTES;
     case T_Q5_0_FIELDS: return Q5F::BYTES;
+    case T_Q6_K_FIELDS: return Q6F::BYTES;
     case T_F32: return F32::BYTES;
     case T_F16: return F16::BYTES;
     case T_BF16: return BF16::BYTES;
@@ -985,6 +1075,7 @@ void with_block_type(int64_t qtype, Fn&& fn) {
     case T_Q4_K: fn(Q4_K{}); break;
     case T_Q6_K: fn(Q6_K{}); break;
     case T_Q5_0_FIELDS: fn(Q5F{}); break;
+    case T_Q6_K_FIELDS: fn(Q6F{}); break;
     case T_F32: fn(F32{}); break;
     case T_F16: fn(F16{}); break;
     case T_BF16: fn(BF16{}); break;
@@ -1084,15 +1175,15 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return y;
   }
   if (M <= std::min(gemv_max_rows, GEMV_ROWS_MAX)) {
-    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
-    torch::Tensor xq, xt, xtq, xs, xs16, xf;
+    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
+    torch::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
 #if QE_AVX512 || QE_AVX2
     bool any_q4k = false, any_q5f = false;
     for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
     any_q5f &= M <= REG_ROWS;  // (more rows decode Q5F generically)
     if (any_q5f) {
       xf = torch::empty_like(xc);
-      fields_x(xp, M, K, xf.data_ptr<float>());
+      fields_x<Q5F>(xp, M, K, xf.data_ptr<float>());
       in.xf = xf.data_ptr<float>();
     }
     if ((any_q4k && M <= REG_ROWS) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
@@ -1100,9 +1191,14 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
       for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
       in.xs = xs.data_ptr<float>();
     }
-    bool any_q6k = false;
-    for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K;
-    if (M == 1 && any_q6k) {
+    bool any_q6k = false, any_q6f = false;
+    for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
+    if (M == 1 && any_q6f) {  // (more rows read x as it is)
+      xf6 = torch::empty_like(xc);
+      fields_x<Q6F>(xp, M, K, xf6.data_ptr<float>());
+      in.xf6 = xf6.data_ptr<float>();
+    }
+    if (M == 1 && (any_q6k || any_q6f)) {
       xs16 = torch::empty({K / 16}, xc.options());
       sums16(xp, K, xs16.data_ptr<float>());
       in.xs16 = xs16.data_ptr<float>();
@@ -1243,11 +1339,45 @@ torch::Tensor q5_0_as_fields(const torch::Tensor& weight, int64_t K) {
   return out;
 }
 
-// Whether loads should re-encode Q5_0 weights (as Q5_0_FIELDS, else Q8_0): where this build's Q5_0 products
-// are the slower ones. AVX2 builds (Zen 3: Q5_0 through a table, 1.2x slower than Q5_0_FIELDS) and AVX-512
-// builds on AMD CPUs (Zen 4: 512-bit operations in two halves; the 16-lane Q5_0 decode, one permute per 16
-// values, ran gate+up 1.12x slower than the 8-lane fields). AVX-512 on Intel keeps Q5_0 (not measured there).
-bool prefers_q8_0_to_q5_0() {
+// Q6_K rows re-laid as Q6F rows (quant_blocks.h), block by block: the 6-bit values moved into fields, the
+// scales and d copied, so every dequantised value is the same float32.
+torch::Tensor q6_k_as_fields(const torch::Tensor& weight, int64_t K) {
+  const auto segs = segments_of({weight}, {T_Q6_K}, K);
+  const int64_t blocks = weight.size(0) * (K / Q6F::QK);
+  auto out = torch::empty({weight.size(0), K / Q6F::QK * Q6F::BYTES}, torch::dtype(torch::kUInt8));
+  const uint8_t* src = segs[0].data;
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t *in = src + b * Q6_K::BYTES, *ql = in, *qh = in + 128;
+      uint8_t* o = dst + b * Q6F::BYTES;
+      uint32_t q[256], lanes[48] = {};
+      for (int e = 0; e < 256; ++e) {  // Q6_K's packing (Q6_K::scalar)
+        const int h = e / 128, t = (e % 128) / 32, l = e % 32;
+        const uint32_t lowbyte = ql[64 * h + 32 * (t & 1) + l];
+        q[e] = (t < 2 ? lowbyte & 15u : lowbyte >> 4) | (((qh[32 * h + l] >> (2 * t)) & 3u) << 4);
+      }
+      for (int v = 0; v < 30; ++v)
+        for (int i = 0; i < 8; ++i) lanes[8 * Q6F::group(v) + i] |= q[8 * v + i] << Q6F::shift(v);
+      for (int p = 0; p < 3; ++p)
+        for (int i = 0; i < 8; ++i) {
+          lanes[8 * p + i] |= ((q[240 + i] >> (2 * p)) & 3u) << 30;
+          lanes[8 * (3 + p) + i] |= ((q[248 + i] >> (2 * p)) & 3u) << 30;
+        }
+      std::memcpy(o, lanes, sizeof(lanes));
+      std::memcpy(o + 192, in + 192, 18);  // scales and d
+    }
+  });
+  return out;
+}
+
+// Whether loads should re-lay Q5_0 weights in fields (Q5_0_FIELDS, or Q8_0 for rows not a multiple of 128)
+// and Q6_K weights in fields (Q6_K_FIELDS): where this build's products on the file's layouts are the slower
+// ones. AVX2 builds (Zen 3: Q5_0 through a table, 1.2x slower than Q5_0_FIELDS) and AVX-512 builds on AMD CPUs
+// (Zen 4: 512-bit operations in two halves; the 16-lane Q5_0 decode, one permute per 16 values, ran gate+up
+// 1.12x slower than the 8-lane fields, the one-row Q6_K product 1.45x slower than Q6F's). AVX-512 on Intel keeps
+// the file's layouts (not measured there).
+bool prefers_fields() {
 #if QE_AVX512
   return __builtin_cpu_is("amd");
 #else
@@ -1291,7 +1421,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
   m.def("q5_0_as_q8_0", &q5_0_as_q8_0, "Q5_0 rows re-encoded as Q8_0 rows with the same values");
   m.def("q5_0_as_fields", &q5_0_as_fields, "Q5_0 rows re-laid in 5-bit fields (own type 1006), the same values");
-  m.def("prefers_q8_0_to_q5_0", &prefers_q8_0_to_q5_0, "whether loads should re-encode Q5_0 weights as Q8_0");
+  m.def("q6_k_as_fields", &q6_k_as_fields, "Q6_K rows re-laid in 6-bit fields (own type 1007), the same values");
+  m.def("prefers_fields", &prefers_fields, "whether loads should re-lay Q5_0 and Q6_K weights in fields (own types)");
   m.def("amx_prefill_available", &amx_prefill_available, "whether prefill products can run on AMX tiles here");
   m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");

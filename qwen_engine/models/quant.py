@@ -29,12 +29,15 @@ class OwnType(IntEnum):
     (kernels/quant_blocks.h), numbered past ggml's. Only the native kernels read them."""
 
     Q5_0_FIELDS = 1006  # four Q5_0 blocks' values in 5-bit lane fields: 104 bytes per 128 values
+    Q6_K_FIELDS = 1007  # a Q6_K block's values in 6-bit lane fields, its scales as Q6_K's: 210 bytes per 256
 
 
-OWN_SIZES = {OwnType.Q5_0_FIELDS: (128, 104)}  # values, bytes per block
+OWN_SIZES = {OwnType.Q5_0_FIELDS: (128, 104), OwnType.Q6_K_FIELDS: (256, 210)}  # values, bytes per block
 BlockType = GGMLQuantizationType | OwnType
 # Block types the native kernels read directly; any other type is dequantised to float32 at load.
-KERNEL_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, OwnType.Q5_0_FIELDS})
+KERNEL_TYPES = frozenset(
+    {Q.F16, Q.BF16, Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K, OwnType.Q5_0_FIELDS, OwnType.Q6_K_FIELDS}
+)
 # Up to this many rows of x (a batch of decodes), the kernel reads the weights once and dequantises them in
 # registers (≤ 3 rows) or into a small cache-resident tile (more); above it (prefill), it dequantises into a
 # scratch buffer and lets MKL multiply. The tile path was faster than MKL up to ~128 rows on the AVX-512 host,

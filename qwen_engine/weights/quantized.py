@@ -50,8 +50,7 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
         if len(shape) == 2 and info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, shape[1]):
             if gguf_name in recoded:
                 qtype = recoded[gguf_name][0]
-                relay = native_kernels().q5_0_as_q8_0 if qtype == Q.Q8_0 else native_kernels().q5_0_as_fields
-                data = relay(torch.from_numpy(gguf.read(gguf_name)), shape[1])
+                data = _relay(qtype)(torch.from_numpy(gguf.read(gguf_name)), shape[1])
                 blocks[module_name] = (arena.hold(data), qtype, shape[1])
             else:
                 blocks[module_name] = (torch.from_numpy(gguf.raw(gguf_name)), info.qtype, shape[1])
@@ -80,37 +79,51 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
 
 
 def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -> dict[str, tuple[BlockType, int]]:
-    """GGUF tensor name → (its new block type, its bytes in the arena), for the Q5_0 weights build_quantized
-    re-encodes (recode_q5_0). They go to one WeightArena, sized before any is converted, so that loading never
-    holds two copies of them."""
+    """GGUF tensor name → (its new block type, its bytes in the arena), for the weights build_quantized re-lays
+    (recode). They go to one WeightArena, sized before any is converted, so that loading never holds two copies
+    of them."""
     sizes = {}
     for gguf_name, info in gguf.tensors.items():
         name = hf_name(gguf_name)
-        if name is None or name not in expected or info.qtype != Q.Q5_0 or len(info.shape) != 2:
+        if name is None or name not in expected or info.qtype not in (Q.Q5_0, Q.Q6_K) or len(info.shape) != 2:
             continue
         module_name, _, attr = name.rpartition(".")
         rows, in_features = int(info.shape[1]), int(info.shape[0])
         if attr == "weight" and has_kernel(info.qtype, in_features):
-            qtype = recode_q5_0(model.get_submodule(module_name), in_features)
+            qtype = recode(model.get_submodule(module_name), info.qtype, in_features)
             if qtype is not None:
                 block, size = block_size(qtype)
                 sizes[gguf_name] = (qtype, WeightArena.size_for_bytes(rows * in_features // block * size))
     return sizes
 
 
-def recode_q5_0(module: torch.nn.Module, in_features: int) -> BlockType | None:
-    """The block type a Q5_0 weight of this module is re-encoded to at load, if any: where the kernels run
-    Q5_0 slowly (AVX2 builds, and AVX-512 ones on AMD's Zen 4: prefers_q8_0_to_q5_0 in
-    kernels/quant_matmul.cpp), for linear layers (an embedding reads a row a token). Rows of a multiple of 128 values become Q5_0_FIELDS (the values in 5-bit lane fields, 104 bytes per
+def _relay(qtype: BlockType):
+    """The native function that converts a file's weight to `qtype` (the re-layouts `recode` picks)."""
+    native = native_kernels()
+    return {Q.Q8_0: native.q5_0_as_q8_0, OwnType.Q5_0_FIELDS: native.q5_0_as_fields,
+            OwnType.Q6_K_FIELDS: native.q6_k_as_fields}[qtype]
+
+
+def recode(module: torch.nn.Module, qtype: BlockType, in_features: int) -> BlockType | None:
+    """The block type a Q5_0 or Q6_K weight of this module is re-laid in at load, if any: where the kernels run
+    the file's layout slowly (AVX2 builds, and AVX-512 ones on AMD's Zen 4: prefers_fields in
+    kernels/quant_matmul.cpp), for linear layers (an embedding reads a row a token). The values are the same
+    float32s; the weight lives in memory of its own instead of the file's map.
+
+    Q5_0 rows of a multiple of 128 values become Q5_0_FIELDS (the values in 5-bit lane fields, 104 bytes per
     128 values against Q5_0's 88: a decode as cheap as Q8_0's, ~24 % fewer bytes than Q8_0), others Q8_0 (136
-    bytes). The values are the same float32s either way; the weight lives in memory of its own instead of the
-    file's map. QWEN_ENGINE_RECODE_Q5_0=0 keeps the file's blocks, =q8_0 takes Q8_0 for every row length."""
-    choice = os.environ.get("QWEN_ENGINE_RECODE_Q5_0", "1")
-    if isinstance(module, torch.nn.Embedding) or choice == "0":
+    bytes). QWEN_ENGINE_RECODE_Q5_0=0 keeps the file's Q5_0 blocks, =q8_0 takes Q8_0 for every row length.
+    Q6_K becomes Q6_K_FIELDS (6-bit lane fields, the same 210 bytes a block); QWEN_ENGINE_RECODE_Q6_K=0 keeps
+    the file's Q6_K."""
+    variable = "QWEN_ENGINE_RECODE_Q5_0" if qtype == Q.Q5_0 else "QWEN_ENGINE_RECODE_Q6_K"
+    choice = os.environ.get(variable, "1")
+    if isinstance(module, torch.nn.Embedding) or choice == "0" or qtype not in (Q.Q5_0, Q.Q6_K):
         return None
     native = native_kernels()
-    if native is None or not hasattr(native, "prefers_q8_0_to_q5_0") or not native.prefers_q8_0_to_q5_0():
+    if native is None or not hasattr(native, "prefers_fields") or not native.prefers_fields():
         return None
+    if qtype == Q.Q6_K:
+        return OwnType.Q6_K_FIELDS if hasattr(native, "q6_k_as_fields") else None
     if choice != "q8_0" and in_features % block_size(OwnType.Q5_0_FIELDS)[0] == 0 and hasattr(native, "q5_0_as_fields"):
         return OwnType.Q5_0_FIELDS
     return Q.Q8_0
