@@ -10,9 +10,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from qwen_engine.config import ModelConfig
 from qwen_engine.models.quant import OwnType, QuantLinear
-from qwen_engine.weights import quantized
+from qwen_engine.weights import arena, quantized
 from qwen_engine.weights.arena import ALIGN, HUGE_PAGE, WeightArena
+from qwen_engine.weights.gguf import GGUFFile
 
 
 def test_holds_copies_on_their_own_pages_from_a_huge_page_boundary():
@@ -70,7 +72,7 @@ def huge_pages_of(address: int) -> int:
     raise AssertionError("address not mapped")
 
 
-def test_huge_pages_only_when_asked(monkeypatch):
+def test_huge_pages_when_asked_and_not_when_refused(monkeypatch):
     try:
         mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     except OSError:
@@ -78,7 +80,7 @@ def test_huge_pages_only_when_asked(monkeypatch):
     if "[never]" in mode:
         pytest.skip("transparent huge pages are switched off on this system")
     data = torch.ones(6 << 20, dtype=torch.uint8)
-    monkeypatch.delenv("QWEN_ENGINE_HUGE_PAGES", raising=False)
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "0")
     plain = WeightArena(data.numel()).hold(data)
     monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
     huge = WeightArena(data.numel()).hold(data)
@@ -86,3 +88,46 @@ def test_huge_pages_only_when_asked(monkeypatch):
         assert huge_pages_of(plain.data_ptr()) == 0
     assert huge_pages_of(huge.data_ptr()) >= 2048  # at least one 2 MiB page of the 6 MiB
     assert torch.equal(huge, data) and torch.equal(plain, data)
+
+
+def test_huge_pages_by_default_only_where_free_blocks_back_them(monkeypatch):
+    monkeypatch.delenv("QWEN_ENGINE_HUGE_PAGES", raising=False)
+    monkeypatch.setattr(arena, "free_huge_pages", lambda: 100)
+    assert arena.huge_pages_wanted(40 * HUGE_PAGE)  # 41 pages, with as many to spare
+    assert not arena.huge_pages_wanted(60 * HUGE_PAGE)
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
+    assert arena.huge_pages_wanted(60 * HUGE_PAGE)
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "0")
+    assert not arena.huge_pages_wanted(HUGE_PAGE)
+
+
+def test_free_huge_pages_reads_this_systems_buddy_lists():
+    pages = arena.free_huge_pages()
+    assert pages >= 0
+    if pages and os.path.exists("/proc/buddyinfo"):  # 2 MiB blocks are free memory: never more than there is
+        assert pages * HUGE_PAGE <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_in_huge_pages_the_files_streamed_weights_are_copied_too(demo_gguf, monkeypatch, copy):
+    """With huge pages, the file's own blocks a decode step streams (the tied embedding / LM head, the Q4_K
+    projections) are copied into the arena — byte for byte — unless the caller is about to replace them."""
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
+    gguf = GGUFFile(demo_gguf)
+    config = ModelConfig.from_gguf(gguf.metadata, int(gguf.tensors["token_embd.weight"].shape[1]), has_output=False)
+    model = quantized.build_quantized(config, gguf, demo_gguf, copy_to_huge_pages=copy)
+    head = model.lm_head.blocks[0]
+    assert head.data_ptr() == model.model.embed_tokens.blocks.data_ptr()  # still one tensor for both
+    mapping = gguf.raw("token_embd.weight").base  # the file's whole memory map
+    start = mapping.ctypes.data
+
+    def in_file(t: torch.Tensor) -> bool:
+        return start <= t.data_ptr() < start + mapping.nbytes
+
+    file_head = torch.from_numpy(gguf.raw("token_embd.weight"))
+    assert in_file(head) != copy
+    assert torch.equal(head[:7], file_head[:7]) and torch.equal(head[-3:], file_head[-3:])
+    down = model.model.layers[2].mlp.down_proj  # Q4_K in the file (half the layers' are Q6_K)
+    assert down.qtypes == [Q.Q4_K]
+    assert in_file(down.blocks[0]) != copy
+    assert torch.equal(down.blocks[0], torch.from_numpy(gguf.raw("blk.2.ffn_down.weight")))

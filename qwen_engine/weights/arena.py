@@ -5,9 +5,10 @@ A decode step reads every weight once. Spread over 4 KiB pages, ~65,000 of them 
 re-encoded weights, each costs a TLB miss and stops the CPU's hardware prefetchers at its edge; in 2 MiB pages
 the same bytes stream faster (the 24 Q8_0 gate+up weights on the AVX2 host: 26–27 GB/s in 4 KiB pages, 28–30
 in 2 MiB pages). QWEN_ENGINE_HUGE_PAGES=1 advises the mapping for transparent huge pages (Linux, THP in
-`madvise` or `always` mode). It is off by default: on a virtual machine whose memory was never touched, getting
-the huge pages cost up to ~2 s at load here (the hypervisor backs each one on first touch), against the
-~0.1 s of small pages, so it pays for long-running servers rather than one-off commands.
+`madvise` or `always` mode), =0 never. Unset, the arena takes huge pages when the kernel has enough free 2 MiB
+blocks to back all of it without compacting memory (/proc/buddyinfo): compacting cost ~12 ms a page at load on
+a virtual machine whose memory was fragmented (~2 s for the demo model), while free blocks cost ~0.2 s more
+than small pages, and the decode step runs ~1.1x faster in them (docs/benchmarks.md, twentieth pass).
 """
 
 from __future__ import annotations
@@ -15,23 +16,51 @@ from __future__ import annotations
 import mmap
 import os
 
+import numpy as np
 import torch
 
 HUGE_PAGE = 2 << 20
 ALIGN = 4096  # each weight starts on its own page: a kernel's prefetch past one weight's end stays in the arena
 
 
+def free_huge_pages() -> int:
+    """2 MiB pages the kernel could hand out now without compacting memory (0 where THP is off or unknown)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                return 0
+        with open("/proc/buddyinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    pages = 0
+    for line in lines:  # "Node 0, zone   Normal  n0 n1 ... n10": free blocks of 2^order small pages
+        counts = line.split()[4:]
+        pages += sum(int(n) << (order - 9) for order, n in enumerate(counts) if order >= 9)
+    return pages
+
+
+def huge_pages_wanted(size: int) -> bool:
+    """Whether an arena of `size` bytes should ask for huge pages (QWEN_ENGINE_HUGE_PAGES, else free blocks)."""
+    choice = os.environ.get("QWEN_ENGINE_HUGE_PAGES")
+    if choice in ("0", "1"):
+        return choice == "1"
+    return free_huge_pages() >= 2 * (size // HUGE_PAGE + 1)  # leave as many for everything else
+
+
 class WeightArena:
     """Byte tensors carved one after another from a single mapping of `size` bytes (plus alignment)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, huge_pages: bool | None = None) -> None:
+        """huge_pages: None decides by huge_pages_wanted(size)."""
         self._map = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         advice = getattr(mmap, "MADV_HUGEPAGE", None)
-        if advice is not None and os.environ.get("QWEN_ENGINE_HUGE_PAGES") == "1":
+        self.huge_pages = huge_pages_wanted(size) if huge_pages is None else huge_pages
+        if advice is not None and self.huge_pages:
             try:
                 self._map.madvise(advice)
             except OSError:  # a kernel without THP: plain pages, same layout
-                pass
+                self.huge_pages = False
         self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
         # Start on a huge-page boundary, so the first weight's pages are whole huge pages too.
         self._used = -self._bytes.data_ptr() % HUGE_PAGE
@@ -39,14 +68,19 @@ class WeightArena:
 
     def hold(self, data: torch.Tensor) -> torch.Tensor:
         """A copy of the uint8 tensor `data` (any shape) inside the arena."""
+        view = self.take(tuple(data.shape))
+        view.copy_(data)
+        return view
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The next uint8 tensor of `shape` in the arena, for the caller to fill."""
+        nbytes = int(np.prod(shape))
         start = self._used
-        stop = start + data.numel()
+        stop = start + nbytes
         if stop > self._end:
             raise ValueError(f"weight arena full: {stop - self._end} bytes over its {self._end} bytes")
-        view = self._bytes[start:stop].view(data.shape)
-        view.copy_(data)
-        self._used = start + self.size_for_bytes(data.numel())
-        return view
+        self._used = start + self.size_for_bytes(nbytes)
+        return self._bytes[start:stop].view(shape)
 
     @staticmethod
     def size_for_bytes(nbytes: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType
 
 from ..errors import ModelLoadError
@@ -134,6 +135,20 @@ class GGUFFile:
         t = self.tensors[name]
         rows = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
         return self._read(t).reshape(rows, -1)
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """The tensor's bytes as stored, read straight into the contiguous uint8 tensor `out` (no buffer between)."""
+        t = self.tensors[name]
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() != t.n_bytes:
+            raise ValueError(f"{name}: needs a contiguous uint8 tensor of {t.n_bytes} bytes")
+        view = memoryview(out.numpy()).cast("B")
+        with open(self.path, "rb") as f:
+            done = 0
+            while done < t.n_bytes:
+                n = os.preadv(f.fileno(), [view[done:]], self._data_start + t.offset + done)
+                if n <= 0:
+                    raise ModelLoadError(f"{self.path}: the file ends inside tensor {name}")
+                done += n
 
     def _read(self, t: TensorInfo) -> np.ndarray:
         """The tensor's bytes read into memory of their own (not through the map)."""

@@ -24,20 +24,29 @@ from ..kernels import native as native_kernels
 from ..models.layers import RotaryEmbedding
 from ..models.quant import BlockType, OwnType, QuantEmbedding, QuantLinear, block_size, has_kernel
 from ..models.qwen import QwenForCausalLM
-from .arena import WeightArena
+from .arena import WeightArena, huge_pages_wanted
 from .gguf import GGUFFile, hf_name
 
 Q = GGMLQuantizationType
 
 
-def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForCausalLM:
+def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, copy_to_huge_pages: bool = True) -> QwenForCausalLM:
+    """copy_to_huge_pages: where the arena gets huge pages (weights/arena.py), copy the file's other weights a
+    decode step streams into it too (False where they are about to be replaced, as by w8a8)."""
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     expected = {name for name, _ in model.named_parameters()}
     blocks: dict[str, tuple[torch.Tensor, BlockType, int]] = {}  # module name → (bytes, type, K)
     loaded = set()
     recoded = _recoded_sizes(model, gguf, expected)
-    arena = WeightArena(sum(size for _, size in recoded.values())) if recoded else None
+    size = sum(s for _, s in recoded.values())
+    copied = _streamed_sizes(model, gguf, expected, recoded) if copy_to_huge_pages else {}
+    huge = huge_pages_wanted(size + sum(copied.values()))
+    if huge:
+        size += sum(copied.values())
+    else:  # in small pages a copy streams no faster than the file's own pages
+        copied = {}
+    arena = WeightArena(size, huge_pages=huge) if size else None
     for gguf_name, info in gguf.tensors.items():
         name = hf_name(gguf_name)
         if name is None or name not in expected:
@@ -52,6 +61,10 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path) -> QwenForC
                 qtype = recoded[gguf_name][0]
                 data = _relay(qtype)(torch.from_numpy(gguf.read(gguf_name)), shape[1])
                 blocks[module_name] = (arena.hold(data), qtype, shape[1])
+            elif gguf_name in copied:
+                data = arena.take(tuple(gguf.raw(gguf_name).shape))
+                gguf.read_into(gguf_name, data)
+                blocks[module_name] = (data, info.qtype, shape[1])
             else:
                 blocks[module_name] = (torch.from_numpy(gguf.raw(gguf_name)), info.qtype, shape[1])
         else:
@@ -94,6 +107,23 @@ def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -
             if qtype is not None:
                 block, size = block_size(qtype)
                 sizes[gguf_name] = (qtype, WeightArena.size_for_bytes(rows * in_features // block * size))
+    return sizes
+
+
+def _streamed_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str], recoded: dict) -> dict[str, int]:
+    """GGUF tensor name → its bytes in the arena, for the weights kept in the file's blocks that a decode step
+    reads whole: the linear layers', and the token embedding's when it is the output projection too (tied)."""
+    tied = model.config.tie_word_embeddings or "output.weight" not in gguf.tensors
+    sizes = {}
+    for gguf_name, info in gguf.tensors.items():
+        name = hf_name(gguf_name)
+        if name is None or name not in expected or gguf_name in recoded or len(info.shape) != 2:
+            continue
+        if not name.endswith(".weight") or info.qtype == Q.F32 or not has_kernel(info.qtype, int(info.shape[0])):
+            continue
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.Embedding) and not tied:
+            continue
+        sizes[gguf_name] = WeightArena.size_for_bytes(info.n_bytes)
     return sizes
 
 
