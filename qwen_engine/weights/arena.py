@@ -7,8 +7,9 @@ the same bytes stream faster (the 24 Q8_0 gate+up weights on the AVX2 host: 26â€
 in 2 MiB pages). QWEN_ENGINE_HUGE_PAGES=1 advises the mapping for transparent huge pages (Linux, THP in
 `madvise` or `always` mode), =0 never. Unset, the arena takes huge pages when the kernel has enough free 2 MiB
 blocks to back all of it without compacting memory (/proc/buddyinfo): compacting cost ~12 ms a page at load on
-a virtual machine whose memory was fragmented (~2 s for the demo model), while free blocks cost ~0.2 s more
-than small pages, and the decode step runs ~1.1x faster in them (docs/benchmarks.md, twentieth pass).
+a virtual machine whose memory was fragmented (~2 s for the demo model), while free blocks cost ~0.4 s more
+than small pages (their first touch), and the decode step runs 1.06-1.2x faster in them (docs/benchmarks.md,
+twentieth pass).
 """
 
 from __future__ import annotations
