@@ -108,14 +108,16 @@ def test_free_huge_pages_reads_this_systems_buddy_lists():
         assert pages * HUGE_PAGE <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-@pytest.mark.parametrize("copy", [True, False])
-def test_in_huge_pages_the_files_streamed_weights_are_copied_too(demo_gguf, monkeypatch, copy):
+@pytest.mark.parametrize("replaced", [False, True])
+def test_in_huge_pages_the_files_streamed_weights_are_copied_too(demo_gguf, monkeypatch, replaced):
     """With huge pages, the file's own blocks a decode step streams (the tied embedding / LM head, the Q4_K
-    projections) are copied into the arena — byte for byte — unless the caller is about to replace them."""
+    projections) are copied into the arena — byte for byte — unless the caller is about to replace the layers
+    (w8a8), which then also stay in the file's own block types."""
     monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
     gguf = GGUFFile(demo_gguf)
     config = ModelConfig.from_gguf(gguf.metadata, int(gguf.tensors["token_embd.weight"].shape[1]), has_output=False)
-    model = quantized.build_quantized(config, gguf, demo_gguf, copy_to_huge_pages=copy)
+    model = quantized.build_quantized(config, gguf, demo_gguf, layers_replaced=replaced)
+    copy = not replaced
     head = model.lm_head.blocks[0]
     assert head.data_ptr() == model.model.embed_tokens.blocks.data_ptr()  # still one tensor for both
     mapping = gguf.raw("token_embd.weight").base  # the file's whole memory map
@@ -131,3 +133,5 @@ def test_in_huge_pages_the_files_streamed_weights_are_copied_too(demo_gguf, monk
     assert down.qtypes == [Q.Q4_K]
     assert in_file(down.blocks[0]) != copy
     assert torch.equal(down.blocks[0], torch.from_numpy(gguf.raw("blk.2.ffn_down.weight")))
+    if replaced:
+        assert model.model.layers[0].mlp.gate_up_proj.qtypes == [Q.Q5_0, Q.Q5_0]  # not re-laid either

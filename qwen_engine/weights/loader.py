@@ -108,7 +108,7 @@ def load_model(
             keep_bf16 = keep_blocks and quantization is None and kernels.native() is not None
             loaded = _load_hf_folder(source.path, torch_dtype, torch_device, keep_bf16)
         else:
-            loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks, copy_to_huge_pages=quantization is None)
+            loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks, layers_replaced=quantization is not None)
     except ModelLoadError as e:
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
             raise ModelLoadError(f"{source.name}: {e}") from None
@@ -121,7 +121,7 @@ def load_model(
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks: bool = False,
-               copy_to_huge_pages: bool = True) -> LoadedModel:
+               layers_replaced: bool = False) -> LoadedModel:
     from ..text.template import ChatTemplate
     from ..text.tokenizer import QwenTokenizer
     from .gguf import GGUFFile
@@ -145,7 +145,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
     template = ChatTemplate(gguf.metadata.get("tokenizer.chat_template"), tokenizer.special_tokens_map())
     if keep_blocks and kernels.native() is not None:
-        model = build_quantized(config, gguf, path, copy_to_huge_pages)
+        model = build_quantized(config, gguf, path, layers_replaced)
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
         model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])

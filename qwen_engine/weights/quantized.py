@@ -30,17 +30,17 @@ from .gguf import GGUFFile, hf_name
 Q = GGMLQuantizationType
 
 
-def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, copy_to_huge_pages: bool = True) -> QwenForCausalLM:
-    """copy_to_huge_pages: where the arena gets huge pages (weights/arena.py), copy the file's other weights a
-    decode step streams into it too (False where they are about to be replaced, as by w8a8)."""
+def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_replaced: bool = False) -> QwenForCausalLM:
+    """layers_replaced: the linear layers are about to be replaced (by w8a8), so they stay views of the file's
+    blocks: none is re-laid (recode) or copied into huge pages (_streamed_sizes)."""
     with torch.device("meta"):
         model = QwenForCausalLM(config)
     expected = {name for name, _ in model.named_parameters()}
     blocks: dict[str, tuple[torch.Tensor, BlockType, int]] = {}  # module name → (bytes, type, K)
     loaded = set()
-    recoded = _recoded_sizes(model, gguf, expected)
+    recoded = {} if layers_replaced else _recoded_sizes(model, gguf, expected)
     size = sum(s for _, s in recoded.values())
-    copied = _streamed_sizes(model, gguf, expected, recoded) if copy_to_huge_pages else {}
+    copied = {} if layers_replaced else _streamed_sizes(model, gguf, expected, recoded)
     huge = huge_pages_wanted(size + sum(copied.values()))
     if huge:
         size += sum(copied.values())
