@@ -108,6 +108,21 @@ def test_row_groups_and_tails(native, qtype, rows, batch):
     assert within_rounding(y, x, reference(raw, qtype, cols))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [2816, 4864])
+def test_long_k_quant_rows_in_chunks_of_k(native, qtype, cols):
+    """2-8 rows of x whose K outgrows L1 (the down projection, 4864) take K in chunks (in_chunks in
+    quant_matmul.cpp) over groups of 16 weight rows: a partial last chunk, a partial last group, and the bias."""
+    rows = 37
+    raw = random_blocks(qtype, rows, cols, seed=cols)
+    w = reference(raw, qtype, cols)
+    bias = torch.randn(rows)
+    for batch in range(2, 9):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        y = native.linear(x, [torch.from_numpy(raw)], [int(qtype)], bias, GEMV_MAX_ROWS)
+        assert within_rounding(y - bias, x, w), batch
+
+
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
 def test_every_batch_size(native, qtype):
     cols = 256

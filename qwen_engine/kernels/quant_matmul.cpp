@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -668,7 +669,40 @@ void gemvm_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, f
   store_sums<M, A>(acc, y, ldy, bias, n);
 }
 
+// Weight rows [n0, n1) of a block type of QK values in block_bytes against M rows of x, where row(Wc, k0, kc, out,
+// ldo, bias, n) writes the sums over values [k0, k0 + kc) of row n of the weights Wc points into (out[m ldo + n]).
+// Where the M rows of x outgrow L1 (the down projection's 8 x 4864 floats are 152 KiB), a kernel that runs each
+// weight row over all of K reads every x value again from L2 for each row, a 32-byte load per FMA: more than L2
+// feeds, so 8 rows of the down projection ran at ~2/3 of gate+up's multiply-adds a second. Here groups of 16
+// weight rows take K in chunks of ~16 KiB of x, which stay in L1 for the group; the chunks' sums are added after.
+template <int M, class Row>
+void in_chunks(const uint8_t* W, int64_t row_bytes, int64_t K, int64_t QK, int64_t block_bytes, float* y,
+               int64_t ldy, const float* bias, int64_t n0, int64_t n1, Row&& row) {
+  constexpr int64_t X_BYTES = 16 << 10, G = 16;
+  const int64_t chunk = std::max<int64_t>(1, X_BYTES / (M * QK * 4)) * QK;
+  if (K <= 2 * chunk) {
+    for (int64_t n = n0; n < n1; ++n) row(W, 0, K, y, ldy, bias, n);
+    return;
+  }
+  float part[M * G], sums[M * G];
+  for (int64_t g0 = n0; g0 < n1; g0 += G) {
+    const int64_t rows = std::min(G, n1 - g0);
+    std::fill(sums, sums + M * G, 0.0f);
+    for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+      const int64_t kc = std::min(chunk, K - k0);
+      const uint8_t* Wc = W + g0 * row_bytes + k0 / QK * block_bytes;
+      for (int64_t j = 0; j < rows; ++j) row(Wc, k0, kc, part, G, nullptr, j);
+      for (int m = 0; m < M; ++m)
+        for (int64_t j = 0; j < rows; ++j) sums[m * G + j] += part[m * G + j];
+    }
+    for (int m = 0; m < M; ++m)
+      for (int64_t j = 0; j < rows; ++j) y[m * ldy + g0 + j] = sums[m * G + j] + (bias ? bias[g0 + j] : 0.0f);
+  }
+}
+
 // M rows of x (one row: also as fields_x<Q6F>, xf, with its sums of 16, xs) against Q6F weight rows [n0, n1).
+// (Taken through in_chunks at 2-8 rows it ran no faster, 25 % slower at 2: unlike Q4_K's, these products are not
+// bound by reading x from L2.)
 void gemv_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xf, const float* xs,
               int64_t M, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) switch (M) {
@@ -694,7 +728,7 @@ constexpr int kq_sums() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
 // of x (xs, K/32 a row).
 template <int M>
 void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
-               float* y, int64_t ldy, const float* bias, int64_t n) {
+               int64_t ldxs, float* y, int64_t ldy, const float* bias, int64_t n) {
   constexpr int A = kq_sums<M>();
   const uint8_t* row = W + n * row_bytes;
   const __m256i fifteen = _mm256_set1_epi32(15);
@@ -706,7 +740,7 @@ void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
     prefetch_block<Q4_K>(blk);
     __m256 ds, dm;
     q4k_scales(blk, ds, dm);
-    for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(xs + m * (K / 32) + 8 * b), acc[m][0]);
+    for (int m = 0; m < M; ++m) acc[m][0] = _mm256_fnmadd_ps(dm, _mm256_loadu_ps(xs + m * ldxs + 8 * b), acc[m][0]);
     alignas(32) float dsa[8];
     _mm256_store_ps(dsa, ds);
     const uint8_t* qs = blk + 16;
@@ -772,12 +806,19 @@ void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
 template <class B, int M>
 void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
                    float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
+  const auto row = [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
     if constexpr (std::is_same<B, Q4_K>::value)
-      gemvm_q4k<M>(W, row_bytes, K, x, ldx, xs, y, ldy, bias, n);
+      gemvm_q4k<M>(Wc, row_bytes, kc, x + k0, ldx, xs + k0 / 32, K / 32, out, ldo, b, n);
     else
-      gemvm_q6k<M>(W, row_bytes, K, x, ldx, y, ldy, bias, n);
-  }
+      gemvm_q6k<M>(Wc, row_bytes, kc, x + k0, ldx, out, ldo, b, n);
+  };
+  // In chunks of K: Q4_K from 3 rows (1.15-1.42x at 3-8 rows of the demo model's down projection, Zen 4), Q6_K,
+  // whose heavier decode keeps it bound by its arithmetic longer, from 7 (at 3-6 rows it ran 0.85-0.97x, 1.12x
+  // at 8); benchmarks/kernels.py --baseline.
+  if constexpr (std::is_same<B, Q4_K>::value ? M >= 3 : M >= 7)
+    in_chunks<M>(W, row_bytes, K, B::QK, B::BYTES, y, ldy, bias, n0, n1, row);
+  else
+    for (int64_t n = n0; n < n1; ++n) row(W, 0, K, y, ldy, bias, n);
 }
 
 template <class B>
@@ -1008,13 +1049,10 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
       return;
     }
-  // Q4_K from 6 rows: one sum per row there, whose two FMAs a part wait on each other, and the generic decode
-  // below was 4-8 % faster (benchmarks/kernels.py, two runs: 6-8 rows 0.57-0.77 against 0.60-0.80 ms a layer;
-  // at 5 rows 0.53 against 0.50).
-  if constexpr (std::is_same<B, Q6_K>::value)
+  // K-quants at 2-8 rows. (Q4_K from 6 rows once took the generic decode below, 4-8 % faster than this kernel
+  // over all of K; in chunks of K this one is 1.31-1.42x the generic decode at 6-8 rows, Zen 4, AVX2 build.)
+  if constexpr (std::is_same<B, Q4_K>::value || std::is_same<B, Q6_K>::value)
     return gemvm_kq<B>(W, row_bytes, K, x, in.M, in.xs, y, ldy, bias, n0, n1);
-  if constexpr (std::is_same<B, Q4_K>::value)
-    if (in.M <= 5) return gemvm_kq<B>(W, row_bytes, K, x, in.M, in.xs, y, ldy, bias, n0, n1);
 #else
   const float* x = in.x;
   if (in.M > 3) return gemm_small<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
