@@ -17,9 +17,10 @@ Qwen3-VL: 1024x1024 -> 4096 patches), float32. "peak" is the resident-memory hig
 above what the process held after building the tower (VmHWM reset through /proc/self/clear_refs): activations
 and workspace, not weights. qwen-engine also encodes a 10-second video: 20 frames at 2 fps, 448x448 (10
 temporal patches; --video-runs, default 1). The 1-minute load average is printed: other jobs sharing the cores
-add noise. --systems may add "qwen-engine w8a8" (every linear layer of our tower in int8, models/w8a8.py) and
-"qwen-engine bf16" / "transformers sdpa bf16" (the towers cast to bfloat16; max|Δ| is taken in float32). Not a
-test: nothing is asserted.
+add noise. --systems may add "qwen-engine w8a8" (every linear layer of our tower in int8, models/w8a8.py, and
+its attention with bf16 products, VisionTransformer.attention_in_bf16), "qwen-engine bf16-attention" (only the
+latter: the float32 tower with bf16 attention) and "qwen-engine bf16" / "transformers sdpa bf16" (the towers
+cast to bfloat16; max|Δ| is taken in float32). Not a test: nothing is asserted.
 
 --bf16-weights rounds every weight to bfloat16 first, in all systems: the towers of released checkpoints, which
 are bfloat16, run in float32. qwen-engine then keeps its linear weights in bfloat16 for the native kernels
@@ -86,7 +87,7 @@ TOWERS = {
 SYSTEMS = ("qwen-engine", "transformers sdpa", "transformers eager")
 # Ask for these with --systems: the lossy mode (models/w8a8.py), and towers in bfloat16 (products on AMX where the
 # CPU has it, through oneDNN; the merged tokens are compared in float32).
-OPTIONAL = ("qwen-engine w8a8", "qwen-engine bf16", "transformers sdpa bf16")
+OPTIONAL = ("qwen-engine w8a8", "qwen-engine bf16-attention", "qwen-engine bf16", "transformers sdpa bf16")
 
 
 def _torchvision_shim() -> None:
@@ -169,6 +170,8 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
             from qwen_engine.models import w8a8
 
             w8a8.convert_linears(model)
+        if system in ("qwen-engine w8a8", "qwen-engine bf16-attention"):
+            model.attention_in_bf16()  # lossy: q, k, v and the softmax weights in bf16 (no-op without AVX512-BF16)
         model.to(dtype)
         if args.bf16_weights and dtype == torch.float32 and system == "qwen-engine":
             from qwen_engine.weights import bf16_layers

@@ -91,6 +91,26 @@ def test_kernel_equals_reference(M, K, N):
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+@pytest.mark.parametrize("M,K,N", [(3, 100, 9), (40, 3420, 24), (9, 1000, 17)])
+def test_kernel_pads_x_itself(M, K, N):
+    """A width that is not a multiple of 64 (the Qwen2.5-VL tower's 3420): the kernel quantises the unpadded x as
+    if padded with zeros, and the layer equals the reference on x padded in PyTorch."""
+    native = int8_native()
+    gen = torch.Generator().manual_seed(K)
+    x = torch.randn(M, K, generator=gen)
+    layer = w8a8.W8A8Linear(torch.randn(N, K, generator=gen) * 0.05, torch.randn(N, generator=gen))
+    assert layer.padded > K and layer.packed is not None
+    padded = torch.nn.functional.pad(x, (0, layer.padded - K))
+    ref = w8a8.reference_linear(padded, layer.weight_rows(), layer.weight_scales, layer.bias, layer.group)
+    y = layer(x)
+    assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
+    packed_linear = native.int8_linear_amx if layer.layout == "amx" else native.int8_linear_units
+    assert torch.equal(packed_linear(padded, layer.packed, N, layer.weight_scales, layer.bias, layer.group), y)
+    with pytest.raises(RuntimeError, match="only the padding"):
+        packed_linear(x[:, : K - 70] if K > 70 else x[:, :0], layer.packed, N, layer.weight_scales, layer.bias,
+                      layer.group)
+
+
 def test_units_layout():
     """pack_units (the AVX2 kernel's layout), checked in PyTorch on every host: unit u, 4-value step t, row r,
     byte c holds weight row 8u + r, column 4t + c, as its int8 value; rows are padded to 8 with zero weights."""

@@ -289,16 +289,27 @@ constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
 
-// x [M, K] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
+// x [M, Kx] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
 // from which the kernels take off the weights' +128: the VNNI units tile starts each of a row's two lanes at 8x
-// that, AMX each output at 16x (the AVX2 kernel has none to take off and does not read them).
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales, int32_t* starts) {
+// that, AMX each output at 16x (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
+// (the weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
+constexpr int64_t MAX_GROUP = 512;
+void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales,
+                   int32_t* starts) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
+    alignas(64) float padded[MAX_GROUP];
     for (int64_t i = a; i < b; ++i) {
-      const int64_t offset = (i / groups) * K + (i % groups) * G;
+      const int64_t row = i / groups, column = (i % groups) * G, offset = row * K + column;
+      const float* values = x + row * Kx + column;
+      if (column + G > Kx) {
+        const int64_t real = std::max<int64_t>(0, Kx - column);
+        std::copy(values, values + real, padded);
+        std::fill(padded + real, padded + G, 0.0f);
+        values = padded;
+      }
       int32_t sum;
-      scales[i] = quantize_group(x + offset, G, q + offset, sum);
+      scales[i] = quantize_group(values, G, q + offset, sum);
       starts[i] = -8 * sum;
     }
   });
@@ -336,31 +347,43 @@ const float* checked_bias(const torch::Tensor& weight_scales, const c10::optiona
 }
 }  // namespace
 
-std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) {
+namespace {
+// x [M, Kx ≤ K] quantised as if padded with zeros to K columns: (q [M, K], scales, lane starts).
+std::vector<torch::Tensor> quantize_padded(const torch::Tensor& x, int64_t K, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
-  TORCH_CHECK(group > 0 && group % 64 == 0 && x.size(1) % group == 0, "group must be a multiple of 64 dividing K");
+  TORCH_CHECK(group > 0 && group % 64 == 0 && group <= MAX_GROUP && K % group == 0,
+              "group must be a multiple of 64 dividing K, at most ", MAX_GROUP);
+  TORCH_CHECK(x.size(1) <= K && x.size(1) > K - 64, "x has ", x.size(1), " columns; the weight has ", K,
+              " (x may lack only the padding to a multiple of 64)");
   const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1);
+  const int64_t M = xc.size(0);
   auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
   auto scales = torch::empty({M, K / group}, torch::dtype(torch::kFloat32));
   auto starts = torch::empty({M, K / group}, torch::dtype(torch::kInt32));
-  quantize_rows(xc.data_ptr<float>(), M, K, group, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+  quantize_rows(xc.data_ptr<float>(), xc.size(1), M, K, group, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
                 starts.data_ptr<int32_t>());
   return {q, scales, starts};
 }
+}  // namespace
+
+std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  return quantize_padded(x, x.size(1), group);
+}
 
 // y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of
-// 8 rows, int8 + 128 per output row scaled by weight_scales; x is quantised to int8 in groups of `group`.
+// 8 rows, int8 + 128 per output row scaled by weight_scales; x is quantised to int8 in groups of `group`. x may
+// lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  const int64_t K = x.size(1), units = (N + 7) / 8;
+  const int64_t units = (N + 7) / 8, K = packed.numel() / std::max<int64_t>(1, units * 8);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
-              "packed weight must be contiguous uint8 with ", units * 8 * K, " bytes");
+              "packed weight must be contiguous uint8 of ", units * 8, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N);
-  const auto parts = int8_quantize(x, group);
+  const auto parts = quantize_padded(x, K, group);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
@@ -513,12 +536,11 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
                               int64_t group) {
 #if QE_AMX
   TORCH_CHECK(amx_usable(), "AMX is not available to this process");
-  const int64_t K = x.size(1);
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 &&
-                  packed.numel() == (N + 31) / 32 * 32 * K,
-              "packed weight must be contiguous uint8 with ", (N + 31) / 32 * 32 * K, " bytes");
+  const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
+              "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N);
-  const auto parts = int8_quantize(x, group);
+  const auto parts = quantize_padded(x, K, group);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   amx_linear(packed.data_ptr<uint8_t>(), N, K, group, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(),

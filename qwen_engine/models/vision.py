@@ -29,6 +29,7 @@ from torch import nn
 from .. import kernels
 from ..errors import ModelLoadError
 from ..weights.safetensors import iter_tensors
+from .heap import heap_for_large_tensors
 from .layers import RMSNorm, rotate_in_float32
 from .vision_layout import VisionLayout, build_layout
 
@@ -206,6 +207,7 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
+        self.bf16_products = False  # VisionTransformer.attention_in_bf16 (a bf16 tower's attention is anyway)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
@@ -216,17 +218,29 @@ class VisionAttention(nn.Module):
         # this layer's qkv output) where a native kernel can.
         q = rotate_in_float32(q, cos, sin)
         k = rotate_in_float32(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
+        attended = segment_attention(q, k, v, cu_seqlens, bf16_products=self.bf16_products)
+        return self.proj(attended.reshape(n, -1))
 
 
 def segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, bf16_products: bool = False
 ) -> torch.Tensor:
     """Bidirectional attention within each packed segment [cu_seqlens[i], cu_seqlens[i+1]) of [N, heads, d].
 
-    Segments of equal length (most windows, all frames of a video) are gathered into one batch per length,
-    so there is one SDPA call per distinct length and never an N x N mask.
+    bfloat16 inputs on the CPU (a bf16 tower) go to the native kernel (kernels/segment_attention.cpp): bf16
+    products summed in float32, as PyTorch's bf16 attention computes, at about twice its speed. bf16_products
+    sends float32 inputs there too, rounded to bf16 (lossy; the result is float32).
+
+    Otherwise SDPA: segments of equal length (most windows, all frames of a video) are gathered into one batch
+    per length, so there is one call per distinct length and never an N x N mask.
     """
+    if (q.dtype == torch.bfloat16 or bf16_products) and q.device.type == "cpu":
+        native = kernels.native()
+        if native is not None and native.segment_attention_supports(q.shape[-1]):
+            q16, k16, v16 = (t.to(torch.bfloat16) for t in (q, k, v))
+            scale = q.shape[-1] ** -0.5
+            out = native.segment_attention_bf16(q16, k16, v16, cu_seqlens, scale, q.dtype != torch.bfloat16)
+            return out.to(q.dtype)
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     distinct = torch.unique(lengths).tolist()
     if len(distinct) == 1 and distinct[0] > 0:
@@ -275,9 +289,11 @@ class VisionGatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        native = kernels.native() if gate.device.type == "cpu" and gate.dtype == torch.bfloat16 and self.silu else None
-        if native is not None and native.bf16_kernels():  # one pass, rounded as the two PyTorch ops round
-            return self.down_proj(native.silu_mul_bf16(gate, up))
+        native = kernels.native() if gate.device.type == "cpu" and self.silu else None
+        if native is not None and gate.dtype == torch.bfloat16 and native.bf16_kernels():
+            return self.down_proj(native.silu_mul_bf16(gate, up))  # one pass, rounded as the two PyTorch ops round
+        if native is not None and gate.dtype == torch.float32 and gate.is_contiguous() and up.is_contiguous():
+            return self.down_proj(native.silu_mul_(gate, up))  # one pass, in place
         return self.down_proj(self.act(gate) * up)
 
 
@@ -289,9 +305,14 @@ class Qwen3VisionMLP(nn.Module):
         self.linear_fc1 = nn.Linear(config.embed_dim, config.intermediate_size)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.embed_dim)
         self.act = _activation(config.hidden_act)
+        self.gelu_tanh = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(self.act(self.linear_fc1(x)))
+        h = self.linear_fc1(x)
+        native = kernels.native() if self.gelu_tanh and h.device.type == "cpu" else None
+        if native is not None and native.gelu_tanh_supports(h):
+            return self.linear_fc2(native.gelu_tanh_(h))  # one pass, in place (kernels/activations.cpp)
+        return self.linear_fc2(self.act(h))
 
 
 _MLPS: dict[str, type[nn.Module]] = {
@@ -387,6 +408,13 @@ class VisionTransformer(nn.Module):
         self.inv_freq = 1.0 / self.config.rope_theta**exponents
         self._layouts.clear()
 
+    def attention_in_bf16(self, enabled: bool = True) -> None:
+        """A lossy option for float32 towers: every block's attention with bf16 products (q, k, v and the
+        softmax weights rounded to bf16; sums, softmax and output float32), ~2x faster on CPUs with AVX512-BF16
+        (without it, or off the CPU, nothing changes). benchmarks/vision_tower.py measures what it moves."""
+        for block in self.blocks:
+            block.attn.bf16_products = enabled
+
     def layout(self, grid_thw: torch.Tensor) -> VisionLayout:
         """The rotary tables, segment boundaries and position-table taps for these grids, cached per grid_thw."""
         grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw.tolist())
@@ -420,6 +448,12 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """As forward, plus the DeepStack features: one [N / merge², out_hidden_size] tensor per entry of
         `deepstack_visual_indexes` (in block order, i.e. feature k feeds LLM layer k); empty before Qwen3-VL."""
+        with heap_for_large_tensors():  # the blocks' large activations reuse each other's pages (models/heap.py)
+            return self._encode(pixel_values, grid_thw)
+
+    def _encode(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.config
         unit = cfg.spatial_merge_size**2
         n = pixel_values.shape[0]

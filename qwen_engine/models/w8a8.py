@@ -220,13 +220,13 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
-        if self.padded != self.in_features:
-            x2 = F.pad(x2, (0, self.padded - self.in_features))
         native = kernels.native()
-        if native is not None and self.packed is not None:
+        if native is not None and self.packed is not None:  # the kernels pad x with zeros as they quantise it
             packed_linear = native.int8_linear_amx if self.layout == "amx" else native.int8_linear_units
             y = packed_linear(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group)
         else:
+            if self.padded != self.in_features:
+                x2 = F.pad(x2, (0, self.padded - self.in_features))
             y = reference_linear(x2, self.weight_rows(), self.weight_scales, self.bias, self.group)
         return y.view(*lead, self.out_features)
 

@@ -1,0 +1,120 @@
+"""The vision towers' bf16 attention kernel (kernels/segment_attention.cpp) against float64 attention over the same
+bf16 inputs, and the dispatch in models/vision.segment_attention.
+
+Error bound: q·k are products of bf16 values, exact in float32, summed in float32 (~1e-7 relative), and the
+softmax weights p are rounded to bf16 before they multiply V, each by at most 2^-9 relative. So every output
+moves by at most 2^-9 · Σ p |v| / Σ p ≤ 2^-9 · max |v| of its segment; the tests allow twice that. A kernel that
+mixed up keys, heads, pairs of dims or segments misses it by orders of magnitude (an output is an average of
+values of size ~1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen_engine import kernels
+from qwen_engine.models.vision import segment_attention
+
+NATIVE = kernels.native()
+pytestmark = pytest.mark.skipif(
+    NATIVE is None or not NATIVE.segment_attention_supports(64), reason="this build has no AVX512-BF16 kernels"
+)
+
+SEGMENTS = {
+    "one image": [0, 300],
+    "ragged": [0, 1, 64, 65, 129, 329],  # 1, 63, 1, 64 and 200 keys: partial, exact and multi-block
+    "empty segments": [0, 0, 70, 70, 77],
+}
+
+
+def _qkv(n: int, heads: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of one fused [N, 3, heads, dim] bf16 tensor, strided as the towers' qkv output is."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(n, 3, heads, dim, generator=g) * 1.5).bfloat16()
+    q, k, v = qkv.unbind(1)
+    return q, k, v
+
+
+def _float64_attention(q, k, v, cu: list[int]) -> torch.Tensor:
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        if b > a:
+            qs, ks, vs = (t[a:b].double().transpose(0, 1) for t in (q, k, v))
+            weights = (qs @ ks.transpose(1, 2) / math.sqrt(q.shape[-1])).softmax(-1)
+            out[a:b] = (weights @ vs).transpose(0, 1)
+    return out
+
+
+def _bound(v: torch.Tensor, cu: list[int]) -> torch.Tensor:
+    """2 · 2^-9 · max|v| of each row's segment and head, per row [N, heads, 1]."""
+    bound = torch.zeros(v.shape[0], v.shape[1], 1, dtype=torch.float64)
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        if b > a:
+            bound[a:b] = 2 * 2.0**-9 * v[a:b].double().abs().amax(dim=(0, 2), keepdim=True)
+    return bound
+
+
+@pytest.mark.parametrize("dim", [16, 64, 72, 80, 128, 6])
+@pytest.mark.parametrize("segments", list(SEGMENTS))
+def test_kernel_matches_float64_within_bf16_rounding(dim: int, segments: str) -> None:
+    cu = SEGMENTS[segments]
+    q, k, v = _qkv(cu[-1], 3, dim)
+    got = NATIVE.segment_attention_bf16(q, k, v, torch.tensor(cu, dtype=torch.int32), dim**-0.5, True)
+    want = _float64_attention(q, k, v, cu)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    excess = (got.double() - want).abs() - _bound(v, cu)
+    assert excess.max().item() <= 0, f"worst excess over the bound {excess.max().item():.2e}"
+
+
+def test_kernel_long_segment_and_bf16_output() -> None:
+    """4100 keys (64 blocks and a partial one, as an image's rows); the bf16 result is the float32 one rounded."""
+    cu = [0, 4100]
+    q, k, v = _qkv(4100, 2, 64, seed=1)
+    cu_t = torch.tensor(cu)
+    as_float = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, True)
+    as_bf16 = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, False)
+    assert torch.equal(as_bf16, as_float.bfloat16())
+    excess = (as_float.double() - _float64_attention(q, k, v, cu)).abs() - _bound(v, cu)
+    assert excess.max().item() <= 0
+
+
+def test_kernel_rejects_what_it_cannot_run() -> None:
+    q, k, v = _qkv(10, 2, 64)
+    cu = torch.tensor([0, 10])
+    assert not NATIVE.segment_attention_supports(7) and not NATIVE.segment_attention_supports(130)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        NATIVE.segment_attention_bf16(q.float(), k.float(), v.float(), cu, 0.125, True)
+    with pytest.raises(RuntimeError, match="from 0 to 10"):
+        NATIVE.segment_attention_bf16(q, k, v, torch.tensor([0, 9]), 0.125, True)
+
+
+def test_dispatch() -> None:
+    """bf16 inputs take the kernel; float32 inputs stay on SDPA unless bf16_products asks; a head size the
+    kernel lacks falls back to SDPA."""
+    cu = SEGMENTS["ragged"]
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    q, k, v = _qkv(cu[-1], 2, 64)
+    kernel = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, False)
+    assert torch.equal(segment_attention(q, k, v, cu_t), kernel)
+
+    qf, kf, vf = (t.float() for t in (q, k, v))
+    sdpa = torch.cat([
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (qf, kf, vf))).transpose(0, 1)
+        for a, b in zip(cu[:-1], cu[1:], strict=True)
+    ])
+    assert torch.allclose(segment_attention(qf, kf, vf, cu_t), sdpa, rtol=1e-5, atol=1e-6)
+    lossy = segment_attention(qf, kf, vf, cu_t, bf16_products=True)
+    assert lossy.dtype == torch.float32
+    assert torch.equal(lossy, NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, True))
+
+    q7, k7, v7 = _qkv(cu[-1], 2, 7)  # odd head size: SDPA in bf16
+    want = torch.cat([
+        F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q7, k7, v7))).transpose(0, 1)
+        for a, b in zip(cu[:-1], cu[1:], strict=True)
+    ])
+    got7 = segment_attention(q7, k7, v7, cu_t)
+    assert got7.dtype == torch.bfloat16 and torch.allclose(got7.float(), want.float(), rtol=1e-2, atol=1e-2)
