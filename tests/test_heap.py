@@ -38,12 +38,12 @@ def rss():
 
 out = {{}}
 faults()
-out["outside"] = faults()
+out["outside"] = [faults() for _ in range(6)]
 out["rss"] = rss()
 with heap.heap_for_large_tensors():
     with heap.heap_for_large_tensors():  # nested: the inner exit keeps the setting
         faults()
-    out["inside"] = faults()
+    out["inside"] = [faults() for _ in range(6)]
     out["rss_inside"] = rss()
 out["rss_after"] = rss()
 out["after"] = faults()
@@ -56,8 +56,11 @@ def test_large_tensors_reuse_pages_inside_and_are_given_back() -> None:
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     got = json.loads(run.stdout)
     mib = SIZE / 2**20
-    assert got["outside"] > PAGES // 2  # mmap'd afresh each time
-    assert got["inside"] < PAGES // 10  # the freed pages serve the next tensor
+    assert min(got["outside"]) > PAGES // 2  # mmap'd afresh each time
+    # The freed pages serve the next tensors. At most one of them misses: torch's 64-byte aligned allocation asks
+    # for a little more than the block freed, which then fits only if it merged with its neighbours (in ~1 run
+    # of 4 here it did not; the one after takes the top of the heap and is reused from then on).
+    assert sum(got["inside"]) < PAGES + PAGES // 10
     assert got["rss_inside"] > got["rss"] + mib / 2  # the freed tensor is held while inside...
     assert got["rss_after"] < got["rss"] + mib / 4  # ...and given back on the way out
     assert got["after"] > PAGES // 2  # outside again: above the threshold, mmap'd afresh
