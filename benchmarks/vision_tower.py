@@ -17,9 +17,9 @@ Qwen3-VL: 1024x1024 -> 4096 patches), float32. "peak" is the resident-memory hig
 above what the process held after building the tower (VmHWM reset through /proc/self/clear_refs): activations
 and workspace, not weights. qwen-engine also encodes a 10-second video: 20 frames at 2 fps, 448x448 (10
 temporal patches; --video-runs, default 1). The 1-minute load average is printed: other jobs sharing the cores
-add noise. --systems may add "qwen-engine w8a8" (every linear layer of our tower in int8, models/w8a8.py, and
-its attention with bf16 products, VisionTransformer.attention_in_bf16), "qwen-engine bf16-attention" (only the
-latter: the float32 tower with bf16 attention) and "qwen-engine bf16" / "transformers sdpa bf16" (the towers
+add noise. --systems may add "qwen-engine w8a8" (the w8a8-vision mode: every linear layer of our tower in int8,
+models/w8a8.py, and its attention with int8 scores, VisionTransformer.lossy_attention), "qwen-engine
+bf16-attention" (the float32 tower with lossy_attention("bf16")) and "qwen-engine bf16" / "transformers sdpa bf16" (the towers
 cast to bfloat16; max|Δ| is taken in float32). Not a test: nothing is asserted.
 
 --bf16-weights rounds every weight to bfloat16 first, in all systems: the towers of released checkpoints, which
@@ -170,8 +170,10 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
             from qwen_engine.models import w8a8
 
             w8a8.convert_linears(model)
-        if system in ("qwen-engine w8a8", "qwen-engine bf16-attention"):
-            model.attention_in_bf16()  # lossy: q, k, v and the softmax weights in bf16 (no-op without AVX512-BF16)
+        if system == "qwen-engine w8a8":
+            model.lossy_attention("int8")  # the w8a8-vision mode (w8a8.convert_tower)
+        elif system == "qwen-engine bf16-attention":
+            model.lossy_attention("bf16")
         model.to(dtype)
         if args.bf16_weights and dtype == torch.float32 and system == "qwen-engine":
             from qwen_engine.weights import bf16_layers

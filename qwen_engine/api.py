@@ -35,7 +35,7 @@ class LLM:
     the matrix products (same numbers as float32 up to summation order); `quantized=False` dequantises the whole
     model to float32 at load instead (the reference path). `quantization="w8a8"` is the optional lossy mode
     (models/w8a8.py): int8 weights and activations, faster for many sequences and long prompts, with a measured
-    accuracy cost (docs/benchmarks.md).
+    accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too.
     """
 
     def __init__(

@@ -102,8 +102,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "Hugging Face cache (default: the bundled demo model; see `qwen-engine models`)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--quantization", choices=["w8a8"], help="optional lossy mode: int8 weights and activations "
-                   "(int8 products on AVX2, AVX-512 VNNI or AMX; see docs/usage.md)")
+    p.add_argument("--quantization", choices=["w8a8", "w8a8-vision"], help="optional lossy mode: int8 weights and "
+                   "activations (int8 products on AVX2, AVX-512 VNNI or AMX); w8a8-vision: a vision tower too, "
+                   "with bf16 attention products (see docs/usage.md)")
     p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
     p.add_argument("--system", "-s", help="system message")
 

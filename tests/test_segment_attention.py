@@ -1,11 +1,12 @@
-"""The vision towers' bf16 attention kernel (kernels/segment_attention.cpp) against float64 attention over the same
-bf16 inputs, and the dispatch in models/vision.segment_attention.
+"""The vision towers' attention kernel (kernels/segment_attention.cpp) against float64 attention over the same
+rounded inputs, and the dispatch in models/vision.segment_attention.
 
 Error bound: q·k are products of bf16 values, exact in float32, summed in float32 (~1e-7 relative), and the
 softmax weights p are rounded to bf16 before they multiply V, each by at most 2^-9 relative. So every output
-moves by at most 2^-9 · Σ p |v| / Σ p ≤ 2^-9 · max |v| of its segment; the tests allow twice that. A kernel that
-mixed up keys, heads, pairs of dims or segments misses it by orders of magnitude (an output is an average of
-values of size ~1).
+moves by at most 2^-9 · Σ p |v| / Σ p ≤ 2^-9 · max |v| of its segment; the tests allow twice that. With int8
+scores the float64 reference takes q and k as the kernel rounds them (each row, less its segment's mean key for
+k, to int8 with max|x|/127 as scale, half to even), and the same bound holds. A kernel that mixed up keys, heads,
+pairs of dims or segments misses it by orders of magnitude (an output is an average of values of size ~1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from qwen_engine.models.vision import segment_attention
 
 NATIVE = kernels.native()
 pytestmark = pytest.mark.skipif(
-    NATIVE is None or not NATIVE.segment_attention_supports(64), reason="this build has no AVX512-BF16 kernels"
+    NATIVE is None or not NATIVE.segment_attention_supports(64, True),
+    reason="this build has no AVX512-BF16 and VNNI kernels",
 )
 
 SEGMENTS = {
@@ -49,6 +51,23 @@ def _float64_attention(q, k, v, cu: list[int]) -> torch.Tensor:
     return out
 
 
+def _as_int8_rounds(x: torch.Tensor, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of x (less `minus`) rounded as the kernel rounds them to int8, and scaled back, in float64."""
+    x = x.float() - (minus if minus is not None else 0.0)
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(x * inv).double() * (amax / 127.0).double())
+
+
+def _int8_scores_inputs(q, k, cu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    qr, kr = _as_int8_rounds(q), torch.zeros(k.shape, dtype=torch.float64)
+    for a, b in zip(cu[:-1], cu[1:], strict=True):
+        if b > a:
+            mean = k[a:b].double().mean(0).float()  # [heads, d]: per head, over the segment's keys
+            kr[a:b] = _as_int8_rounds(k[a:b], mean)
+    return qr, kr
+
+
 def _bound(v: torch.Tensor, cu: list[int]) -> torch.Tensor:
     """2 · 2^-9 · max|v| of each row's segment and head, per row [N, heads, 1]."""
     bound = torch.zeros(v.shape[0], v.shape[1], 1, dtype=torch.float64)
@@ -60,14 +79,33 @@ def _bound(v: torch.Tensor, cu: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("dim", [16, 64, 72, 80, 128, 6])
 @pytest.mark.parametrize("segments", list(SEGMENTS))
-def test_kernel_matches_float64_within_bf16_rounding(dim: int, segments: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bf16_products_match_float64_within_bf16_rounding(dim: int, segments: str, dtype: torch.dtype) -> None:
     cu = SEGMENTS[segments]
-    q, k, v = _qkv(cu[-1], 3, dim)
-    got = NATIVE.segment_attention_bf16(q, k, v, torch.tensor(cu, dtype=torch.int32), dim**-0.5, True)
-    want = _float64_attention(q, k, v, cu)
+    q, k, v = (t.to(dtype) for t in _qkv(cu[-1], 3, dim))
+    if dtype == torch.float32:  # spread below bf16's resolution: the kernel rounds them first
+        q, k, v = (t + 1e-3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(5)) for t in (q, k, v))
+    got = NATIVE.segment_attention(q, k, v, torch.tensor(cu, dtype=torch.int32), dim**-0.5, False, True)
+    want = _float64_attention(*(t.bfloat16() for t in (q, k, v)), cu)
     assert got.dtype == torch.float32 and got.shape == q.shape
-    excess = (got.double() - want).abs() - _bound(v, cu)
+    excess = (got.double() - want).abs() - _bound(v.bfloat16(), cu)
     assert excess.max().item() <= 0, f"worst excess over the bound {excess.max().item():.2e}"
+
+
+@pytest.mark.parametrize("dim", [16, 64, 80, 128, 4])
+@pytest.mark.parametrize("segments", list(SEGMENTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_scores_match_float64_of_the_rounded_inputs(dim: int, segments: str, dtype: torch.dtype) -> None:
+    cu = SEGMENTS[segments]
+    q, k, v = (t.to(dtype) for t in _qkv(cu[-1], 3, dim, seed=2))
+    k = k + torch.randn(3, dim).to(dtype) * 3  # a mean key per head, which the kernel takes off
+    got = NATIVE.segment_attention(q, k, v, torch.tensor(cu), dim**-0.5, True, True)
+    qr, kr = _int8_scores_inputs(q, k, cu)
+    want = _float64_attention(qr, kr, v.bfloat16(), cu)
+    excess = (got.double() - want).abs() - _bound(v.bfloat16(), cu)
+    assert excess.max().item() <= 0, f"worst excess over the bound {excess.max().item():.2e}"
+    exact = _float64_attention(q, k, v, cu)  # and the rounding is an int8 one: near, not equal
+    assert 0 < (got.double() - exact).abs().max() <= 0.05 * v.abs().max()
 
 
 def test_kernel_long_segment_and_bf16_output() -> None:
@@ -75,8 +113,8 @@ def test_kernel_long_segment_and_bf16_output() -> None:
     cu = [0, 4100]
     q, k, v = _qkv(4100, 2, 64, seed=1)
     cu_t = torch.tensor(cu)
-    as_float = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, True)
-    as_bf16 = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, False)
+    as_float = NATIVE.segment_attention(q, k, v, cu_t, 0.125, False, True)
+    as_bf16 = NATIVE.segment_attention(q, k, v, cu_t, 0.125, False, False)
     assert torch.equal(as_bf16, as_float.bfloat16())
     excess = (as_float.double() - _float64_attention(q, k, v, cu)).abs() - _bound(v, cu)
     assert excess.max().item() <= 0
@@ -85,20 +123,21 @@ def test_kernel_long_segment_and_bf16_output() -> None:
 def test_kernel_rejects_what_it_cannot_run() -> None:
     q, k, v = _qkv(10, 2, 64)
     cu = torch.tensor([0, 10])
-    assert not NATIVE.segment_attention_supports(7) and not NATIVE.segment_attention_supports(130)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        NATIVE.segment_attention_bf16(q.float(), k.float(), v.float(), cu, 0.125, True)
+    assert not NATIVE.segment_attention_supports(7, False) and not NATIVE.segment_attention_supports(130, False)
+    assert NATIVE.segment_attention_supports(6, False) and not NATIVE.segment_attention_supports(6, True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        NATIVE.segment_attention(q.double(), k.double(), v.double(), cu, 0.125, False, True)
     with pytest.raises(RuntimeError, match="from 0 to 10"):
-        NATIVE.segment_attention_bf16(q, k, v, torch.tensor([0, 9]), 0.125, True)
+        NATIVE.segment_attention(q, k, v, torch.tensor([0, 9]), 0.125, False, True)
 
 
 def test_dispatch() -> None:
-    """bf16 inputs take the kernel; float32 inputs stay on SDPA unless bf16_products asks; a head size the
+    """bf16 inputs take the kernel; float32 inputs stay on SDPA unless `products` asks; a head size the
     kernel lacks falls back to SDPA."""
     cu = SEGMENTS["ragged"]
     cu_t = torch.tensor(cu, dtype=torch.int32)
     q, k, v = _qkv(cu[-1], 2, 64)
-    kernel = NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, False)
+    kernel = NATIVE.segment_attention(q, k, v, cu_t, 0.125, False, False)
     assert torch.equal(segment_attention(q, k, v, cu_t), kernel)
 
     qf, kf, vf = (t.float() for t in (q, k, v))
@@ -107,9 +146,12 @@ def test_dispatch() -> None:
         for a, b in zip(cu[:-1], cu[1:], strict=True)
     ])
     assert torch.allclose(segment_attention(qf, kf, vf, cu_t), sdpa, rtol=1e-5, atol=1e-6)
-    lossy = segment_attention(qf, kf, vf, cu_t, bf16_products=True)
-    assert lossy.dtype == torch.float32
-    assert torch.equal(lossy, NATIVE.segment_attention_bf16(q, k, v, cu_t, 0.125, True))
+    for products in ("bf16", "int8"):
+        lossy = segment_attention(qf, kf, vf, cu_t, products=products)
+        assert lossy.dtype == torch.float32
+        assert torch.equal(lossy, NATIVE.segment_attention(qf, kf, vf, cu_t, 0.125, products == "int8", True))
+    with pytest.raises(ValueError, match="int4"):
+        segment_attention(qf, kf, vf, cu_t, products="int4")
 
     q7, k7, v7 = _qkv(cu[-1], 2, 7)  # odd head size: SDPA in bf16
     want = torch.cat([

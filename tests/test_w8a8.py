@@ -287,11 +287,16 @@ def test_vision_language_model(family, tmp_path, qwen3_tokenizer_dir):
     a, b = exact.logits(prompt), lossy.logits(prompt)
     assert 0 < (a - b).abs().max() <= 0.1 * a.abs().max()  # random weights: no structure to keep the error small
 
-    # The tower on request (convert_linears; its MLP inputs of 96 are padded to 128): close to the float tower.
-    tower = lossy.model.visual
+    # "w8a8-vision" converts the tower too (its MLP inputs of 96 are padded to 128; attention in bf16 where the
+    # build can): close to the float tower.
+    towered = LLM(tmp_path, progress=False, kv_cache_memory=32 << 20, quantization="w8a8-vision")
+    tower = towered.model.visual
+    assert all(block.attn.products == "int8" for block in tower.blocks)
+    assert sum(isinstance(m, w8a8.W8A8Linear) for m in tower.modules()) == sum(
+        isinstance(m, torch.nn.Linear) for m in lossy.model.visual.modules())
     pixels, grid = prompt.items[0].pixel_values, torch.tensor([prompt.items[0].grid_thw])
     with torch.inference_mode():
-        ref = tower(pixels, grid)
-        assert w8a8.convert_linears(tower) > 0
-        out = tower(pixels, grid)
+        ref, out = lossy.model.visual(pixels, grid), tower(pixels, grid)
     assert 0 < (out - ref).abs().max() <= 0.1 * ref.abs().max()
+    c = towered.logits(prompt)
+    assert 0 < (a - c).abs().max() <= 0.1 * a.abs().max()

@@ -1446,12 +1446,12 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
 bool prefill_attention_supports(int64_t head_dim);
 // bf16_ops.cpp
 bool bf16_kernels();
-bool segment_attention_supports(int64_t head_dim);
+bool segment_attention_supports(int64_t head_dim, bool int8_scores);
 bool gelu_tanh_supports(const torch::Tensor& x);
 torch::Tensor gelu_tanh_(torch::Tensor x);
 torch::Tensor silu_mul_(torch::Tensor gate, const torch::Tensor& up);
-torch::Tensor segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                     const torch::Tensor& cu_seqlens, double scale, bool out_float32);
+torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens, double scale, bool int8_scores, bool out_float32);
 torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
 torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up);
 // decode_step.cpp, int8_matmul.cpp
@@ -1479,8 +1479,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_supports", &gelu_tanh_supports, "whether gelu_tanh_ runs on this tensor (its dtype, layout)");
   m.def("gelu_tanh_", &gelu_tanh_, "in place: gelu(x, approximate=\"tanh\") of a float32 or bf16 tensor");
   m.def("silu_mul_", &silu_mul_, "in place: gate = silu(gate) * up, float32");
-  m.def("segment_attention_supports", &segment_attention_supports, "whether segment_attention_bf16 has a kernel for this head size");
-  m.def("segment_attention_bf16", &segment_attention_bf16, "attention within packed segments (vision towers), bf16 products");
+  m.def("segment_attention_supports", &segment_attention_supports, "whether segment_attention has a kernel for this head size (and int8 scores)");
+  m.def("segment_attention", &segment_attention, "attention within packed segments (vision towers): bf16 products, or int8 scores");
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   register_decode_step(m);

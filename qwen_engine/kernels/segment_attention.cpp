@@ -1,16 +1,22 @@
-// The vision towers' attention with bfloat16 products: each query row attends to the keys of its own segment
-// (an image, a video frame or a window), softmax(scale · q·K^T) · V, where q·k and p·v are sums of bf16 products
-// kept in float32 (AVX512-BF16 vdpbf16ps: twice float32's multiply-adds a cycle), the softmax is float32, and
-// the weights p are rounded to bf16 before their product with V. That is the arithmetic of PyTorch's bf16
-// flash attention on the CPU, with the sums in another order; torch's own runs at float32's speed here.
+// The vision towers' attention with low-precision products: each query row attends to the keys of its own
+// segment (an image, a video frame or a window), softmax(scale · q·K^T) · V, in one of two arithmetics:
+//   bf16:  q·k and p·v are sums of bf16 products kept in float32 (AVX512-BF16 vdpbf16ps: twice float32's
+//          multiply-adds a cycle), the softmax float32, the weights p rounded to bf16 before they meet V — the
+//          arithmetic of PyTorch's bf16 flash attention on the CPU, with the sums in another order (torch's own
+//          runs at float32's speed here). Bf16 towers, and float32 ones on request (lossy).
+//   int8 scores: as bf16, but q·k in integers (AVX-512 VNNI vpdpbusd, twice vdpbf16ps's multiply-adds): each
+//          query row and each key (less its segment's mean key, which shifts a row's scores by one constant and
+//          so leaves the softmax as it was) rounded to int8 with a scale of its own. The w8a8-vision mode.
 //
-// K and V of every (head, segment) are packed first, keys padded to blocks of KB with zeros:
-//   keys:   [head][block of KB keys][pair of dims e][KB] words, a word holding (k_2e, k_2e+1) of one key, so one
-//           vdpbf16ps adds q_2e k_2e + q_2e+1 k_2e+1 for 16 keys against q's pair, broadcast;
-//   values: [head][pair of keys][Dp] words (Dp: D rounded up to 16), a word holding two keys' values of one
-//           dim, so one vdpbf16ps adds p_j v_j + p_j+1 v_j+1 for 16 dims against the weights' pair, broadcast.
+// Q, K and V are packed first (from float32 or bf16), per head, keys padded to blocks of KB with zeros; a word
+// is 4 bytes, two bf16 values or four int8 ones:
+//   queries: [head][row][D / per-word] words;
+//   keys:    [head][block of KB keys][word e][KB] words, a word holding dims of one key, so one instruction adds
+//            the products of one word of dims for 16 keys against the query's word, broadcast;
+//   values:  [head][pair of keys][Dp] words (Dp: D rounded up to 16), a word holding two keys' values of one
+//            dim, so one vdpbf16ps adds p_j v_j + p_j+1 v_j+1 for 16 dims against the weights' pair, broadcast.
 // A task is TILE query rows of one (head, segment); each block of keys and values (16 KiB at D = 64) serves
-// them all while it sits in L1, R rows at a time, with a running softmax as in prefill_attention.cpp.
+// them all while it sits in L1, R rows at a time, with a running softmax (base 2) as in prefill_attention.cpp.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -23,24 +29,23 @@
 
 #include "vec_math.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define QE_SEGMENT_BF16 1
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QE_SEGMENT_ATTENTION 1
 #else
-#define QE_SEGMENT_BF16 0
+#define QE_SEGMENT_ATTENTION 0
 #endif
 
-#if QE_SEGMENT_BF16
+#if QE_SEGMENT_ATTENTION
 namespace {
 
 constexpr int KB = 64;    // keys per block: 4 vectors of scores per query row
 constexpr int TILE = 32;  // query rows per task: their state (32 x Dp floats) stays in L1 beside a block
 
-using Word = uint32_t;  // two bf16 values
+using Word = uint32_t;
+using bf16 = c10::BFloat16;
 
-inline Word word_at(const c10::BFloat16* p) {  // two adjacent bf16 values, wherever they are aligned
-  Word w;
-  std::memcpy(&w, p, sizeof w);
-  return w;
+inline Word bf16_pair(float a, float b) {  // rounded to nearest even, as PyTorch rounds
+  return static_cast<Word>(bf16(a).x) | static_cast<Word>(bf16(b).x) << 16;
 }
 
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
@@ -65,38 +70,83 @@ inline __m512 exp2_nonpositive(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// RR query rows (q[r]: D bf16) against one block: keys kb ([D/2][KB] words), values vb ([KB/2][16 V] words),
-// of which the first nk (1..KB) are real; scale includes log2(e) (the softmax runs in base 2). m, l: the rows'
-// running max and sum; o[r]: their 16 V outputs so far.
-// p: RR x KB bf16 of workspace. The loops over rows and vectors are unrolled so the sums stay in registers.
-template <int V, int RR>
-inline void block_rows(const c10::BFloat16* const* q, int pairs, const Word* kb, const Word* vb, int nk, float scale,
-                       float* m, float* l, float* const* o, c10::BFloat16* p) {
+// One call's packed operands, for one head at a time (see the top of the file).
+struct Operands {
+  const Word* queries;        // [H][N][words]
+  const float* query_scales;  // int8: [H][N], each row's scale times the softmax's (with log2 e); bf16: unused
+  const int32_t* query_sums;  // int8: [H][N], 128 · Σ q (the keys are stored + 128; this takes it off)
+  const Word* keys;           // [H][packed / KB][words][KB]
+  const float* key_scales;    // int8: [H][packed]
+  const Word* values;         // [H][packed / 2][Dp]
+  int words;                  // per query row and key: D / 2 (bf16) or D / 4 (int8)
+  float scale;                // bf16: the softmax's scale with log2 e
+};
+
+// RR query rows (q[r], their words; int8: qs, qsum their scales and sums) against one block: keys kb, key scales
+// ks (int8), values vb ([KB/2][16 V] words), of which the first nk (1..KB) are real. m, l: the rows' running max
+// and sum (base 2); o[r]: their 16 V outputs so far. p: RR x KB bf16 of workspace. The loops over rows and
+// vectors are unrolled so the sums stay in registers.
+template <int V, int RR, bool INT8>
+inline void block_rows(const Operands& op, const Word* const* q, const float* qs, const int32_t* qsum, const Word* kb,
+                       const float* ks, const Word* vb, int nk, float* m, float* l, float* const* o, bf16* p) {
   __m512 s[RR][4];
-  #pragma GCC unroll 8
-  for (int r = 0; r < RR; ++r)
-    #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
-  for (int e = 0; e < pairs; ++e) {
-    const Word* ke = kb + e * KB;
-    const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
+  if constexpr (INT8) {
+    __m512i a[RR][4];
+    #pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r)
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_si512();
+    for (int e = 0; e < op.words; ++e) {
+      const Word* ke = kb + e * KB;
+      const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
+      #pragma GCC unroll 8
+      for (int r = 0; r < RR; ++r) {
+        const __m512i qe = _mm512_set1_epi32(static_cast<int>(q[r][e]));
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], k0, qe);
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], k1, qe);
+        a[r][2] = _mm512_dpbusd_epi32(a[r][2], k2, qe);
+        a[r][3] = _mm512_dpbusd_epi32(a[r][3], k3, qe);
+      }
+    }
     #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
-      const __m512i qe = _mm512_set1_epi32(static_cast<int>(word_at(q[r] + 2 * e)));
-      s[r][0] = dot_pairs(s[r][0], k0, qe);
-      s[r][1] = dot_pairs(s[r][1], k1, qe);
-      s[r][2] = dot_pairs(s[r][2], k2, qe);
-      s[r][3] = dot_pairs(s[r][3], k3, qe);
+      const __m512i sum = _mm512_set1_epi32(qsum[r]);
+      const __m512 sq = _mm512_set1_ps(qs[r]);
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c)
+        s[r][c] = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][c], sum)),
+                                              _mm512_loadu_ps(ks + 16 * c)), sq);
     }
+  } else {
+    #pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r)
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
+    for (int e = 0; e < op.words; ++e) {
+      const Word* ke = kb + e * KB;
+      const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
+      #pragma GCC unroll 8
+      for (int r = 0; r < RR; ++r) {
+        const __m512i qe = _mm512_set1_epi32(static_cast<int>(q[r][e]));
+        s[r][0] = dot_pairs(s[r][0], k0, qe);
+        s[r][1] = dot_pairs(s[r][1], k1, qe);
+        s[r][2] = dot_pairs(s[r][2], k2, qe);
+        s[r][3] = dot_pairs(s[r][3], k3, qe);
+      }
+    }
+    const __m512 sv = _mm512_set1_ps(op.scale);
+    #pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r)
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_mul_ps(s[r][c], sv);
   }
-  const __m512 sv = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   alignas(64) float m_old[16] = {}, m_new[16] = {}, alpha[16];
   #pragma GCC unroll 8
   for (int r = 0; r < RR; ++r) {
     __m512 top = ninf;
     #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {  // scaled scores; -inf for the padding keys of a segment's last block
-      s[r][c] = _mm512_mul_ps(s[r][c], sv);
+    for (int c = 0; c < 4; ++c) {  // -inf for the padding keys of a segment's last block
       if (nk < KB) s[r][c] = vfirst(s[r][c], std::clamp(nk - 16 * c, 0, 16), ninf);
       top = _mm512_max_ps(top, s[r][c]);
     }
@@ -135,7 +185,9 @@ inline void block_rows(const c10::BFloat16* const* q, int pairs, const Word* kb,
     for (int v = 0; v < V; ++v) vv[v] = load_words(vj + 16 * v);
     #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
-      const __m512i pj = _mm512_set1_epi32(static_cast<int>(word_at(p + r * KB + 2 * j)));
+      Word pair;
+      std::memcpy(&pair, p + r * KB + 2 * j, sizeof pair);
+      const __m512i pj = _mm512_set1_epi32(static_cast<int>(pair));
       #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[r][v] = dot_pairs(acc[r][v], vv[v], pj);
     }
@@ -149,64 +201,69 @@ inline void block_rows(const c10::BFloat16* const* q, int pairs, const Word* kb,
 template <int V>
 constexpr int rows_together() { return V <= 6 ? 4 : 2; }  // RR x V sums, V values and a broadcast in 32 registers
 
-template <int V, int RR = rows_together<V>()>
-inline void any_rows(int count, const c10::BFloat16* const* q, int pairs, const Word* kb, const Word* vb, int nk,
-                     float scale, float* m, float* l, float* const* o, c10::BFloat16* p) {
+template <int V, bool INT8, int RR = rows_together<V>()>
+inline void any_rows(int count, const Operands& op, const Word* const* q, const float* qs, const int32_t* qsum,
+                     const Word* kb, const float* ks, const Word* vb, int nk, float* m, float* l, float* const* o,
+                     bf16* p) {
   if constexpr (RR > 1) {
-    if (count < RR) return any_rows<V, RR - 1>(count, q, pairs, kb, vb, nk, scale, m, l, o, p);
+    if (count < RR) return any_rows<V, INT8, RR - 1>(count, op, q, qs, qsum, kb, ks, vb, nk, m, l, o, p);
   }
-  block_rows<V, RR>(q, pairs, kb, vb, nk, scale, m, l, o, p);
+  block_rows<V, RR, INT8>(op, q, qs, qsum, kb, ks, vb, nk, m, l, o, p);
 }
 
 struct Segment {
   int64_t start, length, packed;  // first row, rows, first key's place in the packed layouts (a multiple of KB)
 };
 
-template <int V>
-void attend(const c10::BFloat16* q, int64_t qs0, int64_t qs1, const Word* keys, const Word* values,
-            const std::vector<Segment>& segments, int64_t packed, int64_t H, int64_t D, float scale,
-            const torch::Tensor& out) {
+template <int V, bool INT8>
+void attend(const Operands& op, const std::vector<Segment>& segments, int64_t N, int64_t packed, int64_t H,
+            int64_t D, const torch::Tensor& out) {
   constexpr int Dp = 16 * V, R = rows_together<V>();
-  const int pairs = static_cast<int>(D / 2);
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (segment, first row in it)
   for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
     for (int64_t r = 0; r < segments[s].length; r += TILE) tiles.emplace_back(s, r);
   const int64_t count = static_cast<int64_t>(tiles.size());
   const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
-  char* op = static_cast<char*>(out.data_ptr());
+  char* outp = static_cast<char*>(out.data_ptr());
   const int64_t element = out.element_size();
   at::parallel_for(0, count * H, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float m[TILE], l[TILE], o[TILE * Dp];
-    alignas(64) c10::BFloat16 p[R * KB];
+    alignas(64) bf16 p[R * KB];
     for (int64_t t = t0; t < t1; ++t) {
       // Head-major: a thread's consecutive tasks share a head's keys and values, which then stay in L2.
       const int64_t h = t / count;
       const Segment& seg = segments[tiles[t % count].first];
-      const int64_t first = tiles[t % count].second, rows = std::min<int64_t>(TILE, seg.length - first);
+      const int64_t first = seg.start + tiles[t % count].second;
+      const int64_t rows = std::min<int64_t>(TILE, seg.start + seg.length - first);
       std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
       std::fill(l, l + rows, 0.0f);
       std::fill(o, o + rows * Dp, 0.0f);
-      const c10::BFloat16* qrow[TILE];
+      const Word* qrow[TILE];
       float* orow[TILE];
       for (int64_t x = 0; x < rows; ++x) {
-        qrow[x] = q + (seg.start + first + x) * qs0 + h * qs1;
+        qrow[x] = op.queries + (h * N + first + x) * op.words;
         orow[x] = o + x * Dp;
       }
+      const float* qs = INT8 ? op.query_scales + h * N + first : nullptr;
+      const int32_t* qsum = INT8 ? op.query_sums + h * N + first : nullptr;
       for (int64_t b = 0; b < seg.length; b += KB) {
-        const Word* kb = keys + (h * packed + seg.packed + b) * pairs;
-        const Word* vb = values + (h * packed + seg.packed + b) / 2 * Dp;
+        const int64_t key = h * packed + seg.packed + b;
+        const Word* kb = op.keys + key * op.words;
+        const float* ks = INT8 ? op.key_scales + key : nullptr;
+        const Word* vb = op.values + key / 2 * Dp;
         const int nk = static_cast<int>(std::min<int64_t>(KB, seg.length - b));
         for (int64_t x = 0; x < rows; x += R)
-          any_rows<V>(static_cast<int>(std::min<int64_t>(R, rows - x)), qrow + x, pairs, kb, vb, nk, scale, m + x,
-                      l + x, orow + x, p);
+          any_rows<V, INT8>(static_cast<int>(std::min<int64_t>(R, rows - x)), op, qrow + x,
+                            INT8 ? qs + x : nullptr, INT8 ? qsum + x : nullptr, kb, ks, vb, nk, m + x, l + x,
+                            orow + x, p);
       }
       for (int64_t x = 0; x < rows; ++x) {
         const float inv = 1.0f / l[x];
-        char* dst = op + ((seg.start + first + x) * H + h) * D * element;
+        char* dst = outp + ((first + x) * H + h) * D * element;
         for (int64_t d = 0; d < D; ++d) {
           const float y = o[x * Dp + d] * inv;
           if (to_bf16)
-            reinterpret_cast<c10::BFloat16*>(dst)[d] = c10::BFloat16(y);
+            reinterpret_cast<bf16*>(dst)[d] = bf16(y);
           else
             reinterpret_cast<float*>(dst)[d] = y;
         }
@@ -215,28 +272,145 @@ void attend(const c10::BFloat16* q, int64_t qs0, int64_t qs1, const Word* keys, 
   });
 }
 
+// n values (at x, as float) → int8 in dst (n a multiple of 4) with max |x| / 127 as scale (returned; 0 for a
+// row of zeros), rounded half to even; `offset` is added to each (128: the unsigned operand of vpdpbusd).
+template <class T>
+float to_int8(const T* x, const float* minus, int64_t n, int offset, uint8_t* dst, int32_t* sum) {
+  float amax = 0.0f;
+  for (int64_t d = 0; d < n; ++d)
+    amax = std::max(amax, std::abs(static_cast<float>(x[d]) - (minus ? minus[d] : 0.0f)));
+  const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int32_t total = 0;
+  for (int64_t d = 0; d < n; ++d) {
+    const int v = static_cast<int>(std::nearbyint((static_cast<float>(x[d]) - (minus ? minus[d] : 0.0f)) * inv));
+    total += v;
+    dst[d] = static_cast<uint8_t>(v + offset);
+  }
+  if (sum) *sum = total;
+  return scale;
+}
+
+template <class T>
+void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                     const std::vector<Segment>& segments, int64_t packed, float scale, bool int8_scores,
+                     const torch::Tensor& out) {
+  const int64_t N = q.size(0), H = q.size(1), D = q.size(2), Dp = (D + 15) / 16 * 16;
+  const int words = static_cast<int>(int8_scores ? D / 4 : D / 2);
+  const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
+  const auto i32 = torch::dtype(torch::kInt32), f32 = torch::dtype(torch::kFloat32);
+  auto queries = torch::empty({H * N * words}, i32), keys = torch::empty({H * packed * words}, i32);
+  auto values = torch::empty({H * packed / 2 * Dp}, i32);
+  auto query_scales = torch::empty({int8_scores ? H * N : 0}, f32), key_scales = torch::empty({int8_scores ? H * packed : 0}, f32);
+  auto query_sums = torch::empty({int8_scores ? H * N : 0}, i32);
+  Word* qp = reinterpret_cast<Word*>(queries.data_ptr<int32_t>());
+  Word* kp = reinterpret_cast<Word*>(keys.data_ptr<int32_t>());
+  Word* vp = reinterpret_cast<Word*>(values.data_ptr<int32_t>());
+  float *qsp = query_scales.data_ptr<float>(), *ksp = key_scales.data_ptr<float>();
+  int32_t* qsum = query_sums.data_ptr<int32_t>();
+  const float log2_scale = static_cast<float>(scale * 1.4426950408889634);  // the softmax runs in base 2
+
+  at::parallel_for(0, N * H, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / H, h = i % H;
+      const T* x = qd + n * q.stride(0) + h * q.stride(1);
+      Word* dst = qp + (h * N + n) * words;
+      if (int8_scores) {
+        qsp[h * N + n] = to_int8(x, nullptr, D, 0, reinterpret_cast<uint8_t*>(dst), &qsum[h * N + n]) * log2_scale;
+        qsum[h * N + n] *= 128;
+      } else {
+        for (int e = 0; e < words; ++e) dst[e] = bf16_pair(static_cast<float>(x[2 * e]), static_cast<float>(x[2 * e + 1]));
+      }
+    }
+  });
+  // int8: each segment's mean key, per head, taken off its keys before they are rounded.
+  std::vector<float> means(int8_scores ? segments.size() * H * D : 0);
+  if (int8_scores) {
+    at::parallel_for(0, static_cast<int64_t>(segments.size()) * H, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const Segment& seg = segments[i / H];
+        const int64_t h = i % H;
+        std::vector<double> total(D, 0.0);
+        for (int64_t j = 0; j < seg.length; ++j) {
+          const T* x = kd + (seg.start + j) * k.stride(0) + h * k.stride(1);
+          for (int64_t d = 0; d < D; ++d) total[d] += static_cast<float>(x[d]);
+        }
+        for (int64_t d = 0; d < D; ++d) means[i * D + d] = static_cast<float>(total[d] / seg.length);
+      }
+    });
+  }
+  // A block of KB keys of one (head, segment) per step: its keys, and its values in pairs of keys.
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (segment, first key)
+  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
+    for (int64_t b = 0; b < segments[s].length; b += KB) blocks.emplace_back(s, b);
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()) * H, 16, [&](int64_t t0, int64_t t1) {
+    alignas(64) uint8_t row[4 * 128];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t % H, si = blocks[t / H].first;
+      const Segment& seg = segments[si];
+      const int64_t b = blocks[t / H].second, n = std::min<int64_t>(KB, seg.length - b);
+      const int64_t key = h * packed + seg.packed + b;
+      Word* kb = kp + key * words;
+      Word* vb = vp + key / 2 * Dp;
+      std::fill(kb, kb + KB * words, int8_scores ? Word{0x80808080u} : Word{0});  // int8: 0 stored as 128
+      std::fill(vb, vb + KB / 2 * Dp, Word{0});
+      if (int8_scores) std::fill(ksp + key, ksp + key + KB, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kr = kd + (seg.start + b + j) * k.stride(0) + h * k.stride(1);
+        if (int8_scores) {
+          ksp[key + j] = to_int8(kr, means.data() + (si * H + h) * D, D, 128, row, nullptr);
+          for (int e = 0; e < words; ++e) std::memcpy(&kb[e * KB + j], row + 4 * e, 4);
+        } else {
+          for (int e = 0; e < words; ++e)
+            kb[e * KB + j] = bf16_pair(static_cast<float>(kr[2 * e]), static_cast<float>(kr[2 * e + 1]));
+        }
+        const T* vr = vd + (seg.start + b + j) * v.stride(0) + h * v.stride(1);
+        uint16_t* vw = reinterpret_cast<uint16_t*>(vb + j / 2 * Dp) + (j % 2);
+        for (int64_t d = 0; d < D; ++d) vw[2 * d] = bf16(static_cast<float>(vr[d])).x;
+      }
+    }
+  });
+  const Operands op{qp, qsp, qsum, kp, ksp, vp, words, log2_scale};
+  const auto run = [&](auto v_tag) {
+    constexpr int VV = decltype(v_tag)::value;
+    if (int8_scores)
+      attend<VV, true>(op, segments, N, packed, H, D, out);
+    else
+      attend<VV, false>(op, segments, N, packed, H, D, out);
+  };
+  switch (Dp / 16) {
+    case 1: run(std::integral_constant<int, 1>{}); break;
+    case 2: run(std::integral_constant<int, 2>{}); break;
+    case 3: run(std::integral_constant<int, 3>{}); break;
+    case 4: run(std::integral_constant<int, 4>{}); break;
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 }  // namespace
 #endif
 
-bool segment_attention_supports(int64_t head_dim) {
-#if QE_SEGMENT_BF16
-  return head_dim % 2 == 0 && head_dim >= 2 && head_dim <= 128;
+bool segment_attention_supports(int64_t head_dim, bool int8_scores) {
+#if QE_SEGMENT_ATTENTION
+  return head_dim % (int8_scores ? 4 : 2) == 0 && head_dim >= 2 && head_dim <= 128;
 #else
-  (void)head_dim;
+  (void)head_dim, (void)int8_scores;
   return false;
 #endif
 }
 
-// q, k, v bfloat16 [N, H, D] (rows may be strided, e.g. views of a fused qkv output; each head's D values
-// contiguous); cu_seqlens int32/int64 [segments + 1] from 0 to N. Returns [N, H, D], float32 or bfloat16
-// (rounded once, from the float32 result).
-torch::Tensor segment_attention_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                     const torch::Tensor& cu_seqlens, double scale, bool out_float32) {
-  const auto out_dtype = out_float32 ? torch::kFloat32 : torch::kBFloat16;
-  TORCH_CHECK(segment_attention_supports(q.dim() == 3 ? q.size(2) : 0),
-              "segment_attention_bf16: no kernel for this head size in this build");
-  TORCH_CHECK(q.scalar_type() == torch::kBFloat16 && k.scalar_type() == torch::kBFloat16 &&
-                  v.scalar_type() == torch::kBFloat16, "q, k and v must be bfloat16");
+// q, k, v float32 or bfloat16 (one dtype) [N, H, D] (rows may be strided, e.g. views of a fused qkv output; each
+// head's D values contiguous); cu_seqlens int32/int64 [segments + 1] from 0 to N. int8_scores: q·k in int8 (see
+// the top of the file), else bf16. Returns [N, H, D], float32 or bfloat16 (rounded once, from the float32 result).
+torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                const torch::Tensor& cu_seqlens, double scale, bool int8_scores, bool out_float32) {
+  TORCH_CHECK(q.dim() == 3 && segment_attention_supports(q.size(2), int8_scores),
+              "segment_attention: no kernel for this head size in this build");
+  TORCH_CHECK((q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat32) &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && q.device().is_cpu(),
+              "q, k and v must be float32 or bfloat16 (one of them) on the CPU");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && q.stride(2) == 1 && k.stride(2) == 1 &&
                   v.stride(2) == 1, "q, k, v [N, H, D] of one shape, each head's values contiguous");
   const auto cu = cu_seqlens.to(torch::kInt64).contiguous();
@@ -244,8 +418,8 @@ torch::Tensor segment_attention_bf16(const torch::Tensor& q, const torch::Tensor
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens [segments + 1]");
   const int64_t* cp = cu.data_ptr<int64_t>();
   TORCH_CHECK(cp[0] == 0 && cp[cu.size(0) - 1] == N, "cu_seqlens must run from 0 to ", N);
-  auto out = torch::empty({N, H, D}, q.options().dtype(out_dtype));
-#if QE_SEGMENT_BF16
+  auto out = torch::empty({N, H, D}, q.options().dtype(out_float32 ? torch::kFloat32 : torch::kBFloat16));
+#if QE_SEGMENT_ATTENTION
   std::vector<Segment> segments;
   int64_t packed = 0;
   for (int64_t s = 0; s + 1 < cu.size(0); ++s) {
@@ -254,47 +428,11 @@ torch::Tensor segment_attention_bf16(const torch::Tensor& q, const torch::Tensor
     segments.push_back({cp[s], cp[s + 1] - cp[s], packed});
     packed += (cp[s + 1] - cp[s] + KB - 1) / KB * KB;
   }
-  const int64_t pairs = D / 2, Dp = (D + 15) / 16 * 16;
-  auto keys = torch::empty({H * packed * pairs}, q.options().dtype(torch::kInt32));
-  auto values = torch::empty({H * packed / 2 * Dp}, q.options().dtype(torch::kInt32));
-  Word* kp = reinterpret_cast<Word*>(keys.data_ptr<int32_t>());
-  Word* vp = reinterpret_cast<Word*>(values.data_ptr<int32_t>());
-  const c10::BFloat16 *kd = k.data_ptr<c10::BFloat16>(), *vd = v.data_ptr<c10::BFloat16>();
-  // Pack a block of KB keys of one (head, segment) per step: its keys' pairs, and its values in pairs of keys.
-  std::vector<std::pair<int64_t, int64_t>> blocks;  // (segment, first key)
-  for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
-    for (int64_t b = 0; b < segments[s].length; b += KB) blocks.emplace_back(s, b);
-  const int64_t nblocks = static_cast<int64_t>(blocks.size());
-  at::parallel_for(0, nblocks * H, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t % H;
-      const Segment& seg = segments[blocks[t / H].first];
-      const int64_t b = blocks[t / H].second, n = std::min<int64_t>(KB, seg.length - b);
-      Word* kb = kp + (h * packed + seg.packed + b) * pairs;
-      Word* vb = vp + (h * packed + seg.packed + b) / 2 * Dp;
-      std::fill(kb, kb + KB * pairs, Word{0});
-      std::fill(vb, vb + KB / 2 * Dp, Word{0});
-      for (int64_t j = 0; j < n; ++j) {
-        const c10::BFloat16* kr = kd + (seg.start + b + j) * k.stride(0) + h * k.stride(1);
-        for (int64_t e = 0; e < pairs; ++e) kb[e * KB + j] = word_at(kr + 2 * e);
-        const c10::BFloat16* vr = vd + (seg.start + b + j) * v.stride(0) + h * v.stride(1);
-        uint16_t* vw = reinterpret_cast<uint16_t*>(vb + j / 2 * Dp) + (j % 2);
-        for (int64_t d = 0; d < D; ++d) std::memcpy(vw + 2 * d, vr + d, 2);
-      }
-    }
-  });
-  const float fs = static_cast<float>(scale * 1.4426950408889634);  // log2(e)
-  const c10::BFloat16* qd = q.data_ptr<c10::BFloat16>();
-  switch (Dp / 16) {
-    case 1: attend<1>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 2: attend<2>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 3: attend<3>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 4: attend<4>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 5: attend<5>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 6: attend<6>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    case 7: attend<7>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-    default: attend<8>(qd, q.stride(0), q.stride(1), kp, vp, segments, packed, H, D, fs, out); break;
-  }
+  const float fs = static_cast<float>(scale);
+  if (q.scalar_type() == torch::kBFloat16)
+    pack_and_attend<bf16>(q, k, v, segments, packed, fs, int8_scores, out);
+  else
+    pack_and_attend<float>(q, k, v, segments, packed, fs, int8_scores, out);
 #else
   (void)scale;
 #endif

@@ -207,7 +207,7 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_heads
         self.qkv = nn.Linear(config.embed_dim, 3 * config.embed_dim, bias=True)
         self.proj = nn.Linear(config.embed_dim, config.embed_dim, bias=True)
-        self.bf16_products = False  # VisionTransformer.attention_in_bf16 (a bf16 tower's attention is anyway)
+        self.products: str | None = None  # VisionTransformer.lossy_attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor
@@ -218,29 +218,33 @@ class VisionAttention(nn.Module):
         # this layer's qkv output) where a native kernel can.
         q = rotate_in_float32(q, cos, sin)
         k = rotate_in_float32(k, cos, sin)
-        attended = segment_attention(q, k, v, cu_seqlens, bf16_products=self.bf16_products)
+        attended = segment_attention(q, k, v, cu_seqlens, products=self.products)
         return self.proj(attended.reshape(n, -1))
 
 
 def segment_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, bf16_products: bool = False
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, products: str | None = None
 ) -> torch.Tensor:
     """Bidirectional attention within each packed segment [cu_seqlens[i], cu_seqlens[i+1]) of [N, heads, d].
 
-    bfloat16 inputs on the CPU (a bf16 tower) go to the native kernel (kernels/segment_attention.cpp): bf16
-    products summed in float32, as PyTorch's bf16 attention computes, at about twice its speed. bf16_products
-    sends float32 inputs there too, rounded to bf16 (lossy; the result is float32).
+    On the CPU the native kernel (kernels/segment_attention.cpp) takes bfloat16 inputs (a bf16 tower): bf16
+    products summed in float32, as PyTorch's bf16 attention computes, at about twice its speed. `products`
+    sends float32 inputs there too (lossy; the result stays float32): "bf16" rounds q, k, v and the softmax
+    weights to bf16; "int8" also computes q·k in int8 (each query row and each key, less its segment's mean key,
+    with a scale of its own), ~1.25x faster again.
 
     Otherwise SDPA: segments of equal length (most windows, all frames of a video) are gathered into one batch
     per length, so there is one call per distinct length and never an N x N mask.
     """
-    if (q.dtype == torch.bfloat16 or bf16_products) and q.device.type == "cpu":
+    if products not in (None, "bf16", "int8"):
+        raise ValueError(f"attention products {products!r}: choose None, 'bf16' or 'int8'")
+    kind = products or ("bf16" if q.dtype == torch.bfloat16 else None)
+    if kind is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         native = kernels.native()
-        if native is not None and native.segment_attention_supports(q.shape[-1]):
-            q16, k16, v16 = (t.to(torch.bfloat16) for t in (q, k, v))
+        int8 = kind == "int8"
+        if native is not None and native.segment_attention_supports(q.shape[-1], int8):
             scale = q.shape[-1] ** -0.5
-            out = native.segment_attention_bf16(q16, k16, v16, cu_seqlens, scale, q.dtype != torch.bfloat16)
-            return out.to(q.dtype)
+            return native.segment_attention(q, k, v, cu_seqlens, scale, int8, q.dtype == torch.float32)
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     distinct = torch.unique(lengths).tolist()
     if len(distinct) == 1 and distinct[0] > 0:
@@ -408,12 +412,13 @@ class VisionTransformer(nn.Module):
         self.inv_freq = 1.0 / self.config.rope_theta**exponents
         self._layouts.clear()
 
-    def attention_in_bf16(self, enabled: bool = True) -> None:
-        """A lossy option for float32 towers: every block's attention with bf16 products (q, k, v and the
-        softmax weights rounded to bf16; sums, softmax and output float32), ~2x faster on CPUs with AVX512-BF16
-        (without it, or off the CPU, nothing changes). benchmarks/vision_tower.py measures what it moves."""
+    def lossy_attention(self, products: str | None) -> None:
+        """A lossy option for float32 towers: every block's attention with "bf16" products (q, k, v and the
+        softmax weights rounded to bf16; sums, softmax and output float32), ~2x faster on CPUs with AVX512-BF16,
+        or also with "int8" scores (q·k in int8), ~2.5x; None: float32 again. Without those instruction sets, or
+        off the CPU, nothing changes. benchmarks/vision_tower.py measures what each moves."""
         for block in self.blocks:
-            block.attn.bf16_products = enabled
+            block.attn.products = products
 
     def layout(self, grid_thw: torch.Tensor) -> VisionLayout:
         """The rotary tables, segment boundaries and position-table taps for these grids, cached per grid_thw."""

@@ -30,7 +30,9 @@ from .. import kernels
 from ..weights import w8a8_store
 from .quant import QuantLinear, dequantize
 
-MODES = ("w8a8",)
+# "w8a8-vision": the same, and a vision tower's linear layers in int8 too, its attention with int8 scores and
+# bf16 products of weights and values (convert_tower); measured only on random weights at real sizes (benchmarks/vision_tower.py).
+MODES = ("w8a8", "w8a8-vision")
 
 
 def padded_size(in_features: int) -> int:
@@ -363,10 +365,19 @@ def convert(model: nn.Module, store: Path | None = None) -> int:
     return len(made)
 
 
+def convert_tower(tower: nn.Module) -> int:
+    """The "w8a8-vision" mode's vision tower: its linear layers as W8A8Linear and its attention with int8 scores
+    (VisionTransformer.lossy_attention("int8"), where the CPU has AVX512-BF16 and VNNI). Returns the layers made."""
+    made = convert_linears(tower)
+    if hasattr(tower, "lossy_attention"):
+        tower.lossy_attention("int8")
+    return made
+
+
 def convert_linears(module: nn.Module) -> int:
-    """Every nn.Linear inside `module` as a W8A8Linear — for a vision tower, on request only (not part of the
-    w8a8 mode: on random weights at real sizes its merged tokens move by 3-6 % of their largest value, and no
-    real checkpoint was at hand to tell what that does to answers; benchmarks/vision_tower.py measures it)."""
+    """Every nn.Linear inside `module` as a W8A8Linear — for a vision tower, on request only (the "w8a8-vision"
+    mode, not "w8a8": on random weights at real sizes its merged tokens move by 3-6 % of their largest value, and
+    no real checkpoint was at hand to tell what that does to answers; benchmarks/vision_tower.py measures it)."""
     made = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

@@ -90,7 +90,8 @@ def load_model(
     linear weights in bfloat16 (exactly the float32 numbers, in half the memory) for the same kernels.
 
     `quantization="w8a8"` (or QWEN_ENGINE_QUANTIZATION=w8a8) is the optional lossy mode of models/w8a8.py:
-    int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py."""
+    int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py.
+    "w8a8-vision" converts a vision tower too (int8 linear layers, bf16 attention products)."""
     if quantization is None:
         quantization = os.environ.get("QWEN_ENGINE_QUANTIZATION") or None
     if quantization is not None and quantization not in w8a8.MODES:
@@ -115,6 +116,9 @@ def load_model(
         raise
     if quantization is not None:
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.weight_layout()))
+        tower = getattr(loaded.model, "visual", None)
+        if quantization == "w8a8-vision" and tower is not None:
+            w8a8.convert_tower(tower)
     loaded.defaults = merge_defaults(source.defaults, loaded.defaults)
     loaded.source, loaded.system_prompt, loaded.max_model_len = source, source.system_prompt, source.max_model_len
     return loaded
