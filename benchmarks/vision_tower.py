@@ -16,11 +16,12 @@ through our preprocessing with the released checkpoints' pixel limits (Qwen2.5-V
 Qwen3-VL: 1024x1024 -> 4096 patches), float32. "peak" is the resident-memory high-water mark during the pass
 above what the process held after building the tower (VmHWM reset through /proc/self/clear_refs): activations
 and workspace, not weights. qwen-engine also encodes a 10-second video: 20 frames at 2 fps, 448x448 (10
-temporal patches; --video-runs, default 1). The 1-minute load average is printed: other jobs sharing the cores
-add noise. --systems may add "qwen-engine w8a8" (the w8a8-vision mode: every linear layer of our tower in int8,
-models/w8a8.py, and its attention with int8 scores, VisionTransformer.lossy_attention), "qwen-engine
-bf16-attention" (the float32 tower with lossy_attention("bf16")) and "qwen-engine bf16" / "transformers sdpa bf16" (the towers
-cast to bfloat16; max|Δ| is taken in float32). Not a test: nothing is asserted.
+temporal patches; --video-runs, default 1), and so does "qwen-engine w8a8" when it is listed. The 1-minute load
+average is printed: other jobs sharing the cores add noise. --systems may add "qwen-engine w8a8" (the w8a8-vision
+mode, w8a8.convert_tower: every linear layer of our tower in int8 and its attention with int8 scores),
+"qwen-engine bf16-attention" (the float32 tower with lossy_attention("bf16")) and "qwen-engine bf16" /
+"transformers sdpa bf16" (the towers cast to bfloat16; max|Δ| is taken in float32). Not a test: nothing is
+asserted.
 
 --bf16-weights rounds every weight to bfloat16 first, in all systems: the towers of released checkpoints, which
 are bfloat16, run in float32. qwen-engine then keeps its linear weights in bfloat16 for the native kernels
@@ -169,9 +170,7 @@ def worker(family: str, system: str, video: bool, args: argparse.Namespace, out:
         if system == "qwen-engine w8a8":
             from qwen_engine.models import w8a8
 
-            w8a8.convert_linears(model)
-        if system == "qwen-engine w8a8":
-            model.lossy_attention("int8")  # the w8a8-vision mode (w8a8.convert_tower)
+            w8a8.convert_tower(model)  # the w8a8-vision mode: int8 linear layers and int8 attention scores
         elif system == "qwen-engine bf16-attention":
             model.lossy_attention("bf16")
         model.to(dtype)
@@ -263,10 +262,11 @@ def main() -> None:
                 for system in rotated:
                     results[family, system].append(measure(family, system, "image", run, tmp))
         videos = {}
-        if not args.no_video and "qwen-engine" in systems:
-            for family in families:
-                videos[family] = [
-                    measure(family, "qwen-engine", "video", r, tmp) for r in range(args.video_runs)
+        video_systems = [s for s in ("qwen-engine", "qwen-engine w8a8") if s in systems and not args.no_video]
+        for family in families:
+            for system in video_systems:
+                videos[family, system] = [
+                    measure(family, system, "video", r, tmp) for r in range(args.video_runs)
                 ]
 
         print(
@@ -299,15 +299,13 @@ def main() -> None:
                     f"{peak:.0f} | {ratio} | {diff} |"
                 )
         if videos:
-            print(
-                f"\nqwen-engine, {args.video_frames} frames of 448x448 ({args.video_frames // 2} temporal patches):\n"
-            )
-            print("| tower | patches | median s | peak MiB |")
-            print("|---|---|---|---|")
-            for family, rs in videos.items():
+            print(f"\n{args.video_frames} frames of 448x448 ({args.video_frames // 2} temporal patches):\n")
+            print("| tower | system | patches | median s | peak MiB |")
+            print("|---|---|---|---|---|")
+            for (family, system), rs in videos.items():
                 median = statistics.median(r["seconds"] for r in rs)
                 peak = max(r["peak_mib"] for r in rs)
-                print(f"| {TOWERS[family]['label']} | {rs[0]['patches']} | {median:.1f} | {peak:.0f} |")
+                print(f"| {TOWERS[family]['label']} | {system} | {rs[0]['patches']} | {median:.1f} | {peak:.0f} |")
 
 
 if __name__ == "__main__":

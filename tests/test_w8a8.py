@@ -292,6 +292,7 @@ def test_vision_language_model(family, tmp_path, qwen3_tokenizer_dir):
     towered = LLM(tmp_path, progress=False, kv_cache_memory=32 << 20, quantization="w8a8-vision")
     tower = towered.model.visual
     assert all(block.attn.products == "int8" for block in tower.blocks)
+    assert tower.reuse_freed_memory and not lossy.model.visual.reuse_freed_memory  # models/heap.py
     assert sum(isinstance(m, w8a8.W8A8Linear) for m in tower.modules()) == sum(
         isinstance(m, torch.nn.Linear) for m in lossy.model.visual.modules())
     pixels, grid = prompt.items[0].pixel_values, torch.tensor([prompt.items[0].grid_thw])

@@ -1,5 +1,5 @@
 """A vision tower's large activations reused, not faulted in afresh, block after block (glibc; elsewhere
-nothing changes).
+nothing changes). Used by towers in the w8a8-vision mode (VisionTransformer.reuse_freed_memory).
 
 glibc serves an allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it when it is
 freed, so every large activation of a tower (70-90 MB at 1024x1024) has its pages faulted in and zeroed by the

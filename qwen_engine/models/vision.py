@@ -400,6 +400,10 @@ class VisionTransformer(nn.Module):
         # The learned position table is resampled like F.interpolate(align_corners=True); a switch only so
         # tests can show the flag is observable.
         self.interpolation_align_corners = True
+        # Large activations from the heap during a pass (models/heap.py): set by w8a8.convert_tower, where it
+        # pays (a 10-second video 1.34x faster, +83 MiB at its peak); a float32 tower gains 1.03-1.09x for up to
+        # +357 MiB of peak (fragments of the windows' many sizes), so it stays off there.
+        self.reuse_freed_memory = False
         self._layouts: dict[tuple[Any, ...], VisionLayout] = {}
         self.reset_computed_state()
 
@@ -453,6 +457,8 @@ class VisionTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """As forward, plus the DeepStack features: one [N / merge², out_hidden_size] tensor per entry of
         `deepstack_visual_indexes` (in block order, i.e. feature k feeds LLM layer k); empty before Qwen3-VL."""
+        if not self.reuse_freed_memory:
+            return self._encode(pixel_values, grid_thw)
         with heap_for_large_tensors():  # the blocks' large activations reuse each other's pages (models/heap.py)
             return self._encode(pixel_values, grid_thw)
 

@@ -371,6 +371,7 @@ def convert_tower(tower: nn.Module) -> int:
     made = convert_linears(tower)
     if hasattr(tower, "lossy_attention"):
         tower.lossy_attention("int8")
+        tower.reuse_freed_memory = True  # its int8 products lose ~20 % to page faults otherwise (models/heap.py)
     return made
 
 
