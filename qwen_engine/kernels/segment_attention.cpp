@@ -82,6 +82,28 @@ struct Operands {
   float scale;                // bf16: the softmax's scale with log2 e
 };
 
+// The sums behind RR query rows' scores over one block of keys kb: for each word of the rows' dims, 16 keys a
+// vector against the row's word, broadcast. Acc: __m512i with vpdpbusd (int8 scores) or __m512 with vdpbf16ps.
+template <int RR, class Acc, class Dot>
+inline void score_sums(const Word* const* q, int words, const Word* kb, Acc (&a)[RR][4], Dot dot) {
+  #pragma GCC unroll 8
+  for (int r = 0; r < RR; ++r)
+    #pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) a[r][c] = Acc{};
+  for (int e = 0; e < words; ++e) {
+    const Word* ke = kb + e * KB;
+    const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
+    #pragma GCC unroll 8
+    for (int r = 0; r < RR; ++r) {
+      const __m512i qe = _mm512_set1_epi32(static_cast<int>(q[r][e]));
+      a[r][0] = dot(a[r][0], k0, qe);
+      a[r][1] = dot(a[r][1], k1, qe);
+      a[r][2] = dot(a[r][2], k2, qe);
+      a[r][3] = dot(a[r][3], k3, qe);
+    }
+  }
+}
+
 // RR query rows (q[r], their words; int8: qs, qsum their scales and sums) against one block: keys kb, key scales
 // ks (int8), values vb ([KB/2][16 V] words), of which the first nk (1..KB) are real. m, l: the rows' running max
 // and sum (base 2); o[r]: their 16 V outputs so far. p: RR x KB bf16 of workspace. The loops over rows and
@@ -92,22 +114,8 @@ inline void block_rows(const Operands& op, const Word* const* q, const float* qs
   __m512 s[RR][4];
   if constexpr (INT8) {
     __m512i a[RR][4];
-    #pragma GCC unroll 8
-    for (int r = 0; r < RR; ++r)
-      #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) a[r][c] = _mm512_setzero_si512();
-    for (int e = 0; e < op.words; ++e) {
-      const Word* ke = kb + e * KB;
-      const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
-      #pragma GCC unroll 8
-      for (int r = 0; r < RR; ++r) {
-        const __m512i qe = _mm512_set1_epi32(static_cast<int>(q[r][e]));
-        a[r][0] = _mm512_dpbusd_epi32(a[r][0], k0, qe);
-        a[r][1] = _mm512_dpbusd_epi32(a[r][1], k1, qe);
-        a[r][2] = _mm512_dpbusd_epi32(a[r][2], k2, qe);
-        a[r][3] = _mm512_dpbusd_epi32(a[r][3], k3, qe);
-      }
-    }
+    const auto dot = [](__m512i acc, __m512i k, __m512i qe) { return _mm512_dpbusd_epi32(acc, k, qe); };
+    score_sums<RR>(q, op.words, kb, a, dot);
     #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
       const __m512i sum = _mm512_set1_epi32(qsum[r]);
@@ -118,22 +126,7 @@ inline void block_rows(const Operands& op, const Word* const* q, const float* qs
                                               _mm512_loadu_ps(ks + 16 * c)), sq);
     }
   } else {
-    #pragma GCC unroll 8
-    for (int r = 0; r < RR; ++r)
-      #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
-    for (int e = 0; e < op.words; ++e) {
-      const Word* ke = kb + e * KB;
-      const __m512i k0 = load_words(ke), k1 = load_words(ke + 16), k2 = load_words(ke + 32), k3 = load_words(ke + 48);
-      #pragma GCC unroll 8
-      for (int r = 0; r < RR; ++r) {
-        const __m512i qe = _mm512_set1_epi32(static_cast<int>(q[r][e]));
-        s[r][0] = dot_pairs(s[r][0], k0, qe);
-        s[r][1] = dot_pairs(s[r][1], k1, qe);
-        s[r][2] = dot_pairs(s[r][2], k2, qe);
-        s[r][3] = dot_pairs(s[r][3], k3, qe);
-      }
-    }
+    score_sums<RR>(q, op.words, kb, s, [](__m512 acc, __m512i k, __m512i qe) { return dot_pairs(acc, k, qe); });
     const __m512 sv = _mm512_set1_ps(op.scale);
     #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r)
