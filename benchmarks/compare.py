@@ -10,7 +10,7 @@ each run: load time, prefill tokens/s (time to the first generated token), singl
 
 System `qwen-engine-w8a8` is qwen-engine's optional lossy mode (int8 weights and activations, models/w8a8.py);
 --quality prints how far it moves the model (mean KL divergence from the float model, greedy agreement) over a
-fixed corpus.
+fixed corpus, and, when llama.cpp is among the systems, how far llama.cpp's own logits are from the float model.
 
 With --streams 8,16,32, qwen-engine and llama.cpp also decode N different short chat prompts (~40 tokens each)
 at once, 64 greedy tokens per stream: qwen-engine through its continuous-batching engine, llama.cpp through
@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -226,32 +227,64 @@ def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
             "tokens": out}
 
 
-def quality_w8a8(model: str, corpus: list[list[int]]) -> dict:
+def quality(model: str, corpus: list[list[int]], peer_logits: str | None = None) -> dict[str, dict]:
     """How far the lossy w8a8 mode moves the model: the KL divergence of its next-token distributions from the
-    float model's (the default path's numbers), and how often their greedy choices agree, at every position."""
+    float model's (the default path's numbers), and how often their greedy choices agree, at every position.
+    With `peer_logits` (a folder of `quality_llama_cpp`'s files), the same for llama.cpp's own logits, whose
+    products round activations to 8 bits too (its Q8_K / Q8_0 blocks): the distance of the peer from the model."""
+    import numpy as np
     import torch
     import torch.nn.functional as F
 
     from qwen_engine import LLM
 
     exact, lossy = LLM(model, progress=False), LLM(model, progress=False, quantization="w8a8")
-    kls, agree = [], 0
-    for ids in corpus:
-        p, q = F.log_softmax(exact.logits(ids), -1), F.log_softmax(lossy.logits(ids), -1)
-        kls.append((p.exp() * (p - q)).sum(-1))
-        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
-    kl = torch.cat(kls)
-    return {"mean_kl": float(kl.mean()), "p99_kl": float(kl.quantile(0.99)), "max_kl": float(kl.max()),
-            "greedy_agreement": agree / kl.numel(), "positions": kl.numel()}
+    systems = {"w8a8": lambda i, ids: lossy.logits(ids)}
+    if peer_logits:
+        systems["llama.cpp"] = lambda i, ids: torch.from_numpy(np.load(Path(peer_logits) / f"{i}.npy"))
+    kls: dict[str, list] = {name: [] for name in systems}
+    agree = dict.fromkeys(systems, 0)
+    for i, ids in enumerate(corpus):
+        p = F.log_softmax(exact.logits(ids).float(), -1)
+        for name, logits in systems.items():
+            q = F.log_softmax(logits(i, ids).float(), -1)
+            kls[name].append((p.exp() * (p - q)).sum(-1))
+            agree[name] += int((p.argmax(-1) == q.argmax(-1)).sum())
+    out = {}
+    for name in systems:
+        kl = torch.cat(kls[name])
+        out[name] = {"mean_kl": float(kl.mean()), "p99_kl": float(kl.quantile(0.99)), "max_kl": float(kl.max()),
+                     "greedy_agreement": agree[name] / kl.numel(), "positions": kl.numel()}
+    return out
+
+
+def quality_llama_cpp(model: str, corpus: list[list[int]], out_dir: str) -> dict:
+    """llama.cpp's logits at every position of each corpus window, saved as `<window>.npy` in out_dir (the
+    peer's environment has numpy; the float model's logits are computed in qwen-engine's child)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_ctx=max(len(ids) for ids in corpus), n_threads=THREADS,
+                n_threads_batch=THREADS, n_batch=512, logits_all=True, verbose=False)
+    for i, ids in enumerate(corpus):
+        llm.reset()
+        llm.eval(ids)
+        np.save(Path(out_dir) / f"{i}.npy", np.asarray(llm.scores[: len(ids)], dtype=np.float32))
+    return {"windows": len(corpus)}
 
 
 def first_load_w8a8(model: str) -> dict:
     """The first load in w8a8 mode converts the model and keeps its int8 layers on disk; later loads map them."""
     from qwen_engine import LLM
     from qwen_engine.models import w8a8
+    from qwen_engine.models.calibration import calibration_ids
+    from qwen_engine.text.tokenizer import QwenTokenizer
     from qwen_engine.weights import w8a8_store
+    from qwen_engine.weights.gguf import GGUFFile
 
-    store = w8a8_store.store_path(Path(model), w8a8.weight_layout())
+    tokenizer = QwenTokenizer.from_gguf_metadata(GGUFFile(model).metadata)
+    smooth = os.environ.get("QWEN_ENGINE_W8A8_SMOOTHING", "1") != "0"
+    store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer) if smooth else None))
     kept = store is not None and store.exists()
     start = time.perf_counter()
     LLM(model, progress=False, quantization="w8a8")
@@ -280,8 +313,10 @@ def child(system: str, model: str, ids_file: str) -> None:
     ids = json.loads(Path(ids_file).read_text())
     if system.endswith("@parallel"):  # ids: one prompt per stream
         result = PARALLEL[system.removesuffix("@parallel")](model, ids)
-    elif system == "quality":  # ids: the corpus windows
-        result = quality_w8a8(model, ids)
+    elif system == "quality":  # ids: the corpus windows and where llama.cpp's logits are, if measured
+        result = quality(model, ids["corpus"], ids["peer_logits"])
+    elif system == "quality-llama.cpp":
+        result = quality_llama_cpp(model, ids["corpus"], ids["out_dir"])
     elif system == "w8a8-store":
         result = first_load_w8a8(model)
     else:
@@ -336,7 +371,8 @@ def main() -> None:
     def run_child(system: str, payload) -> dict | None:
         ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen-engine-bench-{os.getpid()}.json"
         ids_file.write_text(json.dumps(payload))
-        python = sys.executable if system.startswith(("qwen-engine", "quality")) else args.peer_python
+        ours = system.startswith(("qwen-engine", "w8a8-store")) or system == "quality"
+        python = sys.executable if ours else args.peer_python
         proc = subprocess.run([python, __file__, "--child", system, model, str(ids_file)], capture_output=True,
                               text=True, env=env)
         ids_file.unlink(missing_ok=True)
@@ -385,11 +421,18 @@ def main() -> None:
 
     if args.quality:
         corpus = quality_corpus(tok)
-        r = run_child("quality", corpus)
+        with tempfile.TemporaryDirectory() as peer_dir:
+            # llama.cpp's logits too when it is among the systems: the peer's own distance from the model.
+            peer = "llama.cpp" in systems and run_child("quality-llama.cpp", {"corpus": corpus, "out_dir": peer_dir})
+            r = run_child("quality", {"corpus": corpus, "peer_logits": peer_dir if peer else None})
         if r is not None:
-            print(f"\nw8a8 against the float model over {r['positions']} positions ({len(corpus)} standard-library "
-                  f"modules, {len(corpus[0])} tokens each): mean KL {r['mean_kl']:.5f} nats, 99th percentile "
-                  f"{r['p99_kl']:.4f}, max {r['max_kl']:.4f}; greedy agreement {100 * r['greedy_agreement']:.2f} %")
+            print(f"\nAgainst the float model (qwen-engine's default path) over {r['w8a8']['positions']} positions "
+                  f"({len(corpus)} standard-library modules, {len(corpus[0])} tokens each):")
+            for name, q in r.items():
+                if not isinstance(q, dict):  # the child's peak RSS
+                    continue
+                print(f"  {name}: mean KL {q['mean_kl']:.5f} nats, 99th percentile {q['p99_kl']:.4f}, max "
+                      f"{q['max_kl']:.4f}; greedy agreement {100 * q['greedy_agreement']:.2f} %")
 
 
 def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:

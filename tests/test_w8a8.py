@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from test_decode_step import PROMPTS, assert_same_steps
 from tiny_models import build_tiny
 
@@ -91,6 +92,62 @@ def test_kernel_equals_reference(M, K, N):
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 896, 40), (7, 256, 33), (20, 100, 9), (130, 4864, 24)])
+def test_smoothing_factors_in_the_kernel(M, K, N):
+    """A smoothed layer (weight columns times s, x times 1/s as it is quantised): the kernel's quantisation of x
+    equals the reference's of x / s bit for bit, the layer equals reference_linear with the same factors (and the
+    PyTorch fallback), and the product stays x @ W^T within int8 rounding (weight_float undoes s)."""
+    native = int8_native()
+    gen = torch.Generator().manual_seed(M + K + N)
+    x = torch.randn(M, K, generator=gen)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    smooth = torch.rand(K, generator=gen) * 4 + 0.25
+    layer = w8a8.W8A8Linear(w, torch.randn(N, generator=gen), smooth)
+    assert torch.equal(layer.input_factors, 1 / smooth)
+    if K % layer.group == 0:
+        q, scales, _ = native.int8_quantize(x, layer.group, layer.input_factors)
+        q_ref, scales_ref = w8a8.quantize_activations(x * layer.input_factors, layer.group)
+        assert torch.equal(q, q_ref) and torch.equal(scales, scales_ref)
+    padded = F.pad(x, (0, layer.padded - K))
+    ref = w8a8.reference_linear(padded, layer.weight_rows(), layer.weight_scales, layer.bias, layer.group,
+                                layer.input_factors)
+    y = layer(x)
+    # The same int8 values; the float sums of the groups in another order (their terms are larger here than
+    # unsmoothed, so the bound is 1e-5 of the output range rather than 1e-6).
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (y - w8a8.W8A8Linear(w, layer.bias)(x)).abs().max() > 0  # the factors are used, not dropped
+    # W * s rounded to int8 per row (scale r), then divided by s again: each weight is off by at most r / 2 / s.
+    bound = layer.weight_scales[:, None] / 2 * layer.input_factors[None, :]
+    assert ((layer.weight_float() - w).abs() <= bound * (1 + 1e-5) + 1e-9).all()
+    exact = x @ w.t() + layer.bias
+    assert (y - exact).abs().max() <= 0.1 * exact.abs().max()
+    with pytest.raises(RuntimeError, match="input factors"):
+        packed_linear = native.int8_linear_amx if layer.layout == "amx" else native.int8_linear_units
+        packed_linear(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group, layer.input_factors[:-1])
+
+
+def test_smoothing_shrinks_the_error_of_outlier_columns():
+    """Activations whose few large columns set their groups' scales (as a decoder's do): smoothed by the maxima of
+    another sample of the same kind, the product's error against float is a fraction of the unsmoothed one's."""
+    gen = torch.Generator().manual_seed(11)
+    K, N = 896, 256
+    outliers = torch.randperm(K, generator=gen)[:6]
+
+    def sample(rows: int) -> torch.Tensor:
+        x = torch.randn(rows, K, generator=gen)
+        x[:, outliers] *= 60
+        return x
+
+    w = torch.randn(N, K, generator=gen) * 0.05
+    x = sample(64)
+    exact = x @ w.t()
+    smooth = w8a8.smoothing(sample(128).abs().amax(0), w.abs().amax(0))
+    plain_error = (w8a8.W8A8Linear(w)(x) - exact).pow(2).mean()
+    smoothed_error = (w8a8.W8A8Linear(w, None, smooth)(x) - exact).pow(2).mean()
+    print(f"mean squared error: {plain_error:.3e} unsmoothed, {smoothed_error:.3e} smoothed")
+    assert smoothed_error < 0.25 * plain_error
+
+
 @pytest.mark.parametrize("M,K,N", [(3, 100, 9), (40, 3420, 24), (9, 1000, 17)])
 def test_kernel_pads_x_itself(M, K, N):
     """A width that is not a multiple of 64 (the Qwen2.5-VL tower's 3420): the kernel quantises the unpadded x as
@@ -150,10 +207,12 @@ def test_weight_quantisation_equals_reference():
     assert torch.equal(u8[3], torch.full((896,), 128, dtype=torch.uint8))
 
 
-def test_pytorch_fallback_gives_the_kernel_numbers(monkeypatch):
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_pytorch_fallback_gives_the_kernel_numbers(monkeypatch, smoothed):
     int8_native()
     gen = torch.Generator().manual_seed(5)
-    layer = w8a8.W8A8Linear(torch.randn(40, 256, generator=gen), None)
+    smooth = torch.rand(256, generator=gen) + 0.5 if smoothed else None
+    layer = w8a8.W8A8Linear(torch.randn(40, 256, generator=gen), None, smooth)
     x = torch.randn(2, 3, 256, generator=gen)
     native = layer(x)
     monkeypatch.setattr(kernels, "native", lambda: None)
@@ -188,6 +247,7 @@ def test_demo_model_quality(demo_gguf, demo_llm, tmp_path, monkeypatch):
 
     # A second load maps the layers the first one kept (weights/w8a8_store.py): the same numbers, bit for bit.
     (kept,) = (tmp_path / "w8a8").glob("*.safetensors")
+    convert_one = w8a8._int8
     monkeypatch.setattr(w8a8, "_int8", None)  # converting again would fail
     mapped = LLM(demo_gguf, progress=False, quantization="w8a8")
     assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
@@ -197,6 +257,17 @@ def test_demo_model_quality(demo_gguf, demo_llm, tmp_path, monkeypatch):
         assert resident < 32 << 20, f"{resident >> 20} MiB of the GGUF mapped in (its weights are ~470 MiB)"
     del mapped
     kept.unlink()  # ~500 MB
+
+    # Without smoothing (QWEN_ENGINE_W8A8_SMOOTHING=0) the same text moves further: measured 0.00101 nats
+    # against 0.00042 (compare.py --quality's corpus: 0.00244 against 0.00189).
+    del lossy
+    monkeypatch.setattr(w8a8, "_int8", convert_one)
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_SMOOTHING", "0")
+    plain = LLM(demo_gguf, progress=False, quantization="w8a8")
+    kl_plain = (p.exp() * (p - F.log_softmax(plain.logits(ids), -1))).sum(-1)
+    print(f"w8a8 unsmoothed: mean KL {kl_plain.mean():.5f}")
+    assert kl_plain.mean() > 1.5 * kl.mean()
 
 
 def test_float_checkpoint_converts(tmp_path, qwen3_tokenizer_dir):
@@ -215,7 +286,7 @@ def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, mon
     keep_layers_in(monkeypatch, home)
     made = []
     convert_one = w8a8._int8
-    monkeypatch.setattr(w8a8, "_int8", lambda layers: made.append(1) or convert_one(layers))
+    monkeypatch.setattr(w8a8, "_int8", lambda layers, x_absmax=None: made.append(1) or convert_one(layers, x_absmax))
     ids = [151644, 872, 198] + [1000 + 37 * i % 9000 for i in range(40)]
 
     lossy = LLM(model, quantization="w8a8")
@@ -223,6 +294,10 @@ def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, mon
     (kept,) = (home / "w8a8").glob("*.safetensors")
     n = 4 * len(lossy.model.model.layers) + 1  # four products a layer, and the LM head
     assert len(made) == n
+    # smoothed (models/calibration.py), all but down_proj, and the factors kept with the layers
+    names = set(safe_open(str(kept), "pt").keys())
+    assert {"lm_head.factors", "model.layers.1.self_attn.qkv_proj.factors", "model.layers.1.mlp.gate_up_proj.factors",
+            "model.layers.1.self_attn.o_proj.factors"} <= names and "model.layers.1.mlp.down_proj.factors" not in names
     again = LLM(model, quantization="w8a8")
     assert len(made) == n and torch.equal(again.logits(ids), first)  # mapped, not converted
     assert isinstance(again.model.lm_head, w8a8.W8A8Linear) and again.model.model.layers[1].self_attn.q_proj is None
@@ -242,10 +317,19 @@ def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, mon
     renewed.write_bytes((2).to_bytes(8, "little") + b"[]")  # a header of the wrong shape
     assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first) and len(made) == 4 * n
 
+    # QWEN_ENGINE_W8A8_SMOOTHING=0: converted without smoothing, kept under another name (the old one removed)
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_SMOOTHING", "0")
+    plain = LLM(model, quantization="w8a8")
+    assert len(made) == 5 * n and plain.model.lm_head.input_factors is None
+    assert not torch.equal(plain.logits(ids), first)
+    (renewed,) = (home / "w8a8").glob("*.safetensors")
+    assert not any(name.endswith(".factors") for name in safe_open(str(renewed), "pt").keys())
+    monkeypatch.delenv("QWEN_ENGINE_W8A8_SMOOTHING")
+
     # and with QWEN_ENGINE_W8A8_CACHE=0 nothing is read or written
     monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
-    LLM(model, quantization="w8a8")
-    assert len(made) == 5 * n and list((home / "w8a8").iterdir()) == [renewed]
+    assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first)
+    assert len(made) == 6 * n and list((home / "w8a8").iterdir()) == [renewed]
 
     # a folder that cannot be written costs the next load its speed, nothing else
     keep_layers_in(monkeypatch, tmp_path / "model" / "model.safetensors")  # a file, not a folder

@@ -32,10 +32,10 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
 torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                               const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                              int64_t group);
+                              int64_t group, const c10::optional<torch::Tensor>& factors);
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group);
+                                int64_t group, const c10::optional<torch::Tensor>& factors);
 bool int8_has_amx();
 
 namespace {
@@ -90,14 +90,16 @@ struct Linear {
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
   // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
-  // for this CPU (AMX tiles where they run, else units of 8 rows), their scales, x quantised in groups of `group`.
+  // for this CPU (AMX tiles where they run, else units of 8 rows), their scales, x (times the layer's smoothing
+  // factors, if any) quantised in groups of `group`.
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, packed_rows = 0;
+  c10::optional<torch::Tensor> int8_factors;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
 #if QE_INT8
     if (group > 0)
-      return int8_has_amx() ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group)
-                            : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group);
+      return int8_has_amx() ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
+                            : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors);
 #endif
     TORCH_CHECK(group == 0, "this build has no int8 kernels");
     return linear(x, blocks, qtypes, bias, gemv_max_rows);
@@ -138,14 +140,15 @@ class DecodeStep {
 
   // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
   void set_int8(int64_t li, const std::string& which, torch::Tensor weight, torch::Tensor scales,
-                c10::optional<torch::Tensor> bias, int64_t group, int64_t packed_rows) {
+                c10::optional<torch::Tensor> bias, int64_t group, int64_t packed_rows,
+                c10::optional<torch::Tensor> factors) {
     TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
     Layer& l = layers_[li];
     Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
               : which == "down" ? &l.down : nullptr;
     TORCH_CHECK(p != nullptr, "no projection ", which);
     TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of 8 rows)");
-    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows};
+    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors};
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }

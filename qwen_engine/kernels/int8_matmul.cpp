@@ -293,18 +293,22 @@ constexpr int64_t ROW_CHUNK = 256;
 // from which the kernels take off the weights' +128: the VNNI units tile starts each of a row's two lanes at 8x
 // that, AMX each output at 16x (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
 // (the weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
+// With `factors` (Kx floats; the layer's smoothing, models/w8a8.py), x's columns are multiplied by them first.
 constexpr int64_t MAX_GROUP = 512;
-void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, int8_t* q, float* scales,
-                   int32_t* starts) {
+void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, const float* factors, int8_t* q,
+                   float* scales, int32_t* starts) {
   const int64_t groups = K / G;
   at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
     alignas(64) float padded[MAX_GROUP];
     for (int64_t i = a; i < b; ++i) {
       const int64_t row = i / groups, column = (i % groups) * G, offset = row * K + column;
       const float* values = x + row * Kx + column;
-      if (column + G > Kx) {
-        const int64_t real = std::max<int64_t>(0, Kx - column);
-        std::copy(values, values + real, padded);
+      if (column + G > Kx || factors) {
+        const int64_t real = std::min(G, std::max<int64_t>(0, Kx - column));
+        if (factors)
+          for (int64_t k = 0; k < real; ++k) padded[k] = values[k] * factors[column + k];
+        else
+          std::copy(values, values + real, padded);
         std::fill(padded + real, padded + G, 0.0f);
         values = padded;
       }
@@ -348,27 +352,33 @@ const float* checked_bias(const torch::Tensor& weight_scales, const c10::optiona
 }  // namespace
 
 namespace {
-// x [M, Kx ≤ K] quantised as if padded with zeros to K columns: (q [M, K], scales, lane starts).
-std::vector<torch::Tensor> quantize_padded(const torch::Tensor& x, int64_t K, int64_t group) {
+// x [M, Kx ≤ K] (times `factors` [Kx], if given) quantised as if padded with zeros to K columns: (q [M, K],
+// scales, lane starts).
+std::vector<torch::Tensor> quantize_padded(const torch::Tensor& x, int64_t K, int64_t group,
+                                           const c10::optional<torch::Tensor>& factors) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
   TORCH_CHECK(group > 0 && group % 64 == 0 && group <= MAX_GROUP && K % group == 0,
               "group must be a multiple of 64 dividing K, at most ", MAX_GROUP);
   TORCH_CHECK(x.size(1) <= K && x.size(1) > K - 64, "x has ", x.size(1), " columns; the weight has ", K,
               " (x may lack only the padding to a multiple of 64)");
+  TORCH_CHECK(!factors.has_value() || (factors->dtype() == torch::kFloat32 && factors->is_contiguous() &&
+                                       factors->device().is_cpu() && factors->numel() == x.size(1)),
+              "input factors must be contiguous CPU float32 [", x.size(1), "]");
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0);
   auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
   auto scales = torch::empty({M, K / group}, torch::dtype(torch::kFloat32));
   auto starts = torch::empty({M, K / group}, torch::dtype(torch::kInt32));
-  quantize_rows(xc.data_ptr<float>(), xc.size(1), M, K, group, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
-                starts.data_ptr<int32_t>());
+  quantize_rows(xc.data_ptr<float>(), xc.size(1), M, K, group, factors ? factors->data_ptr<float>() : nullptr,
+                q.data_ptr<int8_t>(), scales.data_ptr<float>(), starts.data_ptr<int32_t>());
   return {q, scales, starts};
 }
 }  // namespace
 
-std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) {
+std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
+                                         const c10::optional<torch::Tensor>& factors) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  return quantize_padded(x, x.size(1), group);
+  return quantize_padded(x, x.size(1), group, factors);
 }
 
 // y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of
@@ -376,14 +386,14 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group) 
 // lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group) {
+                                int64_t group, const c10::optional<torch::Tensor>& factors) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t units = (N + 7) / 8, K = packed.numel() / std::max<int64_t>(1, units * 8);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
               "packed weight must be contiguous uint8 of ", units * 8, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N);
-  const auto parts = quantize_padded(x, K, group);
+  const auto parts = quantize_padded(x, K, group, factors);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
@@ -419,7 +429,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   }
   return y;
 #else
-  (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group;
+  (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group, (void)factors;
   TORCH_CHECK(false, "this build has no int8 kernels");
 #endif
 }
@@ -533,32 +543,40 @@ bool int8_has_amx() {
 
 torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                               const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                              int64_t group) {
+                              int64_t group, const c10::optional<torch::Tensor>& factors) {
 #if QE_AMX
   TORCH_CHECK(amx_usable(), "AMX is not available to this process");
   const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
               "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N);
-  const auto parts = quantize_padded(x, K, group);
+  const auto parts = quantize_padded(x, K, group, factors);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   amx_linear(packed.data_ptr<uint8_t>(), N, K, group, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(),
              parts[2].data_ptr<int32_t>(), M, weight_scales.data_ptr<float>(), bias_ptr, y.data_ptr<float>());
   return y;
 #else
+  (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group, (void)factors;
   TORCH_CHECK(false, "this build has no AMX kernels");
 #endif
 }
 
 void register_int8(pybind11::module& m) {
   m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
-  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear_units with the weight packed for AMX tiles");
+  namespace py = pybind11;
+  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear_units with the weight packed for AMX tiles", py::arg("x"),
+        py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
+        py::arg("factors") = py::none());
   m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units8" : QE_INT8 ? "units" : ""); },
         "the layout of int8 weights in units of 8 rows here: units (AVX2) or units8 (AVX-512 VNNI), models/w8a8.py");
-  m.def("int8_linear_units", &int8_linear_units, "x @ W^T (+ bias), W int8 in units of 8 rows, x quantised to int8 per group");
+  m.def("int8_linear_units", &int8_linear_units,
+        "x @ W^T (+ bias), W int8 in units of 8 rows, x (times factors, if given) quantised to int8 per group",
+        py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
+        py::arg("factors") = py::none());
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
-  m.def("int8_quantize", &int8_quantize, "x as int8 in groups along each row: (q, scales, lane starts)");
+  m.def("int8_quantize", &int8_quantize, "x (times factors, if given) as int8 in groups along each row: (q, scales, "
+        "lane starts)", py::arg("x"), py::arg("group"), py::arg("factors") = py::none());
 }
 #else
 void register_int8(pybind11::module&) {}

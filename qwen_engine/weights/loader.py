@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..engine.sampling_params import SamplingParams
 from ..errors import InputError, ModelLoadError
 from ..models import w8a8
+from ..models.calibration import calibration_ids
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
 from . import bf16_layers, w8a8_store
@@ -115,7 +116,11 @@ def load_model(
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
     if quantization is not None:
-        w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.weight_layout()))
+        # Smoothing (models/w8a8.py) by default; QWEN_ENGINE_W8A8_SMOOTHING=0 converts without it (to compare).
+        smooth = os.environ.get("QWEN_ENGINE_W8A8_SMOOTHING", "1") != "0"
+        calibration = calibration_ids(loaded.tokenizer) if smooth else None
+        w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
+                     calibration=calibration)
         tower = getattr(loaded.model, "visual", None)
         if quantization == "w8a8-vision" and tower is not None:
             w8a8.convert_tower(tower)

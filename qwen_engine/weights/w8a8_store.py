@@ -29,7 +29,8 @@ DTYPES = {"U8": torch.uint8, "F32": torch.float32}
 
 
 def store_path(source: Path, layout: str) -> Path | None:
-    """Where the converted layers of `source` (a file, or a folder of files) live, or None if turned off."""
+    """Where the converted layers of `source` (a file, or a folder of files) live, or None if turned off.
+    `layout`: everything else they depend on (models/w8a8.py: store_kind)."""
     if os.environ.get("QWEN_ENGINE_W8A8_CACHE", "1") == "0":
         return None
     source = source.resolve()
