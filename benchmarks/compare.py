@@ -283,8 +283,7 @@ def first_load_w8a8(model: str) -> dict:
     from qwen_engine.weights.gguf import GGUFFile
 
     tokenizer = QwenTokenizer.from_gguf_metadata(GGUFFile(model).metadata)
-    smooth = os.environ.get("QWEN_ENGINE_W8A8_SMOOTHING", "1") != "0"
-    store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer) if smooth else None))
+    store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer)))
     kept = store is not None and store.exists()
     start = time.perf_counter()
     LLM(model, progress=False, quantization="w8a8")

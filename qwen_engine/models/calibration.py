@@ -10,6 +10,8 @@ must be among those seen (measured without them, the demo's mean KL was 2.5x wor
 
 from __future__ import annotations
 
+import os
+
 CALIBRATION_TEXT = """<|im_start|>system
 You are a careful assistant. Answer briefly and say so when you are unsure.<|im_end|>
 <|im_start|>user
@@ -84,6 +86,9 @@ async def with_retries(call: Callable[[], Any], attempts: int = 5, base: float =
             await asyncio.sleep(base * 2**n + random.uniform(0, base))
 '''
 
-def calibration_ids(tokenizer) -> list[list[int]]:
-    """The calibration texts as token ids, one sequence each (special tokens as their ids)."""
+def calibration_ids(tokenizer) -> list[list[int]] | None:
+    """The calibration texts as token ids, one sequence each (special tokens as their ids); None where
+    QWEN_ENGINE_W8A8_SMOOTHING=0 asks for no smoothing."""
+    if os.environ.get("QWEN_ENGINE_W8A8_SMOOTHING", "1") == "0":
+        return None
     return [tokenizer.encode(CALIBRATION_TEXT), tokenizer.encode(CODE_TEXT)]

@@ -116,9 +116,7 @@ def load_model(
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
     if quantization is not None:
-        # Smoothing (models/w8a8.py) by default; QWEN_ENGINE_W8A8_SMOOTHING=0 converts without it (to compare).
-        smooth = os.environ.get("QWEN_ENGINE_W8A8_SMOOTHING", "1") != "0"
-        calibration = calibration_ids(loaded.tokenizer) if smooth else None
+        calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
                      calibration=calibration)
         tower = getattr(loaded.model, "visual", None)
