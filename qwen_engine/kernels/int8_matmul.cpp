@@ -1,7 +1,8 @@
-// The lossy w8a8 mode's product (models/w8a8.py): y = x @ W^T with W re-quantised to int8 (one scale per output
-// row) and x quantised on the fly to int8 in groups of G values along each row (one scale per group).
+// The lossy w8a8 mode's product (models/w8a8.py): y = x @ W^T with W re-quantised to int8 and x quantised on the
+// fly to int8, both in groups of G values along the input (one scale per group of each weight row and of each row
+// of x). The weight scales are kept group by group, sw [groups, N], so a unit's 8 (or 16) outputs are adjacent.
 //
-//   y[m, n] = sw[n] * sum_g sx[m, g] * (q[m, g, :] . w[n, g, :]) + bias[n]
+//   y[m, n] = sum_g sx[m, g] * sw[g, n] * (q[m, g, :] . w[n, g, :]) + bias[n]
 //
 // The group dot products are exact integers; only the scaling is float. The weights are stored as unsigned
 // bytes u = w + 128, the operand order AVX-512 VNNI wants (vpdpbusd: unsigned x signed bytes, four products
@@ -41,15 +42,22 @@ inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t 
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
 }
 
-// y[0..cols) = sw * acc + bias for one unit's 8 outputs (cols < 8 in the last unit of a weight, which is padded).
-inline void store_unit(__m256 acc, float* y, const float* sw, const float* bias, int cols) {
+inline __m256i first_lanes(int cols) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One group's weight scales of a unit's 8 outputs (zeros past `cols`: the last unit of a weight is padded).
+inline __m256 unit_scales(const float* sw, int cols) {
+  return cols >= 8 ? _mm256_loadu_ps(sw) : _mm256_maskload_ps(sw, first_lanes(cols));
+}
+
+// y[0..cols) = acc + bias for one unit's 8 outputs (cols < 8 in the last unit of a weight).
+inline void store_unit(__m256 acc, float* y, const float* bias, int cols) {
   if (cols >= 8) {
-    const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(sw), acc);
-    _mm256_storeu_ps(y, bias ? _mm256_add_ps(v, _mm256_loadu_ps(bias)) : v);
+    _mm256_storeu_ps(y, bias ? _mm256_add_ps(acc, _mm256_loadu_ps(bias)) : acc);
   } else if (cols > 0) {
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256 v = _mm256_mul_ps(_mm256_maskload_ps(sw, mask), acc);
-    _mm256_maskstore_ps(y, mask, bias ? _mm256_add_ps(v, _mm256_maskload_ps(bias, mask)) : v);
+    const __m256i mask = first_lanes(cols);
+    _mm256_maskstore_ps(y, mask, bias ? _mm256_add_ps(acc, _mm256_maskload_ps(bias, mask)) : acc);
   }
 }
 
@@ -74,14 +82,14 @@ float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
   return scale;
 }
 
-// One weight row of K floats → K bytes int8 + 128; returns the row's scale.
-float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
+// One group of G weights → G bytes int8 + 128; returns the group's scale.
+float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), offset = _mm512_set1_ps(128.0f);
   __m512 amax = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+  for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
   const float scale = _mm512_reduce_max_ps(amax) / 127.0f;
   const __m512 d = _mm512_set1_ps(scale > 0.0f ? scale : 1.0f);
-  for (int64_t k = 0; k < K; k += 16) {
+  for (int64_t k = 0; k < G; k += 16) {
     const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), d),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 u = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(q, lo), hi), offset);
@@ -99,14 +107,15 @@ float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
 // 512-bit operation in two 256-bit halves, so the multiply rate is the same) the front end held it at ~72 % of
 // that rate: 155 against 204-212 G multiply-adds/s on one core, in a loop on cached data, 4 rows of x.
 // The weights' +128 adds 128 * sum(q) to each group's sum; each of a row's two lanes starts at -64 * sum(q).
-// y[i, 0..cols) = sw * (products of row i of q with the NR units at wu) + bias, for MR rows of q; `ahead`:
-// prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are
-// prefetched a few at each group.
+// y[i, 0..cols) = (products of row i of q with the NR units at wu) + bias, for MR rows of q; sw: the units'
+// weight scales of group 0, each next group's ldy (= N) further on; `ahead`: prefetch each unit's stream
+// PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are prefetched a few at each group.
 template <int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
                 int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
                 const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
+  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row r → lanes 2r, 2r+1
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -131,9 +140,13 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
         for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xb);
       }
     }
+    __m512 swv[NR];
+    for (int j = 0; j < NR; ++j)
+      swv[j] = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(unit_scales(sw + g * ldy + 8 * j, cols - 8 * j)));
     for (int i = 0; i < MR; ++i) {
       const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), _mm512_mul_ps(swv[j], s), acc[i][j]);
     }
   }
   const __m512i pairs = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -141,8 +154,8 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
     for (int j = 0; j < NR; ++j) {
       const __m512 p = _mm512_permutexvar_ps(pairs, acc[i][j]);
       const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
-      store_unit(_mm256_add_ps(_mm512_castps512_ps256(p), hi), y + i * ldy + 8 * j, sw + 8 * j,
-                 bias ? bias + 8 * j : nullptr, cols - 8 * j);
+      store_unit(_mm256_add_ps(_mm512_castps512_ps256(p), hi), y + i * ldy + 8 * j, bias ? bias + 8 * j : nullptr,
+                 cols - 8 * j);
     }
 }
 #else
@@ -193,14 +206,14 @@ float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
   return scale;
 }
 
-// One weight row of K floats → K bytes int8 + 128; returns the row's scale.
-float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
+// One group of G weights → G bytes int8 + 128; returns the group's scale.
+float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
   __m256 amax = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) amax = max_abs8(amax, row + k);
+  for (int64_t k = 0; k < G; k += 8) amax = max_abs8(amax, row + k);
   const float scale = hmax8(amax) / 127.0f;
   const __m256 d = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
   const __m256i offset = _mm256_set1_epi32(128);
-  for (int64_t k = 0; k < K; k += 16)
+  for (int64_t k = 0; k < G; k += 16)
     store16<true>(_mm256_add_epi32(quantized8(row + k, d), offset),
                   _mm256_add_epi32(quantized8(row + k + 8, d), offset), dst + k);
   return scale;
@@ -214,9 +227,8 @@ float quantize_weight_row(const float* row, int64_t K, uint8_t* dst) {
 // steps of 32 bytes a group of 128, then 8 conversions, FMAs and sums across lanes); this one ran 1.4x faster in
 // a loop on cached data (70 against 51 G multiply-adds/s on one Zen 3 core).
 //
-// y[i, 0..cols) = sw * (products of row i of q (and a = |q|) with the NR units at wu) + bias, for MR rows of q.
-// `ahead`: prefetch each unit's stream PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units)
-// are prefetched a few at each group.
+// y[i, 0..cols) = (products of row i of q (and a = |q|) with the NR units at wu) + bias, for MR rows of q; sw, ahead,
+// fetch and fetch_lines as in the AVX-512 units_tile.
 template <int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t*, const float* sx, int64_t K,
                 int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
@@ -248,14 +260,17 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int3
                                        _mm256_madd_epi16(_mm256_maddubs_epi16(ab, _mm256_sign_epi8(wv[j], xb)), ones));
       }
     }
+    __m256 swv[NR];
+    for (int j = 0; j < NR; ++j) swv[j] = unit_scales(sw + g * ldy + 8 * j, cols - 8 * j);
     for (int i = 0; i < MR; ++i) {
       const __m256 s = _mm256_set1_ps(sx[i * groups + g]);
-      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), s, acc[i][j]);
+      for (int j = 0; j < NR; ++j)
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), _mm256_mul_ps(swv[j], s), acc[i][j]);
     }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
-      store_unit(acc[i][j], y + i * ldy + 8 * j, sw + 8 * j, bias ? bias + 8 * j : nullptr, cols - 8 * j);
+      store_unit(acc[i][j], y + i * ldy + 8 * j, bias ? bias + 8 * j : nullptr, cols - 8 * j);
 }
 #endif
 
@@ -321,29 +336,33 @@ void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, 
 
 }  // namespace
 
-// Weight rows float32 [N, K] → (uint8 [N, K] = int8 + 128, scales [N]): max |w| / 127 per row, w / scale rounded
-// half to even (models/w8a8.py: quantize_weight is the reference).
-std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w) {
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.device().is_cpu() && w.size(1) % 16 == 0,
-              "w must be CPU float32 [N, K] with K a multiple of 16");
+// Weight rows float32 [N, K] → (uint8 [N, K] = int8 + 128, scales [N, K / group]): max |w| / 127 per group of
+// `group` values along each row, w / scale rounded half to even (models/w8a8.py: quantize_weight is the reference).
+std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w, int64_t group) {
+  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.device().is_cpu(), "w must be CPU float32 [N, K]");
+  TORCH_CHECK(group > 0 && group % 16 == 0 && w.size(1) % group == 0, "group must be a multiple of 16 dividing K");
   const auto wc = w.contiguous();
-  const int64_t N = wc.size(0), K = wc.size(1);
+  const int64_t N = wc.size(0), K = wc.size(1), groups = K / group;
   auto out = torch::empty({N, K}, torch::dtype(torch::kUInt8));
-  auto scales = torch::empty({N}, torch::dtype(torch::kFloat32));
+  auto scales = torch::empty({N, groups}, torch::dtype(torch::kFloat32));
   const float* src = wc.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) sp[r] = quantize_weight_row(src + r * K, K, dst + r * K);
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t g = 0; g < groups; ++g)
+        sp[r * groups + g] = quantize_weight_group(src + r * K + g * group, group, dst + r * K + g * group);
   });
   return {out, scales};
 }
 
 namespace {
-// Checks the per-row scales and the bias of an N-row weight; the bias pointer (nullptr without one).
-const float* checked_bias(const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias, int64_t N) {
-  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.numel() == N,
-              "weight scales must be contiguous float32 [N]");
+// Checks the weight scales [groups, N] and the bias of an N-row weight; the bias pointer (nullptr without one).
+const float* checked_bias(const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias, int64_t N,
+                          int64_t groups) {
+  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.dim() == 2 &&
+                  weight_scales.size(0) == groups && weight_scales.size(1) == N,
+              "weight scales must be contiguous float32 [", groups, ", ", N, "] (per group, per output)");
   if (!bias.has_value()) return nullptr;
   TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
               "bias must be contiguous float32 [N]");
@@ -382,8 +401,8 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
 }
 
 // y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of
-// 8 rows, int8 + 128 per output row scaled by weight_scales; x is quantised to int8 in groups of `group`. x may
-// lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
+// 8 rows, int8 + 128, scaled per group by weight_scales [K / group, N]; x is quantised to int8 in groups of `group`.
+// x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group, const c10::optional<torch::Tensor>& factors) {
@@ -392,7 +411,8 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   const int64_t units = (N + 7) / 8, K = packed.numel() / std::max<int64_t>(1, units * 8);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
               "packed weight must be contiguous uint8 of ", units * 8, " rows of a multiple of 64 bytes");
-  const float* bias_ptr = checked_bias(weight_scales, bias, N);
+  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  const float* bias_ptr = checked_bias(weight_scales, bias, N, K / group);
   const auto parts = quantize_padded(x, K, group, factors);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
@@ -498,10 +518,18 @@ void amx_linear(const uint8_t* packed, int64_t N, int64_t K, int64_t G, const in
           const int rows = static_cast<int>(std::min<int64_t>(16, c1 - m0));
           if (rows != configured) configure(configured = rows);
           std::fill(acc, acc + rows * 32, 0.0f);
+          const int64_t n0 = u * 32;
+          __mmask16 masks[2];
+          for (int h = 0; h < 2; ++h) {
+            const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, N - n0 - 16 * h));
+            masks[h] = static_cast<__mmask16>((1u << cols) - 1);
+          }
           for (int64_t g = 0; g < groups; ++g) {
             products(q + m0 * K, wu, K, g, G, m0 == c0);
             _tile_stored(0, dots, 128);
             _tile_stored(1, dots + 16, 128);
+            const __m512 sw_g[2] = {_mm512_maskz_loadu_ps(masks[0], sw + g * N + n0),
+                                    _mm512_maskz_loadu_ps(masks[1], sw + g * N + n0 + 16)};
             for (int r = 0; r < rows; ++r) {
               const int64_t i = (m0 + r) * groups + g;
               const __m512i start = _mm512_set1_epi32(16 * starts[i]);  // -128 * sum(q): the weights' +128
@@ -509,20 +537,17 @@ void amx_linear(const uint8_t* packed, int64_t N, int64_t K, int64_t G, const in
               for (int h = 0; h < 2; ++h) {
                 const __m512i v = _mm512_add_epi32(_mm512_load_si512(dots + r * 32 + 16 * h), start);
                 float* a = acc + r * 32 + 16 * h;
-                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), s, _mm512_load_ps(a)));
+                _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(sw_g[h], s),
+                                                   _mm512_load_ps(a)));
               }
             }
           }
-          const int64_t n0 = u * 32;
           for (int h = 0; h < 2; ++h) {
-            const int64_t cols = std::min<int64_t>(16, N - n0 - 16 * h);
-            if (cols <= 0) break;
-            const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-            const __m512 scale = _mm512_maskz_loadu_ps(mask, sw + n0 + 16 * h);
-            const __m512 add = bias ? _mm512_maskz_loadu_ps(mask, bias + n0 + 16 * h) : _mm512_setzero_ps();
+            if (!masks[h]) break;
+            const __m512 add = bias ? _mm512_maskz_loadu_ps(masks[h], bias + n0 + 16 * h) : _mm512_setzero_ps();
             for (int r = 0; r < rows; ++r)
-              _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, mask,
-                                    _mm512_fmadd_ps(scale, _mm512_load_ps(acc + r * 32 + 16 * h), add));
+              _mm512_mask_storeu_ps(y + (m0 + r) * N + n0 + 16 * h, masks[h],
+                                    _mm512_add_ps(_mm512_load_ps(acc + r * 32 + 16 * h), add));
           }
         }
       }
@@ -549,7 +574,8 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
               "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
-  const float* bias_ptr = checked_bias(weight_scales, bias, N);
+  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  const float* bias_ptr = checked_bias(weight_scales, bias, N, K / group);
   const auto parts = quantize_padded(x, K, group, factors);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
@@ -574,7 +600,8 @@ void register_int8(pybind11::module& m) {
         "x @ W^T (+ bias), W int8 in units of 8 rows, x (times factors, if given) quantised to int8 per group",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
         py::arg("factors") = py::none());
-  m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per row");
+  m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per group of each row",
+        py::arg("w"), py::arg("group"));
   m.def("int8_quantize", &int8_quantize, "x (times factors, if given) as int8 in groups along each row: (q, scales, "
         "lane starts)", py::arg("x"), py::arg("group"), py::arg("factors") = py::none());
 }

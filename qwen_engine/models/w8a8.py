@@ -5,10 +5,11 @@ The default path keeps the model's numbers (GGUF blocks dequantised inside float
 a measured amount of accuracy for speed where float32 products are compute-bound — many sequences decoding at
 once, and prefill:
 
-- every linear layer's weight (and the LM head) is re-quantised at load to int8, one scale per output row
-  (symmetric, max |w| / 127);
-- each row of activations is quantised on the fly to int8 in groups of GROUP values along the input, one scale
-  per group (per-token scales lose several times more: activations have outlier channels);
+- every linear layer's weight (and the LM head) is re-quantised at load to int8 in groups of 128 (or 64) values
+  along each row, one scale per group (symmetric, max |w| / 127); one scale per whole row was 1.9x further
+  from the float model (mean KL on the demo model, docs/benchmarks.md);
+- each row of activations is quantised on the fly to int8 in groups of the same size, one scale per group
+  (per-token scales lose several times more: activations have outlier channels);
 - before both, each input column j of the q/k/v, o, gate/up products and the LM head is smoothed (SmoothQuant):
   the weight's column is multiplied by s_j = max|x_j|^½ / max|W_j|^½ and the activations by 1/s_j as they are
   quantised, which leaves the product unchanged but meets the activations' outlier columns halfway. max|x_j|
@@ -76,12 +77,13 @@ def store_kind(calibration: list[list[int]] | None) -> str:
 PACKED_ROWS = {"amx": 32, "units": 8, "units8": 8}  # rows per unit of a packed layout (padded to whole units)
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [N, K] → (uint8 [N, K] holding int8 values + 128, float32 scales [N])."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1) / 127
-    q = torch.round(w / torch.where(scales > 0, scales, 1)[:, None]).clamp_(-127, 127)
-    return (q + 128).to(torch.uint8).contiguous(), scales.contiguous()
+def quantize_weight(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] → (uint8 [N, K] holding int8 values + 128, float32 scales [N, K / group]): symmetric, max |w| /
+    127 per group of `group` values along each row."""
+    w = weight.float().reshape(weight.shape[0], -1, group)
+    scales = w.abs().amax(dim=2) / 127
+    q = torch.round(w / torch.where(scales > 0, scales, 1)[:, :, None]).clamp_(-127, 127)
+    return (q + 128).to(torch.uint8).view(weight.shape).contiguous(), scales.contiguous()
 
 
 def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +157,9 @@ PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units), "uni
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                      group: int, factors: torch.Tensor | None = None) -> torch.Tensor:
     """The same numbers as the kernel, in PyTorch (up to the order of float sums): the fallback and the tests'
-    reference. Group dot products of int8 values stay below 2^24, so float32 holds them exactly. `factors`
-    multiply x's first columns (the layer's smoothing) before it is quantised."""
+    reference. `scales`: the weight's, [K / group, N]. Group dot products of int8 values stay below 2^24, so
+    float32 holds them exactly. `factors` multiply x's first columns (the layer's smoothing) before it is
+    quantised."""
     if factors is not None:
         x = torch.cat([x[:, : factors.numel()] * factors, x[:, factors.numel() :]], dim=1)
     q, sx = quantize_activations(x, group)
@@ -166,13 +169,12 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
     for m0 in range(0, M, 64):  # [rows, N, groups] at a time
         qg = q[m0 : m0 + 64].float().view(-1, G, group).transpose(0, 1)  # [G, rows, group]
         dots = torch.bmm(qg, w.view(N, G, group).permute(1, 2, 0))  # [G, rows, N], exact integers
-        y[m0 : m0 + 64] = (dots * sx[m0 : m0 + 64].t()[:, :, None]).sum(0)
-    y.mul_(scales)
+        y[m0 : m0 + 64] = (dots * sx[m0 : m0 + 64].t()[:, :, None] * scales[:, None, :]).sum(0)
     return y if bias is None else y.add_(bias)
 
 
 class W8A8Linear(nn.Module):
-    """y = x @ W^T + b with W as int8 rows and x quantised to int8 per group of `group` inputs."""
+    """y = x @ W^T + b with W as int8 rows and x quantised to int8, both per group of `group` inputs."""
 
     def __init__(self, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None):
@@ -193,7 +195,8 @@ class W8A8Linear(nn.Module):
         # ever made.
         self.layout = weight_layout()
         unit = PACKED_ROWS.get(self.layout, 0)
-        self.weight_scales = torch.empty(self.out_features)
+        # [groups, N]: a group's scales of adjacent outputs are adjacent, as the kernels read them
+        self.weight_scales = torch.empty(self.padded // self.group, self.out_features)
         if unit:
             self.packed = torch.empty(-(-self.out_features // unit) * unit * self.padded, dtype=torch.uint8)
             self.weight_u8 = None
@@ -206,10 +209,10 @@ class W8A8Linear(nn.Module):
             values = part.float() if smooth is None else part.float() * smooth.float()
             values = F.pad(values, (0, self.padded - self.in_features)).contiguous()
             if native is not None and hasattr(native, "int8_quantize_weight"):
-                u8, scales = native.int8_quantize_weight(values)
+                u8, scales = native.int8_quantize_weight(values, self.group)
             else:
-                u8, scales = quantize_weight(values)
-            self.weight_scales[row : row + rows] = scales
+                u8, scales = quantize_weight(values, self.group)
+            self.weight_scales[:, row : row + rows] = scales.t()
             row += rows
             if not unit:
                 self.weight_u8[row - rows : row] = u8
@@ -228,14 +231,15 @@ class W8A8Linear(nn.Module):
         """A layer from the tensors `tensors()` gave (the weight in this CPU's layout), taken as they are."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.out_features, layer.in_features = int(scales.shape[0]), in_features
+        layer.out_features, layer.in_features = int(scales.shape[-1]), in_features
         layer.padded, layer.group = padded_size(in_features), group_size(in_features)
         layer.weight_scales, layer.bias, layer.input_factors = scales, bias, factors
         layer.layout = weight_layout()
         unit = PACKED_ROWS.get(layer.layout, 0)
         rows = -(-layer.out_features // unit) * unit if unit else layer.out_features
         if weight.dtype != torch.uint8 or weight.numel() != rows * layer.padded or (
-                bias is not None and bias.shape != scales.shape) or (
+                scales.dtype != torch.float32 or scales.shape != (layer.padded // layer.group, layer.out_features)) or (
+                bias is not None and bias.shape != (layer.out_features,)) or (
                 factors is not None and (factors.dtype != torch.float32 or factors.shape != (in_features,))):
             raise ValueError(f"stored int8 layer does not fit {layer.out_features} x {in_features}")
         layer.packed, layer.weight_u8 = (weight, None) if unit else (None, weight.view(-1, layer.padded))
@@ -273,8 +277,8 @@ class W8A8Linear(nn.Module):
     def weight_float(self) -> torch.Tensor:
         """The int8 weight as float32 [N, K] (what the products multiply by, up to the activations' rounding),
         its smoothing undone."""
-        rows = self.weight_rows()[:, : self.in_features]
-        w = (rows.to(torch.int16) - 128).float() * self.weight_scales[:, None]
+        values = (self.weight_rows().to(torch.int16) - 128).float().view(self.out_features, -1, self.group)
+        w = (values * self.weight_scales.t()[:, :, None]).view(self.out_features, -1)[:, : self.in_features]
         return w if self.input_factors is None else w * self.input_factors
 
     def extra_repr(self) -> str:
@@ -357,7 +361,8 @@ def _int8(layers: list[nn.Module], x_absmax: torch.Tensor | None = None) -> W8A8
 # Products left unsmoothed. down_proj's input, silu(gate) * up, has rare spikes in single columns that a short
 # calibration text misses (on held-out text the demo's maxima exceeded the calibrated ones up to 20-55x, against
 # 2-4x for the other inputs); smoothing it made the demo's KL worse than smoothing the others alone (0.00227
-# against 0.00189 nats on compare.py's corpus; 0.00244 unsmoothed).
+# against 0.00189 nats on compare.py's corpus; 0.00244 unsmoothed), and still does with weight scales per group
+# (0.00131 against 0.00106; 0.00159 unsmoothed).
 UNSMOOTHED = ("down_proj",)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from .demo import cache_home
 
-FORMAT = "qwen-engine-w8a8/1"  # bump when the layers' numbers or layout change
+FORMAT = "qwen-engine-w8a8/2"  # bump when the layers' numbers or layout change (2: weight scales per group)
 DTYPES = {"U8": torch.uint8, "F32": torch.float32}
 
 
