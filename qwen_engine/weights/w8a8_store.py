@@ -41,21 +41,45 @@ def store_path(source: Path, layout: str) -> Path | None:
     return cache_home() / "w8a8" / f"{where}-{what}.safetensors"
 
 
+ALIGN = 64  # a cache line: the kernels' 64-byte loads of a weight must not straddle two
+
+
+def _save_aligned(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file in which every tensor whose predecessors are whole cache lines starts on one: the data
+    begins at a multiple of ALIGN (the header padded with spaces, as the format allows) and tensors of whole
+    lines (every int8 weight) come first. safetensors' own save_file orders float32 before uint8 and pads the
+    header to 8 bytes only: the demo's int8 weights all began 8 bytes into a line, and the units kernel ran
+    8-13 % slower on them at 1-32 rows of x."""
+    order = sorted(tensors, key=lambda name: (tensors[name].numel() * tensors[name].element_size() % ALIGN != 0, name))
+    header: dict = {"__metadata__": {"format": FORMAT}}
+    offset = 0
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            f.write(memoryview(tensors[name].contiguous().numpy()).cast("B"))
+
+
 def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically (a reader never sees half a file) and remove older files of the same source. A failure
     (a full or read-only disk) only costs the next load its speed, so it is a warning."""
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        _save_aligned(tensors, tmp)
         os.replace(tmp, path)
         source = path.name.split("-")[0]
         for stale in path.parent.glob(f"{source}-*.safetensors"):
             if stale != path:
                 stale.unlink(missing_ok=True)
-    except Exception as e:  # OSError, or safetensors' own error for a failed write: never a reason to fail a load
+    except OSError as e:  # a full or read-only disk: never a reason to fail a load
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         warnings.warn(f"could not keep the w8a8 layers in {path.parent} ({e}); the next load converts again",
