@@ -6,7 +6,7 @@ a measured amount of accuracy for speed where float32 products are compute-bound
 once, and prefill:
 
 - every linear layer's weight (and the LM head) is re-quantised at load to int8 in groups of 128 (or 64) values
-  along each row, one scale per group (symmetric, max |w| / 127); one scale per whole row was 1.9x further
+  along each row, one scale per group (symmetric, max |w| / 127); one scale per whole row was 1.8x further
   from the float model (mean KL on the demo model, docs/benchmarks.md);
 - each row of activations is quantised on the fly to int8 in groups of the same size, one scale per group
   (per-token scales lose several times more: activations have outlier channels);
