@@ -357,9 +357,11 @@ std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w, int64_t 
 }
 
 namespace {
-// Checks the weight scales [groups, N] and the bias of an N-row weight; the bias pointer (nullptr without one).
+// Checks the weight scales [K / group, N] and the bias of an N-row weight; the bias pointer (nullptr without one).
 const float* checked_bias(const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias, int64_t N,
-                          int64_t groups) {
+                          int64_t K, int64_t group) {
+  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
+  const int64_t groups = K / group;
   TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.dim() == 2 &&
                   weight_scales.size(0) == groups && weight_scales.size(1) == N,
               "weight scales must be contiguous float32 [", groups, ", ", N, "] (per group, per output)");
@@ -411,8 +413,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   const int64_t units = (N + 7) / 8, K = packed.numel() / std::max<int64_t>(1, units * 8);
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
               "packed weight must be contiguous uint8 of ", units * 8, " rows of a multiple of 64 bytes");
-  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
-  const float* bias_ptr = checked_bias(weight_scales, bias, N, K / group);
+  const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
   const auto parts = quantize_padded(x, K, group, factors);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
@@ -574,8 +575,7 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
   const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
               "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
-  TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
-  const float* bias_ptr = checked_bias(weight_scales, bias, N, K / group);
+  const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
   const auto parts = quantize_padded(x, K, group, factors);
   const int64_t M = x.size(0);
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
