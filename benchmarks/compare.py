@@ -10,7 +10,8 @@ each run: load time, prefill tokens/s (time to the first generated token), singl
 
 System `qwen-engine-w8a8` is qwen-engine's optional lossy mode (int8 weights and activations, models/w8a8.py);
 --quality prints how far it moves the model (mean KL divergence from the float model, greedy agreement) over a
-fixed corpus, and, when llama.cpp is among the systems, how far llama.cpp's own logits are from the float model.
+fixed corpus, and, when llama.cpp is among the systems, how far llama.cpp's own logits are from the float model;
+also how far a float16 KV cache (kv_cache_dtype) moves the float model.
 
 With --streams 8,16,32, qwen-engine and llama.cpp also decode N different short chat prompts (~40 tokens each)
 at once, 64 greedy tokens per stream: qwen-engine through its continuous-batching engine, llama.cpp through
@@ -229,7 +230,8 @@ def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
 
 def quality(model: str, corpus: list[list[int]], peer_logits: str | None = None) -> dict[str, dict]:
     """How far the lossy w8a8 mode moves the model: the KL divergence of its next-token distributions from the
-    float model's (the default path's numbers), and how often their greedy choices agree, at every position.
+    float model's (the default path's numbers), and how often their greedy choices agree, at every position;
+    the same for the float model with its KV cache in float16 (kv_cache_dtype).
     With `peer_logits` (a folder of `quality_llama_cpp`'s files), the same for llama.cpp's own logits, whose
     products round activations to 8 bits too (its Q8_K / Q8_0 blocks): the distance of the peer from the model."""
     import numpy as np
@@ -239,7 +241,8 @@ def quality(model: str, corpus: list[list[int]], peer_logits: str | None = None)
     from qwen_engine import LLM
 
     exact, lossy = LLM(model, progress=False), LLM(model, progress=False, quantization="w8a8")
-    systems = {"w8a8": lambda i, ids: lossy.logits(ids)}
+    half_kv = LLM(model, progress=False, kv_cache_dtype="float16")
+    systems = {"w8a8": lambda i, ids: lossy.logits(ids), "float16 KV cache": lambda i, ids: half_kv.logits(ids)}
     if peer_logits:
         systems["llama.cpp"] = lambda i, ids: torch.from_numpy(np.load(Path(peer_logits) / f"{i}.npy"))
     kls: dict[str, list] = {name: [] for name in systems}
@@ -430,8 +433,8 @@ def main() -> None:
             for name, q in r.items():
                 if not isinstance(q, dict):  # the child's peak RSS
                     continue
-                print(f"  {name}: mean KL {q['mean_kl']:.5f} nats, 99th percentile {q['p99_kl']:.4f}, max "
-                      f"{q['max_kl']:.4f}; greedy agreement {100 * q['greedy_agreement']:.2f} %")
+                print(f"  {name}: mean KL {q['mean_kl']:.3g} nats, 99th percentile {q['p99_kl']:.3g}, max "
+                      f"{q['max_kl']:.3g}; greedy agreement {100 * q['greedy_agreement']:.2f} %")
 
 
 def report(results: dict[str, list[dict]], prompt_tokens: int) -> None:

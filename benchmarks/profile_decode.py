@@ -2,6 +2,7 @@
 sampling, Python).
 
     python benchmarks/profile_decode.py [--streams 1] [--context 523] [--steps 64] [--python] [--quantization w8a8]
+        [--kv-cache-dtype float16]
 
 Runs the demo model with `streams` sequences decoding together after a `context`-token prompt and times
 `steps` engine steps. By default the decoder layers run as one native call per step (models/decode_step.py),
@@ -29,9 +30,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--python", action="store_true", help="profile the PyTorch layers, not the native step")
     p.add_argument("--quantization", choices=["w8a8"], help="the optional lossy mode (models/w8a8.py)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="the KV cache's type (float16/bfloat16: lossy, half the bytes)")
     args = p.parse_args()
 
-    llm = LLM(args.model, progress=False, quantization=args.quantization)
+    llm = LLM(args.model, progress=False, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     if quant.kernels.native() is None:
         raise SystemExit("the native kernels are not available; nothing to profile")
     model = llm.engine.model

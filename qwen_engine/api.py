@@ -21,7 +21,7 @@ from .errors import InputError
 from .outputs import RequestOutput, StreamDelta, Usage
 from .text.parsers import parse_answer, prompt_opens_thinking, split_reasoning
 from .vision.prompt import Prompt, VisionLimits
-from .weights.loader import load_model
+from .weights.loader import DTYPES, load_model
 
 
 class LLM:
@@ -35,7 +35,9 @@ class LLM:
     the matrix products (same numbers as float32 up to summation order); `quantized=False` dequantises the whole
     model to float32 at load instead (the reference path). `quantization="w8a8"` is the optional lossy mode
     (models/w8a8.py): int8 weights and activations, faster for many sequences and long prompts, with a measured
-    accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too.
+    accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too. `kv_cache_dtype="float16"`
+    (or "bfloat16") stores the KV cache of a float32 model in half the memory (twice the tokens in
+    kv_cache_memory), read back as float32: lossy, ~1e-6 nats for float16 on the demo model (docs/usage.md).
     """
 
     def __init__(
@@ -53,7 +55,9 @@ class LLM:
         vision_limits: VisionLimits | None = None,
         quantized: bool | None = None,
         quantization: str | None = None,
+        kv_cache_dtype: str | torch.dtype | None = None,
     ):
+        kv_dtype = parse_kv_cache_dtype(kv_cache_dtype)  # checked before seconds are spent loading
         loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized,
                             quantization=quantization)
         self.path = loaded.path
@@ -93,6 +97,7 @@ class LLM:
                 block_size=block_size,
                 max_num_seqs=max_num_seqs,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_dtype,
             ),
         )
 
@@ -391,6 +396,17 @@ def _text_of_parts(parts: list[Any], n: int) -> str:
         else:
             raise InputError(f"messages[{n}].content[{k}] is not a text part ({{'type': 'text', 'text': …}})")
     return "\n".join(texts)
+
+
+def parse_kv_cache_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The KV cache's element type from a name ("auto" or None: the model's own)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise InputError(f"unsupported kv_cache_dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
 
 
 def _parse_arguments(call: Any) -> Any:

@@ -105,6 +105,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", choices=["w8a8", "w8a8-vision"], help="optional lossy mode: int8 weights and "
                    "activations (int8 products on AVX2, AVX-512 VNNI or AMX); w8a8-vision: a vision tower too, "
                    "with bf16 attention products (see docs/usage.md)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="type the KV cache stores (default auto: the model's); float16 holds twice the tokens in "
+                   "the same memory, lossy (see docs/usage.md)")
     p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
     p.add_argument("--system", "-s", help="system message")
 
@@ -138,7 +141,7 @@ def _load(args: argparse.Namespace):
     if sys.stderr.isatty():
         print(f"loading {args.model or 'the demo model'} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              quantization=args.quantization)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     return llm, params
 
 
@@ -284,7 +287,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError("--system is not a server option; send a system message in the request")
     memory = parse_size(args.kv_cache_memory)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              quantization=args.quantization, kv_cache_memory=memory, block_size=args.block_size,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory,
+              block_size=args.block_size,
               max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or _default_served_name(args.model, llm)

@@ -48,6 +48,19 @@ def test_generate_streams_the_same_answer_as_the_api(demo_gguf, demo_llm):
     assert "Paris" in result.stdout
 
 
+def test_float16_kv_cache_gives_the_demo_model_the_same_answer(demo_gguf, demo_llm):
+    # float16 keys and values move the demo model's next-token distributions by ~1e-6 nats (docs/benchmarks.md):
+    # the greedy answer stays the float32 cache's.
+    from qwen_engine import SamplingParams
+
+    question = "Write a Python function that reverses a string."
+    result = run("generate", "--kv-cache-dtype", "float16", "--max-tokens", "32", *GREEDY, question)
+    assert result.returncode == 0, result.stderr
+    expected = demo_llm.chat([{"role": "user", "content": question}],
+                             SamplingParams(max_tokens=32, temperature=0, repetition_penalty=1))
+    assert result.stdout == expected.text + "\n"
+
+
 def test_generate_json(demo_gguf):
     result = run("generate", "--json", "--max-tokens", "8", *GREEDY, "--system", "Answer briefly.", "Say hello.")
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from qwen_engine import kernels
-from qwen_engine.engine.kv_cache import PagedBatch, PagedKVCache, SequenceSlice, decode_attention
+from qwen_engine.engine.kv_cache import (
+    PagedBatch,
+    PagedKVCache,
+    SequenceSlice,
+    causal_attention,
+    decode_attention,
+)
 
 
 def random_case(lengths: list[int], q_heads: int = 14, kv_heads: int = 2, dim: int = 64, slots: int = 400):
@@ -177,3 +183,56 @@ def test_paged_batch_prefill_same_with_and_without_native_kernel():
     q, k, v = (torch.randn(101, h, 64, generator=gen) for h in (14, 2, 2))
     outs = attend_with_and_without_native(cache, writes, seqs, q, k, v)
     assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=2e-6)
+
+
+HALF_POOLS = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF_POOLS)
+@pytest.mark.parametrize(("lengths", "dim"), [([1], 64), ([5, 130, 64], 64), ([700, 3], 128), ([9, 40], 32),
+                                              ([7, 3], 20)])
+def test_half_pools_are_read_as_float32(native, dtype, lengths, dim):
+    # A float16/bfloat16 pool (kv_cache_dtype): the same result as the PyTorch path on the pool's values in float32.
+    q, k, v, table, padding = random_case(lengths, dim=dim, slots=800)
+    k, v = k.to(dtype), v.to(dtype)
+    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
+    ref = decode_attention(q, k.float()[table], v.float()[table], padding)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+    if native.prefill_attention_supports(dim):
+        rows = table[0, : lengths[0]]
+        count = min(lengths[0], 50)
+        queries = torch.randn(count, q.shape[1], dim, generator=torch.Generator().manual_seed(5))
+        ours = native.prefill_attention(queries, k, v, rows, dim**-0.5)
+        ref = causal_attention(queries, k.float()[rows], v.float()[rows])
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=2e-6), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_POOLS])
+def test_write_kv_rounds_as_tensor_to(native, dtype):
+    gen = torch.Generator().manual_seed(6)
+    k, v = torch.zeros(50, 2, 64, dtype=dtype), torch.zeros(50, 2, 64, dtype=dtype)
+    # Values at float16's edges too: subnormal, ties, beyond its largest (to infinity, as Tensor.to does).
+    new_k = torch.randn(4, 2, 64, generator=gen) * torch.tensor([1.0, 1e-6, 3e4, 1e5])[:, None, None]
+    new_v = torch.randn(4, 2, 64, generator=gen)
+    new_v[0, 0, :4] = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8])  # ties of both halves
+    slots = torch.tensor([3, 49, 0, 17])
+    native.write_kv(k, v, new_k, new_v, slots)
+    assert torch.equal(k[slots], new_k.to(dtype)) and torch.equal(v[slots], new_v.to(dtype))
+    assert torch.count_nonzero(k) == torch.count_nonzero(new_k.to(dtype))  # nothing written elsewhere
+
+
+@pytest.mark.parametrize("dtype", HALF_POOLS)
+def test_paged_batch_half_pool_same_with_and_without_native_kernel(dtype):
+    """A decode and a prefill chunk after a cached prefix on a float16/bfloat16 pool: the native kernels and the
+    PyTorch path (which rounds as it stores and reads back as float32) give the same output."""
+    cache = PagedKVCache(num_layers=1, num_kv_heads=2, head_dim=64, num_blocks=40, block_size=16, dtype=dtype)
+    gen = torch.Generator().manual_seed(2)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    blocks = [9, 3, 7, 2, 30, 31, 5, 6, 8, 11]
+    seqs = [SequenceSlice(0, 1, cache.slots([0, 1], 0, 20)), SequenceSlice(1, 101, cache.slots(blocks, 0, 150))]
+    writes = torch.cat([cache.slots([0, 1], 19, 20), cache.slots(blocks, 50, 150)])
+    q, k, v = (torch.randn(101, h, 64, generator=gen) for h in (14, 2, 2))
+    outs = attend_with_and_without_native(cache, writes, seqs, q, k, v)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=2e-6)
+    assert torch.equal(cache.k[0, writes], k.to(dtype))

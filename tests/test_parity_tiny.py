@@ -15,7 +15,7 @@ import torch
 from tiny_models import build_tiny, engine_greedy, reference_greedy
 
 from qwen_engine import LLM, SamplingParams
-from qwen_engine.errors import ModelLoadError
+from qwen_engine.errors import InputError, ModelLoadError
 
 TOLERANCE = 1e-4
 CASES = [
@@ -109,3 +109,54 @@ def test_half_precision_dtypes_load_and_run(tmp_path, qwen3_tokenizer_dir, dtype
     # Half precision rounds every weight and activation: close to the fp32 reference, not equal to it.
     diff = (llm.logits(ids) - expected).abs().max().item()
     assert diff < 0.25, diff
+
+
+@pytest.fixture
+def rounded_reference_cache(monkeypatch):
+    """Makes transformers' KV cache store keys and values rounded to a dtype (and read them back as float32):
+    the reference for kv_cache_dtype. Its attention uses what the cache returns, the new tokens included, as
+    ours reads them back from the pool."""
+    from transformers.cache_utils import DynamicLayer
+
+    original = DynamicLayer.update
+
+    def use(dtype: torch.dtype) -> None:
+        def update(self, key_states, value_states, *args, **kwargs):
+            rounded = (key_states.to(dtype).float(), value_states.to(dtype).float())
+            return original(self, *rounded, *args, **kwargs)
+
+        monkeypatch.setattr(DynamicLayer, "update", update)
+
+    return use
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_half_kv_cache_equals_reference_with_a_rounded_cache(tmp_path, qwen3_tokenizer_dir, rounded_reference_cache,
+                                                             kv_dtype):
+    # qwen2: its k/v biases make larger keys than qwen3's normed ones.
+    ref = build_tiny("qwen2", tmp_path / "m", tokenizer_dir=qwen3_tokenizer_dir, seed=4)
+    exact, llm = LLM(tmp_path / "m"), LLM(tmp_path / "m", kv_cache_dtype=kv_dtype)
+    assert llm.engine.cache.k.dtype == getattr(torch, kv_dtype)
+    # Half the bytes a token: twice the tokens in the same memory.
+    assert llm.engine.capacity_tokens == 2 * exact.engine.capacity_tokens
+    ids, prompt = _ids(96), _ids(20, seed=2)
+    with torch.inference_mode():
+        plain = ref(torch.tensor([ids])).logits[0]
+    plain_greedy = reference_greedy(ref, prompt, 24)
+    rounded_reference_cache(getattr(torch, kv_dtype))
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0]
+    ours = llm.logits(ids)
+    diff = (ours - expected).abs().max().item()
+    assert diff <= TOLERANCE, f"max|Δlogit| = {diff:.3g}"
+    # The rounding is real (so this test would fail if the option did nothing): far beyond the tolerance.
+    moved = (ours - plain).abs().max().item()
+    assert moved > 10 * TOLERANCE, moved
+    # The engine's paged cache (native prefill and decode kernels on the CPU) against transformers' generate.
+    assert engine_greedy(llm, prompt, 24) == reference_greedy(ref, prompt, 24)
+    assert engine_greedy(exact, prompt, 24) == plain_greedy
+
+
+def test_kv_cache_dtype_is_checked(tmp_path, qwen3_tokenizer_dir):
+    with pytest.raises(InputError, match="kv_cache_dtype"):
+        LLM(tmp_path / "never-loaded", kv_cache_dtype="int4")

@@ -46,6 +46,9 @@ class EngineConfig:
     max_tokens_alone: int = 2048  # a step's token budget when a single sequence runs (a lone prompt's prefill)
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of vision encoder outputs kept for reuse
+    # Keys and values stored in this type (None: the model's). float16/bfloat16 for a float32 model halve the
+    # cache's memory and what a decode step reads of it; lossy (kv_cache.py).
+    kv_cache_dtype: torch.dtype | None = None
 
 
 class Engine:
@@ -57,8 +60,9 @@ class Engine:
         cfg = model.config
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        self.kv_dtype = config.kv_cache_dtype or self.dtype
         per_block = PagedKVCache.bytes_per_block(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.dtype
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.kv_dtype
         )
         num_blocks = config.kv_cache_memory // per_block
         if num_blocks < 2:
@@ -67,7 +71,7 @@ class Engine:
                 f"({per_block} bytes each)"
             )
         self.cache = PagedKVCache(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.dtype, self.device
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.kv_dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -266,7 +270,7 @@ class Engine:
                 f"{len(token_ids)} tokens do not fit the model's context of {self.config.max_model_len}"
             )
         cfg = self.model.config
-        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(token_ids), self.dtype, self.device)
+        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(token_ids), self.kv_dtype, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         out = []
         for start in range(0, len(token_ids), chunk):

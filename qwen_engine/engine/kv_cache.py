@@ -4,6 +4,10 @@ The model hands every layer's q/k/v to `attend(layer, q, k, v)`; the cache store
 each sequence holds. Keeping attention behind this one method is what lets the model code ignore how keys and
 values are laid out: one contiguous buffer (`KVCache`, a single sequence, used for `LLM.logits`) or a pool of
 fixed-size blocks shared by many packed sequences (`PagedKVCache` + `PagedBatch`, used by the engine).
+
+Either may store keys and values in a narrower type than the model computes in (`kv_cache_dtype`: float16 or
+bfloat16 for a float32 model, half the memory and half the bytes a decode step reads). They are rounded as they
+are stored and read back as the model's type; attention itself runs in the model's type.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+
+# Pool types the native attention kernels read (as float32, for float32 queries).
+NATIVE_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def decode_attention(
@@ -118,7 +125,7 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {end} tokens > capacity {self.capacity}")
         self.k[layer, self.length : end] = k
         self.v[layer, self.length : end] = v
-        return causal_attention(q, self.k[layer, :end], self.v[layer, :end])
+        return causal_attention(q, self.k[layer, :end].to(q.dtype), self.v[layer, :end].to(q.dtype))
 
     def commit(self, count: int) -> None:
         self.length += count
@@ -181,8 +188,9 @@ class PagedBatch:
         decodes = [s for s in sequences if s.query_end - s.query_start == 1]
         self.decode_slots = self.decode_rows = self.decode_padding = self.decode_lengths = None
         self.decodes_only = not self.sequences
-        # Decode attention reads the pool in place with the native kernel when there is one (CPU, float32).
-        self.native = kernels.native() if cache.k.device.type == "cpu" and cache.k.dtype == torch.float32 else None
+        # Attention reads the pool in place with the native kernels when there are some (CPU, float32 queries).
+        native_pool = cache.k.device.type == "cpu" and cache.k.dtype in NATIVE_KV_DTYPES
+        self.native = kernels.native() if native_pool else None
         if decodes:
             rows = [s.query_start for s in decodes]
             if rows != list(range(len(decodes))) or not self.decodes_only:
@@ -204,38 +212,40 @@ class PagedBatch:
 
     def native_decode_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """(k pool, v pool, write slots, context slots, lengths) for a native decode step (models/decode_step.py):
-        a step in which every sequence adds one token, in row order, on the native kernels' device and dtype."""
+        a step in which every sequence adds one token, in row order, on the native kernels' device and dtypes."""
         if self.native is None or not self.decodes_only or self.decode_rows is not None or self.decode_slots is None:
             return None
         return self.cache.k, self.cache.v, self.write_slots, self.decode_slots, self.decode_lengths
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]
-        if self.native is not None:
-            self.native.write_kv(k_layer, v_layer, k, v, self.write_slots)
-        else:
-            k_layer.index_copy_(0, self.write_slots, k)
-            v_layer.index_copy_(0, self.write_slots, v)
+        native = self.native if q.dtype == torch.float32 else None
+        if native is not None:
+            native.write_kv(k_layer, v_layer, k, v, self.write_slots)
+        else:  # (rounded to the pool's type as they are stored)
+            k_layer.index_copy_(0, self.write_slots, k.to(k_layer.dtype))
+            v_layer.index_copy_(0, self.write_slots, v.to(v_layer.dtype))
         if self.decodes_only and self.decode_rows is None:  # the common decode step: no scatter needed
-            return self._decode(q, k_layer, v_layer)
+            return self._decode(native, q, k_layer, v_layer)
         out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
         if self.decode_slots is not None:
-            out[self.decode_rows] = self._decode(q[self.decode_rows], k_layer, v_layer)
-        fused = self.native is not None and self.native.prefill_attention_supports(q.shape[-1])
+            out[self.decode_rows] = self._decode(native, q[self.decode_rows], k_layer, v_layer)
+        fused = native is not None and native.prefill_attention_supports(q.shape[-1])
         for s in self.sequences:
             if fused:  # reads the pool in place, never materialises the scores
-                out[s.query_start : s.query_end] = self.native.prefill_attention(
+                out[s.query_start : s.query_end] = native.prefill_attention(
                     q[s.query_start : s.query_end], k_layer, v_layer, s.context_slots, q.shape[-1] ** -0.5
                 )
                 continue
-            keys = k_layer.index_select(0, s.context_slots)
-            values = v_layer.index_select(0, s.context_slots)
+            keys = k_layer.index_select(0, s.context_slots).to(q.dtype)
+            values = v_layer.index_select(0, s.context_slots).to(q.dtype)
             out[s.query_start : s.query_end] = causal_attention(q[s.query_start : s.query_end], keys, values)
         return out
 
-    def _decode(self, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor) -> torch.Tensor:
-        if self.native is not None:
-            return self.native.decode_attention(
+    def _decode(self, native, q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tensor) -> torch.Tensor:
+        if native is not None:
+            return native.decode_attention(
                 q, k_layer, v_layer, self.decode_slots, self.decode_lengths, q.shape[-1] ** -0.5
             )
-        return decode_attention(q, k_layer[self.decode_slots], v_layer[self.decode_slots], self.decode_padding)
+        keys, values = k_layer[self.decode_slots].to(q.dtype), v_layer[self.decode_slots].to(q.dtype)
+        return decode_attention(q, keys, values, self.decode_padding)

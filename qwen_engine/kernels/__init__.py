@@ -30,7 +30,7 @@ SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
                          "int8_matmul.cpp", "bf16_ops.cpp", "amx_linear.cpp",
                          "segment_attention.cpp", "activations.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "amx_linear.h", "amx_tiles.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "kv_rows.h", "amx_linear.h", "amx_tiles.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 

@@ -3,7 +3,7 @@
 //
 // For sequence b and query head h (kv head h / group): out = softmax(scale · q·K^T) · V over the sequence's
 // first lengths[b] slots. The same arithmetic as the PyTorch path (kv_cache.decode_attention) up to the
-// order of the sums.
+// order of the sums. The pool may hold float32, float16 or bfloat16 (kv_rows.h); its rows are read as float32.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -13,13 +13,16 @@
 #include <type_traits>
 #include <vector>
 
+#include "kv_rows.h"
 #include "vec_math.h"
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+template <class KV>
+inline float dot(const float* a, const KV* b, int64_t n) {
   int64_t i = 0;
   float s = 0.0f;
+  if constexpr (std::is_same<KV, float>::value) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
@@ -33,7 +36,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
   s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
-  for (; i < n; ++i) s += a[i] * b[i];
+  }
+  for (; i < n; ++i) s += a[i] * kv_float(b[i]);
   return s;
 }
 
@@ -42,11 +46,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // stream ~6 GB/s a core here (a kv head's rows are D floats of every pool row, not one run of memory).
 constexpr int64_t AHEAD = 64;
 
-// Prefetches the D floats of a kv head's row at p, one cache line at a time.
-template <int D>
-inline void prefetch_row(const float* p) {
-  for (int l = 0; l < D; l += 16) _mm_prefetch(reinterpret_cast<const char*>(p + l), _MM_HINT_T1);
-}
+// Prefetches the D values of a kv head's row at p.
+template <int D, class KV>
+inline void prefetch_row(const KV* p) { prefetch_lines(p, D * sizeof(KV)); }
 
 // The query heads that share a kv head are computed together, so each key and value row is read from memory
 // once per group rather than once per head: at long contexts a head's keys and values no longer fit in L2
@@ -59,8 +61,8 @@ inline void prefetch_row(const float* p) {
 // keys of their kv head (key s at base[slots[s] * row + offset]; keys up to `reach` may be prefetched). Four
 // keys at a time: their rows are read from memory for the first head and from L1 for the others, and each
 // head's four sums are reduced together.
-template <int V>
-void group_scores_v(const float* q, int64_t G, const float* base, const int64_t* slots, int64_t n, int64_t reach,
+template <int V, class KV>
+void group_scores_v(const float* q, int64_t G, const KV* base, const int64_t* slots, int64_t n, int64_t reach,
                     int64_t row, int64_t offset, float scale, float* scaled, float* scores) {
   constexpr int D = QE_LANES * V;
   // scaled (G · D floats of workspace) = scale · q, applied before the products
@@ -68,7 +70,7 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
   for (int64_t i = 0; i < G * D; i += QE_LANES) vstore(scaled + i, vmul(vload(q + i), sv));
   int64_t s = 0;
   for (; s + 4 <= n; s += 4) {
-    const float* key[4];
+    const KV* key[4];
     for (int r = 0; r < 4; ++r) key[r] = base + slots[s + r] * row + offset;
     if (s + AHEAD + 4 <= reach)
       for (int r = 0; r < 4; ++r) prefetch_row<D>(base + slots[s + AHEAD + r] * row + offset);
@@ -83,7 +85,7 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
     }
   }
   for (; s < n; ++s) {
-    const float* k = base + slots[s] * row + offset;
+    const KV* k = base + slots[s] * row + offset;
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = scaled + g * D;
       vfloat acc = vmul(vload(qg), vload(k));
@@ -96,14 +98,14 @@ void group_scores_v(const float* q, int64_t G, const float* base, const int64_t*
 // sums[h] += Σ_s p[h * n + s] · value(s) over keys s0..s1 for H heads and VS vectors of their values starting
 // at float `dim` (sums: H rows of D floats), each value slice loaded once for all of them; the running sums
 // continue in key order from one call to the next.
-template <int D, int VS, int H>
-void group_values_v(const float* p, int64_t n, int64_t s0, int64_t s1, int64_t reach, const float* base,
+template <int D, int VS, int H, class KV>
+void group_values_v(const float* p, int64_t n, int64_t s0, int64_t s1, int64_t reach, const KV* base,
                     const int64_t* slots, int64_t row, int64_t offset, int dim, float* sums) {
   vfloat acc[H][VS];
   for (int h = 0; h < H; ++h)
     for (int d = 0; d < VS; ++d) acc[h][d] = vload(sums + h * D + dim + QE_LANES * d);
   for (int64_t s = s0; s < s1; ++s) {
-    const float* value = base + slots[s] * row + offset + dim;
+    const KV* value = base + slots[s] * row + offset + dim;
     if (dim == 0 && s + AHEAD < reach) prefetch_row<D>(base + slots[s + AHEAD] * row + offset);
     vfloat v[VS];
     for (int d = 0; d < VS; ++d) v[d] = vload(value + QE_LANES * d);
@@ -128,8 +130,8 @@ constexpr int values_heads() {
 
 // out[g] = Σ_s p[g * n + s] · value(s) for the G heads. A group needs more than one pass over the values
 // (7 heads of 64: 4, then 3); the keys are taken KEYS at a time so the later passes find the rows in L1.
-template <int V>
-void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const float* base, const int64_t* slots,
+template <int V, class KV>
+void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const KV* base, const int64_t* slots,
                   int64_t row, int64_t offset, float* out) {
   constexpr int D = QE_LANES * V, VS = values_slice<V>(), H = values_heads<V>();
   constexpr int64_t KEYS = 8192 / D;  // 32 KiB of value rows
@@ -158,7 +160,8 @@ void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const flo
 // score; total[g] = Σ e^(score - top[g]); and out_g = Σ e^(score - top[g]) · value, not yet divided by total[g]
 // (decode_attention merges a sequence's chunks, then divides). q and out are G rows of D floats; `work` holds
 // G · (n + D) floats (scores, scaled q), kept by the caller across tasks so the hot loop allocates nothing.
-void attend_chunk(const float* q, int64_t G, const float* kbase, const float* vbase, const int64_t* slots, int64_t n,
+template <class KV>
+void attend_chunk(const float* q, int64_t G, const KV* kbase, const KV* vbase, const int64_t* slots, int64_t n,
                   int64_t reach, int64_t row, int64_t offset, int64_t D, float scale, float* work, float* out,
                   float* top, float* total) {
   float* scores = work;
@@ -193,8 +196,8 @@ void attend_chunk(const float* q, int64_t G, const float* kbase, const float* vb
     total[g] = exp_shifted(scores, top[g], scores, n);
     std::fill(og, og + D, 0.0f);
     for (int64_t s = 0; s < n; ++s) {
-      const float* value = vbase + slots[s] * row + offset;
-      for (int64_t d = 0; d < D; ++d) og[d] += scores[s] * value[d];
+      const KV* value = vbase + slots[s] * row + offset;
+      for (int64_t d = 0; d < D; ++d) og[d] += scores[s] * kv_float(value[d]);
     }
   }
 }
@@ -204,7 +207,8 @@ constexpr int64_t CHUNK = 256;
 
 }  // namespace
 
-// Stores this step's keys/values (k_new, v_new [n, Hkv, D]) at write_slots [n] of the pool (k, v [slots, Hkv, D]).
+// Stores this step's keys/values (k_new, v_new [n, Hkv, D]) at write_slots [n] of the pool (k, v [slots, Hkv, D]),
+// rounded to the pool's type as Tensor.to rounds (to nearest, ties to even).
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots) {
   TORCH_CHECK(k_new.dtype() == torch::kFloat32 && v_new.dtype() == torch::kFloat32 && k_new.dim() == 3 &&
@@ -213,19 +217,25 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
   TORCH_CHECK(write_slots.dtype() == torch::kInt64 && write_slots.numel() == k_new.size(0), "one slot per new row");
   const auto kn = k_new.contiguous(), vn = v_new.contiguous(), ws = write_slots.contiguous();
   const int64_t row = k.size(1) * k.size(2), n = kn.size(0);
+  TORCH_CHECK(kv_type_supported(k) && v.scalar_type() == k.scalar_type() && k.is_contiguous() && v.is_contiguous(),
+              "the pool must be contiguous float32, float16 or bfloat16");
   const int64_t* slot = ws.data_ptr<int64_t>();
-  float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(slot[i] >= 0 && slot[i] < k.size(0), "slot ", slot[i], " out of range");
-    std::copy(kn.data_ptr<float>() + i * row, kn.data_ptr<float>() + (i + 1) * row, kp + slot[i] * row);
-    std::copy(vn.data_ptr<float>() + i * row, vn.data_ptr<float>() + (i + 1) * row, vp + slot[i] * row);
-  }
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < k.size(0), "slot ", slot[i], " out of range");
+  with_kv_type(k, [&](auto zero) {
+    using KV = decltype(zero);
+    KV *kp = k.data_ptr<KV>(), *vp = v.data_ptr<KV>();
+    const float *ks = kn.data_ptr<float>(), *vs = vn.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {  // std::copy converts each value (c10::Half/BFloat16 round to nearest even)
+      std::copy(ks + i * row, ks + (i + 1) * row, kp + slot[i] * row);
+      std::copy(vs + i * row, vs + (i + 1) * row, vp + slot[i] * row);
+    }
+  });
 }
 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& slots, const torch::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
-              "q, k and v must be float32");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
+              "q must be float32; k and v float32, float16 or bfloat16 alike");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "q [B, Hq, D]; k, v [slots, Hkv, D]");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache layers must be contiguous");
   TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.dim() == 2 && lengths.dtype() == torch::kInt64,
@@ -237,8 +247,6 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(sc.size(0) == B && lc.numel() == B, "one slot row and one length per sequence");
   const int64_t group = Hq / Hkv;
   const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   const int64_t* sp = sc.data_ptr<int64_t>();
   const int64_t* lp = lc.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
@@ -263,17 +271,22 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   }
   const int64_t tasks = first[B], part = Hq * (D + 2);  // per task: out [Hq, D], top [Hq], total [Hq]
   std::vector<float> parts(tasks * part);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> work;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
-      const int64_t s0 = (t - first[b]) * size[b], n = std::min(size[b], lp[b] - s0);
-      work.resize(group * (n + D));
-      float* po = parts.data() + t * part;
-      for (int64_t h = 0; h < Hkv; ++h)
-        attend_chunk(qp + (b * Hq + h * group) * D, group, kp, vp, sp + b * S + s0, n, lp[b] - s0, Hkv * D, h * D, D,
-                     fscale, work.data(), po + h * group * D, po + Hq * D + h * group, po + Hq * D + Hq + h * group);
-    }
+  with_kv_type(k, [&](auto zero) {
+    using KV = decltype(zero);
+    const KV* kp = k.data_ptr<KV>();
+    const KV* vp = v.data_ptr<KV>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> work;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+        const int64_t s0 = (t - first[b]) * size[b], n = std::min(size[b], lp[b] - s0);
+        work.resize(group * (n + D));
+        float* po = parts.data() + t * part;
+        for (int64_t h = 0; h < Hkv; ++h)
+          attend_chunk(qp + (b * Hq + h * group) * D, group, kp, vp, sp + b * S + s0, n, lp[b] - s0, Hkv * D, h * D, D,
+                       fscale, work.data(), po + h * group * D, po + Hq * D + h * group, po + Hq * D + Hq + h * group);
+      }
+    });
   });
   // Each head's chunks, rescaled to its largest score, summed and divided by their total. (A single chunk's
   // weight is e^0 = 1 exactly, so it is divided as it is.)

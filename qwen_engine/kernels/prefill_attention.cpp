@@ -9,7 +9,8 @@
 // head size 64) serves every query head of its kv head and several query positions while it sits in L1.
 //
 // The maths is softmax(scale · q·K^T) · V as in kv_cache.causal_attention; only the order of the sums and
-// where the maximum is subtracted differ, so results agree to float32 rounding.
+// where the maximum is subtracted differ, so results agree to float32 rounding. A float16 or bfloat16 pool
+// (kv_rows.h) is read as float32: the keys as they are transposed, the values as they are loaded.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -19,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "kv_rows.h"
 #include "vec_math.h"
 
 #if QE_LANES
@@ -100,7 +102,7 @@ inline void block_rows(const float* const* q, const float* kt, int64_t ldk, Vals
       for (int c = 0; c < CV; ++c) acc[r][c] = vmul(vload(o[r] + L * (c0 + c)), a);
     }
     for (int j = 0; j < keys; ++j) {
-      const float* v = vals(j) + L * c0;
+      const auto* v = vals(j) + L * c0;
       vfloat vv[CV];
       #pragma GCC unroll 16
       for (int c = 0; c < CV; ++c) vv[c] = vload(v + L * c);
@@ -129,8 +131,8 @@ inline void block_any_rows(int rows, const float* const* q, const float* kt, int
   }
 }
 
-template <int V>
-void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, const float* vp, const int64_t* slots,
+template <int V, class KV>
+void attend(const float* qp, int64_t q_tok, int64_t q_head, const KV* kp, const KV* vp, const int64_t* slots,
             int64_t T, int64_t S, int64_t Hq, int64_t Hkv, float scale, float* out) {
   constexpr int D = QE_LANES * V;
   // ldk: the keys rounded up to whole blocks plus one cache line, so that the D rows of a block do not all map
@@ -141,8 +143,8 @@ void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, con
   at::parallel_for(0, Hkv, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t s = 0; s < S; ++s) {
-        const float* k = kp + slots[s] * row + h * D;
-        for (int d = 0; d < D; ++d) kt[(h * D + d) * ldk + s] = k[d];
+        const KV* k = kp + slots[s] * row + h * D;
+        for (int d = 0; d < D; ++d) kt[(h * D + d) * ldk + s] = kv_float(k[d]);
       }
   });
   const int64_t per_task = std::max<int64_t>(1, TILE_ROWS / group);  // query positions per task
@@ -199,8 +201,8 @@ void attend(const float* qp, int64_t q_tok, int64_t q_head, const float* kp, con
 // [slots, Hkv, D]; slots int64 [S]: the sequence's first S positions. Returns [T, Hq · D].
 torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                 const torch::Tensor& slots, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
-              "q, k and v must be float32");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
+              "q must be float32; k and v float32, float16 or bfloat16 alike");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && k.dim() == 3 && v.sizes() == k.sizes(),
               "q [T, Hq, D] with contiguous rows; k, v [slots, Hkv, D]");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache layers must be contiguous");
@@ -214,16 +216,20 @@ torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, 
   auto out = torch::empty({T, Hq * D}, q.options());
 #if QE_LANES
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   const float fs = static_cast<float>(scale);
   float* op = out.data_ptr<float>();
-  switch (D) {
-    case 32: attend<32 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
-    case 64: attend<64 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
-    case 128: attend<128 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return out;
-    default: break;
-  }
+  const bool done = with_kv_type(k, [&](auto zero) {
+    using KV = decltype(zero);
+    const KV* kp = k.data_ptr<KV>();
+    const KV* vp = v.data_ptr<KV>();
+    switch (D) {
+      case 32: attend<32 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return true;
+      case 64: attend<64 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return true;
+      case 128: attend<128 / QE_LANES>(qp, q.stride(0), q.stride(1), kp, vp, sp, T, S, Hq, Hkv, fs, op); return true;
+      default: return false;
+    }
+  });
+  if (done) return out;
 #endif
   TORCH_CHECK(false, "prefill_attention: no kernel for head size ", D, " in this build");
 }
