@@ -68,3 +68,35 @@ def test_engine_failure_is_500_and_server_survives(tiny, monkeypatch):
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
         assert chat(client).status_code == 200  # the next request is served
         assert engine.blocks.num_used == 0
+
+
+def test_served_with_a_float16_kv_cache(tmp_path, qwen3_tokenizer_dir):
+    # `serve --kv-cache-dtype float16` answers as LLM(kv_cache_dtype="float16") does, and its cache holds twice the
+    # tokens: 96 KiB is 4 blocks of 16 tokens of this model in float32 (1536 bytes a token), 8 in float16, so this
+    # ~90-token prompt fits only in float16.
+    from openai import BadRequestError, OpenAI
+    from server_process import ServerProcess
+
+    from qwen_engine import SamplingParams
+
+    build_tiny("qwen3", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=5)
+    llm = LLM(tmp_path, kv_cache_dtype="float16", kv_cache_memory=96 << 10)
+    messages = [{"role": "user", "content": "Tell me about the sea " + "and the waves " * 20}]
+    prompt_tokens = len(llm.encode_chat(messages).token_ids)
+    assert 64 < prompt_tokens < 128 - 12, prompt_tokens
+    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    servers = {dtype: ServerProcess("-m", str(tmp_path), "--kv-cache-dtype", dtype, "--kv-cache-memory", "96KiB",
+                                    "--served-model-name", "tiny") for dtype in ("float16", "float32")}
+    try:
+        def ask(dtype: str):
+            client = OpenAI(base_url=servers[dtype].base_url + "/v1", api_key="none", max_retries=0)
+            return client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=12,
+                                                  extra_body={"ignore_eos": True})
+
+        reply = ask("float16")
+        assert reply.choices[0].message.content == expected.text
+        assert reply.usage.completion_tokens == 12
+        with pytest.raises(BadRequestError, match="KV cache holds 64"):
+            ask("float32")
+    finally:
+        assert all(server.stop() == 0 for server in servers.values())
