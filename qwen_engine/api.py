@@ -37,7 +37,8 @@ class LLM:
     (models/w8a8.py): int8 weights and activations, faster for many sequences and long prompts, with a measured
     accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too. `kv_cache_dtype="float16"`
     (or "bfloat16") stores the KV cache of a float32 model in half the memory (twice the tokens in
-    kv_cache_memory), read back as float32: lossy, ~1e-6 nats for float16 on the demo model (docs/usage.md).
+    kv_cache_memory), read back as float32: lossy, ~1e-6 nats for float16 on the demo model; bfloat16 (~1e-4)
+    also multiplies decode attention in bf16 where the CPU can, faster at long contexts (docs/usage.md).
     """
 
     def __init__(

@@ -107,7 +107,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "with bf16 attention products (see docs/usage.md)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="type the KV cache stores (default auto: the model's); float16 holds twice the tokens in "
-                   "the same memory, lossy (see docs/usage.md)")
+                   "the same memory, bfloat16 also speeds long contexts; lossy (see docs/usage.md)")
     p.add_argument("--max-model-len", type=int, help="context length to allow (default: the model's)")
     p.add_argument("--system", "-s", help="system message")
 

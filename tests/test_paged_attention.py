@@ -192,12 +192,14 @@ HALF_POOLS = [torch.float16, torch.bfloat16]
 @pytest.mark.parametrize(("lengths", "dim"), [([1], 64), ([5, 130, 64], 64), ([700, 3], 128), ([9, 40], 32),
                                               ([7, 3], 20)])
 def test_half_pools_are_read_as_float32(native, dtype, lengths, dim):
-    # A float16/bfloat16 pool (kv_cache_dtype): the same result as the PyTorch path on the pool's values in float32.
+    # A float16/bfloat16 pool (kv_cache_dtype): the same result as the PyTorch path on the pool's values in float32
+    # (a bfloat16 pool's decode products are bf16 where the CPU has them: the next test).
     q, k, v, table, padding = random_case(lengths, dim=dim, slots=800)
     k, v = k.to(dtype), v.to(dtype)
-    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
-    ref = decode_attention(q, k.float()[table], v.float()[table], padding)
-    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
+    if not bf16_products(native, dtype, dim):
+        ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
+        ref = decode_attention(q, k.float()[table], v.float()[table], padding)
+        assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6), (ours - ref).abs().max()
     if native.prefill_attention_supports(dim):
         rows = table[0, : lengths[0]]
         count = min(lengths[0], 50)
@@ -205,6 +207,46 @@ def test_half_pools_are_read_as_float32(native, dtype, lengths, dim):
         ours = native.prefill_attention(queries, k, v, rows, dim**-0.5)
         ref = causal_attention(queries, k.float()[rows], v.float()[rows])
         assert torch.allclose(ours, ref, rtol=1e-5, atol=2e-6), (ours - ref).abs().max()
+
+
+def bf16_products(native, dtype: torch.dtype, dim: int) -> bool:
+    """Whether decode_attention multiplies this pool's rows as bf16 (kernels/paged_attention.cpp)."""
+    return dtype == torch.bfloat16 and dim in (32, 64, 128) and native.bf16_decode_products()
+
+
+def exact_decode(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """float64 attention of already scaled queries q [B, Hq, D] over rows [B, S, Hkv, D] → [B, Hq · D]."""
+    out = []
+    for b, n in enumerate(lengths):
+        group = q.shape[1] // k_rows.shape[2]
+        keys = k_rows[b, :n].double().repeat_interleave(group, dim=1)
+        values = v_rows[b, :n].double().repeat_interleave(group, dim=1)
+        weights = torch.einsum("hd,nhd->hn", q[b].double(), keys).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", weights, values).reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("lengths", [[1], [2, 3], [5, 130, 64], [700, 9], [2047]])
+def test_bfloat16_pool_products_within_bf16_rounding(native, dim, lengths):
+    """A bfloat16 pool's decode products in bf16 (AVX512-BF16), as PyTorch's bf16 attention computes: against
+    float64 attention of the same rounded query (scale · q in bf16) and pool, within the rounding of the softmax
+    weights to bf16 (2 · 2^-9 of the largest value); and not the float32 products' result, so the path ran."""
+    q, k, v, table, padding = random_case(lengths, dim=dim, slots=2100)
+    k, v = k.bfloat16(), v.bfloat16()
+    ours = native.decode_attention(q, k, v, table, torch.tensor(lengths), dim**-0.5)
+    as_float = decode_attention(q, k.float()[table], v.float()[table], padding)
+    if not bf16_products(native, torch.bfloat16, dim):
+        assert torch.allclose(ours, as_float, rtol=1e-5, atol=1e-6)
+        return
+    rounded_q = (q * dim**-0.5).bfloat16()
+    want = exact_decode(rounded_q, k[table], v[table], lengths)
+    bound = 2 * 2.0**-9 * v.float().abs().max().item()
+    assert (ours.double() - want).abs().max().item() <= bound
+    if max(lengths) > 1:
+        assert (ours - as_float).abs().max().item() > 1e-4
+    else:  # one key: its weight is 1, exactly, and the output its value row
+        assert torch.equal(ours.view(q.shape), v[table[:, 0]].float().repeat_interleave(q.shape[1] // v.shape[1], 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF_POOLS])
@@ -234,5 +276,8 @@ def test_paged_batch_half_pool_same_with_and_without_native_kernel(dtype):
     writes = torch.cat([cache.slots([0, 1], 19, 20), cache.slots(blocks, 50, 150)])
     q, k, v = (torch.randn(101, h, 64, generator=gen) for h in (14, 2, 2))
     outs = attend_with_and_without_native(cache, writes, seqs, q, k, v)
-    assert torch.allclose(outs[0], outs[1], rtol=1e-5, atol=2e-6)
+    assert torch.allclose(outs[0][1:], outs[1][1:], rtol=1e-5, atol=2e-6)  # the prefill chunk
+    # the decoding sequence (bf16 products on a bfloat16 pool where the CPU has them: within their rounding)
+    tolerance = 2 * 2.0**-9 * cache.v.float().abs().max().item() if bf16_products(kernels.native(), dtype, 64) else 2e-6
+    assert torch.allclose(outs[0][:1], outs[1][:1], rtol=1e-5, atol=tolerance)
     assert torch.equal(cache.k[0, writes], k.to(dtype))

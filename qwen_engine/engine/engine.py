@@ -47,7 +47,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     vision_cache_memory: int = 256 << 20  # bytes of vision encoder outputs kept for reuse
     # Keys and values stored in this type (None: the model's). float16/bfloat16 for a float32 model halve the
-    # cache's memory and what a decode step reads of it; lossy (kv_cache.py).
+    # cache's memory and what a decode step reads of it; lossy (kv_cache.py). bfloat16: bf16 decode products.
     kv_cache_dtype: torch.dtype | None = None
 
 

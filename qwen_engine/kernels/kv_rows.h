@@ -1,6 +1,7 @@
 // The KV pool's element types: float32 (exact), or float16 / bfloat16 (the lossy kv_cache_dtype option: half
 // the bytes a step reads at long contexts). The attention kernels are written once on a type KV and read a
-// pool row as floats through these; every product, sum and softmax stays float32.
+// pool row as floats through these, so products, sums and softmax stay float32 (except decode attention's bf16
+// products on a bfloat16 pool, paged_attention.cpp's attend_chunk_bf16).
 #pragma once
 
 #include <ATen/core/Tensor.h>

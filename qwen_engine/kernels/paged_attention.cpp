@@ -153,6 +153,125 @@ void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const KV*
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// A bfloat16 pool's keys and values multiplied as bfloat16 (vdpbf16ps: pairs of bf16 products summed into float32
+// lanes, twice the multiply-adds of a float32 FMA a cycle), the arithmetic of PyTorch's bf16 attention: the
+// scaled query and the softmax weights are rounded to bf16 before they meet K and V; the sums, the maximum and
+// the exponentials stay float32, and so does each head's total (the weights' float32 sum). Reading a bf16 row
+// as float32 instead took ~13 vector operations a head and key for 128 multiply-adds; this takes ~8.
+// V2 = D / 32: 512-bit vectors of a head's row. (The lossy kv_cache_dtype="bfloat16" option, on CPUs with
+// AVX512-BF16; float16 pools and other CPUs read rows as float32.)
+
+inline __m512bh bf16_vector(const c10::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+
+// Heads whose value sums stay in the registers: H · 2·V2 accumulators, 2·V2 pair vectors and a weight.
+template <int V2>
+constexpr int bf16_heads() { return V2 == 4 ? 2 : 4; }
+
+// out rows of H heads (D floats each) = Σ_s pb[h][s] · value(s) over the chunk's n keys (n even, pb zero past the
+// real keys; value(s) for s ≥ n_real is a real row, weighted 0). Two keys' values are interleaved by 16-bit word
+// so one vdpbf16ps adds p_s v_s + p_s+1 v_s+1 for 16 dims against the broadcast pair of weights; the interleave
+// works within 128-bit lanes, so the sums come out in a permuted order, undone once at the end.
+template <int V2, int H>
+void bf16_values(const uint32_t* const* pairs, const c10::BFloat16* const* rows, int64_t n, float* const* out) {
+  __m512 acc[H][2 * V2];
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < 2 * V2; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n; s += 2) {
+    __m512bh pv[2 * V2];
+    for (int c = 0; c < V2; ++c) {
+      const __m512i a = _mm512_loadu_si512(rows[s] + 32 * c), b = _mm512_loadu_si512(rows[s + 1] + 32 * c);
+      pv[2 * c] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+      pv[2 * c + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+    }
+    for (int h = 0; h < H; ++h) {
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pairs[h][s / 2])));
+      for (int c = 0; c < 2 * V2; ++c) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], pv[c], w);
+    }
+  }
+  // unpacklo's 32-bit word 4L + i holds dims 8L + i of its 32 (i < 4), unpackhi's dims 8L + 4 + i.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int h = 0; h < H; ++h)
+    for (int c = 0; c < V2; ++c) {
+      _mm512_storeu_ps(out[h] + 32 * c, _mm512_permutex2var_ps(acc[h][2 * c], first, acc[h][2 * c + 1]));
+      _mm512_storeu_ps(out[h] + 32 * c + 16, _mm512_permutex2var_ps(acc[h][2 * c], second, acc[h][2 * c + 1]));
+    }
+}
+
+// attend_chunk (below) for a bfloat16 pool with bf16 products. work: G · n floats of scores, then G · D / 2 for
+// the rounded queries and G · (n / 2 + 1) for the rounded weights (attend_chunk_work).
+template <int V2>
+void attend_chunk_bf16(const float* q, int64_t G, const c10::BFloat16* kbase, const c10::BFloat16* vbase,
+                       const int64_t* slots, int64_t n, int64_t reach, int64_t row, int64_t offset, float scale,
+                       float* work, float* out, float* top, float* total) {
+  constexpr int D = 32 * V2;
+  float* scores = work;
+  auto* qb = reinterpret_cast<c10::BFloat16*>(work + G * n);
+  auto* pb = reinterpret_cast<c10::BFloat16*>(work + G * n + G * D / 2);
+  const int64_t even = n + n % 2;  // keys rounded up to pairs
+  // scale · q rounded to bf16 (as the float32 path scales q before its products)
+  const __m512 sv = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < G * D; i += 32) {
+    const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(q + i), sv), hi = _mm512_mul_ps(_mm512_loadu_ps(q + i + 16), sv);
+    _mm512_storeu_si512(qb + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+  int64_t s = 0;
+  for (; s < n; s += 4) {
+    const int keys = static_cast<int>(std::min<int64_t>(4, n - s));
+    const c10::BFloat16* key[4];
+    for (int r = 0; r < 4; ++r) key[r] = kbase + slots[s + std::min(r, keys - 1)] * row + offset;
+    if (s + AHEAD + 4 <= reach)
+      for (int r = 0; r < 4; ++r) prefetch_row<D>(kbase + slots[s + AHEAD + r] * row + offset);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[4];
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm512_dpbf16_ps(_mm512_setzero_ps(), bf16_vector(qb + g * D), bf16_vector(key[r]));
+        for (int c = 1; c < V2; ++c)
+          acc[r] = _mm512_dpbf16_ps(acc[r], bf16_vector(qb + g * D + 32 * c), bf16_vector(key[r] + 32 * c));
+      }
+      alignas(16) float four[4];
+      _mm_store_ps(four, vsum4(acc[0], acc[1], acc[2], acc[3]));
+      std::copy(four, four + keys, scores + g * n + s);
+    }
+  }
+  // the weights, float32 for the maximum and the total, rounded to bf16 (to nearest even) for the values
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * n;
+    top[g] = max_value(sg, n);
+    total[g] = exp_shifted(sg, top[g], sg, n);
+    c10::BFloat16* pg = pb + g * (even + 2);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pg + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sg + i))));
+    for (; i < n; ++i) pg[i] = c10::BFloat16(sg[i]);
+    pg[n] = c10::BFloat16(0.0f);  // the pad of an odd chunk
+  }
+  thread_local std::vector<const c10::BFloat16*> rows;
+  rows.resize(even);
+  for (int64_t j = 0; j < even; ++j) rows[j] = vbase + slots[std::min(j, n - 1)] * row + offset;
+  constexpr int H = bf16_heads<V2>();
+  for (int64_t g = 0; g < G;) {
+    const int64_t passes = (G - g + H - 1) / H, take = (G - g + passes - 1) / passes;
+    const uint32_t* pairs[H];
+    float* outs[H];
+    for (int h = 0; h < take; ++h) {
+      pairs[h] = reinterpret_cast<const uint32_t*>(pb + (g + h) * (even + 2));
+      outs[h] = out + (g + h) * D;
+    }
+    switch (take) {
+      case 4: if constexpr (H >= 4) bf16_values<V2, 4>(pairs, rows.data(), even, outs); break;
+      case 3: if constexpr (H >= 3) bf16_values<V2, 3>(pairs, rows.data(), even, outs); break;
+      case 2: bf16_values<V2, 2>(pairs, rows.data(), even, outs); break;
+      default: bf16_values<V2, 1>(pairs, rows.data(), even, outs);
+    }
+    g += take;
+  }
+}
+#endif
 #endif
 
 // The G query heads of one kv head against n of its keys/values (one chunk of a sequence; `reach` keys of the
@@ -160,10 +279,19 @@ void group_values(const float* p, int64_t G, int64_t n, int64_t reach, const KV*
 // score; total[g] = Σ e^(score - top[g]); and out_g = Σ e^(score - top[g]) · value, not yet divided by total[g]
 // (decode_attention merges a sequence's chunks, then divides). q and out are G rows of D floats; `work` holds
 // G · (n + D) floats (scores, scaled q), kept by the caller across tasks so the hot loop allocates nothing.
+// A bfloat16 pool's products are bf16 where the CPU has AVX512-BF16 (attend_chunk_bf16).
 template <class KV>
 void attend_chunk(const float* q, int64_t G, const KV* kbase, const KV* vbase, const int64_t* slots, int64_t n,
                   int64_t reach, int64_t row, int64_t offset, int64_t D, float scale, float* work, float* out,
                   float* top, float* total) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<KV, c10::BFloat16>::value) switch (D) {
+      case 32: return attend_chunk_bf16<1>(q, G, kbase, vbase, slots, n, reach, row, offset, scale, work, out, top, total);
+      case 64: return attend_chunk_bf16<2>(q, G, kbase, vbase, slots, n, reach, row, offset, scale, work, out, top, total);
+      case 128: return attend_chunk_bf16<4>(q, G, kbase, vbase, slots, n, reach, row, offset, scale, work, out, top, total);
+      default: break;
+    }
+#endif
   float* scores = work;
 #if QE_LANES
   float* scaled = work + G * n;
@@ -232,6 +360,14 @@ void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tenso
   });
 }
 
+bool bf16_decode_products() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& slots, const torch::Tensor& lengths, double scale) {
   TORCH_CHECK(q.dtype() == torch::kFloat32 && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
@@ -280,7 +416,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
         const int64_t s0 = (t - first[b]) * size[b], n = std::min(size[b], lp[b] - s0);
-        work.resize(group * (n + D));
+        work.resize(group * (2 * n + D + 4));  // (and the bf16 path's rounded queries and weights)
         float* po = parts.data() + t * part;
         for (int64_t h = 0; h < Hkv; ++h)
           attend_chunk(qp + (b * Hq + h * group) * D, group, kp, vp, sp + b * S + s0, n, lp[b] - s0, Hkv * D, h * D, D,

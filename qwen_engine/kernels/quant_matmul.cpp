@@ -1436,6 +1436,7 @@ bool set_amx_prefill(bool on) {
 // paged_attention.cpp
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
+bool bf16_decode_products();
 void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
               const torch::Tensor& write_slots);
 void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
@@ -1471,6 +1472,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");
   m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
   m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
+  m.def("bf16_decode_products", &bf16_decode_products,
+        "whether decode_attention multiplies a bfloat16 pool's rows as bf16 (head sizes 32, 64, 128)");
   m.def("rotary_", &rotary_, "rotate q or k (float32, or bfloat16 in float32) in place by per-token cos/sin tables");
   m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
   m.def("prefill_attention", &prefill_attention, "a prompt chunk's causal attention over its paged K/V slots, fused");
