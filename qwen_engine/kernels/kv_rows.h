@@ -12,6 +12,7 @@
 
 #include "vec_math.h"
 
+// A stored value as float32 (the scalar tails; also the rotary of bfloat16 vision rows).
 inline float kv_float(float x) { return x; }
 inline float kv_float(c10::Half x) { return static_cast<float>(x); }
 inline float kv_float(c10::BFloat16 x) { return static_cast<float>(x); }

@@ -478,18 +478,10 @@ void causal_softmax_(torch::Tensor scores, double scale) {
 // float32 and rounded once at the end, as apply_rotary on x.float() then .to(bfloat16) (the vision towers).
 namespace {
 
-inline float as_float(float v) { return v; }
-inline float as_float(c10::BFloat16 v) { return static_cast<float>(v); }
-
 #if defined(__AVX512F__)
-// 16 values as float32, and back (bfloat16: widened exactly; rounded to nearest even, as PyTorch rounds).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+// 16 values back from float32 (bfloat16: rounded to nearest even, as PyTorch rounds); loads are kv_rows.h's vload.
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 #if defined(__AVX512BF16__)
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 inline void store16(c10::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
 }
@@ -514,7 +506,7 @@ void rotate_rows(T* xp, int64_t st, int64_t sh, const float* cp, const float* sp
         // The same products and sums, 16 pairs at a time (the scalar loop is not vectorised: r may alias c, s).
         if constexpr (vectors)
           for (; i + 16 <= half; i += 16) {
-            const __m512 a = load16(r + i), b = load16(r + i + half);
+            const __m512 a = vload(r + i), b = vload(r + i + half);
             const __m512 nb = _mm512_xor_ps(b, _mm512_set1_ps(-0.0f));  // -b, sign of zero included
             store16(r + i, _mm512_add_ps(_mm512_mul_ps(a, _mm512_loadu_ps(c + i)),
                                          _mm512_mul_ps(nb, _mm512_loadu_ps(s + i))));
@@ -523,7 +515,7 @@ void rotate_rows(T* xp, int64_t st, int64_t sh, const float* cp, const float* sp
           }
 #endif
         for (; i < half; ++i) {
-          const float a = as_float(r[i]), b = as_float(r[i + half]);
+          const float a = kv_float(r[i]), b = kv_float(r[i + half]);
           r[i] = T(a * c[i] + (-b) * s[i]);
           r[i + half] = T(b * c[i + half] + a * s[i + half]);
         }
