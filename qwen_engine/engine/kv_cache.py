@@ -7,7 +7,8 @@ fixed-size blocks shared by many packed sequences (`PagedKVCache` + `PagedBatch`
 
 Either may store keys and values in a narrower type than the model computes in (`kv_cache_dtype`: float16 or
 bfloat16 for a float32 model, half the memory and half the bytes a decode step reads). They are rounded as they
-are stored and read back as the model's type; attention itself runs in the model's type.
+are stored and read back as the model's type; attention itself runs in the model's type (except the native
+decode kernel's bf16 products on a bfloat16 pool, where the CPU has AVX512-BF16: kernels/paged_attention.cpp).
 """
 
 from __future__ import annotations
