@@ -120,6 +120,30 @@ def test_kernel_long_segment_and_bf16_output() -> None:
     assert excess.max().item() <= 0
 
 
+@pytest.mark.parametrize("int8_scores", [False, True])
+def test_values_are_rounded_to_bf16_as_torch_rounds(int8_scores: bool) -> None:
+    """Each query here attends to one key of its segment: the others' weights underflow and their values are 0.
+    So the output is that key's values as the kernel stored them: rounded to bf16, which must be as Tensor.to
+    gives (ties to even both ways, a carry into the exponent, overflow to inf, -0.0). Not subnormals: vdpbf16ps
+    reads bf16 subnormals as zero."""
+    import numpy as np
+
+    patterns = [0x3F808000, 0x3F818000, 0xBF808000, 0xBF818000, 0x3F80FFFF, 0x3FFFFFFF, 0x7F7F8000, 0x7F7F7FFF,
+                0x00818000, 0x80808001, 0x80000000, 0x3F800001, 0x40490FDB, 0xC2F6E979, 0x477FE000, 0x3E000000,
+                0x3F7FC000, 0x3F7F8000, 0x1234ABCD, 0x3F80C000]  # 20 values: a masked tail in the second vector
+    row = torch.from_numpy(np.array(patterns, dtype=np.uint32).view(np.float32).copy())
+    n, dim = 6, len(patterns)
+    q, k, v = torch.zeros(n, 1, dim), torch.zeros(n, 1, dim), torch.zeros(n, 1, dim)
+    q[:, 0, 0] = 1.0
+    k[[1, 4], 0, 0] = 60.0  # keys 1 and 4: the largest score of segments [0, 3) and [3, 6)
+    v[1, 0], v[4, 0] = row, -row
+    out = NATIVE.segment_attention(q, k, v, torch.tensor([0, 3, 6]), 10.0, int8_scores, True)
+    # Within a float32 ulp or two: the softmax's sum keeps the unrounded weight (2^0 by the polynomial,
+    # 1 + 2^-23), while a bf16 step is 2^-8 relative.
+    torch.testing.assert_close(out[:3, 0], row.bfloat16().float().expand(3, dim), rtol=2**-21, atol=0)
+    torch.testing.assert_close(out[3:, 0], (-row).bfloat16().float().expand(3, dim), rtol=2**-21, atol=0)
+
+
 def test_kernel_rejects_what_it_cannot_run() -> None:
     q, k, v = _qkv(10, 2, 64)
     cu = torch.tensor([0, 10])

@@ -44,10 +44,6 @@ constexpr int TILE = 32;  // query rows per task: their state (32 x Dp floats) s
 using Word = uint32_t;
 using bf16 = c10::BFloat16;
 
-inline Word bf16_pair(float a, float b) {  // rounded to nearest even, as PyTorch rounds
-  return static_cast<Word>(bf16(a).x) | static_cast<Word>(bf16(b).x) << 16;
-}
-
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
 }
@@ -265,22 +261,57 @@ void attend(const Operands& op, const std::vector<Segment>& segments, int64_t N,
   });
 }
 
-// n values (at x, as float) → int8 in dst (n a multiple of 4) with max |x| / 127 as scale (returned; 0 for a
-// row of zeros), rounded half to even; `offset` is added to each (128: the unsigned operand of vpdpbusd).
+// Packing reads rows of q, k and v 16 values at a time (float32 or bf16), the last vector masked.
+inline __mmask16 first16(int64_t n) { return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1); }
+inline __m512 load16(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+inline __m512 load16(const bf16* x, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x)), 16));
+}
+
+// 16 floats → their bf16 bits (in the low half of each 32-bit lane), rounded to nearest even exactly as
+// c10::BFloat16(float) rounds, NaN as 0x7fc0.
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7fff));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+}
+
+// n values (at x, less `minus` if given) → int8 in dst (n a multiple of 4) with max |x| / 127 as scale (returned;
+// 0 for a row of zeros), rounded half to even (vcvtps2dq in the default rounding mode); `offset` is added to
+// each (128: the unsigned operand of vpdpbusd); *sum (if given): the sum of the int8 values.
 template <class T>
 float to_int8(const T* x, const float* minus, int64_t n, int offset, uint8_t* dst, int32_t* sum) {
-  float amax = 0.0f;
-  for (int64_t d = 0; d < n; ++d)
-    amax = std::max(amax, std::abs(static_cast<float>(x[d]) - (minus ? minus[d] : 0.0f)));
-  const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  int32_t total = 0;
-  for (int64_t d = 0; d < n; ++d) {
-    const int v = static_cast<int>(std::nearbyint((static_cast<float>(x[d]) - (minus ? minus[d] : 0.0f)) * inv));
-    total += v;
-    dst[d] = static_cast<uint8_t>(v + offset);
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = first16(n - d);
+    __m512 v = load16(x + d, m);
+    if (minus) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, minus + d));
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
   }
-  if (sum) *sum = total;
+  const float top = _mm512_reduce_max_ps(amax);
+  const float scale = top / 127.0f, inv = top > 0.0f ? 127.0f / top : 0.0f;
+  __m512i total = _mm512_setzero_si512();
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = first16(n - d);
+    __m512 v = load16(x + d, m);
+    if (minus) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, minus + d));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)));  // 0 in the masked lanes
+    total = _mm512_add_epi32(total, q);
+    _mm512_mask_cvtepi32_storeu_epi8(dst + d, m, _mm512_add_epi32(q, _mm512_set1_epi32(offset)));
+  }
+  if (sum) *sum = _mm512_reduce_add_epi32(total);
   return scale;
+}
+
+// n values → bf16 in dst (as c10::BFloat16 rounds).
+template <class T>
+void to_bf16(const T* x, int64_t n, uint16_t* dst) {
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = first16(n - d);
+    _mm512_mask_cvtepi32_storeu_epi16(dst + d, m, bf16_bits(load16(x + d, m)));
+  }
 }
 
 template <class T>
@@ -311,7 +342,7 @@ void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch
         qsp[h * N + n] = to_int8(x, nullptr, D, 0, reinterpret_cast<uint8_t*>(dst), &qsum[h * N + n]) * log2_scale;
         qsum[h * N + n] *= 128;
       } else {
-        for (int e = 0; e < words; ++e) dst[e] = bf16_pair(static_cast<float>(x[2 * e]), static_cast<float>(x[2 * e + 1]));
+        to_bf16(x, D, reinterpret_cast<uint16_t*>(dst));
       }
     }
   });
@@ -322,10 +353,16 @@ void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch
       for (int64_t i = i0; i < i1; ++i) {
         const Segment& seg = segments[i / H];
         const int64_t h = i % H;
-        std::vector<double> total(D, 0.0);
+        std::vector<double> total((D + 15) / 16 * 16, 0.0);
         for (int64_t j = 0; j < seg.length; ++j) {
           const T* x = kd + (seg.start + j) * k.stride(0) + h * k.stride(1);
-          for (int64_t d = 0; d < D; ++d) total[d] += static_cast<float>(x[d]);
+          for (int64_t d = 0; d < D; d += 16) {  // in float64, key by key, as a scalar loop would add them
+            const __m512 v = load16(x + d, first16(D - d));
+            double* t = total.data() + d;
+            _mm512_storeu_pd(t, _mm512_add_pd(_mm512_loadu_pd(t), _mm512_cvtps_pd(_mm512_castps512_ps256(v))));
+            _mm512_storeu_pd(t + 8, _mm512_add_pd(_mm512_loadu_pd(t + 8),
+                                                  _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))));
+          }
         }
         for (int64_t d = 0; d < D; ++d) means[i * D + d] = static_cast<float>(total[d] / seg.length);
       }
@@ -336,7 +373,7 @@ void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
     for (int64_t b = 0; b < segments[s].length; b += KB) blocks.emplace_back(s, b);
   at::parallel_for(0, static_cast<int64_t>(blocks.size()) * H, 16, [&](int64_t t0, int64_t t1) {
-    alignas(64) uint8_t row[4 * 128];
+    alignas(64) uint8_t row[4 * 128];  // a key's words (int8: 128 bytes at most; bf16: 256)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t % H, si = blocks[t / H].first;
       const Segment& seg = segments[si];
@@ -353,12 +390,21 @@ void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch
           ksp[key + j] = to_int8(kr, means.data() + (si * H + h) * D, D, 128, row, nullptr);
           for (int e = 0; e < words; ++e) std::memcpy(&kb[e * KB + j], row + 4 * e, 4);
         } else {
-          for (int e = 0; e < words; ++e)
-            kb[e * KB + j] = bf16_pair(static_cast<float>(kr[2 * e]), static_cast<float>(kr[2 * e + 1]));
+          to_bf16(kr, D, reinterpret_cast<uint16_t*>(row));
+          for (int e = 0; e < words; ++e) std::memcpy(&kb[e * KB + j], row + 4 * e, 4);
         }
-        const T* vr = vd + (seg.start + b + j) * v.stride(0) + h * v.stride(1);
-        uint16_t* vw = reinterpret_cast<uint16_t*>(vb + j / 2 * Dp) + (j % 2);
-        for (int64_t d = 0; d < D; ++d) vw[2 * d] = bf16(static_cast<float>(vr[d])).x;
+      }
+      // Values: keys j and j + 1 of a pair in the low and high halves of each word.
+      for (int64_t j = 0; j < n; j += 2) {
+        const T* v0 = vd + (seg.start + b + j) * v.stride(0) + h * v.stride(1);
+        const T* v1 = j + 1 < n ? v0 + v.stride(0) : nullptr;
+        Word* vw = vb + j / 2 * Dp;
+        for (int64_t d = 0; d < D; d += 16) {
+          const __mmask16 m = first16(D - d);
+          __m512i word = bf16_bits(load16(v0 + d, m));
+          if (v1) word = _mm512_or_si512(word, _mm512_slli_epi32(bf16_bits(load16(v1 + d, m)), 16));
+          _mm512_mask_storeu_epi32(vw + d, m, word);
+        }
       }
     }
   });
