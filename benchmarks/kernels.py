@@ -2,14 +2,16 @@
 
     PYTHONPATH=. python benchmarks/kernels.py [--threads 2] [--batches 1,8,32] [--repeat 7]
     PYTHONPATH=. python benchmarks/kernels.py --baseline ~/.cache/qwen-engine/kernels/<hash>/<name>.so
-    PYTHONPATH=. python benchmarks/kernels.py --recode-q5-0 fields   # (or q8_0) the Q5_0 weights as AVX2 loads keep them
+    PYTHONPATH=. python benchmarks/kernels.py --recode-q5-0 none     # the file's Q5_0 blocks, not the engine's re-layout
 
 For each weight kind of a decoder layer — qkv (stacked q/k/v segments, Q5_0 with a Q5_0 or Q8_0 v, bias),
 attn_output (Q5_0), gate+up (two stacked 4864x896 Q5_0), ffn_down (4864 → 896, Q4_K in half the layers,
 Q6_K in the other half) — and the lm_head (151936x896 Q8_0), it times one pass over every layer's tensor of
 that kind (the weights stream from memory as in a real decode step) and prints ms per call and weights per
 second for each batch of x rows. The last table adds up one decode step's kernels at batch 1 (24 layers +
-lm_head), from the per-kind times and from a pass that calls them in the model's order.
+lm_head), from the per-kind times and from a pass that calls them in the model's order. By default the weights
+are first re-laid as the engine's load re-lays them on this CPU (Q5_0 and Q6_K in lane fields on AVX2 and AMD
+AVX-512 hosts, weights/quantized.py), so the kernels timed are the ones the engine runs.
 
 --baseline loads another build of the extension (a .so from the kernel cache) and times it interleaved with
 the current one, printing both and the speed-up. The two take turns going first: on this host whichever ran
@@ -134,10 +136,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--baseline", help="another build of the extension (.so) to time against")
     p.add_argument("--amx", action="store_true", help="time the AMX prefill products against MKL (same build)")
-    p.add_argument("--recode-q5-0", choices=["none", "q8_0", "fields"], default="none",
-                   help="re-encode the Q5_0 weights first, as loads do on AVX2 hosts (Q5_0_FIELDS or Q8_0)")
-    p.add_argument("--recode-q6-k", choices=["none", "fields"], default="none",
-                   help="re-lay the Q6_K weights first, as loads do on AVX2 and AMD hosts (Q6_K_FIELDS)")
+    p.add_argument("--recode-q5-0", choices=["auto", "none", "q8_0", "fields"], default="auto",
+                   help="re-encode the Q5_0 weights first (Q5_0_FIELDS or Q8_0); auto: as the engine's load does on "
+                        "this CPU (fields on AVX2 and AMD AVX-512 hosts, else none)")
+    p.add_argument("--recode-q6-k", choices=["auto", "none", "fields"], default="auto",
+                   help="re-lay the Q6_K weights first (Q6_K_FIELDS); auto: as the engine's load does on this CPU")
     args = p.parse_args()
 
     if args.threads:
@@ -155,6 +158,12 @@ def main() -> None:
     else:
         modules = [("current", current, None)] + ([("baseline", load_so(args.baseline), None)] if args.baseline else [])
     kinds, order = weights(model_path(args.model))
+    fields = "fields" if hasattr(current, "prefers_fields") and current.prefers_fields() else "none"
+    if args.recode_q5_0 == "auto":
+        args.recode_q5_0 = fields
+    if args.recode_q6_k == "auto":
+        args.recode_q6_k = fields
+    print(f"weights: Q5_0 as {args.recode_q5_0}, Q6_K as {args.recode_q6_k} (--recode-q5-0 / --recode-q6-k)")
     if args.recode_q5_0 != "none":
         recode(kinds, current, args.recode_q5_0)
     if args.recode_q6_k != "none":

@@ -135,6 +135,31 @@ def test_every_batch_size(native, qtype):
         assert within_rounding(y - bias, x, w), batch
 
 
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K], ids=lambda t: t.name)
+def test_rows_past_a_group_of_16_take_the_gemv(native, qtype):
+    """On AVX-512 the cache-tile GEMM pays for rows of x in groups of 16, so 9 rows would cost what 16 do: rows
+    past a group (up to 8; 9-12 rows as 8 + the rest) go to the register GEMVs instead (row_pieces in
+    quant_matmul.cpp). Each piece then equals that piece computed alone, bit for bit."""
+    if not native.has_avx512():
+        pytest.skip("AVX2 builds take rows 8 at a time and are not split")
+    cols = 512
+    raw = torch.from_numpy(random_blocks(qtype, 40, cols, seed=3))
+    bias = torch.randn(40)
+    amx_was = native.set_amx_prefill(False)  # (on AMX hosts 32 rows and more would go to the tiles instead)
+    try:
+        for batch, pieces in [(9, [8, 1]), (12, [8, 4]), (17, [16, 1]), (24, [16, 8]), (40, [32, 8])]:
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            y = native.linear(x, [raw], [int(qtype)], bias, GEMV_MAX_ROWS)
+            alone = torch.cat([native.linear(p, [raw], [int(qtype)], bias, GEMV_MAX_ROWS) for p in x.split(pieces)])
+            assert torch.equal(y, alone), batch
+        x = torch.randn(13, cols)  # 13-15 rows: the GEMVs would cost more than the group of 16
+        y = native.linear(x, [raw], [int(qtype)], bias, GEMV_MAX_ROWS)
+        pieces = torch.cat([native.linear(p, [raw], [int(qtype)], bias, GEMV_MAX_ROWS) for p in x.split([8, 5])])
+        assert not torch.equal(y, pieces)
+    finally:
+        native.set_amx_prefill(amx_was)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 4, 8, 9, 33, GEMV_MAX_ROWS + 1])
 def test_stacked_segments_of_mixed_types_with_bias(native, batch):
     cols = 256  # a multiple of every block size

