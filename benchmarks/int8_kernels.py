@@ -1,4 +1,4 @@
-"""The w8a8 mode's int8 products (AMX tiles, or units of 8 rows on AVX2 and AVX-512 VNNI: the layout the mode
+"""The w8a8 mode's int8 products (AMX tiles, or units of 8 rows on AVX2 and of 16 on AVX-512 VNNI: the layout the mode
 keeps on such CPUs) against the default float32 products on GGUF blocks.
 
     python benchmarks/int8_kernels.py [--layer 3] [--rows 1,8,32,523]
@@ -40,7 +40,7 @@ def main() -> None:
     native = kernels.native()
     if native is None or not hasattr(native, "int8_linear_units"):
         raise SystemExit("no int8 kernels in this build; nothing to compare")
-    layout = w8a8.weight_layout()  # "amx", "units8" (AVX-512 VNNI) or "units" (AVX2)
+    layout = w8a8.weight_layout()  # "amx", "units16" (AVX-512 VNNI) or "units" (AVX2)
     packed_linear = getattr(native, "int8_linear_amx" if layout == "amx" else "int8_linear_units")
     llm = LLM(progress=False)
     layer = llm.model.model.layers[args.layer]

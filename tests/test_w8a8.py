@@ -1,7 +1,7 @@
 """The optional lossy w8a8 mode (models/w8a8.py, kernels/int8_matmul.cpp).
 
 The kernel is checked against the PyTorch reference of the same arithmetic (the int8 values must be identical,
-the outputs equal up to the order of float sums; AVX2 or VNNI on units of 8 rows, and AMX tiles where
+the outputs equal up to the order of float sums; AVX2 on units of 8 rows, VNNI on units of 16, and AMX tiles where
 the CPU has them);
 the smoothing factors (x times 1/s as it is quantised, the weight's columns times s) in the kernel and the reference;
 the mode as a whole is checked against the float model on the demo: a bound on the mean KL divergence of next-token
@@ -78,16 +78,23 @@ def test_kernel_equals_reference(M, K, N):
 
     rows = layer.weight_rows()
     ref = w8a8.reference_linear(x, rows, layer.weight_scales, layer.bias, layer.group)
+    # The layout this CPU keeps (the layer's own packing), and the units kernel of this build even where AMX tiles
+    # are preferred (an AMX host still runs the VNNI kernel if a process may not use the tiles).
+    layouts = {w8a8.weight_layout(), native.int8_units_layout() or "rows"}
     y = None
     for layout, packed_linear in (("amx", "int8_linear_amx"), ("units", "int8_linear_units"),
-                                  ("units8", "int8_linear_units")):
-        if w8a8.weight_layout() != layout:
+                                  ("units16", "int8_linear_units")):
+        if layout not in layouts:
             continue
         pack, unpack = w8a8.PACK[layout]
-        assert layer.packed is not None and torch.equal(unpack(pack(rows), N, K), rows)
-        y = getattr(native, packed_linear)(x, layer.packed, N, layer.weight_scales, layer.bias, layer.group)
-        assert (y - ref).abs().max() <= 1e-6 * ref.abs().max()
-        assert torch.equal(layer(x), y)
+        packed = pack(rows)
+        assert torch.equal(unpack(packed, N, K), rows)
+        out = getattr(native, packed_linear)(x, packed, N, layer.weight_scales, layer.bias, layer.group)
+        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max(), layout
+        if layout == w8a8.weight_layout():
+            assert layer.packed is not None and torch.equal(layer.packed, packed)
+            y = out
+            assert torch.equal(layer(x), y)
     assert y is not None, f"no packed kernel for the layout {w8a8.weight_layout()}"
     # and it is a product: within int8 rounding of the float one
     exact = x @ layer.weight_float().t() + layer.bias
@@ -185,18 +192,19 @@ def test_units_layout():
     assert torch.equal(w8a8.unpack_units(packed, 13, 128), rows)
 
 
-def test_units8_layout():
-    """pack_units8 (the AVX-512 VNNI kernel's layout), checked in PyTorch on every host: unit u, 8-value step t,
-    row r, byte c holds weight row 8u + r, column 8t + c, as int8 + 128; rows are padded to 8 with zero weights."""
+def test_units16_layout():
+    """pack_units16 (the AVX-512 VNNI kernel's layout), checked in PyTorch on every host: unit u, 4-value step t,
+    row r, byte c holds weight row 16u + r, column 4t + c, as int8 + 128; rows are padded to 16 with zero
+    weights."""
     gen = torch.Generator().manual_seed(9)
-    rows = torch.randint(1, 256, (13, 128), generator=gen, dtype=torch.uint8)
-    packed = w8a8.pack_units8(rows)
-    assert packed.numel() == 16 * 128
-    units = packed.view(2, 16, 8, 8)
-    for u, t, r, c in [(0, 0, 0, 0), (0, 5, 3, 6), (1, 15, 4, 7), (1, 7, 0, 1)]:
-        assert int(units[u, t, r, c]) == int(rows[8 * u + r, 8 * t + c])
-    assert torch.equal(units[1, :, 5:], torch.full((16, 3, 8), 128, dtype=torch.uint8))  # padding rows 13-15
-    assert torch.equal(w8a8.unpack_units8(packed, 13, 128), rows)
+    rows = torch.randint(1, 256, (21, 128), generator=gen, dtype=torch.uint8)
+    packed = w8a8.pack_units16(rows)
+    assert packed.numel() == 32 * 128
+    units = packed.view(2, 32, 16, 4)
+    for u, t, r, c in [(0, 0, 0, 0), (0, 5, 3, 2), (1, 31, 4, 3), (1, 7, 0, 1), (0, 17, 15, 3)]:
+        assert int(units[u, t, r, c]) == int(rows[16 * u + r, 4 * t + c])
+    assert torch.equal(units[1, :, 5:], torch.full((32, 11, 4), 128, dtype=torch.uint8))  # padding rows 21-31
+    assert torch.equal(w8a8.unpack_units16(packed, 21, 128), rows)
 
 
 @pytest.mark.parametrize("group", [64, 128])

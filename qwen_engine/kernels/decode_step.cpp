@@ -90,7 +90,7 @@ struct Linear {
   std::vector<int64_t> qtypes;
   c10::optional<torch::Tensor> bias;
   // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
-  // for this CPU (AMX tiles where they run, else units of 8 rows), their scales, x (times the layer's smoothing
+  // for this CPU (AMX tiles where they run, else units of 8 or 16 rows), their scales, x (times the layer's smoothing
   // factors, if any) quantised in groups of `group`.
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, packed_rows = 0;
@@ -147,7 +147,7 @@ class DecodeStep {
     Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
               : which == "down" ? &l.down : nullptr;
     TORCH_CHECK(p != nullptr, "no projection ", which);
-    TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of 8 rows)");
+    TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
     *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors};
   }
 

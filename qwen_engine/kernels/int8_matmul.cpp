@@ -42,26 +42,24 @@ inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t 
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
 }
 
-inline __m256i first_lanes(int cols) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// One group's weight scales of a unit's 8 outputs (zeros past `cols`: the last unit of a weight is padded).
-inline __m256 unit_scales(const float* sw, int cols) {
-  return cols >= 8 ? _mm256_loadu_ps(sw) : _mm256_maskload_ps(sw, first_lanes(cols));
-}
-
-// y[0..cols) = acc + bias for one unit's 8 outputs (cols < 8 in the last unit of a weight).
-inline void store_unit(__m256 acc, float* y, const float* bias, int cols) {
-  if (cols >= 8) {
-    _mm256_storeu_ps(y, bias ? _mm256_add_ps(acc, _mm256_loadu_ps(bias)) : acc);
-  } else if (cols > 0) {
-    const __m256i mask = first_lanes(cols);
-    _mm256_maskstore_ps(y, mask, bias ? _mm256_add_ps(acc, _mm256_maskload_ps(bias, mask)) : acc);
-  }
-}
-
 #if QE_INT8 == 512
+// Outputs a unit of weight rows holds: 16 (one 16-lane vector) with AVX-512 VNNI, 8 with AVX2.
+constexpr int64_t UNIT_ROWS = 16;
+
+inline __mmask16 first_of_16(int cols) {
+  return cols >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << std::max(cols, 0)) - 1);
+}
+
+// One group's weight scales of a unit's 16 outputs (zeros past `cols`: the last unit of a weight is padded).
+inline __m512 unit_scales16(const float* sw, int cols) { return _mm512_maskz_loadu_ps(first_of_16(cols), sw); }
+
+// y[0..cols) = acc + bias for one unit's 16 outputs (cols < 16 in the last unit of a weight).
+inline void store_unit16(__m512 acc, float* y, const float* bias, int cols) {
+  const __mmask16 mask = first_of_16(cols);
+  if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
+  _mm512_mask_storeu_ps(y, mask, acc);
+}
+
 // G values of x → G int8 (x / scale rounded half to even, as torch.round in the reference, models/w8a8.py) and
 // their sum; returns the scale, max |x| / 127.
 float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
@@ -98,15 +96,13 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
   return scale;
 }
 
-// The units layout on AVX-512 VNNI (models/w8a8.py: pack_units8): one output a lane pair, no sums across lanes
-// (an earlier tile of 16-lane rows summed each accumulator across its lanes and converted and scaled 12 of them per
-// group, which at K = 896 cost as much as its vpdpbusd). Units of 8 rows, each [K / 8][row][k % 8] as unsigned bytes u = w + 128, so a
-// 64-byte load is 8 values of 8 rows, multiplied against 8 bytes of a row of x broadcast (vpbroadcastq); lanes
-// 2r and 2r + 1 both belong to row r (values 0-3 and 4-7 of the step) and are added once, at the end. The
-// AVX2 layout on 8-lane VNNI took two instructions for what one 16-lane instruction does here, and on Zen 4 (a
-// 512-bit operation in two 256-bit halves, so the multiply rate is the same) the front end held it at ~72 % of
-// that rate: 155 against 204-212 G multiply-adds/s on one core, in a loop on cached data, 4 rows of x.
-// The weights' +128 adds 128 * sum(q) to each group's sum; each of a row's two lanes starts at -64 * sum(q).
+// The units layout on AVX-512 VNNI (models/w8a8.py: pack_units16): units of 16 rows, each [K / 4][row][k % 4] as
+// unsigned bytes u = w + 128, so a 64-byte load is 4 values of 16 rows, multiplied against 4 bytes of a row of x
+// broadcast; each lane of an accumulator is one output, no sums across lanes. A group's integers are scaled with
+// one convert, multiply and FMA per 16 outputs. (The previous layout, units of 8 rows [K / 8][row][k % 8], spent
+// a lane pair on each output and so twice the scaling per group: at G = 128 that was ~25 % of its time, 298 G
+// multiply-adds/s on two Zen 4 cores against 391 at G = 512.)
+// The weights' +128 adds 128 * sum(q) to each group's sum; each lane starts at -128 * sum(q) = 16x the lane start.
 // y[i, 0..cols) = (products of row i of q with the NR units at wu) + bias, for MR rows of q; sw: the units'
 // weight scales of group 0, each next group's ldy (= N) further on; `ahead`: prefetch each unit's stream
 // PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are prefetched a few at each group.
@@ -115,7 +111,6 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
                 int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
                 const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
-  const __m512i twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);  // row r → lanes 2r, 2r+1
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -123,42 +118,57 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
     prefetch_share(fetch, fetch_lines, g, groups);
     __m512i dot[MR][NR];
     for (int i = 0; i < MR; ++i) {
-      const __m512i start = _mm512_set1_epi32(8 * starts[i * groups + g]);
+      const __m512i start = _mm512_set1_epi32(16 * starts[i * groups + g]);
       for (int j = 0; j < NR; ++j) dot[i][j] = start;
     }
-    for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
       __m512i wv[NR];
       for (int j = 0; j < NR; ++j) {
-        const uint8_t* w = wu + j * 8 * K + k * 8;
+        const uint8_t* w = wu + j * 16 * K + k * 16;
         if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
         wv[j] = _mm512_loadu_si512(w);
       }
       for (int i = 0; i < MR; ++i) {
-        int64_t xs;
-        std::memcpy(&xs, q + i * K + k, 8);
-        const __m512i xb = _mm512_set1_epi64(xs);
+        int32_t xs;
+        std::memcpy(&xs, q + i * K + k, 4);
+        const __m512i xb = _mm512_set1_epi32(xs);
         for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xb);
       }
     }
     __m512 swv[NR];
-    for (int j = 0; j < NR; ++j)
-      swv[j] = _mm512_permutexvar_ps(twice, _mm512_castps256_ps512(unit_scales(sw + g * ldy + 8 * j, cols - 8 * j)));
+    for (int j = 0; j < NR; ++j) swv[j] = unit_scales16(sw + g * ldy + 16 * j, cols - 16 * j);
     for (int i = 0; i < MR; ++i) {
       const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
       for (int j = 0; j < NR; ++j)
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), _mm512_mul_ps(swv[j], s), acc[i][j]);
     }
   }
-  const __m512i pairs = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) {
-      const __m512 p = _mm512_permutexvar_ps(pairs, acc[i][j]);
-      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1));
-      store_unit(_mm256_add_ps(_mm512_castps512_ps256(p), hi), y + i * ldy + 8 * j, bias ? bias + 8 * j : nullptr,
-                 cols - 8 * j);
-    }
+    for (int j = 0; j < NR; ++j)
+      store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j);
 }
 #else
+constexpr int64_t UNIT_ROWS = 8;
+
+inline __m256i first_lanes(int cols) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One group's weight scales of a unit's 8 outputs (zeros past `cols`: the last unit of a weight is padded).
+inline __m256 unit_scales(const float* sw, int cols) {
+  return cols >= 8 ? _mm256_loadu_ps(sw) : _mm256_maskload_ps(sw, first_lanes(cols));
+}
+
+// y[0..cols) = acc + bias for one unit's 8 outputs (cols < 8 in the last unit of a weight).
+inline void store_unit(__m256 acc, float* y, const float* bias, int cols) {
+  if (cols >= 8) {
+    _mm256_storeu_ps(y, bias ? _mm256_add_ps(acc, _mm256_loadu_ps(bias)) : acc);
+  } else if (cols > 0) {
+    const __m256i mask = first_lanes(cols);
+    _mm256_maskstore_ps(y, mask, bias ? _mm256_add_ps(acc, _mm256_maskload_ps(bias, mask)) : acc);
+  }
+}
+
 inline float hmax8(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -305,8 +315,8 @@ constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
 constexpr int64_t ROW_CHUNK = 256;
 
 // x [M, Kx] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
-// from which the kernels take off the weights' +128: the VNNI units tile starts each of a row's two lanes at 8x
-// that, AMX each output at 16x (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
+// from which the kernels take off the weights' +128: the VNNI units tile and AMX start each output at 16x that
+// (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
 // (the weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
 // With `factors` (Kx floats; the layer's smoothing, models/w8a8.py), x's columns are multiplied by them first.
 constexpr int64_t MAX_GROUP = 512;
@@ -402,17 +412,18 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
   return quantize_padded(x, x.size(1), group, factors);
 }
 
-// y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds (N + 7) / 8 units of
-// 8 rows, int8 + 128, scaled per group by weight_scales [K / group, N]; x is quantised to int8 in groups of `group`.
-// x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
+// y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds N / UNIT_ROWS units
+// (rounded up) of UNIT_ROWS rows, int8 + 128, scaled per group by weight_scales [K / group, N]; x is quantised to
+// int8 in groups of `group`. x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
                                 int64_t group, const c10::optional<torch::Tensor>& factors) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
-  const int64_t units = (N + 7) / 8, K = packed.numel() / std::max<int64_t>(1, units * 8);
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * 8 * K,
-              "packed weight must be contiguous uint8 of ", units * 8, " rows of a multiple of 64 bytes");
+  constexpr int64_t R = UNIT_ROWS;
+  const int64_t units = (N + R - 1) / R, K = packed.numel() / std::max<int64_t>(1, units * R);
+  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * R * K,
+              "packed weight must be contiguous uint8 of ", units * R, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
   const auto parts = quantize_padded(x, K, group, factors);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
@@ -434,15 +445,15 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
       for (int64_t u = b0 * UNR; u < end; u += UNR) {
         const int nr = static_cast<int>(std::min<int64_t>(UNR, units - u));
         // The weights stream from memory: while the tiles of rows work on these units, they fetch the next ones.
-        const char* next = reinterpret_cast<const char*>(w + (u + UNR) * 8 * K);
-        const int64_t next_lines = u + UNR < end ? std::min<int64_t>(UNR, end - u - UNR) * 8 * K / 64 : 0;
+        const char* next = reinterpret_cast<const char*>(w + (u + UNR) * R * K);
+        const int64_t next_lines = u + UNR < end ? std::min<int64_t>(UNR, end - u - UNR) * R * K / 64 : 0;
         for (int64_t m = m0, t = 0; m < m1; m += UMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(UMR, m1 - m));
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
-          UNIT_TILES[mr - 1][nr - 1](w + u * 8 * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
-                                     group, yp + m * N + u * 8, N, sw + u * 8, bias_ptr ? bias_ptr + u * 8 : nullptr,
-                                     static_cast<int>(std::min<int64_t>(8 * nr, N - u * 8)), t == 0 && !spread,
+          UNIT_TILES[mr - 1][nr - 1](w + u * R * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
+                                     group, yp + m * N + u * R, N, sw + u * R, bias_ptr ? bias_ptr + u * R : nullptr,
+                                     static_cast<int>(std::min<int64_t>(R * nr, N - u * R)), t == 0 && !spread,
                                      next + l0 * 64, l1 - l0);
         }
       }
@@ -594,10 +605,11 @@ void register_int8(pybind11::module& m) {
   m.def("int8_linear_amx", &int8_linear_amx, "int8_linear_units with the weight packed for AMX tiles", py::arg("x"),
         py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
         py::arg("factors") = py::none());
-  m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units8" : QE_INT8 ? "units" : ""); },
-        "the layout of int8 weights in units of 8 rows here: units (AVX2) or units8 (AVX-512 VNNI), models/w8a8.py");
+  m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units16" : QE_INT8 ? "units" : ""); },
+        "the layout of int8 weights in units of rows here: units (8 rows, AVX2) or units16 (AVX-512 VNNI), "
+        "models/w8a8.py");
   m.def("int8_linear_units", &int8_linear_units,
-        "x @ W^T (+ bias), W int8 in units of 8 rows, x (times factors, if given) quantised to int8 per group",
+        "x @ W^T (+ bias), W int8 in units of 8 or 16 rows, x (times factors, if given) quantised to int8 per group",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
         py::arg("factors") = py::none());
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per group of each row",

@@ -15,7 +15,7 @@ once, and prefill:
   quantised, which leaves the product unchanged but meets the activations' outlier columns halfway. max|x_j|
   comes from float passes over fixed texts (models/calibration.py) at conversion; s is kept with the int8
   layers (down_proj is left as it is: see UNSMOOTHED);
-- the group dot products are exact integers (AVX2 vpmaddubsw or AVX-512 VNNI on weights packed in units of 8
+- the group dot products are exact integers (AVX2 vpmaddubsw or AVX-512 VNNI on weights packed in units of 8 or 16
   rows, or AMX tiles; kernels/int8_matmul.cpp), scaled in float32.
 
 `benchmarks/compare.py --quantization w8a8` prints its mean KL divergence from the float32 model and its greedy
@@ -54,7 +54,7 @@ def group_size(in_features: int) -> int:
 
 
 def weight_layout() -> str:
-    """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units8" (pack_units8) in
+    """How the int8 weights are kept: "amx" (tiles, pack_amx) where the CPU has AMX, "units16" (pack_units16) in
     AVX-512 VNNI builds, "units" (pack_units) in AVX2 builds, else "rows" (no int8 kernels: the PyTorch reference
     of the same arithmetic, reference_linear)."""
     native = kernels.native()
@@ -74,7 +74,7 @@ def store_kind(calibration: list[list[int]] | None) -> str:
     return f"{weight_layout()}-smooth-{digest}"
 
 
-PACKED_ROWS = {"amx": 32, "units": 8, "units8": 8}  # rows per unit of a packed layout (padded to whole units)
+PACKED_ROWS = {"amx": 32, "units": 8, "units16": 16}  # rows per unit of a packed layout (padded to whole units)
 
 
 def quantize_weight(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,20 +138,21 @@ def unpack_units(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return units.reshape(-1, K)[:N].contiguous()
 
 
-def pack_units8(rows: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] (int8 + 128) → the AVX-512 VNNI kernel's layout: units of 8 rows, each [k / 8][row][k % 8], the
-    bytes as they are (vpdpbusd takes them unsigned), N padded to 8 with zero weights (128)."""
+def pack_units16(rows: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] (int8 + 128) → the AVX-512 VNNI kernel's layout: units of 16 rows, each [k / 4][row][k % 4],
+    the bytes as they are (vpdpbusd takes them unsigned), N padded to 16 with zero weights (128)."""
     K = rows.shape[1]
-    padded = padded_to_units(rows, 8)
-    return padded.view(-1, 8, K // 8, 8).permute(0, 2, 1, 3).contiguous().view(-1)
+    padded = padded_to_units(rows, 16)
+    return padded.view(-1, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous().view(-1)
 
 
-def unpack_units8(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """The inverse of pack_units8."""
-    return packed.view(-1, K // 8, 8, 8).permute(0, 2, 1, 3).reshape(-1, K)[:N].contiguous()
+def unpack_units16(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The inverse of pack_units16."""
+    return packed.view(-1, K // 4, 16, 4).permute(0, 2, 1, 3).reshape(-1, K)[:N].contiguous()
 
 
-PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units), "units8": (pack_units8, unpack_units8)}
+PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units),
+        "units16": (pack_units16, unpack_units16)}
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -190,7 +191,7 @@ class W8A8Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.input_factors = None if smooth is None else (1 / smooth.float()).contiguous()
         native = kernels.native()
-        # In a packed layout (AMX tiles, units of 8 rows) the weight is kept only packed (weight_rows() gives the rows
+        # In a packed layout (AMX tiles, units of 8 or 16 rows) the weight is kept only packed (weight_rows() gives the rows
         # back); each block of rows is quantised and packed in turn, so no second copy of the whole weight is
         # ever made.
         self.layout = weight_layout()
