@@ -466,7 +466,8 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
 #endif
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+// (The tile kernel scales and stores with AVX-512: a build told -mno-avx512f on an AMX CPU has no AMX path.)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #define QE_AMX 1
 #else
 #define QE_AMX 0
