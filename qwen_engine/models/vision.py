@@ -233,6 +233,12 @@ def segment_attention(
     weights to bf16; "int8" also computes q·k in int8 (each query row and each key, less its segment's mean key,
     with a scale of its own), ~1.25x faster again.
 
+    Where the CPU has AMX tiles, those bf16 and int8 cases run PyTorch's SDPA on bf16 copies of q, k and v
+    instead (oneDNN multiplies them on the tiles; the result is rounded to bf16, then returned in q's dtype):
+    at full attention over a 1024x1024 image's 4096-5476 patches it is 2-2.4x as fast as the kernel's int8
+    scores there, as fast over windows, and no less accurate than the "bf16" kernel (docs/benchmarks.md,
+    twenty-seventh pass).
+
     Otherwise SDPA: segments of equal length (most windows, all frames of a video) are gathered into one batch
     per length, so there is one call per distinct length and never an N x N mask.
     """
@@ -242,9 +248,16 @@ def segment_attention(
     if kind is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         native = kernels.native()
         int8 = kind == "int8"
+        if native is not None and native.amx_prefill_available():  # AMX bf16 tiles granted to this process
+            bf16 = [t.to(torch.bfloat16) for t in (q, k, v)]
+            return _sdpa_by_length(*bf16, cu_seqlens).to(q.dtype)
         if native is not None and native.segment_attention_supports(q.shape[-1], int8):
             scale = q.shape[-1] ** -0.5
             return native.segment_attention(q, k, v, cu_seqlens, scale, int8, q.dtype == torch.float32)
+    return _sdpa_by_length(q, k, v, cu_seqlens)
+
+
+def _sdpa_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     distinct = torch.unique(lengths).tolist()
     if len(distinct) == 1 and distinct[0] > 0:
@@ -419,8 +432,8 @@ class VisionTransformer(nn.Module):
     def lossy_attention(self, products: str | None) -> None:
         """A lossy option for float32 towers: every block's attention with "bf16" products (q, k, v and the
         softmax weights rounded to bf16; sums, softmax and output float32), ~2x faster on CPUs with AVX512-BF16,
-        or also with "int8" scores (q·k in int8), ~2.5x; None: float32 again. Without those instruction sets, or
-        off the CPU, nothing changes. benchmarks/vision_tower.py measures what each moves."""
+        or also with "int8" scores (q·k in int8), ~2.5x; with AMX tiles both are PyTorch's bf16 SDPA
+        (segment_attention); None: float32 again. Without those instruction sets, or off the CPU, nothing changes. benchmarks/vision_tower.py measures what each moves."""
         for block in self.blocks:
             block.attn.products = products
 

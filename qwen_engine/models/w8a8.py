@@ -39,7 +39,7 @@ from ..weights import w8a8_store
 from .quant import QuantLinear, dequantize
 
 # "w8a8-vision": the same, and a vision tower's linear layers in int8 too, its attention with int8 scores and
-# bf16 products of weights and values (convert_tower); measured only on random weights at real sizes (benchmarks/vision_tower.py).
+# bf16 products of weights and values (convert_tower; bf16 SDPA where the CPU has AMX tiles); measured only on random weights at real sizes (benchmarks/vision_tower.py).
 MODES = ("w8a8", "w8a8-vision")
 
 
@@ -456,7 +456,8 @@ def convert(model: nn.Module, store: Path | None = None, calibration: list[list[
 
 def convert_tower(tower: nn.Module) -> int:
     """The "w8a8-vision" mode's vision tower: its linear layers as W8A8Linear and its attention with int8 scores
-    (VisionTransformer.lossy_attention("int8"), where the CPU has AVX512-BF16 and VNNI). Returns the layers made."""
+    (VisionTransformer.lossy_attention("int8"), where the CPU has AVX512-BF16 and VNNI; bf16 SDPA where it has AMX
+    tiles: vision.segment_attention). Returns the layers made."""
     made = convert_linears(tower)
     if hasattr(tower, "lossy_attention"):
         tower.lossy_attention("int8")
