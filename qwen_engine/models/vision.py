@@ -247,10 +247,10 @@ def segment_attention(
     kind = products or ("bf16" if q.dtype == torch.bfloat16 else None)
     if kind is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16):
         native = kernels.native()
-        int8 = kind == "int8"
         if native is not None and native.amx_prefill_available():  # AMX bf16 tiles granted to this process
             bf16 = [t.to(torch.bfloat16) for t in (q, k, v)]
             return _sdpa_by_length(*bf16, cu_seqlens).to(q.dtype)
+        int8 = kind == "int8"
         if native is not None and native.segment_attention_supports(q.shape[-1], int8):
             scale = q.shape[-1] ** -0.5
             return native.segment_attention(q, k, v, cu_seqlens, scale, int8, q.dtype == torch.float32)
@@ -258,6 +258,7 @@ def segment_attention(
 
 
 def _sdpa_by_length(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """segment_attention on SDPA, one call per distinct segment length (q's dtype throughout)."""
     starts, lengths = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     distinct = torch.unique(lengths).tolist()
     if len(distinct) == 1 and distinct[0] > 0:
@@ -433,7 +434,8 @@ class VisionTransformer(nn.Module):
         """A lossy option for float32 towers: every block's attention with "bf16" products (q, k, v and the
         softmax weights rounded to bf16; sums, softmax and output float32), ~2x faster on CPUs with AVX512-BF16,
         or also with "int8" scores (q·k in int8), ~2.5x; with AMX tiles both are PyTorch's bf16 SDPA
-        (segment_attention); None: float32 again. Without those instruction sets, or off the CPU, nothing changes. benchmarks/vision_tower.py measures what each moves."""
+        (segment_attention); None: float32 again. Without those instruction sets, or off the CPU, nothing
+        changes. benchmarks/vision_tower.py measures what each moves."""
         for block in self.blocks:
             block.attn.products = products
 
