@@ -109,18 +109,27 @@ def test_row_groups_and_tails(native, qtype, rows, batch):
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("cols", [2816, 4864])
-def test_long_k_quant_rows_in_chunks_of_k(native, qtype, cols):
+@pytest.mark.parametrize("cols", [256, 1280, 2816, 4864])
+@pytest.mark.parametrize("wide", [False, True], ids=["8-lane", "16-lane"])
+def test_long_k_quant_rows_in_chunks_of_k(native, qtype, cols, wide):
     """2-8 rows of x whose K outgrows L1 (the down projection, 4864) take K in chunks (in_chunks in
-    quant_matmul.cpp) over groups of 16 weight rows: a partial last chunk, a partial last group, and the bias."""
+    quant_matmul.cpp) over groups of 16 weight rows: a partial last chunk, a partial last group, and the bias.
+    AVX-512 builds have two kernels for 3-8 rows, 8-lane (AMD, whose 512-bit operations run in halves) and
+    16-lane (Intel); both are run here, whichever this CPU gets."""
+    if wide and not native.has_avx512():
+        pytest.skip("the 16-lane K-quant kernels are in AVX-512 builds only")
     rows = 37
     raw = random_blocks(qtype, rows, cols, seed=cols)
     w = reference(raw, qtype, cols)
     bias = torch.randn(rows)
-    for batch in range(2, 9):
-        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
-        y = native.linear(x, [torch.from_numpy(raw)], [int(qtype)], bias, GEMV_MAX_ROWS)
-        assert within_rounding(y - bias, x, w), batch
+    was = native.set_wide_vectors(wide)
+    try:
+        for batch in range(2, 9):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            y = native.linear(x, [torch.from_numpy(raw)], [int(qtype)], bias, GEMV_MAX_ROWS)
+            assert within_rounding(y - bias, x, w), batch
+    finally:
+        native.set_wide_vectors(was)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)

@@ -835,6 +835,42 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
     default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
   }
 }
+
+#if QE_AVX512
+// Whether 512-bit operations run at full width here (Intel), not in two halves (AMD's Zen 4): there the 8-lane
+// K-quant kernels above give away half of every multiply-add.
+bool wide = !__builtin_cpu_is("amd");  // tests switch it to run either kernel
+inline bool wide_vectors() { return wide; }
+
+// K-quants at 3-8 rows where vectors are wide: the 16-lane decode (B::vec), in chunks of K that keep x in L1
+// (Q6_K from 7 rows, as the 8-lane kernel). Intel Xeon with AMX, the demo model's down projection, against the
+// 8-lane kernels (benchmarks/kernels.py --baseline): Q4_K 1.09x at 3 rows to 1.52x at 8, Q6_K 1.06-1.17x.
+template <class B, int M>
+void gemvm_kq_wide_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y, int64_t ldy,
+                        const float* bias, int64_t n0, int64_t n1) {
+  if (std::is_same<B, Q6_K>::value && M < 7) {
+    for (int64_t n = n0; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, K, y, ldy, bias, n);
+    return;
+  }
+  in_chunks<M>(W, row_bytes, K, B::QK, B::BYTES, y, ldy, bias, n0, n1,
+               [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
+                 gemv_one_row<B, M>(Wc, row_bytes, kc, x + k0, K, out, ldo, b, n);
+               });
+}
+
+template <class B>
+void gemvm_kq_wide(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y, int64_t ldy,
+                   const float* bias, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 3: return gemvm_kq_wide_rows<B, 3>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+    case 4: return gemvm_kq_wide_rows<B, 4>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+    case 5: return gemvm_kq_wide_rows<B, 5>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+    case 6: return gemvm_kq_wide_rows<B, 6>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+    case 7: return gemvm_kq_wide_rows<B, 7>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+    default: return gemvm_kq_wide_rows<B, 8>(W, row_bytes, K, x, y, ldy, bias, n0, n1);
+  }
+}
+#endif
 #endif
 
 #if !QE_AVX512 && !QE_AVX2
@@ -1021,11 +1057,15 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       for (int64_t n = n0; n < n1; ++n) gemv1_q6k(W, row_bytes, K, x, in.xs16, y, bias, n);
       return;
     }
-  // K-quants at 3-8 rows: the 8-lane kernels that decode each 8 values once for all rows. On Zen 4 they ran
-  // 1.2-1.9x faster than the path before at 4-8 rows (4 weight rows dequantised into a buffer, 4x4 tiles) and
+  // K-quants at 3-8 rows: on AMD, the 8-lane kernels that decode each 8 values once for all rows. On Zen 4 they
+  // ran 1.2-1.9x faster than the path before at 4-8 rows (4 weight rows dequantised into a buffer, 4x4 tiles) and
   // 1.1-1.2x the 16-lane decode at 3 (benchmarks/kernels.py, two alternating runs; at 2 rows neither won).
+  // Where 512-bit operations run at full width (Intel), the 16-lane decode in chunks of K instead.
   if constexpr (std::is_same<B, Q4_K>::value || std::is_same<B, Q6_K>::value)
-    if (in.M >= 3 && in.M <= REG_ROWS) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
+    if (in.M >= 3 && in.M <= REG_ROWS) {
+      if (!wide_vectors()) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
+      return gemvm_kq_wide<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
+    }
   if (in.M > REG_ROWS) {
     const float* xt = permuted<B>() ? in.xtq : in.xt;
     switch (in.Mp / 16) {
@@ -1440,6 +1480,17 @@ bool prefers_fields() {
 
 bool has_avx512() { return QE_AVX512; }
 
+bool set_wide_vectors(bool on) {
+#if QE_AVX512
+  const bool was = wide;
+  wide = on;
+  return was;
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 bool amx_prefill_available() { return qe_amx::tiles_granted() && qe_amx::supports({T_Q8_0}); }
 
 bool set_amx_prefill(bool on) {
@@ -1482,6 +1533,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q5_0_as_q8_0", &q5_0_as_q8_0, "Q5_0 rows re-encoded as Q8_0 rows with the same values");
   m.def("q5_0_as_fields", &q5_0_as_fields, "Q5_0 rows re-laid in 5-bit fields (own type 1006), the same values");
   m.def("q6_k_as_fields", &q6_k_as_fields, "Q6_K rows re-laid in 6-bit fields (own type 1007), the same values");
+  m.def("set_wide_vectors", &set_wide_vectors,
+        "K-quant products at 3-8 rows on 16-lane (true) or 8-lane (false) kernels in AVX-512 builds; returns the old setting");
   m.def("prefers_fields", &prefers_fields, "whether loads should re-lay Q5_0 and Q6_K weights in fields (own types)");
   m.def("amx_prefill_available", &amx_prefill_available, "whether prefill products can run on AMX tiles here");
   m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");
