@@ -839,8 +839,7 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
 #if QE_AVX512
 // Whether 512-bit operations run at full width here (Intel), not in two halves (AMD's Zen 4): there the 8-lane
 // K-quant kernels above give away half of every multiply-add.
-bool wide = !__builtin_cpu_is("amd");  // tests switch it to run either kernel
-inline bool wide_vectors() { return wide; }
+bool wide_vectors = !__builtin_cpu_is("amd");  // tests switch it to run either kernel
 
 // K-quants at 3-8 rows where vectors are wide: the 16-lane decode (B::vec), in chunks of K that keep x in L1
 // (Q6_K from 7 rows, as the 8-lane kernel). Intel Xeon with AMX, the demo model's down projection, against the
@@ -848,7 +847,7 @@ inline bool wide_vectors() { return wide; }
 template <class B, int M>
 void gemvm_kq_wide_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y, int64_t ldy,
                         const float* bias, int64_t n0, int64_t n1) {
-  if (std::is_same<B, Q6_K>::value && M < 7) {
+  if constexpr (std::is_same<B, Q6_K>::value && M < 7) {
     for (int64_t n = n0; n < n1; ++n) gemv_one_row<B, M>(W, row_bytes, K, x, K, y, ldy, bias, n);
     return;
   }
@@ -1063,7 +1062,7 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
   // Where 512-bit operations run at full width (Intel), the 16-lane decode in chunks of K instead.
   if constexpr (std::is_same<B, Q4_K>::value || std::is_same<B, Q6_K>::value)
     if (in.M >= 3 && in.M <= REG_ROWS) {
-      if (!wide_vectors()) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
+      if (!wide_vectors) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
       return gemvm_kq_wide<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
     }
   if (in.M > REG_ROWS) {
@@ -1482,8 +1481,8 @@ bool has_avx512() { return QE_AVX512; }
 
 bool set_wide_vectors(bool on) {
 #if QE_AVX512
-  const bool was = wide;
-  wide = on;
+  const bool was = wide_vectors;
+  wide_vectors = on;
   return was;
 #else
   (void)on;
