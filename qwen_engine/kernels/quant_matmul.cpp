@@ -843,7 +843,8 @@ bool wide_vectors = !__builtin_cpu_is("amd");  // tests switch it to run either 
 
 // K-quants at 3-8 rows where vectors are wide: the 16-lane decode (B::vec), in chunks of K that keep x in L1
 // (Q6_K from 7 rows, as the 8-lane kernel). Intel Xeon with AMX, the demo model's down projection, against the
-// 8-lane kernels (benchmarks/kernels.py --baseline): Q4_K 1.09x at 3 rows to 1.52x at 8, Q6_K 1.06-1.17x.
+// 8-lane kernels (benchmarks/kernels.py --baseline; docs/benchmarks.md, twenty-eighth pass): Q4_K 1.12x at 3
+// rows to 1.40-1.45x at 7-8, Q6_K 1.03-1.18x.
 template <class B, int M>
 void gemvm_kq_wide_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y, int64_t ldy,
                         const float* bias, int64_t n0, int64_t n1) {
