@@ -251,7 +251,7 @@ class LLM:
         resolved = self._resolve(params)
         ids = [self._encode(prompt) for prompt in prompts]
         for prompt_ids in ids:
-            self.engine.check_prompt(prompt_ids)  # all or nothing: validate before queueing any
+            self.engine.check_prompt(prompt_ids, resolved)  # all or nothing: validate before queueing any
         seqs = [self.engine.add_request(prompt_ids, resolved) for prompt_ids in ids]
         texts = {seq.seq_id: [] for seq in seqs}
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -42,6 +43,42 @@ def draw_frequencies(logits_row: torch.Tensor, params: SamplingParams, n: int, s
 
 
 # ---------------------------------------------------------------- penalties
+
+
+def test_logit_bias_is_added_before_the_penalties_and_moves_greedy() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0], [2.0, 1.0, 0.5, 3.0]])
+    params = [sp(logit_bias={1: 5.0, 3: -100}, repetition_penalty=2.0), sp()]
+    out = apply_penalties(logits, params, [[1], []], [[], []])
+    # Row 0: token 1 biased to 6.0, then halved by the repetition penalty (it is in the prompt).
+    assert out.tolist() == [[2.0, 3.0, 0.5, -97.0], [2.0, 1.0, 0.5, 3.0]]
+    greedy = Sampler()(logits, [sp(temperature=0, logit_bias={"2": 10}), sp(temperature=0)], [[], []], [[], []],
+                       [None, None])
+    assert greedy.tolist() == [2, 3]
+
+
+def test_logit_bias_minus_100_bans_a_token_when_sampling() -> None:
+    freq = draw_frequencies(logits_of([0.5, 0.3, 0.2]), sp(temperature=1.0, logit_bias={0: -100}), 4000, seed=1)
+    assert freq[0] == 0
+    assert freq[1] == pytest.approx(0.6, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({"x": 1}, "token ids"),
+        ({-3: 1}, "token ids"),
+        ({5: 101}, "[-100, 100]"),
+        ({5: float("nan")}, "finite"),
+        ([5], "map token ids"),
+    ],
+)
+def test_logit_bias_is_checked(bias, message) -> None:
+    from qwen_engine.errors import InputError
+
+    with pytest.raises(InputError, match=re.escape(message)) as caught:
+        SamplingParams(logit_bias=bias)
+    assert caught.value.param == "logit_bias"
+
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:

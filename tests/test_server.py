@@ -165,6 +165,26 @@ def test_logprobs(client, demo_llm):
     assert [t.logprob for t in entries[0].top_logprobs] == pytest.approx(first.topk(3).values.tolist(), abs=1e-3)
 
 
+def test_logit_bias(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    messages = ask("What is the capital of France?")
+    free = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True, **GREEDY)
+    first = demo_llm.tokenizer.encode(free.choices[0].logprobs.content[0].token)
+    assert len(first) == 1
+    # Banning the greedy answer's first token changes the answer, exactly as the Python API does it.
+    banned = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True,
+                                            logit_bias={str(first[0]): -100}, **GREEDY)
+    expected = demo_llm.chat(messages, SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.0,
+                                                      logit_bias={first[0]: -100}))
+    assert banned.choices[0].message.content == expected.text != free.choices[0].message.content
+    assert demo_llm.tokenizer.encode(banned.choices[0].logprobs.content[0].token) != first
+    # +100 forces a token at every step.
+    forced = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
+                                            logit_bias={"9707": 100}, **GREEDY)
+    assert forced.choices[0].message.content == demo_llm.tokenizer.decode([9707] * 3)
+
+
 def test_stop_strings(client):
     kw = dict(model=MODEL, messages=ask("Count from 1 to 10, separated by commas."), max_tokens=60, **GREEDY)
     free = client.chat.completions.create(**kw).choices[0].message.content
@@ -225,6 +245,9 @@ def test_error_shapes(server):
     bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}
     assert_error(post(server, {**ok, "response_format": bad_schema}), 400, "", param="response_format")
     assert_error(post(server, {**ok, "n": 0}), 400, "n", param="n")
+    assert_error(post(server, {**ok, "logit_bias": {"151936": 5}}), 400, "outside the vocabulary",
+                 param="logit_bias")
+    assert_error(post(server, {**ok, "logit_bias": {"12": 500}}), 400, "[-100, 100]", param="logit_bias")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0).models.list()
 

@@ -88,7 +88,8 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------------------
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """Raise InputError for a request that can never run: callers check before queueing anything."""
         if not prompt_ids:
             raise InputError("the prompt is empty")
         limit = self.config.max_model_len
@@ -106,6 +107,10 @@ class Engine:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InputError(f"token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        bad = next((t for t in (params.logit_bias or {}) if t >= vocab), None) if params is not None else None
+        if bad is not None:
+            raise InputError(f"logit_bias names token id {bad}, outside the vocabulary (0..{vocab - 1})",
+                             param="logit_bias")
 
     def add_request(
         self,
@@ -118,7 +123,7 @@ class Engine:
         """Queue a request. `params` must be resolved (see SamplingParams.with_defaults). A `guide` constrains
         which tokens may be sampled (structured output). `vision` is the Prompt whose images and videos
         `prompt_ids` holds (its token_ids), with their M-RoPE positions."""
-        self.check_prompt(prompt_ids)
+        self.check_prompt(prompt_ids, params)
         self._check_vision(prompt_ids, vision)
         room = self.config.max_model_len - len(prompt_ids)
         stop_ids = set(params.stop_token_ids or [])

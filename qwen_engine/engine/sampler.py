@@ -1,6 +1,6 @@
 """Turns next-token logits into token ids: one row per sequence, each row with its own settings.
 
-The pipeline per row is: penalties -> (greedy: argmax) | (temperature -> top_k -> top_p -> min_p -> draw).
+The pipeline per row is: logit_bias -> penalties -> (greedy: argmax) | (temperature -> top_k -> top_p -> min_p -> draw).
 Every step is a tensor op over the whole batch; Python only loops over rows to gather their token ids for
 the penalties and to draw one uniform number per row from that row's generator. Drawing by inverse CDF
 with one number per row keeps a seeded request's output independent of which other requests share its
@@ -74,7 +74,8 @@ def _row_col_index(
 
 def _has_penalties(params: Sequence[SamplingParams]) -> bool:
     return any(
-        _setting(p, "repetition_penalty") != 1.0
+        bool(p.logit_bias)
+        or _setting(p, "repetition_penalty") != 1.0
         or _setting(p, "presence_penalty") != 0.0
         or _setting(p, "frequency_penalty") != 0.0
         for p in params
@@ -87,7 +88,7 @@ def _penalise_(
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
 ) -> bool:
-    """Apply the penalties to `logits` in place; False when no row has any (logits untouched).
+    """Apply logit_bias and the penalties to `logits` in place; False when no row has any (logits untouched).
 
     Works on the (row, token) pairs that occur, never on whole vocabulary rows: a few thousand ids per row
     against ~150k columns.
@@ -95,13 +96,14 @@ def _penalise_(
     batch, vocab = _check_2d(logits)
     if not len(params) == len(prompt_ids) == len(output_ids) == batch:
         raise ValueError("params, prompt_ids and output_ids need one entry per logits row")
+    biased = _add_logit_bias_(logits, params)
     rep = [float(_setting(p, "repetition_penalty")) for p in params]
     pres = [float(_setting(p, "presence_penalty")) for p in params]
     freq = [float(_setting(p, "frequency_penalty")) for p in params]
     rep_rows = [i for i in range(batch) if rep[i] != 1.0]
     add_rows = [i for i in range(batch) if pres[i] != 0.0 or freq[i] != 0.0]
     if not rep_rows and not add_rows:
-        return False
+        return biased
     device = logits.device
     flat = logits.view(-1)
 
@@ -124,6 +126,23 @@ def _penalise_(
     return True
 
 
+def _add_logit_bias_(logits: torch.Tensor, params: Sequence[SamplingParams]) -> bool:
+    vocab = logits.shape[1]
+    pos: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if token < vocab:  # the engine rejects ids beyond the vocabulary; the LM head may be wider
+                pos.append(row * vocab + token)
+                values.append(bias)
+    if not pos:
+        return False
+    flat = logits.view(-1)
+    index = torch.tensor(pos, dtype=torch.long, device=logits.device)
+    flat[index] += torch.tensor(values, dtype=logits.dtype, device=logits.device)
+    return True
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -132,7 +151,7 @@ def apply_penalties(
 ) -> torch.Tensor:
     """Return a penalised copy of `logits` [B, V]; the input is not modified.
 
-    repetition_penalty p (transformers / vLLM): every distinct token of prompt + output gets
+    First each row's logit_bias is added. Then repetition_penalty p (transformers / vLLM): every distinct token of prompt + output gets
     logit / p if the logit is > 0, else logit * p. Then, OpenAI style, over the output only:
     logit -= frequency_penalty * count + presence_penalty * (count > 0).
     """

@@ -16,7 +16,9 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 (or -1), top_p 1 and min_p 0 switch those filters off.
     repetition_penalty multiplies down the logits of every token already in the prompt or the answer (as in
     transformers and vLLM); presence_penalty and frequency_penalty subtract from tokens in the answer (as in
-    OpenAI's API). The same seed gives the same output.
+    OpenAI's API). logit_bias adds its value (-100 to 100, as OpenAI allows) to the logits of the given token
+    ids before anything else, greedy included: -100 all but bans a token, 100 all but forces it. The same seed
+    gives the same output.
     """
 
     max_tokens: int | None = None
@@ -30,6 +32,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; n >= 0: the chosen token's log-prob and the n most likely
@@ -71,6 +74,8 @@ class SamplingParams:
             raise InputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
             raise InputError("stop_token_ids must be a list of integers")
+        if self.logit_bias is not None:
+            self.logit_bias = _checked_logit_bias(self.logit_bias)
 
     def with_defaults(self, defaults: SamplingParams) -> SamplingParams:
         """A copy whose unset (None) fields are taken from `defaults`, then from the engine's fallbacks."""
@@ -87,6 +92,26 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.temperature
+
+
+def _checked_logit_bias(bias: Any) -> dict[int, float]:
+    # JSON object keys are strings, so "1234" is accepted for token 1234 (as OpenAI's API sends them).
+    if not isinstance(bias, dict):
+        raise InputError("logit_bias must map token ids to numbers", param="logit_bias")
+    checked: dict[int, float] = {}
+    for key, value in bias.items():
+        token = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token = int(key)
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise InputError(f"logit_bias keys must be token ids (non-negative integers), got {key!r}",
+                             param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(f"logit_bias[{key!r}] must be a finite number, got {value!r}", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise InputError(f"logit_bias[{key!r}] must be in [-100, 100], got {value}", param="logit_bias")
+        checked[token] = float(value)
+    return checked
 
 
 # Used when neither the caller nor the model's generation config says otherwise (transformers' defaults).

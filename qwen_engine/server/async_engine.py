@@ -101,7 +101,7 @@ class AsyncEngine:
         self, prompt_ids: list[int], params: SamplingParams, guide: Guide | None = None, vision: Prompt | None = None
     ) -> RequestStream:
         """Queue a request; raises at once for a prompt that can never run or when the queue is full."""
-        self.engine.check_prompt(prompt_ids)
+        self.engine.check_prompt(prompt_ids, params)
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting (limit {self.max_waiting})")
         stream = RequestStream(asyncio.get_running_loop(), prompt_ids, params, guide, vision)

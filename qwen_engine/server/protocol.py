@@ -31,6 +31,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
@@ -49,6 +50,7 @@ class _Sampling(BaseModel):
             seed=seed,
             stop=self.stop or None,
             stop_token_ids=self.stop_token_ids,
+            logit_bias=self.logit_bias or None,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
         )
