@@ -167,7 +167,7 @@ class LLM:
         out = self._complete_ids(request.prompt_ids, params, request.make_guide(), request.vision)
         out.prompt = request.vision
         if request.parse_tools:
-            parsed = parse_answer(out.raw_text, starts_in_think=request.starts_in_think)
+            parsed = parse_answer(out.raw_text, request.starts_in_think, request.tool_names)
             out.text, out.reasoning, out.tool_calls = parsed.content, parsed.reasoning, parsed.tool_calls
         else:
             out.reasoning, out.text = split_reasoning(out.raw_text, request.starts_in_think)
@@ -220,6 +220,7 @@ class LLM:
             prompt_ids=encoded.token_ids,
             starts_in_think=prompt_opens_thinking(encoded.text),
             parse_tools=active_tools is not None,
+            tool_names=_tool_names(active_tools),
             make_guide=make_guide,
             vision=encoded if encoded.items else None,
         )
@@ -334,8 +335,14 @@ class ChatRequest:
     prompt_ids: list[int]
     starts_in_think: bool  # the prompt ends inside an open <think>: the answer begins with reasoning
     parse_tools: bool
+    tool_names: frozenset[str]  # the offered tools: an answer that is only untagged calls to them is parsed
     make_guide: Callable[[], Any]  # a fresh constraint for each generated choice (None: unconstrained)
     vision: Prompt | None = None  # the images and videos in the prompt, with its M-RoPE positions
+
+
+def _tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
+    names = ((t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict))
+    return frozenset(name for name in names if isinstance(name, str) and name)
 
 
 def _no_guide() -> None:

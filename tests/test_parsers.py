@@ -451,3 +451,47 @@ def test_cut_off_while_thinking() -> None:
 def test_plain_answer() -> None:
     parsed = parse_answer("The answer is 4.\n")
     assert parsed == ParsedAnswer(None, "The answer is 4.", [])
+
+
+# ---------------------------------------------------------------- untagged calls
+
+
+def test_untagged_call_objects_naming_offered_tools_are_calls() -> None:
+    # What Qwen2.5-Coder-0.5B answers to "What's the weather in Paris?" with a get_weather tool.
+    text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    parsed = parse_answer(text, tool_names={"get_weather"})
+    assert parsed.content == "" and names_and_args(parsed.tool_calls) == [("get_weather", {"city": "Paris"})]
+    two = '\n{"name": "a", "parameters": {"x": [1]}}\n\n{"name": "b", "arguments": "{\\"y\\": null}"}  '
+    assert names_and_args(parse_answer(two, tool_names={"a", "b"}).tool_calls) == [("a", {"x": [1]}), ("b", {"y": None})]
+    fenced = parse_answer("```json\n{\n  " + text[1:-1] + "\n}\n```", tool_names={"get_weather"})
+    assert fenced.content == "" and names_and_args(fenced.tool_calls) == [("get_weather", {"city": "Paris"})]
+    reasoned = parse_answer("<think>Use it.</think>\n" + text, tool_names={"get_weather"})
+    assert reasoned.reasoning == "Use it." and len(reasoned.tool_calls) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',  # no tool names given: plain JSON content
+        '{"name": "other", "arguments": {}}',  # not an offered tool
+        '{"name": "get_weather"}',  # no arguments: just an object with a name
+        '{"name": "get_weather", "arguments": {}, "note": 1}',  # more than a call
+        'Call: {"name": "get_weather", "arguments": {}}',  # prose around it
+        '{"name": "get_weather", "arguments": {}} done',
+        '{"name": "get_weather", "arguments": [1]}',
+        '{"name": "get_weather", "arguments": {}',  # cut off
+        '```json\n{"name": "get_weather", "arguments": {}}\n```\nThat is the call.',
+        '```json\n{"name": "get_weather", "arguments": {}}',  # the block never closes
+        '```py\n{"name": "get_weather", "arguments": {}}\n```',
+    ],
+)
+def test_other_json_answers_stay_content(text: str) -> None:
+    names = set() if text.startswith('{"name": "get_weather", "arguments": {"city"') else {"get_weather"}
+    parsed = parse_answer(text, tool_names=names)
+    assert parsed.tool_calls == [] and parsed.content == text.strip()
+
+
+def test_tagged_calls_win_over_untagged_ones() -> None:
+    untagged = '{"name": "f", "arguments": {}}'
+    parsed = parse_answer(hermes("f", {"x": 1}) + "\n" + untagged, tool_names={"f"})
+    assert names_and_args(parsed.tool_calls) == [("f", {"x": 1})] and parsed.content == untagged

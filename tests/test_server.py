@@ -103,7 +103,17 @@ def test_tool_call_round_trip(client):
         "name": "get_weather", "description": "Current weather in a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     messages = ask("What's the weather in Paris?")
-    # "required": the demo model left to "auto" writes a ```json block rather than a <tool_call> (see test_api).
+    # "auto": the demo model writes a ```json block rather than a <tool_call>; still a call, streamed or not.
+    auto = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64, **GREEDY)
+    assert auto.choices[0].finish_reason == "tool_calls" and auto.choices[0].message.content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in auto.choices[0].message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=64,
+                                                 stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.function.name, json.loads(d.function.arguments)) for d in deltas] == [("get_weather", {"city": "Paris"})]
+    # "required": constrained decoding writes the template's own <tool_call> format.
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
                                        max_tokens=64, **GREEDY)
     choice = r.choices[0]

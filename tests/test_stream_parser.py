@@ -13,6 +13,7 @@ from qwen_engine.text.parsers import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     parse_answer,
+    parse_bare_tool_calls,
     parse_tool_call_block,
     parse_tool_calls,
     split_reasoning,
@@ -110,16 +111,23 @@ CORPUS: list[tuple[str, bool]] = [
 
 
 def expected(
-    text: str, starts_in_think: bool, parse_reasoning: bool = True, parse_tools: bool = True
+    text: str,
+    starts_in_think: bool,
+    parse_reasoning: bool = True,
+    parse_tools: bool = True,
+    tool_names: frozenset[str] = frozenset(),
 ) -> tuple[str | None, str, list[tuple[str, dict]]]:
     """What the non-streaming parser gives, for the parser options given."""
     if not parse_reasoning:
         content, calls = parse_tool_calls(text)
+        bare = None if calls or not tool_names else parse_bare_tool_calls(content, tool_names)
+        if bare is not None:
+            content, calls = "", bare
         return None, content, [(c.name, c.arguments) for c in calls]
     if not parse_tools:
         reasoning, answer = split_reasoning(text, starts_in_think)  # stripped only after a think block
         return reasoning, answer, []
-    parsed = parse_answer(text, starts_in_think)
+    parsed = parse_answer(text, starts_in_think, tool_names)
     return parsed.reasoning, parsed.content, [(c.name, c.arguments) for c in parsed.tool_calls]
 
 
@@ -453,3 +461,90 @@ def test_any_characters_never_raise() -> None:
     for _ in range(200):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
         check(random_pieces(text, rng, 3), rng.random() < 0.5)
+
+
+# ---------------------------------------------------------------- untagged calls (tool_names)
+
+NAMES = frozenset({"get_weather", "f"})
+
+
+def bare(name: str, arguments: object, key: str = "arguments") -> str:
+    return json.dumps({"name": name, key: arguments}, ensure_ascii=False)
+
+
+BARE_CORPUS: list[tuple[str, bool]] = [
+    (bare("get_weather", {"city": "Paris"}), False),
+    ("  " + bare("get_weather", {"city": "北京"}) + "\n" + bare("f", {}, "parameters") + "\n", False),
+    (bare("unknown", {}), False),
+    (bare("f", {}) + " and more text", False),
+    ('{"name": "f"}', False),
+    ('{"city": "Paris", "n": [1, 2]}', False),
+    ("<think>The weather tool.</think>\n\n" + bare("get_weather", {"city": "Oslo"}), False),
+    ("I need the tool.\n</think>\n" + bare("f", {"x": 1}), True),
+    ("Sure: " + bare("f", {}), False),
+    (bare("f", {"s": "<tool_call>{}</tool_call>"}), False),
+    (hermes("f", {}) + "\n" + bare("f", {}), False),
+    (bare("f", {}) + "\n" + hermes("f", {"x": 2}), False),
+    ('{"name": "f", "arguments": {}, "extra": 1}', False),
+    ('{"name": "f", "arguments": "{\\"x\\": 1}"}', False),
+    ('{"name": "f", "arguments": {}', False),
+    ("{", False),
+    ("   ", False),
+    ("", False),
+    # What the demo model writes at temperature 0: the object, pretty-printed, in a ```json block.
+    ("```json\n" + json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}}, indent=2) + "\n```", False),
+    ("```\n" + bare("f", {}) + "\n" + bare("f", {"x": 1}) + "\n```\n", False),
+    ("```json\n" + bare("f", {}) + "\n```\nDone.", False),
+    ("```python\nprint(1)\n```", False),
+    ("```json\n" + bare("f", {}) + "\n", False),
+    ("```json\n```", False),
+    ("`f`", False),
+    ('```json\n{"city": 1}\n```', False),
+]
+
+
+def test_bare_corpus_has_calls_and_non_calls() -> None:
+    parsed = [parse_answer(t, s, NAMES) for t, s in BARE_CORPUS]
+    assert [len(p.tool_calls) for p in parsed] == [1, 2, 0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 1, 0, 0, 0, 0,
+                                                   1, 2, 0, 0, 0, 0, 0, 0]
+    assert all(p.content == "" for p in parsed if p.tool_calls and p is not parsed[10] and p is not parsed[11])
+    # Without the names, none of the untagged objects is a call.
+    assert [len(parse_answer(t, s).tool_calls) for t, s in BARE_CORPUS[:2]] == [0, 0]
+
+
+@pytest.mark.parametrize(("text", "starts_in_think"), BARE_CORPUS)
+def test_bare_calls_stream_as_the_whole_text_parses(text: str, starts_in_think: bool) -> None:
+    rng = random.Random(text)
+    for cut in range(len(text) + 1):
+        check([text[:cut], text[cut:]], starts_in_think, tool_names=NAMES)
+    check(list(text), starts_in_think, tool_names=NAMES)
+    for _ in range(4):
+        check(random_pieces(text, rng), starts_in_think, tool_names=NAMES)
+    check(list(text), starts_in_think, parse_reasoning=False, tool_names=NAMES)
+
+
+def test_a_bare_call_sends_no_content_on_the_way() -> None:
+    text = bare("get_weather", {"city": "Paris"})
+    parser, deltas = run(list(text), tool_names=NAMES)
+    assert all(d.content == "" and not d.tool_calls for d in deltas[:-1])
+    assert [(c.name, c.arguments) for c in parser.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_text_that_cannot_be_a_bare_call_goes_out_without_waiting() -> None:
+    parser = StreamParser(tool_names=NAMES)
+    assert parser.feed("Sure").content == "Sure"
+    parser = StreamParser(tool_names=NAMES)
+    assert parser.feed('{"name": "nope", "arguments": {}} x').content == '{"name": "nope", "arguments": {}} x'
+    parser = StreamParser(tool_names=NAMES)
+    assert parser.feed(bare("f", {}) + " then").content == bare("f", {}) + " then"
+
+
+def test_random_bare_answers_match_the_whole_text_parser() -> None:
+    rng = random.Random(99)
+    pieces = [bare("f", {}), bare("get_weather", {"c": "x"}), bare("g", {}), '{"name": "f"}', "{}", "[]",
+              " ", "\n", "x", hermes("f", {}), "{", '"', "}", "<think>", "</think>", "```json\n", "```", "`",
+              "\n```"]  # fmt: skip
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+        starts_in_think = rng.random() < 0.2
+        check(random_pieces(text, rng, longest=rng.choice([1, 3, 9])), starts_in_think, tool_names=NAMES)

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..api import LLM
+from ..api import LLM, ChatRequest
 from ..errors import ContextLengthError, QwenEngineError
 from ..text.parsers import parse_answer, split_reasoning
 from ..text.stream_parser import StreamParser
@@ -143,17 +143,16 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             guide_list = [chat.make_guide() for _ in range(body.n)]
         except QwenEngineError as e:
             raise _input_error(e, "messages") from None
-        prompt_ids, starts_in_think, parse_tools = chat.prompt_ids, chat.starts_in_think, chat.parse_tools
-        streams = _submit(engine, prompt_ids, params, guide_list, vision=chat.vision)
+        streams = _submit(engine, chat.prompt_ids, params, guide_list, vision=chat.vision)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _chat_chunks(streams, request_id, created, config.served_model_name, starts_in_think,
-                                  parse_tools, body.logprobs, include_usage, engine, metrics, llm)
+            chunks = _chat_chunks(streams, request_id, created, config.served_model_name, chat,
+                                  body.logprobs, include_usage, engine, metrics, llm)
             return StreamingResponse(chunks, media_type="text/event-stream")
-        return await _chat_response(streams, request_id, created, config.served_model_name, starts_in_think,
-                                    parse_tools, body.logprobs, engine, metrics, llm)
+        return await _chat_response(streams, request_id, created, config.served_model_name, chat,
+                                    body.logprobs, engine, metrics, llm)
 
     # -- completions -----------------------------------------------------------------------------------------
 
@@ -333,18 +332,18 @@ def _token_text(llm: LLM, token: int) -> str:
     return llm.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
 
 
-async def _chat_response(streams, request_id, created, model, starts_in_think, parse_tools, want_logprobs,
+async def _chat_response(streams, request_id, created, model, chat: ChatRequest, want_logprobs,
                          engine, metrics, llm) -> dict:
     choices, usage = [], _Usage()
     try:
         for index, stream in enumerate(streams):
             c = await _collect(stream, metrics)
             usage.add(c, prompt_key=0)
-            if parse_tools:
-                parsed = parse_answer(c.text, starts_in_think=starts_in_think)
+            if chat.parse_tools:
+                parsed = parse_answer(c.text, chat.starts_in_think, chat.tool_names)
                 reasoning, content, calls = parsed.reasoning, parsed.content, parsed.tool_calls
             else:
-                (reasoning, content), calls = split_reasoning(c.text, starts_in_think), []
+                (reasoning, content), calls = split_reasoning(c.text, chat.starts_in_think), []
             message = {"role": "assistant", "content": content if (content or not calls) else None}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
@@ -384,14 +383,15 @@ async def _merged(streams: list[RequestStream], metrics: Metrics) -> AsyncIterat
             task.cancel()
 
 
-async def _chat_chunks(streams, request_id, created, model, starts_in_think, parse_tools, want_logprobs,
+async def _chat_chunks(streams, request_id, created, model, chat: ChatRequest, want_logprobs,
                        include_usage, engine, metrics, llm) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return _sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                      "choices": [choice]})
 
-    parsers = [StreamParser(starts_in_think=starts_in_think, parse_tools=parse_tools) for _ in streams]
+    parsers = [StreamParser(chat.starts_in_think, parse_tools=chat.parse_tools, tool_names=chat.tool_names)
+               for _ in streams]
     saw_call = [False] * len(streams)
     usage = _Usage()
     status = "200"

@@ -12,6 +12,10 @@ Hermes-style JSON (Qwen2.5, Qwen3) or the XML form of newer templates (Qwen3-Cod
                                              </function>
                                              </tool_call>
 
+Small models such as Qwen2.5-Coder-0.5B often leave the tags out and answer with the bare JSON object, alone
+or in a ```json block. So an answer with no tagged call that is nothing but such objects, each naming one of
+the tools the request offered and giving its arguments, counts as those calls too (`tool_names`).
+
 Parsing never raises: anything that does not parse cleanly stays in the content, verbatim.
 """
 
@@ -21,6 +25,7 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,10 @@ _FUNCTION_CLOSE = "</function>"
 _WHITESPACE = re.compile(r"\s*")
 _ID_ALPHABET = string.ascii_letters + string.digits
 _JSON = json.JSONDecoder()
+# Untagged calls often come in a Markdown code block: ```json, a newline, the objects, ```.
+_FENCE = "```"
+_FENCE_OPEN = re.compile(r"```(?:json)?[ \t]*\n", re.IGNORECASE)
+_OPEN_FENCE = re.compile(r"`{1,2}|```(?:j|js|jso|json)?[ \t]*", re.IGNORECASE)  # cut before its newline
 
 
 # ---------------------------------------------------------------------------------------------- reasoning
@@ -229,6 +238,41 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return "".join(pieces).strip(), calls
 
 
+def _bare_call(obj: Any, tool_names: Collection[str]) -> ToolCall | None:
+    # Stricter than inside tags: the object must name an offered tool and say "arguments" (or
+    # "parameters"), so that an answer which merely is JSON is not taken for a call.
+    if not isinstance(obj, dict) or not ("arguments" in obj or "parameters" in obj):
+        return None
+    if not set(obj) <= {"name", "arguments", "parameters"}:
+        return None
+    call = _call_from_json(obj)
+    return call if call is not None and call.name in tool_names else None
+
+
+def parse_bare_tool_calls(text: str, tool_names: Collection[str]) -> list[ToolCall] | None:
+    """The calls when `text` is nothing but untagged JSON call objects naming tools from `tool_names`
+    (whitespace between them, the whole maybe in one ```json fence); None when it is anything else."""
+    pos = _skip_whitespace(text, 0)
+    fence = _FENCE_OPEN.match(text, pos)
+    if fence is not None:
+        pos = fence.end()
+    calls: list[ToolCall] = []
+    while (pos := _skip_whitespace(text, pos)) < len(text) and text[pos] == "{":
+        try:
+            obj, pos = _JSON.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return None
+        call = _bare_call(obj, tool_names)
+        if call is None:
+            return None
+        calls.append(call)
+    if fence is not None:
+        if not text.startswith(_FENCE, pos):
+            return None
+        pos = _skip_whitespace(text, pos + len(_FENCE))
+    return calls if calls and pos == len(text) else None
+
+
 # ------------------------------------------------------------------------------------ one block at a time
 # For streaming (stream_parser.py): a block arrives piece by piece, and the parser must know when it is a
 # call, and when it can never become one, without waiting for the end of the answer.
@@ -272,6 +316,33 @@ def tool_call_block_may_complete(text: str) -> bool:
     if text.startswith(_FUNCTION_TAG, pos):
         return _xml_may_complete(text, pos)
     return _FUNCTION_TAG.startswith(text[pos:])
+
+
+def bare_tool_calls_may_complete(text: str, tool_names: Collection[str]) -> bool:
+    """Whether some continuation of `text` is nothing but bare calls (see parse_bare_tool_calls)."""
+    pos = _skip_whitespace(text, 0)
+    fence = _FENCE_OPEN.match(text, pos)
+    if fence is None and text.startswith("`", pos):
+        return _OPEN_FENCE.fullmatch(text, pos) is not None
+    if fence is not None:
+        pos = fence.end()
+    seen = False
+    while (pos := _skip_whitespace(text, pos)) < len(text) and text[pos] == "{":
+        try:
+            obj, pos = _JSON.raw_decode(text, pos)
+        except RecursionError:
+            return True
+        except ValueError as error:
+            return _json_cut_short(text, getattr(error, "pos", None), getattr(error, "msg", ""))
+        if _bare_call(obj, tool_names) is None:
+            return False
+        seen = True
+    rest = text[pos:]
+    if not rest:
+        return True
+    if fence is None or not seen:
+        return False
+    return _FENCE.startswith(rest) or (rest.startswith(_FENCE) and not rest[len(_FENCE) :].strip())
 
 
 def _closing_may_follow(text: str, pos: int) -> bool:
@@ -347,8 +418,15 @@ class ParsedAnswer:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
-def parse_answer(text: str, starts_in_think: bool = False) -> ParsedAnswer:
-    """Split a whole generated answer: reasoning first, then tool calls out of what follows it."""
+def parse_answer(
+    text: str, starts_in_think: bool = False, tool_names: Collection[str] = ()
+) -> ParsedAnswer:
+    """Split a whole generated answer: reasoning first, then tool calls out of what follows it. With the
+    names of the offered tools, an answer that is only untagged call objects is taken as those calls."""
     reasoning, answer = split_reasoning(text, starts_in_think)
     content, calls = parse_tool_calls(answer)
+    if not calls and tool_names:
+        bare = parse_bare_tool_calls(content, tool_names)
+        if bare is not None:
+            content, calls = "", bare
     return ParsedAnswer(reasoning, content, calls)

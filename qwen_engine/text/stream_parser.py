@@ -25,12 +25,17 @@ Why text is held back:
   earlier could announce a call that then turns out malformed and must be content after all, and Hermes
   arguments are re-serialised (json.dumps), so the raw text is not what the client must receive anyway.
 
+- With `tool_names`, an answer that opens with `{` or a code fence waits whole while it may still be nothing but untagged
+  call objects (parse_answer's bare calls): until it can no longer be, or to the end of the stream. An
+  object is judged once it closes.
+
 Parsing never raises; `finish()` flushes what was held back (a tag prefix, trailing whitespace is dropped,
 an unclosed block becomes content).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .parsers import (
@@ -39,7 +44,10 @@ from .parsers import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
     ToolCall,
+    bare_tool_calls_may_complete,
+    parse_bare_tool_calls,
     parse_tool_call_block,
+    parse_tool_calls,
     tool_call_block_may_complete,
 )
 
@@ -115,11 +123,20 @@ class StreamParser:
     `parse_reasoning=False`: no think block is looked for; all text is answer (starts_in_think is ignored).
     `parse_tools=False`: no tool calls are looked for; the answer is all content (stripped after a think block,
     untouched without one, as split_reasoning gives it).
+    `tool_names`: the offered tools, for untagged calls (see parse_answer).
     """
 
-    def __init__(self, starts_in_think: bool = False, parse_reasoning: bool = True, parse_tools: bool = True):
+    def __init__(
+        self,
+        starts_in_think: bool = False,
+        parse_reasoning: bool = True,
+        parse_tools: bool = True,
+        tool_names: Collection[str] = (),
+    ):
         self._starts_in_think = starts_in_think
         self._parse_tools = parse_tools
+        self._tool_names = tool_names if parse_tools else ()
+        self._answer_opened = False  # some of the answer other than whitespace has been parsed
         self._mode = _START if parse_reasoning else _ANSWER
         self._held = ""  # raw text not yet decided on: the start, a partial tag, or an open <tool_call> block
         self._in_block = False  # `_held` is a <tool_call> block that may still become a call
@@ -209,6 +226,10 @@ class StreamParser:
             return
         text = self._held + text
         self._held = ""
+        if self._tool_names and not self._answer_opened:
+            if self._held_as_bare_calls(text, delta, final):
+                return
+            self._answer_opened = bool(text.strip())
         while True:
             if self._in_block:
                 # A call needs its closing tag: until one came, only ask whether the block can still parse.
@@ -239,6 +260,26 @@ class StreamParser:
             self._held = text[len(text) - keep :]
             delta.content += self._content.push(text[: len(text) - keep])
             return
+
+    def _held_as_bare_calls(self, text: str, delta: ParserDelta, final: bool) -> bool:
+        """Handle `text`, the whole answer so far, if it is (or may still become) only bare calls."""
+        head = text.lstrip()
+        if not final and not head:
+            self._held = text
+            return True
+        if not head.startswith(("{", "`")):
+            return False
+        if not final:
+            if bare_tool_calls_may_complete(text, self._tool_names):
+                self._held = text
+                return True
+            return False
+        # The end: decide as parse_answer does, where tagged calls come first.
+        content, calls = parse_tool_calls(text)
+        bare = None if calls else parse_bare_tool_calls(content, self._tool_names)
+        for call in bare or ():
+            self._emit_call(call, delta)
+        return bare is not None
 
     def _emit_call(self, call: ToolCall, delta: ParserDelta) -> None:
         delta.tool_calls.append(
