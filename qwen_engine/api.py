@@ -341,7 +341,9 @@ class ChatRequest:
 
 
 def _tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
-    names = ((t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict))
+    # OpenAI's {"type": "function", "function": {...}} or, as transformers also takes, the function itself.
+    functions = (t.get("function", t) for t in tools or () if isinstance(t, dict))
+    names = (f.get("name") for f in functions if isinstance(f, dict))
     return frozenset(name for name in names if isinstance(name, str) and name)
 
 

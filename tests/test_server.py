@@ -211,6 +211,37 @@ def test_completions(client):
     assert streamed == r.choices[0].text
 
 
+def test_completions_from_token_ids_and_with_a_suffix(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    text = "def add(a, b):\n"
+    ids = demo_llm.tokenizer.encode(text)
+    by_text = client.completions.create(model=MODEL, prompt=text, max_tokens=8, **GREEDY).choices[0].text
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, **GREEDY).choices[0].text
+    assert by_ids == by_text
+    two = client.completions.create(model=MODEL, prompt=[ids, ids[:2]], max_tokens=8, echo=True, **GREEDY)
+    assert two.choices[0].text == text + by_text
+    assert two.choices[1].text.startswith(demo_llm.tokenizer.decode(ids[:2]))
+    # Fill in the middle: Qwen2.5-Coder's FIM tokens around prompt and suffix.
+    prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
+    middle = client.completions.create(model=MODEL, prompt=prefix, suffix=suffix, max_tokens=16, **GREEDY)
+    fim = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    expected = demo_llm.generate(fim, SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.0))[0]
+    assert middle.choices[0].text == expected.text and "return a + b" in expected.text
+
+
+def test_completion_logprobs_offsets_index_the_text(client):
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt="def fib(n):", max_tokens=5, echo=True, logprobs=2,
+                                      stream=stream, **GREEDY)
+        chunks = list(r) if stream else [r]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+        offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+        assert len(tokens) == 5 and offsets[0] == len("def fib(n):")
+        assert [text[o : o + len(t)] for o, t in zip(offsets, tokens, strict=True)] == tokens
+
+
 def test_metrics(server, client):
     client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
     text = httpx.get(f"{server.base_url}/metrics").text
@@ -224,12 +255,13 @@ def test_metrics(server, client):
 
 # -- errors ------------------------------------------------------------------------------------------------------
 
-def post(server, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+def post(server, body, key: str | None = KEY, raw: bytes | None = None, path: str = "/v1/chat/completions"
+         ) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(f"{server.base_url}/v1/chat/completions", content=content, headers=headers, timeout=120)
+    return httpx.post(f"{server.base_url}{path}", content=content, headers=headers, timeout=120)
 
 
 def assert_error(r: httpx.Response, status: int, fragment: str, param: str | None = None) -> None:
@@ -258,6 +290,17 @@ def test_error_shapes(server):
     assert_error(post(server, {**ok, "logit_bias": {"151936": 5}}), 400, "outside the vocabulary",
                  param="logit_bias")
     assert_error(post(server, {**ok, "logit_bias": {"12": 500}}), 400, "[-100, 100]", param="logit_bias")
+    assert_error(post(server, {**ok, "seed": 2**70}), 400, "seed", param="seed")
+    assert_error(post(server, {**ok, "stop": [""]}), 400, "stop", param="stop")
+    assert_error(post(server, {**ok, "tools": [{"type": "function"}]}), 400, "tools[0]", param="tools")
+    assert_error(post(server, {**ok, "messages": [{"role": "user", "content": None}]}), 400, "no content")
+    done = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    assert_error(post(server, {**done, "prompt": ["a", [1]]}, path="/v1/completions"), 400, "token ids",
+                 param="prompt")
+    assert_error(post(server, {**done, "prompt": [151936]}, path="/v1/completions"), 400, "outside the vocabulary")
+    assert_error(post(server, {**done, "best_of": 3}, path="/v1/completions"), 400, "best_of", param="best_of")
+    assert_error(post(server, {**done, "suffix": "y", "echo": True}, path="/v1/completions"), 400, "suffix")
+    assert post(server, ok).status_code == 200  # none of these hurt the engine
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0).models.list()
 

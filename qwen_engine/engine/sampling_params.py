@@ -44,36 +44,37 @@ class SamplingParams:
     def validate(self) -> None:
         def finite(name: str, value: float | None) -> None:
             if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+                raise InputError(f"{name} must be a finite number, got {value!r}", param=name)
 
         for f in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             finite(f, getattr(self, f))
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+            raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", param="max_tokens")
         if self.temperature is not None and self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+            raise InputError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < -1):
-            raise InputError(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+            raise InputError(f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}", param="top_k")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
-            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None and not -2 <= value <= 2:
-                raise InputError(f"{name} must be in [-2, 2], got {value}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InputError(f"seed must be an integer, got {self.seed!r}")
+                raise InputError(f"{name} must be in [-2, 2], got {value}", param=name)
+        if self.seed is not None and (not isinstance(self.seed, int) or not _SEED_MIN <= self.seed <= _SEED_MAX):
+            raise InputError(f"seed must be an integer in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed!r}",
+                             param="seed")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
-            raise InputError("stop must be a string or a list of non-empty strings")
+            raise InputError("stop must be a string or a list of non-empty strings", param="stop")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise InputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
+            raise InputError(f"logprobs must be an integer in [0, 20], got {self.logprobs!r}", param="logprobs")
         if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise InputError("stop_token_ids must be a list of integers")
+            raise InputError("stop_token_ids must be a list of integers", param="stop_token_ids")
         if self.logit_bias is not None:
             self.logit_bias = _checked_logit_bias(self.logit_bias)
 
@@ -92,6 +93,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.temperature
+
+
+# What torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
 
 def _checked_logit_bias(bias: Any) -> dict[int, float]:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..api import LLM, ChatRequest
-from ..errors import ContextLengthError, QwenEngineError
+from ..errors import ContextLengthError, InputError, QwenEngineError
 from ..text.parsers import parse_answer, split_reasoning
 from ..text.stream_parser import StreamParser
 from ..vision.prompt import VisionLimits
@@ -88,7 +88,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             message = f"the request body is not valid JSON: {first.get('msg')}"
             param = None
         else:
-            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value').removeprefix('Value error, ')}"
         count(request, 400)
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
@@ -114,6 +114,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -160,20 +162,25 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, config)
         await _check_body_size(request, config)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = body.prompt_list()
         if not prompts:
             raise ApiError(400, "prompt must not be empty", param="prompt")
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(400, "best_of is not supported: ask for n choices (with logprobs) and pick among them",
+                           param="best_of")
+        if body.suffix is not None and body.echo:
+            raise ApiError(400, "echo cannot be combined with suffix", param="echo")
         try:
-            jobs = [
-                (p, llm.tokenizer.encode(p), llm._resolve(body.to_sampling_params(i)))
-                for p in prompts for i in range(body.n)
-            ]
+            jobs = [(p, _completion_prompt(p, body.suffix, llm), llm._resolve(body.to_sampling_params(i)))
+                    for p in prompts for i in range(body.n)]
         except QwenEngineError as e:
             raise _input_error(e, "prompt") from None
         streams = _submit(engine, [ids for _, ids, _ in jobs], [sp for _, _, sp in jobs], [None] * len(jobs),
                           many_prompts=True)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [p if body.echo else "" for p, _, _ in jobs]
+        # Token-id prompts were checked against the vocabulary by _submit, so they decode.
+        echo = [(p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False)) if body.echo
+                else "" for p, _, _ in jobs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             chunks = _completion_chunks(streams, echo, request_id, created, config.served_model_name,
@@ -186,7 +193,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 usage.add(collected)
                 choices.append({
                     "index": index, "text": echo[index] + collected.text,
-                    "logprobs": _completion_logprobs(collected.logprobs, collected.token_ids, llm) if body.logprobs is not None else None,
+                    "logprobs": _completion_logprobs(collected.logprobs, collected.token_ids, llm, len(echo[index]))
+                                if body.logprobs is not None else None,
                     "finish_reason": collected.finish_reason,
                 })
         finally:
@@ -236,6 +244,9 @@ def _submit(engine: AsyncEngine, prompt_ids, params, guides, many_prompts: bool 
     except QueueFullError as e:
         _close(streams, engine)
         raise ApiError(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+    except EngineDeadError as e:
+        _close(streams, engine)
+        raise ApiError(503, str(e), kind="internal_error") from None
     except QwenEngineError as e:
         _close(streams, engine)
         raise _input_error(e, "prompt") from None
@@ -321,9 +332,27 @@ def _chat_logprobs(entries, token_ids, llm: LLM) -> dict:
     return {"content": content}
 
 
-def _completion_logprobs(entries, token_ids, llm: LLM) -> dict:
+def _completion_prompt(prompt: str | list[int], suffix: str | None, llm: LLM) -> list[int]:
+    if suffix is None:
+        return llm.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not isinstance(prompt, str):
+        raise InputError("suffix needs the prompt as text", param="suffix")
+    tokens = [llm.tokenizer.token_to_id(t) for t in _FIM_TOKENS]
+    if None in tokens:
+        raise InputError("this model has no fill-in-the-middle tokens, so it cannot take a suffix", param="suffix")
+    # Qwen2.5-Coder's prefix-suffix-middle order; the answer is the middle.
+    prefix, middle_start, middle = tokens
+    return [prefix, *llm.tokenizer.encode(prompt), middle_start, *llm.tokenizer.encode(suffix), middle]
+
+
+_FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+
+
+def _completion_logprobs(entries, token_ids, llm: LLM, start: int = 0) -> dict:
+    """OpenAI's completion logprobs; text_offset counts from the start of the choice's text (`start` for
+    what came before these tokens: the echoed prompt, earlier chunks)."""
     tokens = [_token_text(llm, t) for t in token_ids]
-    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    offsets = [start + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
             "top_logprobs": [{_token_text(llm, t): p for t, p in top} for _, top in entries], "text_offset": offsets}
 
@@ -453,12 +482,16 @@ async def _completion_chunks(streams, echo, request_id, created, model, want_log
         return _sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                      "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
+    offsets = [len(prefix) for prefix in echo]
     try:
         for i, prefix in enumerate(echo):
             if prefix:
                 yield chunk(i, prefix, None)
         async for i, update in _merged(streams, metrics):
-            logprobs = _completion_logprobs(update.logprobs, update.token_ids, llm) if want_logprobs else None
+            logprobs = None
+            if want_logprobs:
+                logprobs = _completion_logprobs(update.logprobs, update.token_ids, llm, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
             if update.text or update.finish_reason or logprobs:
                 yield chunk(i, update.text, update.finish_reason, logprobs)
             if update.finish_reason:

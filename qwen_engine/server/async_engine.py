@@ -102,6 +102,8 @@ class AsyncEngine:
     ) -> RequestStream:
         """Queue a request; raises at once for a prompt that can never run or when the queue is full."""
         self.engine.check_prompt(prompt_ids, params)
+        if not self.alive:
+            raise EngineDeadError("the engine is not running; restart the server")
         if self.num_waiting >= self.max_waiting:
             raise QueueFullError(f"{self.num_waiting} requests are already waiting (limit {self.max_waiting})")
         stream = RequestStream(asyncio.get_running_loop(), prompt_ids, params, guide, vision)
@@ -121,9 +123,19 @@ class AsyncEngine:
 
     # -- the engine thread -----------------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has ended (shut down, or killed by a bug that escaped every guard)."""
+        return self._thread.is_alive() and not self._stop
+
     def _run(self) -> None:
         while not self._stop:
-            self._apply_commands()
+            try:
+                self._apply_commands()
+            except Exception as e:  # as for a step: fail what is in flight, keep serving
+                log.exception("applying requests failed")
+                self._fail_all(f"internal engine error: {type(e).__name__}: {e}")
+                continue
             if not self.engine.has_work():
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -154,6 +166,10 @@ class AsyncEngine:
                     )
                 except QwenEngineError as e:
                     stream.push(Update("", [], error=str(e)))
+                    continue
+                except Exception as e:  # a bug in one request's set-up must not end the loop for all
+                    log.exception("adding a request failed")
+                    stream.push(Update("", [], error=f"internal engine error: {type(e).__name__}: {e}"))
                     continue
                 stream.seq = seq
                 self._streams[seq.seq_id] = stream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.sampling_params import SamplingParams
 
@@ -37,7 +37,10 @@ class _Sampling(BaseModel):
     user: str | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, seed_offset: int) -> SamplingParams:
-        seed = None if self.seed is None else self.seed + seed_offset
+        seed = self.seed
+        if seed is not None and seed_offset:
+            # Choice i of n draws with seed + i; past the largest 64-bit seed it wraps round, as the seed does.
+            seed = seed + seed_offset - (2**64 if seed <= 2**64 - 1 < seed + seed_offset else 0)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -67,17 +70,51 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    @field_validator("tools")
+    @classmethod
+    def _openai_tools(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # Checked, not converted: the template prints each tool as given (key order included).
+        for n, tool in enumerate(tools or ()):
+            function = tool.get("function")
+            if tool.get("type", "function") != "function" or not isinstance(function, dict):
+                raise ValueError(f"tools[{n}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            if not isinstance(function.get("name"), str) or not function["name"]:
+                raise ValueError(f"tools[{n}].function needs a 'name'")
+            if not isinstance(function.get("parameters", {}), dict):
+                raise ValueError(f"tools[{n}].function.parameters must be a JSON schema object")
+        return tools
+
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(self.max_completion_tokens or self.max_tokens, logprobs, seed_offset)
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # Text, several texts, token ids, or several lists of token ids (as OpenAI's API takes them).
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: str | None = None  # fill in the middle, between prompt and suffix (models with FIM tokens)
+    best_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        def ids(value: Any) -> bool:
+            return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+        if isinstance(prompt, str) or ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(ids(p) for p in prompt)):
+            return prompt
+        raise ValueError("must be a string, a list of strings, a list of token ids or a list of such lists")
+
+    def prompt_list(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
 
     def to_sampling_params(self, seed_offset: int = 0) -> SamplingParams:
         return self.sampling_params(self.max_tokens, self.logprobs, seed_offset)

@@ -59,6 +59,8 @@ def validate_messages(messages: Any) -> None:
         if role not in ROLES:
             raise InputError(f"messages[{n}] has unknown role {role!r}; allowed: {', '.join(ROLES)}")
         content = message.get("content")
+        if content is None and role != "assistant":  # only a reply that is all tool calls may have none
+            raise InputError(f"messages[{n}] ({role}) has no content")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):
