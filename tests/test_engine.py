@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from tiny_models import build_tiny
 
 from qwen_engine import LLM, ContextLengthError, SamplingParams
@@ -202,3 +203,16 @@ def _block_bytes(llm: LLM) -> int:
 
     cfg = llm.config
     return PagedKVCache.bytes_per_block(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 16, llm.engine.dtype)
+
+
+def test_prompt_logprobs_equal_the_log_softmax_of_the_logits(demo_llm):
+    ids = demo_llm.tokenizer.encode("def fib(n):\n    if n < 2:\n        return n")
+    reference = torch.log_softmax(demo_llm.logits(ids), dim=-1)
+    scored = demo_llm.engine.prompt_logprobs(ids, top_n=3, chunk=5)  # chunks end mid-prompt
+    assert scored[0] == (None, []) and len(scored) == len(ids)
+    for i in range(1, len(ids)):
+        lp, top = scored[i]
+        assert lp == pytest.approx(reference[i - 1, ids[i]].item(), abs=1e-4)
+        best = reference[i - 1].topk(3)
+        assert [t for t, _ in top] == best.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(best.values.tolist(), abs=1e-4)

@@ -238,8 +238,33 @@ def test_completion_logprobs_offsets_index_the_text(client):
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
         offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
-        assert len(tokens) == 5 and offsets[0] == len("def fib(n):")
+        assert len(tokens) == 4 + 5 and offsets[0] == 0 and offsets[4] == len("def fib(n):")  # 4 prompt tokens
         assert [text[o : o + len(t)] for o, t in zip(offsets, tokens, strict=True)] == tokens
+
+
+def test_echo_logprobs_score_the_prompt(client, demo_llm):
+    import torch
+
+    # What evaluation harnesses send: echo, logprobs, max_tokens 0; the prompt's own log-probs come back.
+    text = "def fib(n):\n    return n"
+    ids = demo_llm.tokenizer.encode(text)
+    reference = torch.log_softmax(demo_llm.logits(ids), dim=-1)
+    for stream in (False, True):
+        r = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=2, stream=stream)
+        (choice,) = [c.choices[0] for c in r] if stream else r.choices
+        lp = choice.logprobs
+        assert choice.text == text and choice.finish_reason == "length"
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ids)
+        expected = [reference[i - 1, ids[i]].item() for i in range(1, len(ids))]
+        assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        best = reference[len(ids) - 2].topk(2)
+        assert sorted(lp.top_logprobs[-1].values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert "".join(lp.tokens) == text and lp.text_offset[-1] == len(text) - len(lp.tokens[-1])
+    # With generation the answer's entries follow the prompt's.
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=2, echo=True, logprobs=0, **GREEDY)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.text_offset[len(ids)] == len(text)
+    assert lp.token_logprobs[len(ids)] == pytest.approx(reference[-1].max().item(), abs=1e-3)
 
 
 def test_metrics(server, client):
@@ -300,6 +325,7 @@ def test_error_shapes(server):
     assert_error(post(server, {**done, "prompt": [151936]}, path="/v1/completions"), 400, "outside the vocabulary")
     assert_error(post(server, {**done, "best_of": 3}, path="/v1/completions"), 400, "best_of", param="best_of")
     assert_error(post(server, {**done, "suffix": "y", "echo": True}, path="/v1/completions"), 400, "suffix")
+    assert_error(post(server, {**done, "max_tokens": 0}, path="/v1/completions"), 400, "echo", param="max_tokens")
     assert post(server, ok).status_code == 200  # none of these hurt the engine
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0).models.list()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -274,10 +275,35 @@ class Engine:
             raise ContextLengthError(
                 f"{len(token_ids)} tokens do not fit the model's context of {self.config.max_model_len}"
             )
+        return torch.cat(list(self._logits_by_chunk(token_ids, vision, chunk)))
+
+    @torch.inference_mode()
+    def prompt_logprobs(
+        self, token_ids: list[int], top_n: int = 0, chunk: int = 128
+    ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """Each prompt token's log-prob given the tokens before it, with the top_n (id, log-prob) there; the
+        first token has none (None, []). Computed in chunks, so memory stays at chunk x vocab floats."""
+        self.check_prompt(token_ids)
+        out: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
+        nexts = torch.tensor(token_ids[1:], dtype=torch.long, device=self.device)
+        start = 0
+        for logits in self._logits_by_chunk(token_ids[:-1], None, chunk):
+            logp = torch.log_softmax(logits, dim=-1)
+            rows = len(logp)
+            chosen = logp.gather(1, nexts[start : start + rows, None]).squeeze(1).tolist()
+            top = torch.topk(logp, top_n, dim=-1) if top_n else None
+            for i in range(rows):
+                alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist(), strict=True)) if top else []
+                out.append((chosen[i], alternatives))
+            start += rows
+        return out
+
+    def _logits_by_chunk(self, token_ids: list[int], vision: Prompt | None, chunk: int) -> Iterator[torch.Tensor]:
         cfg = self.model.config
-        cache = KVCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(token_ids), self.kv_dtype, self.device)
+        cache = KVCache(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max(len(token_ids), 1), self.kv_dtype, self.device
+        )
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        out = []
         for start in range(0, len(token_ids), chunk):
             piece = ids[start : start + chunk]
             end = start + len(piece)
@@ -286,9 +312,8 @@ class Engine:
             else:
                 positions = torch.arange(start, end, device=self.device)
             visual = self._visual_rows([(-start, item, used) for item, used in _items_in(vision, start, end)])
-            out.append(self.model.compute_logits(self.model(piece, positions, cache, visual)))
+            yield self.model.compute_logits(self.model(piece, positions, cache, visual))
             cache.commit(len(piece))
-        return torch.cat(out)
 
 
 def _items_in(vision: Prompt | None, start: int, end: int) -> list[tuple[VisionItem, torch.Tensor]]:

@@ -170,33 +170,56 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                            param="best_of")
         if body.suffix is not None and body.echo:
             raise ApiError(400, "echo cannot be combined with suffix", param="echo")
+        generate = body.max_tokens != 0
+        if not generate and not body.echo:
+            raise ApiError(400, "max_tokens 0 needs echo (it returns the prompt, and with logprobs its scores)",
+                           param="max_tokens")
         try:
-            jobs = [(p, _completion_prompt(p, body.suffix, llm), llm._resolve(body.to_sampling_params(i)))
-                    for p in prompts for i in range(body.n)]
+            encoded = [(p, _completion_prompt(p, body.suffix, llm)) for p in prompts]
+            jobs = [(p, ids, llm._resolve(body.to_sampling_params(i)) if generate else None)
+                    for p, ids in encoded for i in range(body.n)]
+            for _, ids in encoded:
+                llm.engine.check_prompt(ids)
         except QwenEngineError as e:
             raise _input_error(e, "prompt") from None
-        streams = _submit(engine, [ids for _, ids, _ in jobs], [sp for _, _, sp in jobs], [None] * len(jobs),
-                          many_prompts=True)
+        # echo with logprobs scores the prompt too, as OpenAI's API did (evaluation harnesses rely on it).
+        echo_logprobs: list[dict | None] = [None] * len(jobs)
+        if body.echo and body.logprobs is not None:
+            try:
+                scored = [await engine.prompt_logprobs(ids, body.logprobs) for _, ids in encoded]
+            except EngineDeadError as e:
+                raise ApiError(503, str(e), kind="internal_error") from None
+            except QwenEngineError as e:
+                raise _input_error(e, "prompt") from None
+            echo_logprobs = [_completion_logprobs(scored[j // body.n], jobs[j][1], llm) for j in range(len(jobs))]
+        streams = []
+        if generate:
+            streams = _submit(engine, [ids for _, ids, _ in jobs], [sp for _, _, sp in jobs], [None] * len(jobs),
+                              many_prompts=True)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        # Token-id prompts were checked against the vocabulary by _submit, so they decode.
+        # Token-id prompts were checked against the vocabulary above, so they decode.
         echo = [(p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False)) if body.echo
                 else "" for p, _, _ in jobs]
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _completion_chunks(streams, echo, request_id, created, config.served_model_name,
-                                        body.logprobs is not None, include_usage, engine, metrics, llm)
+            chunks = _completion_chunks(streams, echo, echo_logprobs, [len(ids) for _, ids, _ in jobs], request_id,
+                                        created, config.served_model_name, body.logprobs is not None, include_usage,
+                                        engine, metrics, llm)
             return StreamingResponse(chunks, media_type="text/event-stream")
         choices, usage = [], _Usage()
         try:
-            for index, stream in enumerate(streams):
-                collected = await _collect(stream, metrics)
+            for index, (_, ids, _) in enumerate(jobs):
+                if generate:
+                    collected = await _collect(streams[index], metrics)
+                else:
+                    collected = _Collected(token_ids=[], logprobs=[], finish_reason="length", prompt_tokens=len(ids))
                 usage.add(collected)
-                choices.append({
-                    "index": index, "text": echo[index] + collected.text,
-                    "logprobs": _completion_logprobs(collected.logprobs, collected.token_ids, llm, len(echo[index]))
-                                if body.logprobs is not None else None,
-                    "finish_reason": collected.finish_reason,
-                })
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _join_logprobs(echo_logprobs[index], _completion_logprobs(
+                        collected.logprobs, collected.token_ids, llm, len(echo[index])))
+                choices.append({"index": index, "text": echo[index] + collected.text, "logprobs": logprobs,
+                                "finish_reason": collected.finish_reason})
         finally:
             _close(streams, engine)
         metrics.requests.labels("completions", "200").inc()
@@ -350,11 +373,19 @@ _FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 def _completion_logprobs(entries, token_ids, llm: LLM, start: int = 0) -> dict:
     """OpenAI's completion logprobs; text_offset counts from the start of the choice's text (`start` for
-    what came before these tokens: the echoed prompt, earlier chunks)."""
+    what came before these tokens: the echoed prompt, earlier chunks). A prompt's first token has no
+    log-prob: null, and null for its alternatives."""
     tokens = [_token_text(llm, t) for t in token_ids]
     offsets = [start + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
-            "top_logprobs": [{_token_text(llm, t): p for t, p in top} for _, top in entries], "text_offset": offsets}
+            "top_logprobs": [None if lp is None else {_token_text(llm, t): p for t, p in top} for lp, top in entries],
+            "text_offset": offsets}
+
+
+def _join_logprobs(first: dict | None, then: dict) -> dict:
+    if first is None:
+        return then
+    return {key: first[key] + then[key] for key in then}
 
 
 def _token_text(llm: LLM, token: int) -> str:
@@ -473,8 +504,8 @@ def _tool_call_delta(d) -> dict:
     return out
 
 
-async def _completion_chunks(streams, echo, request_id, created, model, want_logprobs, include_usage, engine,
-                             metrics, llm) -> AsyncIterator[str]:
+async def _completion_chunks(streams, echo, echo_logprobs, prompt_tokens, request_id, created, model, want_logprobs,
+                             include_usage, engine, metrics, llm) -> AsyncIterator[str]:
     usage = _Usage()
     status = "200"
 
@@ -485,8 +516,11 @@ async def _completion_chunks(streams, echo, request_id, created, model, want_log
     offsets = [len(prefix) for prefix in echo]
     try:
         for i, prefix in enumerate(echo):
-            if prefix:
-                yield chunk(i, prefix, None)
+            if not streams:  # max_tokens 0: the echo is the whole answer
+                usage.add(_Collected(prompt_tokens=prompt_tokens[i]))
+                yield chunk(i, prefix, "length", echo_logprobs[i])
+            elif prefix:
+                yield chunk(i, prefix, None, echo_logprobs[i])
         async for i, update in _merged(streams, metrics):
             logprobs = None
             if want_logprobs:

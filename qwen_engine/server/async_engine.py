@@ -112,6 +112,18 @@ class AsyncEngine:
         self._wake.set()
         return stream
 
+    async def prompt_logprobs(self, prompt_ids: list[int], top_n: int) -> list[tuple[float | None, list]]:
+        """Each prompt token's log-prob (see Engine.prompt_logprobs), computed on the engine thread between
+        steps: the model is not to be run from two threads at once."""
+        self.engine.check_prompt(prompt_ids)
+        if not self.alive:
+            raise EngineDeadError("the engine is not running; restart the server")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._commands.put(("score", (loop, future, prompt_ids, top_n)))
+        self._wake.set()
+        return await future
+
     def abort(self, stream: RequestStream) -> None:
         if not stream.done:
             stream.done = True
@@ -173,9 +185,27 @@ class AsyncEngine:
                     continue
                 stream.seq = seq
                 self._streams[seq.seq_id] = stream
+            elif command == "score":
+                self._score(*stream)
             elif command == "abort" and stream.seq is not None:
                 self.engine.abort(stream.seq)
                 self._streams.pop(stream.seq.seq_id, None)
+
+    def _score(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, prompt_ids: list[int], top_n: int
+               ) -> None:
+        def settle(result=None, error: Exception | None = None) -> None:
+            if not future.done():  # the handler may have gone (client disconnected)
+                future.set_exception(error) if error else future.set_result(result)
+
+        try:
+            result = self.engine.prompt_logprobs(prompt_ids, top_n)
+        except QwenEngineError as e:
+            loop.call_soon_threadsafe(settle, None, e)
+        except Exception as e:
+            log.exception("scoring a prompt failed")
+            loop.call_soon_threadsafe(settle, None, EngineDeadError(f"internal engine error: {type(e).__name__}: {e}"))
+        else:
+            loop.call_soon_threadsafe(settle, result)
 
     def _fail_all(self, message: str) -> None:
         for stream in list(self._streams.values()):

@@ -92,7 +92,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     # Text, several texts, token ids, or several lists of token ids (as OpenAI's API takes them).
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default; 0 with echo: only score the prompt
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None  # fill in the middle, between prompt and suffix (models with FIM tokens)
