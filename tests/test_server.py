@@ -267,6 +267,24 @@ def test_echo_logprobs_score_the_prompt(client, demo_llm):
     assert lp.token_logprobs[len(ids)] == pytest.approx(reference[-1].max().item(), abs=1e-3)
 
 
+def test_tokenize_and_detokenize(server, demo_llm):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    messages = ask("Hello, 世界")
+    text = "def add(a, b):\n"
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "prompt": text}, headers=headers).json()
+    assert r["tokens"] == demo_llm.tokenizer.encode(text) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 4096
+    r = httpx.post(f"{server.base_url}/tokenize", json={"messages": messages}, headers=headers).json()
+    assert r["tokens"] == demo_llm.tokenizer.encode(demo_llm.apply_chat_template(messages))
+    back = httpx.post(f"{server.base_url}/detokenize", json={"tokens": r["tokens"]}, headers=headers).json()
+    assert back["prompt"] == demo_llm.apply_chat_template(messages)
+    assert httpx.post(f"{server.base_url}/tokenize", json={"prompt": "x"}).status_code == 401
+    bad = httpx.post(f"{server.base_url}/detokenize", json={"tokens": [10**9]}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = httpx.post(f"{server.base_url}/tokenize", json={"prompt": "x", "messages": messages}, headers=headers)
+    assert both.status_code == 400
+
+
 def test_metrics(server, client):
     client.chat.completions.create(model=MODEL, messages=ask("Hi"), max_tokens=2)
     text = httpx.get(f"{server.base_url}/metrics").text

@@ -21,7 +21,7 @@ from ..text.stream_parser import StreamParser
 from ..vision.prompt import VisionLimits
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, Update
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
 
 
 @dataclass
@@ -99,7 +99,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/"):
+        if request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize"):
             if config.api_key is not None:
                 auth = request.headers.get("authorization", "")
                 if auth != f"Bearer {config.api_key}":
@@ -130,6 +130,33 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     async def model(name: str):
         _check_model(name, config)
         return _model_card(name, llm)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            _check_model(body.model, config)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt")
+        try:
+            if body.prompt is not None:
+                tokens = llm.tokenizer.encode(body.prompt)
+            else:  # as a chat request would see them: images and videos count as their tokens
+                encoded = await asyncio.to_thread(llm.encode_chat, body.messages, body.add_generation_prompt,
+                                                  body.tools, **(body.chat_template_kwargs or {}))
+                tokens = list(encoded.token_ids)
+        except QwenEngineError as e:
+            raise _input_error(e, "messages") from None
+        return {"count": len(tokens), "max_model_len": llm.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            _check_model(body.model, config)
+        vocab = llm.config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": llm.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     # -- chat ------------------------------------------------------------------------------------------------
 
@@ -246,8 +273,11 @@ def _check_model(name: str, config: ServerConfig) -> None:
                        kind="not_found_error", param="model")
 
 
+_STARTED = int(time.time())
+
+
 def _model_card(name: str, llm: LLM) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "qwen-engine",
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "qwen-engine",
             "max_model_len": llm.max_model_len}
 
 

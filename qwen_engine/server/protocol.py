@@ -120,5 +120,21 @@ class CompletionRequest(_Sampling):
         return self.sampling_params(self.max_tokens, self.logprobs, seed_offset)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a text prompt, or chat messages rendered by the model's template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
