@@ -121,6 +121,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--presence-penalty", type=float)
     p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--dry-multiplier", type=float,
+                   help="DRY: penalise tokens that would extend a repetition (0.8 is a common choice; default off)")
+    p.add_argument("--dry-base", type=float)
+    p.add_argument("--dry-allowed-length", type=int)
     p.add_argument("--seed", type=int, help="same seed, same answer")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
@@ -130,7 +134,7 @@ def _params(args: argparse.Namespace):
 
     # The flags are named after SamplingParams' fields (--top-p → top_p).
     names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "stop")
+             "frequency_penalty", "seed", "stop", "dry_multiplier", "dry_base", "dry_allowed_length")
     return SamplingParams(**{name: getattr(args, name) for name in names})
 
 

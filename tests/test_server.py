@@ -195,6 +195,18 @@ def test_logit_bias(client, demo_llm):
     assert forced.choices[0].message.content == demo_llm.tokenizer.decode([9707] * 3)
 
 
+def test_dry_penalty_reaches_the_engine(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    messages = ask("Repeat the sentence 'I like cats.' ten times.")
+    dry = {"dry_multiplier": 0.8, "dry_allowed_length": 2, "dry_sequence_breakers": ["\n"]}
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                                       extra_body={"repetition_penalty": 1.0, **dry})
+    expected = demo_llm.chat(messages, SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.0, **dry))
+    plain = demo_llm.chat(messages, SamplingParams(max_tokens=40, temperature=0, repetition_penalty=1.0))
+    assert r.choices[0].message.content == expected.text != plain.text
+
+
 def test_stop_strings(client):
     kw = dict(model=MODEL, messages=ask("Count from 1 to 10, separated by commas."), max_tokens=60, **GREEDY)
     free = client.chat.completions.create(**kw).choices[0].message.content
@@ -335,6 +347,7 @@ def test_error_shapes(server):
     assert_error(post(server, {**ok, "logit_bias": {"12": 500}}), 400, "[-100, 100]", param="logit_bias")
     assert_error(post(server, {**ok, "seed": 2**70}), 400, "seed", param="seed")
     assert_error(post(server, {**ok, "stop": [""]}), 400, "stop", param="stop")
+    assert_error(post(server, {**ok, "dry_base": 0.5}), 400, "dry_base", param="dry_base")
     assert_error(post(server, {**ok, "tools": [{"type": "function"}]}), 400, "tools[0]", param="tools")
     assert_error(post(server, {**ok, "messages": [{"role": "user", "content": None}]}), 400, "no content")
     done = {"model": MODEL, "prompt": "x", "max_tokens": 2}

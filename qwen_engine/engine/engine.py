@@ -19,6 +19,7 @@ from ..errors import ContextLengthError, InputError
 from ..models.qwen import VisualRows
 from ..vision.prompt import Prompt, VisionItem
 from .block_manager import BlockManager
+from .dry import DEFAULT_BREAKERS, breaker_ids
 from .kv_cache import KVCache, PagedBatch, PagedKVCache, SequenceSlice
 from .sampler import Sampler, compute_logprobs
 from .sampling_params import SamplingParams
@@ -79,6 +80,7 @@ class Engine:
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone
         )
         self.sampler = Sampler()
+        self._dry_breakers: dict[tuple[str, ...], frozenset[int]] = {}  # per list of sequence breakers
         # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
         self.vision_cache: OrderedDict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
         self.vision_cache_bytes = config.vision_cache_memory
@@ -133,6 +135,12 @@ class Engine:
         seq = Sequence(prompt_ids, params, self.tokenizer, stop_ids, request_id, self.device)
         seq.max_tokens = min(params.max_tokens or room, room)
         seq.guide = guide
+        if params.dry_multiplier:
+            breakers = tuple(params.dry_sequence_breakers if params.dry_sequence_breakers is not None
+                             else DEFAULT_BREAKERS)
+            if breakers not in self._dry_breakers:
+                self._dry_breakers[breakers] = breaker_ids(self.tokenizer, breakers)
+            seq.dry_breakers = self._dry_breakers[breakers]
         if vision is not None and vision.positions is not None:
             seq.vision = vision
             seq.block_extras = vision.block_extras(self.config.block_size)
@@ -198,6 +206,7 @@ class Engine:
             [s.prompt_ids for s in sampled],
             [s.output_ids for s in sampled],
             [s.generator for s in sampled],
+            [s.dry_breakers for s in sampled],
         )
         if wants_logprobs:
             self._record_logprobs([sampled[r] for r in wants_logprobs], raw, tokens[wants_logprobs])

@@ -1,6 +1,6 @@
 """Turns next-token logits into token ids: one row per sequence, each row with its own settings.
 
-The pipeline per row is: logit_bias -> penalties -> (greedy: argmax) | (temperature -> top_k -> top_p -> min_p -> draw).
+The pipeline per row is: logit_bias -> penalties -> DRY -> (greedy: argmax) | (temperature -> top_k -> top_p -> min_p -> draw).
 Every step is a tensor op over the whole batch; Python only loops over rows to gather their token ids for
 the penalties and to draw one uniform number per row from that row's generator. Drawing by inverse CDF
 with one number per row keeps a seeded request's output independent of which other requests share its
@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .. import kernels
+from .dry import dry_penalties
 from .sampling_params import FALLBACKS, SamplingParams
 
 # Softmax of float32 logits is only accurate to ~1e-7; without some slack a token sitting exactly on a
@@ -158,6 +159,33 @@ def apply_penalties(
     out = logits.clone()
     _penalise_(out, params, prompt_ids, output_ids)
     return out
+
+
+def apply_dry_(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+    breakers: Sequence[frozenset[int]],
+) -> bool:
+    """Subtract DRY's penalties (engine/dry.py) in place from the rows that ask for it; False when none does.
+    The context is the prompt and the answer so far."""
+    vocab = logits.shape[1]
+    touched = False
+    for row, p in enumerate(params):
+        multiplier = float(_setting(p, "dry_multiplier"))
+        if multiplier <= 0:
+            continue
+        tokens, penalties = dry_penalties(
+            list(prompt_ids[row]) + list(output_ids[row]), breakers[row], multiplier,
+            float(_setting(p, "dry_base")), int(_setting(p, "dry_allowed_length")),
+            int(_setting(p, "dry_penalty_last_n")),
+        )
+        keep = tokens < vocab
+        if bool(keep.any()):
+            logits[row, tokens[keep].to(logits.device)] -= penalties[keep].to(logits.device, logits.dtype)
+            touched = True
+    return touched
 
 
 def apply_temperature(logits: torch.Tensor, temperatures: RowValues) -> torch.Tensor:
@@ -355,16 +383,21 @@ class Sampler:
         prompt_ids: Sequence[Sequence[int]],
         output_ids: Sequence[Sequence[int]],
         generators: Sequence[torch.Generator | None],
+        dry_breakers: Sequence[frozenset[int]] | None = None,
     ) -> torch.Tensor:
-        """Return [B] int64 token ids. `logits` is not modified."""
+        """Return [B] int64 token ids. `logits` is not modified. `dry_breakers`: per row, the token ids DRY's
+        matches stop at (none given: no breakers)."""
         batch, _ = _check_2d(logits)
         if len(generators) != batch:
             raise ValueError("generators needs one entry per logits row")
         work = logits.to(torch.float32)
-        if _has_penalties(params):
+        dry = any(float(_setting(p, "dry_multiplier")) > 0 for p in params)
+        if _has_penalties(params) or dry:
             if work is logits:
                 work = logits.clone()
             _penalise_(work, params, prompt_ids, output_ids)
+            if dry:
+                apply_dry_(work, params, prompt_ids, output_ids, dry_breakers or [frozenset()] * batch)
         # argmax for every row is cheap and is already the answer for greedy rows.
         native = kernels.native() if work.device.type == "cpu" else None
         chosen = native.argmax_rows(work) if hasattr(native, "argmax_rows") else work.argmax(dim=-1)

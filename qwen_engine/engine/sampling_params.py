@@ -16,7 +16,8 @@ class SamplingParams:
     temperature 0 means greedy. top_k 0 (or -1), top_p 1 and min_p 0 switch those filters off.
     repetition_penalty multiplies down the logits of every token already in the prompt or the answer (as in
     transformers and vLLM); presence_penalty and frequency_penalty subtract from tokens in the answer (as in
-    OpenAI's API). logit_bias adds its value (-100 to 100, as OpenAI allows) to the logits of the given token
+    OpenAI's API). dry_* is the DRY penalty on tokens that would extend a repetition (engine/dry.py; llama.cpp's
+    names and defaults). logit_bias adds its value (-100 to 100, as OpenAI allows) to the logits of the given token
     ids before anything else, greedy included: -100 all but bans a token, 100 all but forces it. The same seed
     gives the same output.
     """
@@ -33,6 +34,11 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     logit_bias: dict[int, float] | None = None
+    dry_multiplier: float | None = None  # DRY (engine/dry.py): 0 is off; 0.8 is its author's suggestion
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None  # look at this many last tokens (-1 or 0: all of them)
+    dry_sequence_breakers: list[str] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; n >= 0: the chosen token's log-prob and the n most likely
@@ -77,6 +83,25 @@ class SamplingParams:
             raise InputError("stop_token_ids must be a list of integers", param="stop_token_ids")
         if self.logit_bias is not None:
             self.logit_bias = _checked_logit_bias(self.logit_bias)
+        self._validate_dry()
+
+    def _validate_dry(self) -> None:
+        for name in ("dry_multiplier", "dry_base"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {value!r}", param=name)
+        if self.dry_base is not None and self.dry_base < 1:
+            raise InputError(f"dry_base must be >= 1, got {self.dry_base}", param="dry_base")
+        for name, lowest in (("dry_allowed_length", 1), ("dry_penalty_last_n", -1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < lowest):
+                raise InputError(f"{name} must be an integer >= {lowest}, got {value!r}", param=name)
+        breakers = self.dry_sequence_breakers
+        if breakers is not None and (
+            not isinstance(breakers, list) or not all(isinstance(b, str) and b for b in breakers)
+        ):
+            raise InputError("dry_sequence_breakers must be a list of non-empty strings", param="dry_sequence_breakers")
 
     def with_defaults(self, defaults: SamplingParams) -> SamplingParams:
         """A copy whose unset (None) fields are taken from `defaults`, then from the engine's fallbacks."""
@@ -130,4 +155,9 @@ FALLBACKS: dict[str, Any] = {
     "frequency_penalty": 0.0,
     "stop": [],
     "stop_token_ids": [],
+    # DRY as llama.cpp sets it: off, and when on, base 1.75, repeats of 2 tokens allowed, the whole context.
+    "dry_multiplier": 0.0,
+    "dry_base": 1.75,
+    "dry_allowed_length": 2,
+    "dry_penalty_last_n": -1,
 }

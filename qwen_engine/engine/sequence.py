@@ -55,6 +55,7 @@ class Sequence:
         self.pending_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.vision = None  # vision.prompt.Prompt when the prompt holds images or videos
         self.block_extras: list[bytes] = []  # per block, content hashes mixed into its prefix-cache name
+        self.dry_breakers: frozenset[int] = frozenset()  # token ids DRY's matches may not cross
 
     @property
     def token_ids(self) -> list[int]:

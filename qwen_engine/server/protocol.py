@@ -32,6 +32,11 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
+    dry_multiplier: float | None = None  # DRY, with llama.cpp's names (engine/dry.py)
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
@@ -54,6 +59,11 @@ class _Sampling(BaseModel):
             stop=self.stop or None,
             stop_token_ids=self.stop_token_ids,
             logit_bias=self.logit_bias or None,
+            dry_multiplier=self.dry_multiplier,
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            dry_penalty_last_n=self.dry_penalty_last_n,
+            dry_sequence_breakers=self.dry_sequence_breakers,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
         )
