@@ -184,3 +184,31 @@ def test_demo_tool_call_round_trip(demo_llm):
     text = demo_llm.apply_chat_template(follow_up)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n{\"temperature_c\": 18}\n</tool_response>" in text
+
+
+def test_min_tokens_holds_off_eos_and_stop_strings(demo_llm):
+    messages = [{"role": "user", "content": "Say hi."}]
+    greedy = dict(temperature=0, repetition_penalty=1.0)
+    short = demo_llm.chat(messages, SamplingParams(max_tokens=64, **greedy))
+    assert short.finish_reason == "stop" and len(short.token_ids) < 16
+    held = demo_llm.chat(messages, SamplingParams(max_tokens=64, min_tokens=24, **greedy))
+    # The reference: greedy over the model's logits with the end-of-sequence ids banned for 24 tokens.
+    ids = demo_llm.encode_chat(messages).token_ids
+    ends = sorted(demo_llm.engine.eos_token_ids)
+    tokens: list[int] = []
+    while len(tokens) < 64:
+        logits = demo_llm.logits(ids + tokens)[-1].clone()
+        if len(tokens) < 24:
+            logits[ends] = -torch.inf
+        tokens.append(int(logits.argmax()))
+        if tokens[-1] in ends:
+            break
+    assert held.token_ids == tokens and len(held.token_ids) > 24
+    # Stop strings count only from the 24th token on: the "!" of "Hello!" stays, the cut comes at the next one.
+    cut = demo_llm.chat(messages, SamplingParams(max_tokens=64, min_tokens=24, stop=["!"], **greedy))
+    text = demo_llm.tokenizer.decode(tokens[:24])
+    assert "!" in text and cut.finish_reason == "stop"
+    whole = demo_llm.tokenizer.decode(tokens)
+    assert cut.text == text + whole[len(text):].split("!")[0]
+    with pytest.raises(InputError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)

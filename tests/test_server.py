@@ -207,6 +207,15 @@ def test_dry_penalty_reaches_the_engine(client, demo_llm):
     assert r.choices[0].message.content == expected.text != plain.text
 
 
+def test_min_tokens(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    r = client.chat.completions.create(model=MODEL, messages=ask("Say hi."), max_tokens=40,
+                                       extra_body={"min_tokens": 20}, **{"temperature": 0})
+    expected = demo_llm.chat(ask("Say hi."), SamplingParams(max_tokens=40, min_tokens=20, temperature=0))
+    assert r.choices[0].message.content == expected.text and r.usage.completion_tokens >= 20
+
+
 def test_stop_strings(client):
     kw = dict(model=MODEL, messages=ask("Count from 1 to 10, separated by commas."), max_tokens=60, **GREEDY)
     free = client.chat.completions.create(**kw).choices[0].message.content
@@ -348,6 +357,7 @@ def test_error_shapes(server):
     assert_error(post(server, {**ok, "seed": 2**70}), 400, "seed", param="seed")
     assert_error(post(server, {**ok, "stop": [""]}), 400, "stop", param="stop")
     assert_error(post(server, {**ok, "dry_base": 0.5}), 400, "dry_base", param="dry_base")
+    assert_error(post(server, {**ok, "min_tokens": 5}), 400, "min_tokens", param="min_tokens")
     assert_error(post(server, {**ok, "tools": [{"type": "function"}]}), 400, "tools[0]", param="tools")
     assert_error(post(server, {**ok, "messages": [{"role": "user", "content": None}]}), 400, "no content")
     done = {"model": MODEL, "prompt": "x", "max_tokens": 2}

@@ -200,6 +200,8 @@ class Engine:
         for row, seq in enumerate(sampled):
             if seq.guide is not None:
                 logits[row] = seq.guide.mask_logits(logits[row])
+            if len(seq.output_ids) < (seq.params.min_tokens or 0):
+                self._hold_off_the_end(logits, row, seq)
         tokens = self.sampler(
             logits,
             [s.params for s in sampled],
@@ -217,6 +219,16 @@ class Engine:
             if seq.finished:
                 self.scheduler.finish(seq)
         return ended + sampled
+    @staticmethod
+    def _hold_off_the_end(logits: torch.Tensor, row: int, seq: Sequence) -> None:
+        # min_tokens: the ending tokens are banned, unless nothing else is left (a grammar that is complete).
+        ending = [t for t in seq.stop_token_ids if 0 <= t < logits.shape[1]]
+        if ending:
+            masked = logits[row].clone()
+            masked[ending] = -torch.inf
+            if bool(torch.isfinite(masked).any()):
+                logits[row] = masked
+
     @staticmethod
     def _record_logprobs(seqs: list[Sequence], raw: torch.Tensor, tokens: torch.Tensor) -> None:
         top_n = max(seq.params.logprobs for seq in seqs)

@@ -23,6 +23,7 @@ class SamplingParams:
     """
 
     max_tokens: int | None = None
+    min_tokens: int | None = None  # no end of sequence (EOS, stop_token_ids, stop strings) before this many tokens
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -56,6 +57,11 @@ class SamplingParams:
             finite(f, getattr(self, f))
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise InputError(f"max_tokens must be a positive integer, got {self.max_tokens!r}", param="max_tokens")
+        if self.min_tokens is not None and (not isinstance(self.min_tokens, int) or self.min_tokens < 0):
+            raise InputError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}", param="min_tokens")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InputError(f"min_tokens ({self.min_tokens}) is above max_tokens ({self.max_tokens})",
+                             param="min_tokens")
         if self.temperature is not None and self.temperature < 0:
             raise InputError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -146,6 +152,7 @@ def _checked_logit_bias(bias: Any) -> dict[int, float]:
 
 # Used when neither the caller nor the model's generation config says otherwise (transformers' defaults).
 FALLBACKS: dict[str, Any] = {
+    "min_tokens": 0,
     "temperature": 1.0,
     "top_p": 1.0,
     "top_k": 0,

@@ -80,6 +80,13 @@ class Sequence:
         if token_id in self.stop_token_ids:
             self._finish("stop", self.stops.flush(self.detokenizer.flush()))
             return
+        if len(self.output_ids) < (self.params.min_tokens or 0):  # too early for stop strings (as in vLLM)
+            text = self.detokenizer.add(token_id)
+            if len(self.output_ids) >= self.max_tokens:  # the context ran out first
+                self._finish("length", text + self.detokenizer.flush())
+            else:
+                self.pending_text += text
+            return
         text, hit = self.stops.feed(self.detokenizer.add(token_id))
         if hit:
             self._finish("stop", text)
