@@ -154,6 +154,7 @@ class LLM:
         *,
         tool_choice: str | dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
+        structured_output: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> RequestOutput:
         """Answer a conversation; reasoning and tool calls are split out of the text.
@@ -161,9 +162,11 @@ class LLM:
         `tool_choice` is OpenAI's: "auto" (default with tools), "none", "required" or
         {"type": "function", "function": {"name": …}} — the last two force a call by constrained decoding.
         `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": …}})
-        constrains the answer to JSON.
+        constrains the answer to JSON; `structured_output` to one of a list of strings, a regular expression, a
+        JSON schema or a Lark grammar ({"choice": [...]}, {"regex": ...}, {"json": ...}, {"grammar": ...}).
         """
-        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
+        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking,
+                                    structured_output=structured_output, **template_kwargs)
         out = self._complete_ids(request.prompt_ids, params, request.make_guide(), request.vision)
         out.prompt = request.vision
         if request.parse_tools:
@@ -182,11 +185,13 @@ class LLM:
         *,
         tool_choice: str | dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
+        structured_output: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> Iterator[StreamDelta]:
         """Stream the answer as raw text deltas; the last delta carries finish_reason and usage.
         (`text.stream_parser.StreamParser` splits such a stream into reasoning, content and tool calls.)"""
-        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking, **template_kwargs)
+        request = self.prepare_chat(messages, tools, tool_choice, response_format, enable_thinking,
+                                    structured_output=structured_output, **template_kwargs)
         return self._stream(request.prompt_ids, self._resolve(params), request.make_guide(), request.vision)
 
     def prepare_chat(
@@ -196,6 +201,7 @@ class LLM:
         tool_choice: str | dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
         enable_thinking: bool | None = None,
+        structured_output: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> ChatRequest:
         """Everything a chat request needs before generation: prompt, ids, how to parse and constrain the answer."""
@@ -204,7 +210,13 @@ class LLM:
             raise InputError(f"tool_choice must be none, auto, required or a function, got {choice!r}", "tool_choice")
         active_tools = tools if tools and choice != "none" else None
         make_guide = _no_guide
-        if response_format and response_format.get("type", "text") != "text":
+        if structured_output is not None:
+            if (response_format and response_format.get("type", "text") != "text") or choice == "required" \
+                    or isinstance(choice, dict):
+                raise InputError("a structured output cannot be combined with response_format or a forced tool call",
+                                 "structured_outputs")
+            make_guide = self.structured_guide_maker(structured_output)
+        elif response_format and response_format.get("type", "text") != "text":
             make_guide = self._guide_maker(lambda g: g.for_response_format(response_format), "response_format")
         elif choice == "required" or isinstance(choice, dict):
             if not tools:
@@ -234,6 +246,10 @@ class LLM:
             self._guides.prepare()
         return self._guides
 
+    def structured_guide_maker(self, spec: dict[str, Any]) -> Callable[[], Any]:
+        """A maker of fresh guides for a structured output (see chat); raises InputError for a bad one now."""
+        return self._guide_maker(lambda g: g.for_structured_output(spec), "structured_outputs")
+
     def _guide_maker(self, build, param: str):
         factory = self.guide_factory()
         try:
@@ -244,16 +260,19 @@ class LLM:
         return lambda: build(factory)
 
     def generate(
-        self, prompts: str | list[str], params: SamplingParams | None = None
+        self, prompts: str | list[str], params: SamplingParams | None = None,
+        structured_output: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Complete raw prompts (no chat template), batched together; one output per prompt, in order."""
+        """Complete raw prompts (no chat template), batched together; one output per prompt, in order.
+        `structured_output` constrains each completion as in chat."""
         if isinstance(prompts, str):
             prompts = [prompts]
         resolved = self._resolve(params)
         ids = [self._encode(prompt) for prompt in prompts]
         for prompt_ids in ids:
             self.engine.check_prompt(prompt_ids, resolved)  # all or nothing: validate before queueing any
-        seqs = [self.engine.add_request(prompt_ids, resolved) for prompt_ids in ids]
+        make_guide = _no_guide if structured_output is None else self.structured_guide_maker(structured_output)
+        seqs = [self.engine.add_request(prompt_ids, resolved, guide=make_guide()) for prompt_ids in ids]
         texts = {seq.seq_id: [] for seq in seqs}
         try:
             while not all(seq.finished for seq in seqs):

@@ -308,3 +308,48 @@ def test_mask_cost(factory, demo_llm, capsys):
     with capsys.disabled():
         for label, (median, worst) in costs.items():
             print(f"\nmask_logits, {label}, {vocab} rows: median {median:.3f} ms, max {worst:.3f} ms", end="")
+
+
+# ---------------------------------------------------------------- vLLM's structured outputs
+
+
+def test_choice_regex_and_grammar_walks(factory, demo_llm):
+    tok, vocab = demo_llm.tokenizer, demo_llm.config.vocab_size
+    eos = sorted(demo_llm.eos_token_ids)
+    assert walk(factory.for_structured_output({"choice": ["yes", "no way"]}), tok, "no way", vocab) == eos
+    with pytest.raises(AssertionError):
+        walk(factory.for_structured_output({"choice": ["yes", "no way"]}), tok, "nope", vocab)
+    assert walk(factory.for_structured_output({"regex": r"[0-9]{3}-[a-z]+"}), tok, "123-abc", vocab) != eos
+    assert walk(factory.for_structured_output({"grammar": 'start: "(" /[a-c]+/ ")"'}), tok, "(abc)", vocab) == eos
+    with pytest.raises(AssertionError):
+        walk(factory.for_structured_output({"regex": r"[0-9]{3}"}), tok, "12a", vocab)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [({"choice": []}, "non-empty list"), ({"regex": "(unclosed"}, "regex cannot be used"),
+     ({"grammar": "start: nope"}, "grammar cannot be used"), ({"choice": ["a"], "regex": "b"}, "exactly one"),
+     ({"xml": "x"}, "unknown structured output"), ({"json": {"type": "objekt"}}, "objekt")],
+)
+def test_bad_structured_outputs_are_one_line_input_errors(factory, spec, words):
+    with pytest.raises(InputError, match=words) as caught:
+        factory.for_structured_output(spec)
+    assert "\n" not in str(caught.value)
+
+
+def test_structured_chat_and_completion(demo_llm):
+    import re
+
+    greedy = SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.0)
+    question = [{"role": "user", "content": "What is the capital of France? Answer with one word."}]
+    free = demo_llm.chat(question, greedy)
+    assert free.text.rstrip(".") == "Paris"
+    # A choice the model would make anyway changes nothing; one it would not is forced.
+    assert demo_llm.chat(question, greedy, structured_output={"choice": ["Paris", "Lyon"]}).text == "Paris"
+    forced = demo_llm.chat(question, greedy, structured_output={"choice": ["Lyon", "Nice"]})
+    assert forced.text in ("Lyon", "Nice") and forced.finish_reason == "stop"
+    date = demo_llm.chat([{"role": "user", "content": "When did the Berlin wall fall?"}], greedy,
+                         structured_output={"regex": r"[0-9]{4}-[0-9]{2}-[0-9]{2}"})
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", date.text)
+    (number,) = demo_llm.generate("The answer to 6 * 7 is ", greedy, structured_output={"regex": r"[0-9]+\."})
+    assert number.text == "42."

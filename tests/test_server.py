@@ -153,6 +153,25 @@ def test_json_schema_output_validates(client):
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+def test_structured_outputs(client, demo_llm):
+    from qwen_engine import SamplingParams
+
+    question = ask("What is the capital of France? Answer with one word.")
+    for extra in ({"structured_outputs": {"choice": ["Lyon", "Nice"]}}, {"guided_choice": ["Lyon", "Nice"]}):
+        r = client.chat.completions.create(model=MODEL, messages=question, max_tokens=8, extra_body={**extra},
+                                           **{"temperature": 0})
+        expected = demo_llm.chat(question, SamplingParams(max_tokens=8, temperature=0),
+                                 structured_output={"choice": ["Lyon", "Nice"]})
+        assert r.choices[0].message.content == expected.text and expected.text in ("Lyon", "Nice")
+    r = client.completions.create(model=MODEL, prompt="The answer to 6 * 7 is ", max_tokens=8, temperature=0,
+                                  extra_body={"guided_regex": r"[0-9]+\.", "repetition_penalty": 1.0})
+    assert r.choices[0].text == "42."
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    r = client.chat.completions.create(model=MODEL, messages=question, max_tokens=20, temperature=0,
+                                       extra_body={"guided_json": json.dumps(schema)})
+    assert set(json.loads(r.choices[0].message.content)) == {"city"}
+
+
 def test_n_and_seed(client):
     kw = dict(model=MODEL, messages=ask("Name a fruit."), max_tokens=8, temperature=1.0, seed=42, n=2)
     a = client.chat.completions.create(**kw)
@@ -358,6 +377,9 @@ def test_error_shapes(server):
     assert_error(post(server, {**ok, "stop": [""]}), 400, "stop", param="stop")
     assert_error(post(server, {**ok, "dry_base": 0.5}), 400, "dry_base", param="dry_base")
     assert_error(post(server, {**ok, "min_tokens": 5}), 400, "min_tokens", param="min_tokens")
+    assert_error(post(server, {**ok, "guided_regex": "(x"}), 400, "regex", param="structured_outputs")
+    assert_error(post(server, {**ok, "guided_choice": ["a"], "response_format": {"type": "json_object"}}), 400,
+                 "cannot be combined", param="structured_outputs")
     assert_error(post(server, {**ok, "tools": [{"type": "function"}]}), 400, "tools[0]", param="tools")
     assert_error(post(server, {**ok, "messages": [{"role": "user", "content": None}]}), 400, "no content")
     done = {"model": MODEL, "prompt": "x", "max_tokens": 2}

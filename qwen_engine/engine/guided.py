@@ -212,6 +212,30 @@ class GuideFactory:
             f"response_format type {kind!r} is not supported (use 'text', 'json_object' or 'json_schema')"
         )
 
+    def for_structured_output(self, spec: dict) -> Guide:
+        """A guide for exactly one of vLLM's structured outputs: {"choice": [strings]} (the answer is one of
+        them), {"regex": pattern}, {"json": schema} or {"grammar": a Lark grammar}."""
+        if not isinstance(spec, dict) or len([k for k, v in spec.items() if v is not None]) != 1:
+            raise InputError("structured output takes exactly one of choice, regex, json and grammar",
+                             "structured_outputs")
+        kind, value = next((k, v) for k, v in spec.items() if v is not None)
+        if kind == "json":
+            return self._json_guide(value, "structured_outputs.json")
+        if kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
+                raise InputError("choice must be a non-empty list of non-empty strings", "structured_outputs")
+            grammar = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(map(_lark_string, value)))
+        elif kind == "regex" and isinstance(value, str) and value:
+            grammar = llguidance.LLMatcher.grammar_from_regex(value)
+        elif kind == "grammar" and isinstance(value, str) and value.strip():
+            grammar = llguidance.LLMatcher.grammar_from_lark(value)
+        elif kind in ("regex", "grammar"):
+            raise InputError(f"{kind} must be a non-empty string", "structured_outputs")
+        else:
+            raise InputError(f"unknown structured output {kind!r} (use choice, regex, json or grammar)",
+                             "structured_outputs")
+        return self._guide(grammar, f"the {kind} cannot be used")
+
     def for_tool_call(self, tools: list[dict], name: str | None) -> Guide:
         """A guide forcing one Hermes-style call (Qwen2.5/Qwen3) and then the end of the turn:
 
@@ -259,7 +283,7 @@ class GuideFactory:
         if template is None:
             template = llguidance.LLMatcher(vocab.llg, grammar, log_level=0)
             if template.is_error():
-                raise InputError(f"{problem}: {template.get_error()}")
+                raise InputError(f"{problem}: {template.get_error().strip().splitlines()[0]}")
             with self._lock:
                 self._compiled[grammar] = template
                 while len(self._compiled) > GRAMMAR_CACHE_SIZE:

@@ -166,8 +166,10 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         await _check_body_size(request, config)
         try:
             # Off the event loop: images may be fetched over the network, videos decoded.
+            structured = body.structured_output()
             chat = await asyncio.to_thread(llm.prepare_chat, body.messages, body.tools, body.tool_choice,
-                                           body.response_format, **(body.chat_template_kwargs or {}))
+                                           body.response_format, structured_output=structured,
+                                           **(body.chat_template_kwargs or {}))
             params = [llm._resolve(body.to_sampling_params(i)) for i in range(body.n)]
             guide_list = [chat.make_guide() for _ in range(body.n)]
         except QwenEngineError as e:
@@ -203,6 +205,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                            param="max_tokens")
         try:
             encoded = [(p, _completion_prompt(p, body.suffix, llm)) for p in prompts]
+            structured = body.structured_output()
+            make_guide = (lambda: None) if structured is None else llm.structured_guide_maker(structured)
             jobs = [(p, ids, llm._resolve(body.to_sampling_params(i)) if generate else None)
                     for p, ids in encoded for i in range(body.n)]
             for _, ids in encoded:
@@ -221,8 +225,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             echo_logprobs = [_completion_logprobs(scored[j // body.n], jobs[j][1], llm) for j in range(len(jobs))]
         streams = []
         if generate:
-            streams = _submit(engine, [ids for _, ids, _ in jobs], [sp for _, _, sp in jobs], [None] * len(jobs),
-                              many_prompts=True)
+            streams = _submit(engine, [ids for _, ids, _ in jobs], [sp for _, _, sp in jobs],
+                              [make_guide() for _ in jobs], many_prompts=True)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         # Token-id prompts were checked against the vocabulary above, so they decode.
         echo = [(p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False)) if body.echo

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..engine.sampling_params import SamplingParams
+from ..errors import InputError
 
 
 class StreamOptions(BaseModel):
@@ -41,6 +43,30 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=16)
     user: str | None = None
+    # vLLM's structured outputs: {"choice": [...]} | {"regex": ...} | {"json": ...} | {"grammar": <Lark>},
+    # or the older guided_* fields.
+    structured_outputs: dict[str, Any] | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_grammar: str | None = None
+
+    def structured_output(self) -> dict[str, Any] | None:
+        given = {key: value for key, value in (
+            ("choice", self.guided_choice), ("regex", self.guided_regex), ("json", self.guided_json),
+            ("grammar", self.guided_grammar)) if value is not None}
+        if self.structured_outputs is not None:
+            if given:
+                raise InputError("give structured_outputs or a guided_* field, not both", "structured_outputs")
+            given = {k: v for k, v in self.structured_outputs.items() if v is not None}
+        if not given:
+            return None
+        if isinstance(given.get("json"), str):  # vLLM takes the schema as a JSON string too
+            try:
+                given["json"] = json.loads(given["json"])
+            except ValueError as e:
+                raise InputError(f"the json schema is not valid JSON: {e}", "structured_outputs") from None
+        return given
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, seed_offset: int) -> SamplingParams:
         seed = self.seed
