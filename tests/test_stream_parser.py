@@ -537,12 +537,19 @@ def test_text_that_cannot_be_a_bare_call_goes_out_without_waiting() -> None:
     assert parser.feed('{"name": "nope", "arguments": {}} x').content == '{"name": "nope", "arguments": {}} x'
     parser = StreamParser(tool_names=NAMES)
     assert parser.feed(bare("f", {}) + " then").content == bare("f", {}) + " then"
+    # A JSON answer that opens with another key goes out as soon as that key is known.
+    parser = StreamParser(tool_names=NAMES)
+    assert parser.feed('{"city"').content == '{"city"'
+    assert parser.feed(': "Paris"}').content == ': "Paris"}'
+    parser = StreamParser(tool_names=NAMES)
+    assert parser.feed('{"name"').content == ""  # may still be a call
 
 
 def test_random_bare_answers_match_the_whole_text_parser() -> None:
     rng = random.Random(99)
     pieces = [bare("f", {}), bare("get_weather", {"c": "x"}), bare("g", {}), '{"name": "f"}', "{}", "[]",
               " ", "\n", "x", hermes("f", {}), "{", '"', "}", "<think>", "</think>", "```json\n", "```", "`",
+              '{"city": "Paris"}', '{"name', '{"arguments": {}, "name": "f"}', '{ "c',
               "\n```"]  # fmt: skip
     for _ in range(400):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))

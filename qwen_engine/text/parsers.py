@@ -238,12 +238,16 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return "".join(pieces).strip(), calls
 
 
+_CALL_KEYS = ("name", "arguments", "parameters")
+_FIRST_KEY = re.compile(r'\{\s*"((?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*)"')
+
+
 def _bare_call(obj: Any, tool_names: Collection[str]) -> ToolCall | None:
     # Stricter than inside tags: the object must name an offered tool and say "arguments" (or
     # "parameters"), so that an answer which merely is JSON is not taken for a call.
     if not isinstance(obj, dict) or not ("arguments" in obj or "parameters" in obj):
         return None
-    if not set(obj) <= {"name", "arguments", "parameters"}:
+    if not set(obj) <= set(_CALL_KEYS):
         return None
     call = _call_from_json(obj)
     return call if call is not None and call.name in tool_names else None
@@ -333,6 +337,9 @@ def bare_tool_calls_may_complete(text: str, tool_names: Collection[str]) -> bool
         except RecursionError:
             return True
         except ValueError as error:
+            key = _FIRST_KEY.match(text, pos)  # an object that opens with another key is no call: say so now
+            if key is not None and json.loads(f'"{key.group(1)}"') not in _CALL_KEYS:
+                return False
             return _json_cut_short(text, getattr(error, "pos", None), getattr(error, "msg", ""))
         if _bare_call(obj, tool_names) is None:
             return False
