@@ -451,3 +451,63 @@ def test_soak_with_random_cancellations(server):
         list(pool.map(one, range(200)))
     assert errors == []
     wait_pool_whole(server)
+
+
+# ---------------------------------------------------------------- the Responses API
+
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_responses_text_equals_chat(client):
+    r = client.responses.create(model=MODEL, instructions="Answer briefly.", input="What is the capital of France?",
+                                max_output_tokens=24, temperature=0)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of France?"}])
+    assert r.status == "completed" and r.output_text == chat.choices[0].message.content
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
+    events = list(client.responses.create(model=MODEL, instructions="Answer briefly.", stream=True, temperature=0,
+                                          input="What is the capital of France?", max_output_tokens=24))
+    assert [e.type for e in events][:2] == ["response.created", "response.in_progress"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].type == "response.completed" and events[-1].response.output_text == r.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    short = client.responses.create(model=MODEL, input="Write a long poem.", max_output_tokens=3, temperature=0)
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_function_calls_round_trip(client):
+    r = client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=[WEATHER_TOOL],
+                                temperature=0)
+    (call,) = [o for o in r.output if o.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    events = list(client.responses.create(model=MODEL, input="What's the weather in Paris?", tools=[WEATHER_TOOL],
+                                          temperature=0, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == call.arguments
+    assert [o.type for o in events[-1].response.output] == [o.type for o in r.output]
+    # The call and its output go back in; the answer is the chat API's for the same conversation.
+    follow = client.responses.create(model=MODEL, tools=[WEATHER_TOOL], temperature=0, max_output_tokens=40, input=[
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": '{"temperature_c": 18}'}])
+    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"}}
+    chat = client.chat.completions.create(model=MODEL, tools=[chat_tool], temperature=0, max_tokens=40, messages=[
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call.call_id, "type": "function",
+                                                               "function": {"name": call.name,
+                                                                            "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature_c": 18}'}])
+    assert follow.output_text == (chat.choices[0].message.content or "") and "18" in follow.output_text
+
+
+def test_responses_errors(server):
+    def post_responses(body):
+        return post(server, {"model": MODEL, "input": "hi", **body}, path="/v1/responses")
+
+    assert_error(post_responses({"previous_response_id": "resp_1"}), 400, "stores no responses",
+                 param="previous_response_id")
+    assert_error(post_responses({"tools": [{"type": "web_search"}]}), 400, "function tool", param="tools")
+    assert_error(post_responses({"input": [{"type": "file_search_call"}]}), 400, "file_search_call", param="input")
+    assert_error(post_responses({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}), 400,
+                 "input_file", param="input")

@@ -70,7 +70,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     # -- errors, auth and limits -----------------------------------------------------------------------------
 
     def count(request: Request, status: int) -> None:
-        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}.get(request.url.path)
+        endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                    "/v1/responses": "responses"}.get(request.url.path)
         if endpoint:
             metrics.requests.labels(endpoint, str(status)).inc()
 
@@ -257,6 +258,9 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return {"id": request_id, "object": "text_completion", "created": created,
                 "model": config.served_model_name, "choices": choices, "usage": usage.to_dict()}
 
+    from .responses import register  # (it builds on this module's helpers)
+
+    register(app, llm, engine, config, metrics)
     return app
 
 
