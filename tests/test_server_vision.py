@@ -139,3 +139,18 @@ def test_prompt_too_long_for_context_names_the_budget(qwen2_5_vl_folder, media):
         r = ask(client, [{"type": "video_url", "video_url": {"url": f"file://{root}/clip.mp4"}}])
         assert r.status_code == 400
         assert "63" in r.json()["error"]["message"]
+
+
+def test_responses_api_with_an_input_image_equals_chat(llm):
+    photo = data_url(picture(96, 64, 3))
+    config = ServerConfig("vl")
+    with TestClient(create_app(llm, config)) as client:
+        chat = ask(client, [{"type": "image_url", "image_url": {"url": photo}}, {"type": "text", "text": "What?"}],
+                   temperature=0, max_tokens=5, ignore_eos=True).json()
+        body = {"model": "vl", "temperature": 0, "max_output_tokens": 5, "ignore_eos": True, "input": [
+            {"role": "user", "content": [{"type": "input_image", "image_url": photo},
+                                         {"type": "input_text", "text": "What?"}]}]}
+        r = client.post("/v1/responses", json=body).json()
+        (message,) = [item for item in r["output"] if item["type"] == "message"]
+        assert message["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+        assert r["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]

@@ -55,11 +55,23 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     stream: bool = False
     previous_response_id: str | None = None
+    # Not in OpenAI's API; the chat endpoint's extras (as vLLM also takes them here).
     seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed)
+        return SamplingParams(
+            max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+            top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            stop=self.stop or None, ignore_eos=self.ignore_eos,
+        )
 
 
 def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
