@@ -511,3 +511,86 @@ def test_responses_errors(server):
     assert_error(post_responses({"input": [{"type": "file_search_call"}]}), 400, "file_search_call", param="input")
     assert_error(post_responses({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}), 400,
                  "input_file", param="input")
+
+
+# ---------------------------------------------------------------- Anthropic's Messages API
+
+
+@pytest.fixture(scope="module")
+def anthropic_client(server):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=300)
+
+
+ANTHROPIC_TOOL = {"name": "get_weather", "description": "Current weather in a city",
+                  "input_schema": WEATHER_TOOL["parameters"]}
+
+
+def test_messages_text_and_stream_equal_chat(anthropic_client, client):
+    kw = dict(model=MODEL, max_tokens=24, system="Answer briefly.", extra_body={"temperature": 0},
+              messages=[{"role": "user", "content": "What is the capital of France?"}])
+    r = anthropic_client.messages.create(**kw)
+    chat = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is the capital of France?"}])
+    assert [b.type for b in r.content] == ["text"] and r.content[0].text == chat.choices[0].message.content
+    assert r.stop_reason == "end_turn" and r.usage.input_tokens == chat.usage.prompt_tokens
+    with anthropic_client.messages.stream(**kw) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == r.content[0].text and final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == r.usage.output_tokens
+    cut = anthropic_client.messages.create(model=MODEL, max_tokens=40, stop_sequences=["5"],
+                                           extra_body={"temperature": 0}, messages=[
+                                               {"role": "user", "content": "Count from 1 to 10, separated by commas."}])
+    assert (cut.stop_reason, cut.stop_sequence) == ("stop_sequence", "5") and "5" not in cut.content[0].text
+    short = anthropic_client.messages.create(model=MODEL, max_tokens=3, extra_body={"temperature": 0},
+                                             messages=[{"role": "user", "content": "Write a long poem."}])
+    assert short.stop_reason == "max_tokens"
+
+
+def test_messages_tool_use_round_trip(anthropic_client, client):
+    ask_weather = [{"role": "user", "content": "What's the weather in Paris?"}]
+    r = anthropic_client.messages.create(model=MODEL, max_tokens=64, tools=[ANTHROPIC_TOOL],
+                                         extra_body={"temperature": 0}, messages=ask_weather)
+    assert r.stop_reason == "tool_use"
+    (use,) = [b for b in r.content if b.type == "tool_use"]
+    assert (use.name, use.input) == ("get_weather", {"city": "Paris"})
+    with anthropic_client.messages.stream(model=MODEL, max_tokens=64, tools=[ANTHROPIC_TOOL],
+                                          extra_body={"temperature": 0}, messages=ask_weather) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and [(b.name, b.input) for b in final.content if b.type == "tool_use"] \
+        == [("get_weather", {"city": "Paris"})]
+    follow = anthropic_client.messages.create(model=MODEL, max_tokens=40, tools=[ANTHROPIC_TOOL],
+                                              extra_body={"temperature": 0}, messages=ask_weather + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": use.id, "name": use.name, "input": use.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C, clear"}]}])
+    chat_tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                                  "parameters": WEATHER_TOOL["parameters"]}}
+    chat = client.chat.completions.create(model=MODEL, tools=[chat_tool], temperature=0, max_tokens=40, messages=[
+        *ask_weather,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": use.id, "type": "function", "function": {
+            "name": "get_weather", "arguments": json.dumps(use.input)}}]},
+        {"role": "tool", "tool_call_id": use.id, "content": "18 C, clear"}])
+    text = "".join(b.text for b in follow.content if b.type == "text")
+    assert text == (chat.choices[0].message.content or "")
+
+
+def test_messages_errors_have_anthropics_shape(server):
+    def post_messages(body, key=KEY):
+        headers = {"x-api-key": key, "content-type": "application/json"}
+        return httpx.post(f"{server.base_url}/v1/messages", headers=headers, timeout=60,
+                          json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                                **body})
+
+    for body, key, status, kind in [
+        ({"messages": [{"role": "system", "content": "x"}]}, KEY, 400, "invalid_request_error"),
+        ({"model": "nope"}, KEY, 404, "not_found_error"),
+        ({}, "wrong", 401, "authentication_error"),
+        ({"max_tokens": 0}, KEY, 400, "invalid_request_error"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, KEY, 400, "invalid_request_error"),
+    ]:
+        r = post_messages(body, key)
+        assert r.status_code == status, r.text
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == kind and r.json()["error"]["message"]
+    assert post_messages({}).status_code == 200

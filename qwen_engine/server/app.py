@@ -23,7 +23,14 @@ from ..text.stream_parser import StreamParser
 from ..vision.prompt import VisionLimits
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, Update
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest, error_body
+from .protocol import (
+    ANTHROPIC_PATH,
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    anthropic_error,
+    error_body,
+)
 
 
 @dataclass
@@ -73,14 +80,21 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     def count(request: Request, status: int) -> None:
         endpoint = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
-                    "/v1/responses": "responses"}.get(request.url.path)
+                    "/v1/responses": "responses", ANTHROPIC_PATH: "messages"}.get(request.url.path)
         if endpoint:
             metrics.requests.labels(endpoint, str(status)).inc()
+
+    def error(request: Request, status: int, message: str, kind: str, param: str | None = None,
+              headers: dict | None = None) -> JSONResponse:
+        # Anthropic's clients read their own error shape on their endpoint; everyone else gets OpenAI's.
+        body = anthropic_error(status, message) if request.url.path == ANTHROPIC_PATH else \
+            error_body(message, kind, param)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         count(request, e.status)
-        return JSONResponse(error_body(e.message, e.kind, e.param), status_code=e.status, headers=e.headers)
+        return error(request, e.status, e.message, e.kind, e.param, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -93,24 +107,25 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value').removeprefix('Value error, ')}"
         count(request, 400)
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return error(request, 400, message, "invalid_request_error", param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+        return error(request, e.status_code, str(e.detail), kind)
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         if request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize"):
             if config.api_key is not None:
-                auth = request.headers.get("authorization", "")
-                if auth != f"Bearer {config.api_key}":
-                    return JSONResponse(error_body("invalid or missing API key", "authentication_error"),
-                                        status_code=401)
+                # OpenAI's clients send a bearer token, Anthropic's an x-api-key header.
+                bearer = request.headers.get("authorization", "") == f"Bearer {config.api_key}"
+                if not bearer and request.headers.get("x-api-key") != config.api_key:
+                    return error(request, 401, "invalid or missing API key", "authentication_error")
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-                return _too_large(config.max_body_bytes)
+                return error(request, 413, f"request body exceeds {config.max_body_bytes} bytes",
+                             "invalid_request_error")
         return await call_next(request)
 
     # -- plain endpoints -------------------------------------------------------------------------------------
@@ -188,18 +203,15 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         return await _chat_response(streams, request_id, created, config.served_model_name, chat,
                                     body.logprobs, engine, metrics, llm)
 
-    from . import completions, responses  # here, not at the top: they import this module's helpers
+    from . import completions, messages, responses  # here, not at the top: they import this module's helpers
 
     completions.register(app, llm, engine, config, metrics)
     responses.register(app, llm, engine, config, metrics)
+    messages.register(app, llm, engine, config, metrics)
     return app
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse(error_body(f"request body exceeds {limit} bytes", "invalid_request_error"), status_code=413)
-
 
 async def _check_body_size(request: Request, config: ServerConfig) -> None:
     if len(await request.body()) > config.max_body_bytes:

@@ -176,3 +176,12 @@ class DetokenizeRequest(BaseModel):
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API (messages.py), whose errors have Anthropic's shape
+
+
+def anthropic_error(status: int, message: str) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+            413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
