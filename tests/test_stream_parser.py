@@ -555,3 +555,15 @@ def test_random_bare_answers_match_the_whole_text_parser() -> None:
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
         starts_in_think = rng.random() < 0.2
         check(random_pieces(text, rng, longest=rng.choice([1, 3, 9])), starts_in_think, tool_names=NAMES)
+
+
+@pytest.mark.parametrize(("text", "starts_in_think"), CORPUS[:12])
+def test_feeding_the_last_piece_finishes(text: str, starts_in_think: bool) -> None:
+    parser, deltas = run(list(text), starts_in_think)
+    together = StreamParser(starts_in_think)
+    pieces = list(text) or [""]
+    joined = [together.feed(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    assert "".join(d.content for d in joined) == "".join(d.content for d in deltas)
+    assert "".join(d.reasoning for d in joined) == "".join(d.reasoning for d in deltas)
+    assert [(c.name, c.arguments) for c in together.tool_calls] == [(c.name, c.arguments) for c in parser.tool_calls]
+    assert together.feed("more").empty  # ended

@@ -407,12 +407,7 @@ async def _chat_chunks(streams, request_id, created, model, chat: ChatRequest, w
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
         async for i, update in _merged(streams, metrics):
-            delta = parsers[i].feed(update.text)
-            if update.finish_reason:
-                rest = parsers[i].finish()
-                delta.reasoning += rest.reasoning
-                delta.content += rest.content
-                delta.tool_calls += rest.tool_calls
+            delta = parsers[i].feed(update.text, last=bool(update.finish_reason))
             body: dict = {}
             if delta.reasoning:
                 body["reasoning_content"] = delta.reasoning

@@ -244,12 +244,7 @@ async def _events(stream, message_id: str, model: str, chat: ChatRequest, stops:
         async for update in _timed(stream, metrics):
             pieces.append(update.text)
             token_ids += update.token_ids
-            parsed = parser.feed(update.text)
-            if update.finish_reason:
-                rest = parser.finish()
-                parsed.reasoning += rest.reasoning
-                parsed.content += rest.content
-                parsed.tool_calls += rest.tool_calls
+            parsed = parser.feed(update.text, last=bool(update.finish_reason))
             for piece, kind in ((parsed.reasoning, "thinking"), (parsed.content, "text")):
                 if piece:
                     for line in open_block(kind) if open_kind != kind else []:
@@ -257,7 +252,7 @@ async def _events(stream, message_id: str, model: str, chat: ChatRequest, stops:
                     delta = {"type": "thinking_delta", "thinking": piece} if kind == "thinking" else \
                         {"type": "text_delta", "text": piece}
                     yield event("content_block_delta", index=index, delta=delta)
-            for call in [c for c in parser.tool_calls if c.id in {d.id for d in parsed.tool_calls}]:
+            for call in [parser.tool_calls[d.index] for d in parsed.tool_calls]:
                 for line in close_block():
                     yield line
                 index += 1

@@ -330,19 +330,13 @@ async def _events(stream, shell: _Shell, chat: ChatRequest, engine: AsyncEngine,
         yield event("response.created", response=shell.response([], None))
         yield event("response.in_progress", response=shell.response([], None))
         async for update in _timed(stream, metrics):
-            parsed = parser.feed(update.text)
-            if update.finish_reason:
-                rest = parser.finish()
-                parsed.reasoning += rest.reasoning
-                parsed.content += rest.content
-                parsed.tool_calls += rest.tool_calls
+            parsed = parser.feed(update.text, last=bool(update.finish_reason))
             for piece, kind in ((parsed.reasoning, "reasoning"), (parsed.content, "message")):
                 if piece:
                     for line in open_item(kind) if open_kind != kind else []:
                         yield line
                     yield delta(piece)
-            calls = [c for c in parser.tool_calls if c.id in {d.id for d in parsed.tool_calls}]
-            for call in calls:
+            for call in [parser.tool_calls[d.index] for d in parsed.tool_calls]:
                 for line in close_item():
                     yield line
                 item = _call_item(_item_id("fc"), call, arguments="")

@@ -157,11 +157,17 @@ class StreamParser:
         Final once finish() was called."""
         return self._has_think_block
 
-    def feed(self, text: str) -> ParserDelta:
-        """Parse the next raw text delta of the model. After finish(), further text is ignored."""
+    def feed(self, text: str, last: bool = False) -> ParserDelta:
+        """Parse the next raw text delta of the model; `last`: it ends the stream (finish() is included).
+        After the end, further text is ignored."""
         delta = ParserDelta()
         if text and not self._finished:
             self._route(str(text), delta, final=False)
+        if last:
+            rest = self.finish()
+            delta.reasoning += rest.reasoning
+            delta.content += rest.content
+            delta.tool_calls += rest.tool_calls
         return delta
 
     def finish(self) -> ParserDelta:
