@@ -80,7 +80,6 @@ class Engine:
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone
         )
         self.sampler = Sampler()
-        self._dry_breakers: dict[tuple[str, ...], frozenset[int]] = {}  # per list of sequence breakers
         # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
         self.vision_cache: OrderedDict[bytes, tuple[torch.Tensor, list[torch.Tensor]]] = OrderedDict()
         self.vision_cache_bytes = config.vision_cache_memory
@@ -136,11 +135,8 @@ class Engine:
         seq.max_tokens = min(params.max_tokens or room, room)
         seq.guide = guide
         if params.dry_multiplier:
-            breakers = tuple(params.dry_sequence_breakers if params.dry_sequence_breakers is not None
-                             else DEFAULT_BREAKERS)
-            if breakers not in self._dry_breakers:
-                self._dry_breakers[breakers] = breaker_ids(self.tokenizer, breakers)
-            seq.dry_breakers = self._dry_breakers[breakers]
+            breakers = params.dry_sequence_breakers
+            seq.dry_breakers = breaker_ids(self.tokenizer, DEFAULT_BREAKERS if breakers is None else breakers)
         if vision is not None and vision.positions is not None:
             seq.vision = vision
             seq.block_extras = vision.block_extras(self.config.block_size)
