@@ -332,10 +332,10 @@ def test_hf_gguf_only_repo(scratch):
 def test_hf_unsupported_architecture_names_the_file(scratch):
     files = scratch / "files"
     files.mkdir()
-    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"]}))
+    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen3NextForCausalLM"]}))
     (files / "model.safetensors").write_bytes(b"\x00" * 16)
-    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen3-30B-A3B", files)
-    message = load_error("Qwen/Qwen3-30B-A3B")
+    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen3-Next-80B-A3B-Instruct", files)
+    message = load_error("Qwen/Qwen3-Next-80B-A3B-Instruct")
     assert str(snapshot / "config.json") in message and "unsupported architecture" in message
 
 
@@ -372,7 +372,7 @@ def test_models_lists_every_source(stores, tmp_path, demo_gguf, monkeypatch, cap
     assert rows["ollama:qwen2.5-coder:0.5b"].rstrip().endswith("text")
     assert rows[TINY_ID].rstrip().endswith("text")
     assert "unsupported: vision" in rows["ollama:qwen2.5vl:3b"]
-    assert "unsupported: vision-language model" in rows["Qwen/Qwen2.5-VL-3B-Instruct"]
+    assert rows["Qwen/Qwen2.5-VL-3B-Instruct"].rstrip().endswith("vision")  # listed as runnable, by its class
     assert "unsupported: GGUF architecture llama" in rows["ollama:llama-tiny:latest"]
     assert "pull-demo" in rows["(default:"]  # listed even before it is assembled
     assert str(root) in table.stdout and str(cache) in table.stdout  # where it looked

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import GGUF_ARCHITECTURES, HF_ARCHITECTURES
+from ..config import GGUF_ARCHITECTURES, HF_ARCHITECTURES, HF_VL_ARCHITECTURES, VL_MODEL_TYPES
 from ..errors import ModelLoadError
 
 
@@ -152,6 +152,8 @@ def _hf_entry(repo_id: str, folder: Path) -> CatalogEntry:
         entry.note = f"{entry.quant}-quantised checkpoint: not supported (use a GGUF or an unquantised one)"
     elif any(a in HF_ARCHITECTURES for a in archs):
         entry.runs = "text"
+    elif any(a in HF_VL_ARCHITECTURES for a in archs) or config.get("model_type") in VL_MODEL_TYPES:
+        entry.runs = "vision"
     elif "vision_config" in config or any("VL" in a or "Vision" in a for a in archs):
         entry.note = f"vision-language model ({', '.join(archs)}): not supported yet"
     else:
