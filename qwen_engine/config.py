@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ModelLoadError
 
 # Architectures this version runs, by their Hugging Face class name and their GGUF name.
-HF_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
-GGUF_ARCHITECTURES = ("qwen2", "qwen3")
+HF_ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 # Vision-language checkpoints: class name → (vision family, the decoder their language model is).
 HF_VL_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),
@@ -56,8 +62,23 @@ class VisionLinks:
 
 
 @dataclass
+class MoeConfig:
+    """The mixture of experts that replaces the MLP of some layers (Qwen2-MoE, Qwen3-MoE): a router scores every
+    expert per token, the top `experts_per_token` run, and their outputs are summed weighted by the router's
+    softmax (renormalised over the chosen ones if `norm_topk_prob`). Qwen2-MoE adds an always-on shared expert
+    whose output is scaled by a sigmoid gate."""
+
+    num_experts: int
+    experts_per_token: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: frozenset[int]  # the layers whose MLP is the mixture; the others keep a dense MLP
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen3-MoE)
+
+
+@dataclass
 class ModelConfig:
-    architecture: str  # "qwen2" or "qwen3"
+    architecture: str  # "qwen2", "qwen3", "qwen2_moe" or "qwen3_moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -72,6 +93,12 @@ class ModelConfig:
     qk_norm: bool  # RMSNorm on each head of q and k (Qwen3)
     rope: RopeConfig = field(default_factory=RopeConfig)
     vision: VisionLinks | None = None  # set for vision-language models
+    moe: MoeConfig | None = None  # set for mixture-of-experts models
+
+    @property
+    def family(self) -> str:
+        """The dense family the attention and chat format come from: "qwen2" or "qwen3"."""
+        return self.architecture.removesuffix("_moe")
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -83,7 +110,8 @@ class ModelConfig:
             return cls._from_hf_vl(cfg, vl_arch)
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
-            arch = {"qwen2": "qwen2", "qwen3": "qwen3"}.get(cfg.get("model_type", ""))
+            model_type = cfg.get("model_type", "")
+            arch = model_type if model_type in HF_ARCHITECTURES.values() else None
         if arch is None:
             raise ModelLoadError(
                 f"unsupported architecture {archs or cfg.get('model_type')!r}: "
@@ -93,21 +121,28 @@ class ModelConfig:
             raise ModelLoadError("config.json sets use_sliding_window=true, which this version does not run")
         hidden = _req(cfg, "hidden_size")
         heads = _req(cfg, "num_attention_heads")
+        layers = _req(cfg, "num_hidden_layers")
+        moe = _moe_from_hf(cfg, layers) if arch.endswith("_moe") else None
+        if arch == "qwen2_moe":
+            bias = bool(cfg.get("qkv_bias", True))
+        else:
+            bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=_req(cfg, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_req(cfg, "intermediate_size"),
-            num_layers=_req(cfg, "num_hidden_layers"),
+            intermediate_size=int(cfg.get("intermediate_size") or 0) if moe else _req(cfg, "intermediate_size"),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=True if arch == "qwen2" else bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            attention_bias=bias,
+            qk_norm=arch.startswith("qwen3"),
             rope=_rope_from_hf(cfg),
+            moe=moe,
         )
 
     @classmethod
@@ -146,12 +181,13 @@ class ModelConfig:
         return config
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], vocab_size: int, has_output: bool) -> ModelConfig:
+    def from_gguf(cls, meta: dict[str, Any], vocab_size: int, tensor_names: Iterable[str]) -> ModelConfig:
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ModelLoadError(
                 f"unsupported GGUF architecture {arch!r}: this version runs {', '.join(GGUF_ARCHITECTURES)}"
             )
+        names = set(tensor_names)
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -161,26 +197,41 @@ class ModelConfig:
 
         hidden = int(get("embedding_length"))
         heads = int(get("attention.head_count"))
+        layers = int(get("block_count"))
+        moe = None
+        if arch.endswith("moe"):
+            # llama.cpp renormalises the chosen experts' weights for qwen3moe and not for qwen2moe, as the
+            # Hugging Face configs of the released models do; a file may say otherwise.
+            norm = meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
+            moe = MoeConfig(
+                num_experts=int(get("expert_count")),
+                experts_per_token=int(get("expert_used_count")),
+                expert_intermediate_size=int(get("expert_feed_forward_length")),
+                norm_topk_prob=bool(norm),
+                sparse_layers=frozenset(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in names),
+                shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+            )
         rope = RopeConfig(theta=float(get("rope.freq_base", 1_000_000.0)))
         if meta.get(f"{arch}.rope.scaling.type") == "yarn":
             rope.kind = "yarn"
             rope.factor = float(get("rope.scaling.factor"))
             rope.original_max_position = int(get("rope.scaling.original_context_length"))
         return cls(
-            architecture=arch,
+            architecture=GGUF_ARCHITECTURES[arch],
             vocab_size=vocab_size,
             hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
+            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or 0) if moe else int(get("feed_forward_length")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
             head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(get("context_length", 32768)),
-            tie_word_embeddings=not has_output,
-            attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias=arch.startswith("qwen2"),
+            qk_norm=arch.startswith("qwen3"),
             rope=rope,
+            moe=moe,
         )
 
 
@@ -188,6 +239,26 @@ def _req(cfg: dict[str, Any], key: str) -> Any:
     if key not in cfg:
         raise ModelLoadError(f"config.json lacks {key!r}")
     return cfg[key]
+
+
+def _moe_from_hf(cfg: dict[str, Any], layers: int) -> MoeConfig:
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or [])
+    sparse = frozenset(i for i in range(layers) if experts > 0 and i not in dense and (i + 1) % step == 0)
+    moe = MoeConfig(
+        num_experts=experts,
+        experts_per_token=int(_req(cfg, "num_experts_per_tok")),
+        expert_intermediate_size=int(_req(cfg, "moe_intermediate_size")),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        sparse_layers=sparse,
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+    )
+    if sparse and not 0 < moe.experts_per_token <= experts:
+        raise ModelLoadError(f"num_experts_per_tok={moe.experts_per_token} must be between 1 and num_experts={experts}")
+    if len(sparse) < layers and not cfg.get("intermediate_size"):
+        raise ModelLoadError("config.json lacks 'intermediate_size', which its dense (mlp_only) layers need")
+    return moe
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:

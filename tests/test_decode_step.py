@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gguf_qwen3 import write_gguf
+from gguf_files import write_gguf
 from tiny_models import build_tiny
 
 from qwen_engine import LLM, SamplingParams, kernels

@@ -7,90 +7,16 @@ map, several quantisation types, and the tokenizer built from a GGUF token list.
 
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 import pytest
 import torch
-from tiny_models import VOCAB, build_tiny
+from gguf_files import write_gguf
+from tiny_models import build_tiny
 
 from qwen_engine import LLM
 
 Q = gguf.GGMLQuantizationType
-# Which type each kind of tensor is stored as: every type the gguf package both writes and reads.
-TYPES = {"attn_q": Q.Q8_0, "attn_k": Q.F16, "attn_v": Q.BF16, "attn_output": Q.Q4_0, "ffn_gate": Q.Q8_0,
-         "ffn_up": Q.Q5_0, "ffn_down": Q.F16, "token_embd": Q.Q8_0, "output": Q.F16}
-HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-
-
-def gguf_name(hf: str) -> str:
-    if hf == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf == "model.norm.weight":
-        return "output_norm.weight"
-    if hf == "lm_head.weight":
-        return "output.weight"
-    _, _, layer, rest = hf.split(".", 3)
-    module, _, kind = rest.rpartition(".")
-    return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
-
-
-def write_gguf(model: torch.nn.Module, tokenizer_dir, path) -> None:
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    w.add_name("tiny-qwen3")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    # The tokenizer as llama.cpp's converter writes it: vocabulary, merges, token types, padded to the model's rows.
-    data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    tokens = [""] * VOCAB
-    types = [gguf.TokenType.NORMAL] * VOCAB
-    for token, i in data["model"]["vocab"].items():
-        tokens[i] = token
-    for added in data["added_tokens"]:
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    for i in range(VOCAB):
-        if not tokens[i]:
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_eos_token_id(151645)
-    w.add_pad_token_id(151643)
-    w.add_bos_token_id(151643)
-    w.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
-    for name, tensor in model.state_dict().items():
-        target = gguf_name(name)
-        values = tensor.float().numpy()
-        qtype = TYPES.get(target.split(".")[-2] if target.startswith("blk.") else target.split(".")[0], Q.F32)
-        if values.ndim == 1:
-            qtype = Q.F32
-        if qtype == Q.F32:
-            w.add_tensor(target, values)
-        else:
-            w.add_tensor(target, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,8 @@ def test_in_huge_pages_the_files_streamed_weights_are_copied_too(demo_gguf, monk
     (w8a8), which then also stay in the file's own block types."""
     monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "1")
     gguf = GGUFFile(demo_gguf)
-    config = ModelConfig.from_gguf(gguf.metadata, int(gguf.tensors["token_embd.weight"].shape[1]), has_output=False)
+    tied = [n for n in gguf.tensor_names() if n != "output.weight"]  # read as if the file had no output tensor
+    config = ModelConfig.from_gguf(gguf.metadata, int(gguf.tensors["token_embd.weight"].shape[1]), tied)
     model = quantized.build_quantized(config, gguf, demo_gguf, layers_replaced=replaced)
     copy = not replaced
     head = model.lm_head.blocks[0]

@@ -1,4 +1,4 @@
-"""Small random Qwen2 / Qwen3 checkpoints built and saved by `transformers`, for parity tests.
+"""Small random Qwen2 / Qwen3 (and their MoE) checkpoints built and saved by `transformers`, for parity tests.
 
 Weights are drawn more strongly than the default init (N(0, 0.1), norms 1 + N(0, 0.1)): with the default,
 attention is nearly uniform and real bugs move the logits by only ~5e-3 (shared/design/oracle.md §9).
@@ -33,10 +33,11 @@ def build_tiny(
     shard: bool = False,
     seed: int = 0,
     bfloat16: bool = False,
+    dense_layers: tuple[int, ...] = (1,),
 ) -> torch.nn.Module:
-    """Save a tiny `arch` ("qwen2" or "qwen3") model into `folder`; return the reference model (eager, fp32).
+    """Save a tiny `arch` ("qwen2", "qwen3", "qwen2_moe" or "qwen3_moe") model into `folder`; return the reference model (eager, fp32).
     `bfloat16`: saved in bfloat16, as Qwen publishes its checkpoints; the reference is then transformers loading
-    that checkpoint in float32."""
+    that checkpoint in float32. `dense_layers`: the MoE layers that keep a dense MLP."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
@@ -47,15 +48,33 @@ def build_tiny(
         num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_parameters=rope,
         bos_token_id=151643, eos_token_id=151645,
     )
+    # Mixtures of experts: 6 experts of width 48 (hidden ≠ 2·48, so a transposed expert layout could not pass),
+    # 2 chosen per token; `dense_layers` keep a dense MLP (mlp_only_layers) so both kinds of layer are covered.
+    moe = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+               mlp_only_layers=list(dense_layers))
     if arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
         cls = transformers.Qwen2ForCausalLM
-    else:
+    elif arch == "qwen3":
         cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
         cls = transformers.Qwen3ForCausalLM
+    elif arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(**common, **moe, head_dim=32, norm_topk_prob=True, tie_word_embeddings=False)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif arch == "qwen2_moe":  # Qwen1.5/Qwen2-MoE: q/k/v biases, a shared expert, weights not renormalised
+        cfg = transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=80, norm_topk_prob=False,
+                                          tie_word_embeddings=False)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        raise ValueError(arch)
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
+    if arch.endswith("_moe"):  # routers drawn wider (std 0.5): fewer near-ties between the k-th and next expert
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    param.mul_(5)
     model.eval()
     model.to(torch.bfloat16 if bfloat16 else torch.float32).save_pretrained(
         folder, max_shard_size="4MB" if shard else "2GB")

@@ -57,6 +57,8 @@ def build(model: nn.Module):
     native = kernels.native()
     if native is None or not hasattr(native, "DecodeStep") or not _float32_cpu(model.model.layers):
         return None
+    if model.config.moe is not None:  # the native step knows only dense MLPs; experts run in PyTorch
+        return None
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                              cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)

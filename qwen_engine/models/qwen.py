@@ -1,8 +1,9 @@
-"""The Qwen2 and Qwen3 decoders.
+"""The Qwen2 and Qwen3 decoders, and their mixture-of-experts variants.
 
 Both are pre-norm transformers with grouped-query attention, rotary positions and a SwiGLU MLP. They differ
 in two places: Qwen2 has biases on the q/k/v projections; Qwen3 has none but normalises each head of q and k
-(RMSNorm over head_dim) before the rotation. Tensors are packed token-major ([tokens, …], no batch axis).
+(RMSNorm over head_dim) before the rotation. Qwen2-MoE and Qwen3-MoE replace the MLP of their sparse layers
+by a mixture of experts (models/moe.py). Tensors are packed token-major ([tokens, …], no batch axis).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate
+from .moe import ExpertMixture
 
 
 class Attention(nn.Module):
@@ -64,7 +66,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        if cfg.moe is not None and layer in cfg.moe.sparse_layers:
+            self.mlp: nn.Module = ExpertMixture(cfg)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)

@@ -42,6 +42,18 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Mixtures of experts (qwen2moe, qwen3moe): the router, and Qwen2-MoE's shared expert and its gate.
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+}
+# The experts' weights, one 3-D tensor [experts, out, in] per kind where the checkpoints have one per expert.
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "gate_proj.weight",
+    "ffn_up_exps.weight": "up_proj.weight",
+    "ffn_down_exps.weight": "down_proj.weight",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -63,6 +75,14 @@ def hf_name(gguf_name: str) -> str | None:
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     return None
+
+
+def hf_expert_names(gguf_name: str, experts: int) -> list[str] | None:
+    """For a 3-D experts tensor, the Hugging Face name of each expert's slice; None for any other tensor."""
+    m = _BLOCK.fullmatch(gguf_name)
+    if not m or m.group(2) not in _EXPERT_NAMES:
+        return None
+    return [f"model.layers.{m.group(1)}.mlp.experts.{j}.{_EXPERT_NAMES[m.group(2)]}" for j in range(experts)]
 
 
 @dataclass
@@ -156,11 +176,16 @@ class GGUFFile:
             return np.frombuffer(bytearray(os.pread(f.fileno(), t.n_bytes, self._data_start + t.offset)), np.uint8)
 
     def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(Hugging Face name, float32 array) for every tensor the text models use, one at a time."""
-        for name in self.tensors:
+        """(Hugging Face name, float32 array) for every tensor the text models use, one at a time; an experts
+        tensor as one array per expert."""
+        for name, info in self.tensors.items():
             target = hf_name(name)
             if target is not None:
                 yield target, self.dequantize(name)
+            elif (per_expert := hf_expert_names(name, info.shape[-1])) is not None and len(info.shape) == 3:
+                values = self.dequantize(name)
+                for j, expert_name in enumerate(per_expert):
+                    yield expert_name, values[j]
 
 
 _SKIPPED = object()  # an array left unread by a header-only summary

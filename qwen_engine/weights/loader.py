@@ -115,6 +115,8 @@ def load_model(
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
+    if quantization is not None and loaded.config.moe is not None:
+        raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it")
     if quantization is not None:
         calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
@@ -146,7 +148,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
         raise ModelLoadError(f"{path}: GGUF has no token_embd.weight tensor")
     vocab_size = int(gguf.tensors["token_embd.weight"].shape[1])
     try:
-        config = ModelConfig.from_gguf(gguf.metadata, vocab_size, has_output="output.weight" in names)
+        config = ModelConfig.from_gguf(gguf.metadata, vocab_size, names)
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
@@ -156,7 +158,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
         model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
-    return LoadedModel(path, config, model, tokenizer, template, GGUF_DEFAULTS[config.architecture], eos)
+    return LoadedModel(path, config, model, tokenizer, template, GGUF_DEFAULTS[config.family], eos)
 
 
 def _checked(gguf) -> Iterable[tuple[str, np.ndarray]]:
@@ -216,10 +218,14 @@ def _build(
         if name in loaded:
             raise ModelLoadError(f"{path}: the checkpoint holds tensor {name} twice")
         if name not in expected:
+            if ".mlp.experts." in name:  # skipping it would silently drop an expert the router can choose
+                raise ModelLoadError(f"{path}: the checkpoint holds {name}, more experts than config.json declares")
             continue  # e.g. rotary inv_freq saved by old exporters, or vision towers of other families
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         current = getattr(module, attr)
+        if tuple(current.shape) == (1, *tensor.shape):  # a one-row weight written as a vector (GGUF)
+            tensor = tensor.reshape(current.shape)
         if tuple(current.shape) != tuple(tensor.shape):
             raise ModelLoadError(
                 f"{path}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(current.shape)}"

@@ -22,10 +22,11 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..kernels import native as native_kernels
 from ..models.layers import RotaryEmbedding
+from ..models.moe import swiglus
 from ..models.quant import BlockType, OwnType, QuantEmbedding, QuantLinear, block_size, has_kernel
 from ..models.qwen import QwenForCausalLM
 from .arena import WeightArena, huge_pages_wanted
-from .gguf import GGUFFile, hf_name
+from .gguf import GGUFFile, hf_expert_names, hf_name
 
 Q = GGMLQuantizationType
 
@@ -48,12 +49,18 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
         copied = {}
     arena = WeightArena(size, huge_pages=huge) if size else None
     for gguf_name, info in gguf.tensors.items():
+        experts = hf_expert_names(gguf_name, info.shape[-1]) if len(info.shape) == 3 else None
+        if experts is not None:  # [experts, out, in]: each expert's rows are a slice of the same blocks
+            _take_experts(model, gguf, gguf_name, experts, expected, blocks, loaded, path)
+            continue
         name = hf_name(gguf_name)
         if name is None or name not in expected:
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         shape = tuple(reversed(info.shape))  # [out, in]
+        if tuple(getattr(module, attr).shape) == (1, *shape):  # a one-row weight written as a vector
+            shape = (1, *shape)
         if tuple(getattr(module, attr).shape) != shape:
             raise ModelLoadError(f"{path}: tensor {name} has shape {shape}, expected {tuple(getattr(module, attr).shape)}")
         if len(shape) == 2 and info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, shape[1]):
@@ -89,6 +96,32 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
     fuse_projections(model)
     model.model.rotary = RotaryEmbedding(config.rope, config.head_dim)
     return model.eval()
+
+
+def _take_experts(model: QwenForCausalLM, gguf: GGUFFile, gguf_name: str, names: list[str], expected: set[str],
+                  blocks: dict, loaded: set[str], path: Path) -> None:
+    """The experts of one 3-D GGUF tensor, each as a view of its rows in the file's blocks (or float32 where no
+    kernel reads the type)."""
+    info = gguf.tensors[gguf_name]
+    experts, rows, in_features = (int(d) for d in reversed(info.shape))
+    missing = [n for n in names if n not in expected]
+    if missing:
+        raise ModelLoadError(f"{path}: tensor {gguf_name} holds {experts} experts, but the model has "
+                             f"{len(names) - len(missing)} in that layer")
+    module = model.get_submodule(names[0].rpartition(".")[0])
+    if (module.out_features, module.in_features) != (rows, in_features):
+        raise ModelLoadError(f"{path}: tensor {gguf_name} has experts of shape {(rows, in_features)}, expected "
+                             f"{(module.out_features, module.in_features)}")
+    if info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, in_features):
+        raw = torch.from_numpy(gguf.raw(gguf_name)).view(experts, rows, -1)
+        for j, name in enumerate(names):
+            blocks[name.rpartition(".")[0]] = (raw[j], info.qtype, in_features)
+    else:
+        values = _float32(gguf, gguf_name, (experts, rows, in_features))
+        for j, name in enumerate(names):
+            module = model.get_submodule(name.rpartition(".")[0])
+            module.weight = torch.nn.Parameter(torch.from_numpy(values[j]), requires_grad=False)
+    loaded.update(names)
 
 
 def _recoded_sizes(model: QwenForCausalLM, gguf: GGUFFile, expected: set[str]) -> dict[str, tuple[BlockType, int]]:
@@ -162,15 +195,16 @@ def recode(module: torch.nn.Module, qtype: BlockType, in_features: int) -> Block
 def fuse_projections(model: QwenForCausalLM) -> None:
     """q/k/v and gate/up become one stacked QuantLinear each: one kernel call instead of three or two."""
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
         if all(isinstance(p, QuantLinear) for p in qkv):
             attn.qkv_proj = QuantLinear.stack(qkv)
             del attn.q_proj, attn.k_proj, attn.v_proj
-        gate_up = [mlp.gate_proj, mlp.up_proj]
-        if all(isinstance(p, QuantLinear) for p in gate_up):
-            mlp.gate_up_proj = QuantLinear.stack(gate_up)
-            del mlp.gate_proj, mlp.up_proj
+        for mlp in swiglus(layer.mlp):
+            gate_up = [mlp.gate_proj, mlp.up_proj]
+            if all(isinstance(p, QuantLinear) for p in gate_up):
+                mlp.gate_up_proj = QuantLinear.stack(gate_up)
+                del mlp.gate_proj, mlp.up_proj
 
 
 def _float32(gguf: GGUFFile, name: str, shape: tuple[int, ...]) -> np.ndarray:
