@@ -21,12 +21,15 @@ HF_VL_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "qwen2"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl", "qwen3_moe"),  # Qwen3-VL's tower, a Qwen3-MoE decoder
 }
 VL_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
+_DECODER_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @dataclass
@@ -152,7 +155,9 @@ class ModelConfig:
         # transformers 5 nest them in text_config. The nested values win where both exist.
         top = {k: v for k, v in cfg.items() if k not in ("text_config", "vision_config")}
         text = {**top, **(cfg.get("text_config") or {})}
-        text["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[decoder]]
+        text["architectures"] = [_DECODER_CLASSES[decoder]]
+        if decoder == "qwen3_moe":  # Qwen3-VL-MoE's router always renormalises (it has no norm_topk_prob)
+            text["norm_topk_prob"] = True
         if "tie_word_embeddings" in cfg:  # transformers 4 reads it from text_config, 5 from the top level
             text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
         if "vision_config" not in cfg:

@@ -28,7 +28,7 @@ def _ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 151_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _smallest_router_margin(llm: LLM, ids: list[int]) -> float:
+def _smallest_router_margin(llm: LLM, ids) -> float:
     """The smallest gap, over tokens and sparse layers, between the router logits of the k-th and (k+1)-th
     expert: float32 noise moves them by ~1e-6, so a gap 100 times that makes the choice of experts certain."""
     margins = []
@@ -185,3 +185,41 @@ def test_lossy_int8_mode_refuses_moe(hf_pair):
     llm, _, _ = hf_pair
     with pytest.raises(InputError, match="mixture-of-experts"):
         LLM(llm.path, quantization="w8a8")
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers5"])
+def test_qwen3_vl_moe_image_prompt_matches_transformers(layout, tmp_path, qwen3_tokenizer_dir):
+    """Qwen3-VL-MoE stores each layer's experts fused. Released files hold gate_up_proj [E, H, 2I] and down_proj
+    [E, I, H]; transformers 5 saves them transposed. Both load to the same model (tests/test_vl_parity.py runs
+    the whole vision suite on the first)."""
+    from safetensors import safe_open
+    from test_vl_parity import one_image, reference_logits
+    from vl_models import build_vl
+
+    ref = build_vl("qwen3_vl_moe", tmp_path, qwen3_tokenizer_dir, hub_config=layout == "hub", seed=3)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        shape = tuple(f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape())
+    assert shape == ((6, 64, 96) if layout == "hub" else (6, 96, 64))
+    llm = LLM(tmp_path, progress=False, max_model_len=4096, kv_cache_memory=64 << 20)
+    cfg = llm.config
+    assert (cfg.architecture, cfg.vision.family, cfg.moe.norm_topk_prob) == ("qwen3_moe", "qwen3_vl", True)
+    prompt = llm.encode_chat(one_image(), add_generation_prompt=True)
+    margin = _smallest_router_margin(llm, prompt)
+    assert margin > 1e-4, margin
+    diff = (llm.logits(prompt) - reference_logits(ref, prompt)).abs().max().item()
+    print(f"{layout}: max|Δlogit| = {diff:.2e}, router margin {margin:.1e}")
+    assert diff <= TOLERANCE, diff
+
+
+def test_fused_experts_of_a_wrong_shape_are_reported(tmp_path):
+    from qwen_engine.weights.experts import split_fused
+
+    name = "model.layers.3.mlp.experts.gate_up_proj"
+    with pytest.raises(ModelLoadError, match=r"has shape \(6, 64, 95\), expected \[experts, 96, 64\] or"):
+        split_fused(name, torch.zeros(6, 64, 95), hidden=64, intermediate=48, saved_by_v5=True)
+    # hidden == 2 · intermediate: the shapes cannot tell, the file's transformers version does
+    w = torch.randn(2, 8, 8)
+    v5 = dict(split_fused(name, w, hidden=8, intermediate=4, saved_by_v5=True))
+    hub = dict(split_fused(name, w, hidden=8, intermediate=4, saved_by_v5=False))
+    gate = "model.layers.3.mlp.experts.1.gate_proj.weight"
+    assert torch.equal(v5[gate], w[1, :4]) and torch.equal(hub[gate], w[1, :, :4].t())

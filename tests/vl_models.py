@@ -1,4 +1,4 @@
-"""Small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints built and saved by `transformers`, for parity tests.
+"""Small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) checkpoints built and saved by `transformers`, for parity tests.
 
 Structural features are kept (shared/design/oracle.md §1): Qwen2.5-VL window attention with full-attention
 blocks (a 320x240 image gives 3x3 windows), Qwen3-VL DeepStack (features into LLM layers 0..2), learned position
@@ -45,6 +45,9 @@ ROPE = {
         "rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True,
     },
 }
+VISION["qwen3_vl_moe"], ROPE["qwen3_vl_moe"] = VISION["qwen3_vl"], ROPE["qwen3_vl"]
+# Qwen3-VL-MoE's text side: 6 experts of width 48 (hidden 64 ≠ 2·48, so the two fused layouts differ in shape).
+MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[])
 IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
@@ -64,7 +67,11 @@ def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = 
     import transformers
 
     text = dict(TEXT, rope_parameters=ROPE[family])
-    if family == "qwen3_vl":
+    if family == "qwen3_vl_moe":
+        cfg = transformers.Qwen3VLMoeConfig(text_config=dict(text, head_dim=32, **MOE), vision_config=VISION[family],
+                                            **IDS)
+        cls = transformers.Qwen3VLMoeForConditionalGeneration
+    elif family == "qwen3_vl":
         text["head_dim"] = 32
         cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=VISION[family], **IDS)
         cls = transformers.Qwen3VLForConditionalGeneration
@@ -77,12 +84,19 @@ def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = 
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed + 1)
+    if family == "qwen3_vl_moe":  # routers drawn wider (std 0.5): fewer near-ties between the k-th and next expert
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("mlp.gate.weight"):
+                    param.mul_(5)
     model.eval()
     model.to(torch.bfloat16 if bfloat16 else torch.float32).save_pretrained(folder)
     if bfloat16:
         model = cls.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     if hub_config:
         _to_hub_config(folder / "config.json", family)
+        if family == "qwen3_vl_moe":
+            _to_hub_experts(folder)
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / name, folder / name)
     # The Qwen3 tokenizer's config carries Qwen3's text chat template; a VL folder needs the VL one (here the
@@ -102,10 +116,26 @@ def _to_hub_config(path: Path, family: str) -> None:
     params = text.pop("rope_parameters")
     text["rope_theta"] = params.pop("rope_theta")
     params.pop("rope_type", None)
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         text["rope_scaling"] = {"rope_type": "default", **params}
         data["text_config"] = text
     else:
         text["rope_scaling"] = {"type": "mrope", **params}
         data.update(text)
     path.write_text(json.dumps(data, indent=2))
+
+
+def _to_hub_experts(folder: Path) -> None:
+    """Rewrite the fused experts in the layout of released Qwen3-VL-MoE files: transformers 5 saves
+    gate_up_proj [E, 2I, H] and down_proj [E, H, I]; the Hub holds [E, H, 2I] and [E, I, H]."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in list(tensors):
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+    data = json.loads((folder / "config.json").read_text())
+    data["transformers_version"] = "4.57.1"
+    (folder / "config.json").write_text(json.dumps(data, indent=2))

@@ -23,7 +23,7 @@ from ..models import w8a8
 from ..models.calibration import calibration_ids
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
-from . import bf16_layers, w8a8_store
+from . import bf16_layers, experts, w8a8_store
 from .quantized import build_quantized, fuse_projections, tie_lm_head
 from .sources import ModelSource, merge_defaults, resolve_source
 
@@ -190,7 +190,11 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device, keep_b
 
         template_source = VL_TEMPLATES[config.vision.family]
     template = ChatTemplate(template_source, tokenizer.special_tokens_map())
-    model = _build(config, iter_tensors(path), dtype, device, path, keep_bf16)
+    tensors = iter_tensors(path)
+    if config.moe is not None:
+        v5 = str(raw_config.get("transformers_version", "")).startswith("5")
+        tensors = _experts_unfused(tensors, config, v5, path)
+    model = _build(config, tensors, dtype, device, path, keep_bf16)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     defaults = _defaults_from_generation_config(gen)
     eos = gen.get("eos_token_id")
@@ -253,6 +257,19 @@ def _build(
     if config.vision is not None:
         model.visual.reset_computed_state(device)
     return model.eval()
+
+
+def _experts_unfused(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, saved_by_v5: bool,
+                     path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with fused experts tensors (Qwen3-VL-MoE) split into per-expert weights."""
+    for name, tensor in tensors:
+        name = _local_name(name)
+        try:
+            split = experts.split_fused(name, tensor, config.hidden_size, config.moe.expert_intermediate_size,
+                                        saved_by_v5)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        yield from split if split is not None else [(name, tensor)]
 
 
 def _local_name(name: str) -> str:
