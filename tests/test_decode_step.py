@@ -82,6 +82,20 @@ def test_gguf_with_mixed_block_types(tmp_path, qwen3_tokenizer_dir):
     assert_same_steps(llm, PROMPTS, 1e-4)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("source", ["float32", "bfloat16", "gguf"])
+def test_mixtures_of_experts(arch, source, tmp_path, qwen3_tokenizer_dir):
+    """Sparse and dense layers (a dense one in the folders), the router, renormalisation or not, Qwen2-MoE's
+    gated shared expert; experts in float32, kept bfloat16 or GGUF blocks. Four sequences decode together, so
+    experts see 0 to 4 rows a step."""
+    ref = build_tiny(arch, tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=14, bfloat16=source == "bfloat16",
+                     dense_layers=() if source == "gguf" else (1,))
+    if source == "gguf":
+        write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
+    llm = LLM(tmp_path / "tiny.gguf" if source == "gguf" else tmp_path / "hf")
+    assert_same_steps(llm, PROMPTS, 1e-4)
+
+
 def test_demo_model(demo_llm):
     assert_same_steps(demo_llm, PROMPTS[:2], 1e-4)
 

@@ -9,6 +9,7 @@
 // Layer, per row of x [B, hidden]:
 //   h = x + o(attention(rotate(q), rotate(k), v))   with q, k, v = qkv(rms_norm(x))  (Qwen3: per-head norms first)
 //   x = h + down(silu(gate) * up)                   with gate, up = gate_up(rms_norm(h))
+// or, in the sparse layers of a mixture of experts, x = h + Σ over the chosen experts of weight · expert(rms_norm(h)).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <map>
 #include <string>
+#include <memory>
 #include <vector>
 
 #include "vec_math.h"
@@ -72,7 +74,7 @@ void add_into(float* x, const torch::Tensor& y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] += yp[i];
 }
 
-enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, PHASES };
+enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, ROUTER, EXPERTS, PHASES };
 
 struct Clock {  // adds the time since the previous lap to a phase, when profiling
   std::vector<double>* seconds;
@@ -106,11 +108,35 @@ struct Linear {
   }
 };
 
+// A mixture of experts in place of the MLP (models/moe.py): the router's softmax picks top_k experts per row,
+// their outputs are summed with those probabilities as weights (renormalised if norm_topk), plus Qwen2-MoE's
+// shared expert scaled by sigmoid(shared_gate · x).
+struct Moe {
+  Linear router;
+  std::vector<Linear> gate_up, down;  // one per expert
+  int64_t top_k = 0, width = 0;       // experts chosen per token; each expert's intermediate size
+  bool norm_topk = false;
+  bool shared = false;
+  Linear shared_gate_up, shared_down, shared_gate;
+  int64_t shared_width = 0;
+};
+
 struct Layer {
   torch::Tensor input_norm, post_norm;
   c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3
   Linear qkv, o, gate_up, down;
+  std::shared_ptr<Moe> moe;  // set for the sparse layers of Qwen2-MoE / Qwen3-MoE
 };
+
+// silu(gate) · up in place over the first half of each row of gate_up [rows, 2n]; returns that half.
+torch::Tensor silu_mul_in_place(torch::Tensor gate_up, int64_t n) {
+  float* gu = gate_up.data_ptr<float>();
+  const int64_t rows = gate_up.size(0);
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) silu_mul(gu + r * 2 * n, gu + r * 2 * n + n, n);
+  });
+  return gate_up.narrow(1, 0, n);
+}
 
 class DecodeStep {
  public:
@@ -149,6 +175,39 @@ class DecodeStep {
     TORCH_CHECK(p != nullptr, "no projection ", which);
     TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
     *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors};
+  }
+
+  // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given
+  // as its gate_up and down weight segments; `shared_*` is empty without a shared expert.
+  void set_moe(int64_t li, std::vector<torch::Tensor> router, std::vector<int64_t> router_types, int64_t top_k,
+               bool norm_topk, int64_t width, std::vector<std::vector<torch::Tensor>> gate_up,
+               std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<torch::Tensor>> down,
+               std::vector<std::vector<int64_t>> down_types, std::vector<torch::Tensor> shared_gate_up,
+               std::vector<int64_t> shared_gate_up_types, std::vector<torch::Tensor> shared_down,
+               std::vector<int64_t> shared_down_types, std::vector<torch::Tensor> shared_gate,
+               std::vector<int64_t> shared_gate_types, int64_t shared_width) {
+    TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
+    const size_t experts = gate_up.size();
+    TORCH_CHECK(experts > 0 && down.size() == experts && gate_up_types.size() == experts &&
+                    down_types.size() == experts && top_k > 0 && top_k <= static_cast<int64_t>(experts),
+                "a mixture needs 1 <= top_k <= experts, and a gate_up and a down weight per expert");
+    auto moe = std::make_shared<Moe>();
+    moe->router = Linear{std::move(router), std::move(router_types), c10::nullopt};
+    for (size_t e = 0; e < experts; ++e) {
+      moe->gate_up.push_back(Linear{std::move(gate_up[e]), std::move(gate_up_types[e]), c10::nullopt});
+      moe->down.push_back(Linear{std::move(down[e]), std::move(down_types[e]), c10::nullopt});
+    }
+    moe->top_k = top_k;
+    moe->width = width;
+    moe->norm_topk = norm_topk;
+    moe->shared = !shared_gate_up.empty();
+    if (moe->shared) {
+      moe->shared_gate_up = Linear{std::move(shared_gate_up), std::move(shared_gate_up_types), c10::nullopt};
+      moe->shared_down = Linear{std::move(shared_down), std::move(shared_down_types), c10::nullopt};
+      moe->shared_gate = Linear{std::move(shared_gate), std::move(shared_gate_types), c10::nullopt};
+      moe->shared_width = shared_width;
+    }
+    layers_[li].moe = std::move(moe);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -201,6 +260,10 @@ class DecodeStep {
       add_into(xp, o, B * hidden_);
       rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
       clock.lap(NORMS);
+      if (l.moe) {
+        mixture(*l.moe, normed, xp, clock);
+        continue;
+      }
       auto gate_up = l.gate_up(normed, gemv_max_rows_);  // [B, 2 intermediate]
       clock.lap(GATE_UP);
       TORCH_CHECK(gate_up.size(1) == 2 * intermediate_, "gate/up projection has ", gate_up.size(1), " outputs");
@@ -220,6 +283,74 @@ class DecodeStep {
     return out;
   }
 
+  // x[b] += the mixture's output for normed row b, as models/moe.py computes it: each expert that any row chose
+  // runs once over its rows, and the weighted outputs are summed in ascending expert order.
+  void mixture(const Moe& m, const torch::Tensor& normed, float* xp, Clock& clock) const {
+    const int64_t B = normed.size(0), experts = static_cast<int64_t>(m.gate_up.size()), k = m.top_k;
+    const auto logits = m.router(normed, gemv_max_rows_);  // [B, experts]
+    TORCH_CHECK(logits.size(1) == experts, "router has ", logits.size(1), " outputs for ", experts, " experts");
+    std::vector<std::vector<std::pair<int64_t, float>>> rows_of(experts);  // expert → (row, weight)
+    const float* lp = logits.data_ptr<float>();
+    std::vector<float> probs(experts);
+    std::vector<int64_t> order(experts);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = lp + b * experts;
+      const float top = *std::max_element(row, row + experts);
+      float sum = 0.0f;
+      for (int64_t e = 0; e < experts; ++e) sum += probs[e] = std::exp(row[e] - top);
+      for (int64_t e = 0; e < experts; ++e) probs[e] /= sum;
+      for (int64_t e = 0; e < experts; ++e) order[e] = e;
+      // The k largest, the lower index first on ties (as torch.topk does on the CPU).
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
+        return probs[a] > probs[c] || (probs[a] == probs[c] && a < c);
+      });
+      float chosen = 0.0f;
+      for (int64_t j = 0; j < k; ++j) chosen += probs[order[j]];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t e = order[j];
+        rows_of[e].emplace_back(b, m.norm_topk ? probs[e] / chosen : probs[e]);
+      }
+    }
+    clock.lap(ROUTER);
+    auto out = torch::zeros({B, hidden_}, normed.options());
+    float* op = out.data_ptr<float>();
+    const float* np = normed.data_ptr<float>();
+    for (int64_t e = 0; e < experts; ++e) {
+      const auto& picks = rows_of[e];
+      if (picks.empty()) continue;
+      const int64_t n = static_cast<int64_t>(picks.size());
+      torch::Tensor xe = normed;
+      if (n != B) {  // gather this expert's rows
+        xe = torch::empty({n, hidden_}, normed.options());
+        float* xep = xe.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
+      }
+      const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
+      TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
+      const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
+      const float* yp = y.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        float* o = op + picks[i].first * hidden_;
+        const float* yr = yp + i * hidden_;
+        const float w = picks[i].second;
+        for (int64_t c = 0; c < hidden_; ++c) o[c] += yr[c] * w;
+      }
+    }
+    clock.lap(EXPERTS);
+    if (m.shared) {
+      const auto gate_up = m.shared_gate_up(normed, gemv_max_rows_);
+      const auto y = m.shared_down(silu_mul_in_place(gate_up, m.shared_width), gemv_max_rows_);
+      const auto g = m.shared_gate(normed, gemv_max_rows_);  // [B, 1]
+      const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        const float s = 1.0f / (1.0f + std::exp(-gp[b]));
+        for (int64_t c = 0; c < hidden_; ++c) op[b * hidden_ + c] += s * yp[b * hidden_ + c];
+      }
+      clock.lap(EXPERTS);
+    }
+    add_into(xp, out, B * hidden_);
+  }
+
   // Seconds spent in each part of forward() since profiling was switched on (benchmarks/profile_decode.py).
   void set_profiling(bool on) {
     profiling_ = on;
@@ -227,7 +358,7 @@ class DecodeStep {
   }
   std::map<std::string, double> profile() const {
     static const char* names[PHASES] = {"norms + residual", "qkv", "rotary + kv write", "attention", "o",
-                                        "gate_up", "silu * up", "down"};
+                                        "gate_up", "silu * up", "down", "router", "experts"};
     std::map<std::string, double> out;
     for (int i = 0; i < PHASES; ++i) out[names[i]] = seconds_.empty() ? 0.0 : seconds_[i];
     return out;
@@ -342,6 +473,7 @@ void register_decode_step(pybind11::module& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
       .def("set_int8", &DecodeStep::set_int8)
+      .def("set_moe", &DecodeStep::set_moe)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("set_profiling", &DecodeStep::set_profiling)
       .def("profile", &DecodeStep::profile)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .moe import ExpertMixture
 from .quant import GEMV_MAX_ROWS, QuantLinear
 from .w8a8 import W8A8Linear
 
@@ -57,8 +58,6 @@ def build(model: nn.Module):
     native = kernels.native()
     if native is None or not hasattr(native, "DecodeStep") or not _float32_cpu(model.model.layers):
         return None
-    if model.config.moe is not None:  # the native step knows only dense MLPs; experts run in PyTorch
-        return None
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                              cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
@@ -66,13 +65,20 @@ def build(model: nn.Module):
     for index, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
-        projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": gate_up, "down": [mlp.down_proj]}
+        mixture = mlp if isinstance(mlp, ExpertMixture) else None
+        if mixture is not None:  # the dense MLP's slots stay empty: set_moe below gives the layer its experts
+            projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": [], "down": []}
+        else:
+            gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+            projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": gate_up, "down": [mlp.down_proj]}
         try:
             parts = [_segments(p) for p in projections.values()]
+            moe_args = _mixture_args(mixture) if mixture is not None else None
         except TypeError:
             return None
-        w8 = {name: p[0] for name, p in projections.items() if isinstance(p[0], W8A8Linear)}
+        if moe_args is None and mixture is not None:
+            return None
+        w8 = {name: p[0] for name, p in projections.items() if p and isinstance(p[0], W8A8Linear)}
         if any(bias is not None for _, _, bias in parts[1:]) or any(w8[n].bias is not None for n in w8 if n != "qkv"):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
         if w8 and (not int8 or any(p.packed is None or p.padded != p.in_features for p in w8.values())):
@@ -82,4 +88,29 @@ def build(model: nn.Module):
                        *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
         for name, p in w8.items():
             step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features, p.input_factors)
+        if moe_args is not None:
+            step.set_moe(index, *moe_args)
     return step
+
+
+def _mixture_args(mixture: ExpertMixture) -> tuple | None:
+    """DecodeStep.set_moe's arguments after the layer index, or None if a product has a bias (not Qwen's)."""
+    router, router_types, router_bias = _segments([mixture.gate])
+
+    def expert(mlp) -> tuple[list, list, list, list] | None:
+        gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
+        gu, gu_types, gu_bias = _segments(gate_up)
+        down, down_types, down_bias = _segments([mlp.down_proj])
+        return None if gu_bias is not None or down_bias is not None else (gu, gu_types, down, down_types)
+
+    experts = [expert(e) for e in mixture.experts]
+    shared = expert(mixture.shared_expert) if mixture.shared_expert is not None else ([], [], [], [])
+    shared_gate, shared_gate_types, shared_gate_bias = (_segments([mixture.shared_expert_gate])
+                                                        if mixture.shared_expert_gate is not None else ([], [], None))
+    if router_bias is not None or shared_gate_bias is not None or shared is None or any(e is None for e in experts):
+        return None
+    width = mixture.experts[0].intermediate
+    shared_width = mixture.shared_expert.intermediate if mixture.shared_expert is not None else 0
+    return (router, router_types, mixture.top_k, mixture.norm_topk_prob, width,
+            [e[0] for e in experts], [e[1] for e in experts], [e[2] for e in experts], [e[3] for e in experts],
+            shared[0], shared[1], shared[2], shared[3], shared_gate, shared_gate_types, shared_width)
