@@ -166,9 +166,15 @@ def test_ctrl_c_in_chat_ends_cleanly(tiny_folder):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
     )
     try:
-        proc.stdin.write("hello\n")
+        # A message, then /reset: its reply on stderr comes once the answer is done, so the chat is then idle,
+        # waiting for the next line (Ctrl-C during an answer only ends that answer, as in ollama).
+        proc.stdin.write("hello\n/reset\n")
         proc.stdin.flush()
-        proc.stdout.readline()  # the first answer: the chat is now waiting for the next line
+        seen = []
+        while not seen or "(conversation cleared)" not in seen[-1]:
+            line = proc.stderr.readline()
+            assert line, f"chat ended before /reset was answered: {seen}"
+            seen.append(line)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
