@@ -164,6 +164,9 @@ def test_ctrl_c_in_chat_ends_cleanly(tiny_folder):
         [sys.executable, "-m", "qwen_engine.cli", "chat", "--model", str(tiny_folder), "--max-tokens", "2",
          *GREEDY],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
+        # Launched in the background without job control, the test run itself ignores SIGINT, and a child would
+        # inherit that: give the chat the default disposition a user's terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # A message, then /reset: its reply on stderr comes once the answer is done, so the chat is then idle,
