@@ -78,6 +78,11 @@ class MoeConfig:
     sparse_layers: frozenset[int]  # the layers whose MLP is the mixture; the others keep a dense MLP
     shared_expert_intermediate_size: int = 0  # 0: no shared expert (Qwen3-MoE)
 
+    def __post_init__(self) -> None:  # both config.json and GGUF metadata come through here
+        if self.sparse_layers and not 0 < self.experts_per_token <= self.num_experts:
+            raise ModelLoadError(f"num_experts_per_tok={self.experts_per_token} must be between 1 and "
+                                 f"num_experts={self.num_experts}")
+
 
 @dataclass
 class ModelConfig:
@@ -259,8 +264,6 @@ def _moe_from_hf(cfg: dict[str, Any], layers: int) -> MoeConfig:
         sparse_layers=sparse,
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
     )
-    if sparse and not 0 < moe.experts_per_token <= experts:
-        raise ModelLoadError(f"num_experts_per_tok={moe.experts_per_token} must be between 1 and num_experts={experts}")
     if len(sparse) < layers and not cfg.get("intermediate_size"):
         raise ModelLoadError("config.json lacks 'intermediate_size', which its dense (mlp_only) layers need")
     return moe
