@@ -14,22 +14,32 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen3_5ForCausalLM": "qwen3_5",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe",
+    "Qwen3NextForCausalLM": "qwen3_next",
 }
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                      "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
 # Vision-language checkpoints: class name → (vision family, the decoder their language model is).
 HF_VL_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "qwen2"),
     "Qwen3VLForConditionalGeneration": ("qwen3_vl", "qwen3"),
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl", "qwen3_moe"),  # Qwen3-VL's tower, a Qwen3-MoE decoder
+    # Qwen3.5 is natively multimodal: Qwen3-VL's tower without DeepStack, and Qwen3-VL's prompts and positions.
+    "Qwen3_5ForConditionalGeneration": ("qwen3_vl", "qwen3_5"),
+    "Qwen3_5MoeForConditionalGeneration": ("qwen3_vl", "qwen3_5_moe"),
 }
 VL_MODEL_TYPES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_5": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
-_DECODER_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_DECODER_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                    "qwen3_5": "Qwen3_5ForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
 
 
 @dataclass
@@ -85,8 +95,35 @@ class MoeConfig:
 
 
 @dataclass
+class LinearAttentionConfig:
+    """Qwen3.5's hybrid layout: most layers mix tokens with a gated DeltaNet (linear attention with a recurrent
+    state per sequence, models/gated_deltanet.py) instead of softmax attention over a KV cache."""
+
+    layers: frozenset[int]  # the layers that are linear attention; the others keep (gated) softmax attention
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int  # width of the causal depthwise convolution over q/k/v
+    # Value heads in tiled order (llama.cpp's qwen35 files: value head j reads key head j mod Hk) instead of
+    # grouped (Hugging Face: j reads key head j div Hv/Hk). The same model with its value heads renumbered.
+    tiled_value_heads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_value_heads % self.num_key_heads:
+            raise ModelLoadError(f"linear_num_value_heads={self.num_value_heads} is not a multiple of "
+                                 f"linear_num_key_heads={self.num_key_heads}")
+        if self.conv_kernel < 1:
+            raise ModelLoadError(f"linear_conv_kernel_dim={self.conv_kernel} must be at least 1")
+
+    @property
+    def conv_channels(self) -> int:  # q, k and v side by side
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+
+@dataclass
 class ModelConfig:
-    architecture: str  # "qwen2", "qwen3", "qwen2_moe" or "qwen3_moe"
+    architecture: str  # "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_5", "qwen3_5_moe" or "qwen3_next"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -102,11 +139,27 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     vision: VisionLinks | None = None  # set for vision-language models
     moe: MoeConfig | None = None  # set for mixture-of-experts models
+    # Qwen3.5 and Qwen3-Next: linear-attention layers, a sigmoid gate on the softmax attention's output, RMSNorms that scale
+    # by (1 + weight), and rotary angles on only the first `rotary_dim` values of each head.
+    linear_attention: LinearAttentionConfig | None = None
+    attention_output_gate: bool = False
+    zero_centered_norm: bool = False
+    partial_rotary_factor: float = 1.0
 
     @property
     def family(self) -> str:
-        """The dense family the attention and chat format come from: "qwen2" or "qwen3"."""
+        """The dense family the attention and chat format come from: "qwen2", "qwen3" or "qwen3_5"."""
         return self.architecture.removesuffix("_moe")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """The layers with softmax attention, in order: the only ones that keep keys and values."""
+        linear = self.linear_attention.layers if self.linear_attention is not None else frozenset()
+        return [i for i in range(self.num_layers) if i not in linear]
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -118,7 +171,7 @@ class ModelConfig:
             return cls._from_hf_vl(cfg, vl_arch)
         arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
         if arch is None:
-            model_type = cfg.get("model_type", "")
+            model_type = str(cfg.get("model_type", "")).removesuffix("_text")  # qwen3_5_text: Qwen3.5's text config
             arch = model_type if model_type in HF_ARCHITECTURES.values() else None
         if arch is None:
             raise ModelLoadError(
@@ -130,11 +183,15 @@ class ModelConfig:
         hidden = _req(cfg, "hidden_size")
         heads = _req(cfg, "num_attention_heads")
         layers = _req(cfg, "num_hidden_layers")
-        moe = _moe_from_hf(cfg, layers) if arch.endswith("_moe") else None
+        moe = _moe_from_hf(cfg, layers) if arch.endswith("_moe") or arch == "qwen3_next" else None
         if arch == "qwen2_moe":
             bias = bool(cfg.get("qkv_bias", True))
         else:
             bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
+        hybrid = arch.startswith("qwen3_5") or arch == "qwen3_next"
+        if arch == "qwen3_5_moe":  # Qwen3.5-MoE: every layer sparse, the router always renormalises
+            moe.norm_topk_prob = True
+            moe.sparse_layers = frozenset(range(layers))
         return cls(
             architecture=arch,
             vocab_size=_req(cfg, "vocab_size"),
@@ -151,6 +208,11 @@ class ModelConfig:
             qk_norm=arch.startswith("qwen3"),
             rope=_rope_from_hf(cfg),
             moe=moe,
+            linear_attention=_linear_attention_from_hf(cfg, layers) if hybrid else None,
+            attention_output_gate=hybrid and bool(cfg.get("attn_output_gate", True)),
+            zero_centered_norm=hybrid,
+            partial_rotary_factor=float(_rope_params(cfg).get("partial_rotary_factor",
+                                                              cfg.get("partial_rotary_factor", 0.25 if hybrid else 1.0))),
         )
 
     @classmethod
@@ -170,17 +232,18 @@ class ModelConfig:
         config = cls.from_hf(text)
         rope = config.rope
         section = _rope_params(text).get("mrope_section")
-        if not section or len(section) != 3 or sum(section) != config.head_dim // 2:
-            raise ModelLoadError(
-                f"mrope_section {section!r} must have three parts summing to head_dim/2 = {config.head_dim // 2}"
-            )
+        if not section or len(section) != 3 or sum(section) != config.rotary_dim // 2:
+            raise ModelLoadError(f"mrope_section {section!r} must have three parts summing to the rotary pairs "
+                                 f"of a head ({config.rotary_dim // 2})")
         rope.mrope_section = tuple(int(s) for s in section)
         # transformers decides the layout by class, not by the config's mrope_interleaved flag; so do we.
         rope.mrope_interleaved = family == "qwen3_vl"
-        vision = cfg["vision_config"]
+        vision = dict(cfg["vision_config"])
+        if decoder.startswith("qwen3_5"):  # Qwen3.5's tower taps no DeepStack features (Qwen3-VL's default does)
+            vision.setdefault("deepstack_visual_indexes", [])
         config.vision = VisionLinks(
             family=family,
-            vision_config=dict(vision),
+            vision_config=vision,
             image_token_id=int(cfg.get("image_token_id", text.get("image_token_id", 151655))),
             video_token_id=int(cfg.get("video_token_id", text.get("video_token_id", 151656))),
             vision_start_token_id=int(cfg.get("vision_start_token_id", text.get("vision_start_token_id", 151652))),
@@ -207,12 +270,14 @@ class ModelConfig:
 
         hidden = int(get("embedding_length"))
         heads = int(get("attention.head_count"))
-        layers = int(get("block_count"))
+        # Multi-token-prediction layers (Qwen3.5) are written after the model's own: not run here.
+        layers = int(get("block_count")) - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+        hybrid = arch.startswith("qwen35")
         moe = None
         if arch.endswith("moe"):
-            # llama.cpp renormalises the chosen experts' weights for qwen3moe and not for qwen2moe, as the
-            # Hugging Face configs of the released models do; a file may say otherwise.
-            norm = meta.get(f"{arch}.expert_weights_norm", arch == "qwen3moe")
+            # llama.cpp renormalises the chosen experts' weights for qwen3moe and qwen35moe and not for qwen2moe,
+            # as the Hugging Face configs of the released models do; a file may say otherwise.
+            norm = meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")
             moe = MoeConfig(
                 num_experts=int(get("expert_count")),
                 experts_per_token=int(get("expert_used_count")),
@@ -226,6 +291,8 @@ class ModelConfig:
             rope.kind = "yarn"
             rope.factor = float(get("rope.scaling.factor"))
             rope.original_max_position = int(get("rope.scaling.original_context_length"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // heads)
+        rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
         return cls(
             architecture=GGUF_ARCHITECTURES[arch],
             vocab_size=vocab_size,
@@ -234,7 +301,7 @@ class ModelConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+            head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(get("context_length", 32768)),
             tie_word_embeddings="output.weight" not in names,
@@ -242,6 +309,11 @@ class ModelConfig:
             qk_norm=arch.startswith("qwen3"),
             rope=rope,
             moe=moe,
+            linear_attention=_linear_attention_from_gguf(meta, arch, layers) if hybrid else None,
+            attention_output_gate=hybrid,
+            # llama.cpp's converter stores these RMSNorms' weights as 1 + w: plain RMSNorms over the file's values.
+            zero_centered_norm=False,
+            partial_rotary_factor=rotary / head_dim,
         )
 
 
@@ -267,6 +339,47 @@ def _moe_from_hf(cfg: dict[str, Any], layers: int) -> MoeConfig:
     if len(sparse) < layers and not cfg.get("intermediate_size"):
         raise ModelLoadError("config.json lacks 'intermediate_size', which its dense (mlp_only) layers need")
     return moe
+
+
+def _linear_attention_from_hf(cfg: dict[str, Any], layers: int) -> LinearAttentionConfig:
+    kinds = cfg.get("layer_types")
+    if kinds is None:  # older configs give the period of the full-attention layers instead
+        interval = int(cfg.get("full_attention_interval") or 4)
+        kinds = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if len(kinds) != layers or set(kinds) - {"full_attention", "linear_attention"}:
+        raise ModelLoadError(f"layer_types must name full_attention or linear_attention for each of {layers} layers")
+    return LinearAttentionConfig(
+        layers=frozenset(i for i, kind in enumerate(kinds) if kind == "linear_attention"),
+        num_key_heads=int(cfg.get("linear_num_key_heads", 16)),
+        num_value_heads=int(cfg.get("linear_num_value_heads", 32)),
+        key_head_dim=int(cfg.get("linear_key_head_dim", 128)),
+        value_head_dim=int(cfg.get("linear_value_head_dim", 128)),
+        conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
+    )
+
+
+def _linear_attention_from_gguf(meta: dict[str, Any], arch: str, layers: int) -> LinearAttentionConfig:
+    def get(key: str) -> int:
+        if f"{arch}.{key}" not in meta:
+            raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
+        return int(meta[f"{arch}.{key}"])
+
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is not None:
+        linear = frozenset(i for i, flag in enumerate(list(recurrent)[:layers]) if flag)
+    else:
+        interval = int(meta.get(f"{arch}.full_attention_interval") or 4)
+        linear = frozenset(i for i in range(layers) if (i + 1) % interval)
+    value_heads = get("ssm.time_step_rank")
+    return LinearAttentionConfig(
+        layers=linear,
+        num_key_heads=get("ssm.group_count"),
+        num_value_heads=value_heads,
+        key_head_dim=get("ssm.state_size"),
+        value_head_dim=get("ssm.inner_size") // value_heads,
+        conv_kernel=get("ssm.conv_kernel"),
+        tiled_value_heads=True,  # the converter reorders them whenever key and value heads differ in number
+    )
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:

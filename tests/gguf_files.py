@@ -4,6 +4,12 @@ its metadata keys, the tokenizer as a token list with merges, and a chosen ggml 
 Mixtures of experts (Qwen2-MoE, Qwen3-MoE) get one 3-D tensor per kind of expert weight ([experts, out, in],
 `ffn_{gate,up,down}_exps`), the router as `ffn_gate_inp`, and Qwen2-MoE's shared expert as `*_shexp`, its
 one-row gate as a vector — as in the released files.
+
+Qwen3.5 (`qwen35`, `qwen35moe`) is written with the converter's transforms: RMSNorm weights stored as 1 + w
+(not the gated norm of the DeltaNet layers), A = -exp(A_log), the convolution as [channels, kernel], and, where
+key and value heads differ in number, the value heads in tiled order (value head j reads key head j mod Hk)
+in every tensor that has them. tests/test_hybrid.py checked this writer's F32 output against the converter's
+own (llama.cpp b8xxx's convert_hf_to_gguf.py, run by hand): same names, shapes, values and metadata.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ Q = gguf.GGMLQuantizationType
 TYPES = {"attn_q": Q.Q8_0, "attn_k": Q.F16, "attn_v": Q.BF16, "attn_output": Q.Q4_0, "ffn_gate": Q.Q8_0,
          "ffn_up": Q.Q5_0, "ffn_down": Q.F16, "token_embd": Q.Q8_0, "output": Q.F16,
          "ffn_gate_exps": Q.Q8_0, "ffn_up_exps": Q.Q4_0, "ffn_down_exps": Q.F16, "ffn_gate_inp": Q.Q8_0,
-         "ffn_gate_shexp": Q.Q5_0, "ffn_up_shexp": Q.Q8_0, "ffn_down_shexp": Q.BF16}
+         "ffn_gate_shexp": Q.Q5_0, "ffn_up_shexp": Q.Q8_0, "ffn_down_shexp": Q.BF16,
+         "attn_qkv": Q.Q8_0, "attn_gate": Q.Q5_0, "ssm_alpha": Q.F16, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q4_0}
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -30,13 +37,23 @@ HF_TO_GGUF = {
     "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
     "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+    "linear_attn.in_proj_qkv": "attn_qkv", "linear_attn.in_proj_z": "attn_gate", "linear_attn.in_proj_b": "ssm_beta",
+    "linear_attn.in_proj_a": "ssm_alpha", "linear_attn.conv1d": "ssm_conv1d", "linear_attn.norm": "ssm_norm",
+    "linear_attn.out_proj": "ssm_out",
 }
-ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
+ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, arch: str = "qwen3") -> str:
+    if hf.endswith("linear_attn.A_log"):
+        return f"blk.{hf.split('.')[2]}.ssm_a"
+    if hf.endswith("linear_attn.dt_bias"):
+        return f"blk.{hf.split('.')[2]}.ssm_dt.bias"
+    if arch.startswith("qwen35") and hf.endswith("post_attention_layernorm.weight"):
+        return f"blk.{hf.split('.')[2]}.post_attention_norm.weight"
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf == "model.norm.weight":
@@ -48,12 +65,45 @@ def gguf_name(hf: str) -> str:
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{kind}"
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+def _tiled(values: np.ndarray, axis: int, key_heads: int, per_key: int, width: int) -> np.ndarray:
+    """Value heads from grouped order (key head g's r value heads together) to tiled (value head v of every key
+    head together), along `axis`, each head `width` values wide."""
+    shape = values.shape
+    grouped = values.reshape(*shape[:axis], key_heads, per_key, width, *shape[axis + 1:])
+    return np.swapaxes(grouped, axis, axis + 1).reshape(shape)
+
+
+def _converted(name: str, values: np.ndarray, cfg) -> np.ndarray:
+    """A Qwen3.5 tensor as llama.cpp's converter stores it (see the module's docstring)."""
+    if name.endswith("norm.weight") and "linear_attn.norm" not in name:
+        values = values + 1
+    if name.endswith("linear_attn.A_log"):
+        values = -np.exp(values)
+    if name.endswith("linear_attn.conv1d.weight"):
+        values = values.reshape(values.shape[0], -1)
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    if "linear_attn." not in name or hk == hv:
+        return values
+    r, dv, qk = hv // hk, cfg.linear_value_head_dim, 2 * hk * cfg.linear_key_head_dim
+    if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):  # only the value channels, after q and k
+        return np.concatenate([values[:qk], _tiled(values[qk:], 0, hk, r, dv)])
+    if name.endswith("in_proj_z.weight"):
+        return _tiled(values, 0, hk, r, dv)
+    if name.endswith(("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias")):
+        return _tiled(values, 0, hk, r, 1)
+    if name.endswith("out_proj.weight"):
+        return _tiled(values, 1, hk, r, dv)
+    return values
+
+
+def _tensors(model: torch.nn.Module, arch: str = "qwen3") -> dict[str, np.ndarray]:
     """GGUF name → float32 values, with each layer's experts stacked [experts, out, in]."""
     out: dict[str, np.ndarray] = {}
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, tensor in model.state_dict().items():
         values = tensor.float().numpy()
+        if arch.startswith("qwen35"):
+            values = _converted(name, values, model.config)
         if m := _EXPERT.fullmatch(name):
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = values
         elif m := _FUSED.fullmatch(name):  # transformers 5 holds the experts fused in memory: [E, 2I, H], [E, H, I]
@@ -63,13 +113,15 @@ def _tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
                 gate, up = np.split(values, 2, axis=1)
                 out[f"blk.{m.group(1)}.ffn_gate_exps.weight"], out[f"blk.{m.group(1)}.ffn_up_exps.weight"] = gate, up
         else:
-            out[gguf_name(name)] = values
+            out[gguf_name(name, arch)] = values
     for (layer, kind), per_expert in experts.items():
         out[f"blk.{layer}.ffn_{kind}_exps.weight"] = np.stack([per_expert[j] for j in sorted(per_expert)])
     return out
 
 
-def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None = None) -> None:
+def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None = None, mtp_layers: int = 0) -> None:
+    """`mtp_layers`: append that many copies of the last layer as multi-token-prediction blocks, which released
+    Qwen3.5 files carry after the model's own (block_count includes them, nextn_predict_layers counts them)."""
     cfg = model.config
     arch = ARCHS[cfg.model_type]
     types = TYPES if types is None else types
@@ -77,8 +129,11 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     w.add_name(f"tiny-{arch}")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers + mtp_layers)
+    if mtp_layers:
+        w.add_uint32(f"{arch}.nextn_predict_layers", mtp_layers)
+    if getattr(cfg, "intermediate_size", None) is not None:  # (Qwen3.5-MoE has only experts)
+        w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -86,6 +141,16 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if arch.startswith("qwen35"):
+        w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
+        w.add_ssm_state_size(cfg.linear_key_head_dim)
+        w.add_ssm_group_count(cfg.linear_num_key_heads)
+        w.add_ssm_time_step_rank(cfg.linear_num_value_heads)
+        w.add_ssm_inner_size(cfg.linear_value_head_dim * cfg.linear_num_value_heads)
+        w.add_array(f"{arch}.attention.recurrent_layers", [kind == "linear_attention" for kind in cfg.layer_types])
+        w.add_full_attention_interval(4)
+        w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
+        w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
     if arch.endswith("moe"):
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -114,9 +179,14 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     w.add_pad_token_id(151643)
     w.add_bos_token_id(151643)
     w.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
-    for target, values in _tensors(model).items():
-        if target.endswith("ffn_gate_inp_shexp.weight"):
-            values = values.reshape(-1)  # llama.cpp's converter writes this one-row gate as a vector
+    tensors = _tensors(model, arch)
+    last = f"blk.{cfg.num_hidden_layers - 1}."
+    for extra in range(mtp_layers):
+        block = f"blk.{cfg.num_hidden_layers + extra}."
+        tensors.update({block + n[len(last):]: v for n, v in list(tensors.items()) if n.startswith(last)})
+    for target, values in tensors.items():
+        if target.endswith("ffn_gate_inp_shexp.weight") and not arch.startswith("qwen35"):
+            values = values.reshape(-1)  # llama.cpp's converter writes this one-row gate as a vector (but qwen35moe's)
         kind = target.split(".")[-2] if target.startswith("blk.") else target.split(".")[0]
         qtype = Q.F32 if values.ndim == 1 else types.get(kind, Q.F32)
         if qtype == Q.F32:

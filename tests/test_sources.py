@@ -332,10 +332,10 @@ def test_hf_gguf_only_repo(scratch):
 def test_hf_unsupported_architecture_names_the_file(scratch):
     files = scratch / "files"
     files.mkdir()
-    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen3NextForCausalLM"]}))
+    (files / "config.json").write_text(json.dumps({"architectures": ["Qwen2AudioForConditionalGeneration"]}))
     (files / "model.safetensors").write_bytes(b"\x00" * 16)
-    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen3-Next-80B-A3B-Instruct", files)
-    message = load_error("Qwen/Qwen3-Next-80B-A3B-Instruct")
+    snapshot = make_hf_repo(scratch / "hf", "Qwen/Qwen2-Audio-7B-Instruct", files)
+    message = load_error("Qwen/Qwen2-Audio-7B-Instruct")
     assert str(snapshot / "config.json") in message and "unsupported architecture" in message
 
 

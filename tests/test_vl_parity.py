@@ -18,7 +18,10 @@ from qwen_engine import LLM
 from qwen_engine.errors import InputError
 
 TOLERANCE = 1e-4
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]  # the MoE one in the Hub's fused-expert layout
+# Qwen3-VL-MoE in the Hub's fused-expert layout; Qwen3.5 (hybrid decoder, Qwen3-VL's tower and prompts) as
+# transformers 5 saves it.
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"]
+QWEN3_STYLE = ("qwen3_vl", "qwen3_5")  # 16-pixel patches, timestamped video frames
 
 
 def picture(width: int, height: int, seed: int) -> Image.Image:
@@ -34,7 +37,7 @@ def picture(width: int, height: int, seed: int) -> Image.Image:
 def vl(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, qwen3_tokenizer_dir):
     family = request.param
     folder = tmp_path_factory.mktemp(family)
-    ref = build_vl(family, folder, qwen3_tokenizer_dir, hub_config=family != "qwen2_vl")
+    ref = build_vl(family, folder, qwen3_tokenizer_dir, hub_config=family not in ("qwen2_vl", "qwen3_5"))
     llm = LLM(folder, progress=False, max_model_len=4096, kv_cache_memory=64 << 20)
     return family, ref, llm
 
@@ -140,7 +143,7 @@ def test_video_prompt_logits_match_reference(vl, video_file, messages) -> None:
     t, h, w = video.grid_thw
     ids = prompt.token_ids
     merge = 2
-    if family.startswith("qwen3_vl"):
+    if family.startswith(QWEN3_STYLE):
         # One "<t seconds><|vision_start|>pads<|vision_end|>" per frame group, no outer wrapper.
         assert len(video.timestamps) == t
         text = llm.tokenizer.decode(ids, skip_special_tokens=False)
@@ -188,7 +191,7 @@ def test_image_tokens_and_grid(vl) -> None:
     family, _, llm = vl
     prompt = llm.encode_chat(one_image())
     (item,) = prompt.items
-    factor = 32 if family.startswith("qwen3_vl") else 28
+    factor = 32 if family.startswith(QWEN3_STYLE) else 28
     # 320x240 → smart_resize: 252x308 (factor 28) or 256x320 (factor 32), oracle.md §3
     assert item.resized_size == ((256, 320) if factor == 32 else (252, 308))
     assert item.grid_thw == ((1, 16, 20) if factor == 32 else (1, 18, 22))

@@ -35,7 +35,7 @@ def build_tiny(
     bfloat16: bool = False,
     dense_layers: tuple[int, ...] = (1,),
 ) -> torch.nn.Module:
-    """Save a tiny `arch` ("qwen2", "qwen3", "qwen2_moe" or "qwen3_moe") model into `folder`; return the reference model (eager, fp32).
+    """Save a tiny `arch` ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_5" or "qwen3_5_moe") model into `folder`; return the reference model (eager, fp32).
     `bfloat16`: saved in bfloat16, as Qwen publishes its checkpoints; the reference is then transformers loading
     that checkpoint in float32. `dense_layers`: the MoE layers that keep a dense MLP."""
     import transformers
@@ -61,6 +61,32 @@ def build_tiny(
     elif arch == "qwen3_moe":
         cfg = transformers.Qwen3MoeConfig(**common, **moe, head_dim=32, norm_topk_prob=True, tie_word_embeddings=False)
         cls = transformers.Qwen3MoeForCausalLM
+    elif arch in ("qwen3_5", "qwen3_5_moe"):
+        # Qwen3.5's hybrid layout: gated-DeltaNet layers 0 and 2 around softmax-attention layers 1 and 3 (4 layers).
+        # Key and value heads of different counts and widths, so a transposed state or grouping cannot pass;
+        # a quarter of each attention head rotated (rotary_dim 8).
+        common = {**common, "num_hidden_layers": 4,
+                  "rope_parameters": {**rope, "partial_rotary_factor": 0.25, "mrope_section": [2, 1, 1]}}
+        hybrid = dict(head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                      linear_value_head_dim=24, linear_conv_kernel_dim=4, tie_word_embeddings=False,
+                      layer_types=["linear_attention", "full_attention"] * 2)
+        if arch == "qwen3_5":
+            cfg = transformers.Qwen3_5TextConfig(**common, **hybrid)
+            cls = transformers.Qwen3_5ForCausalLM
+        else:
+            cfg = transformers.Qwen3_5MoeTextConfig(
+                **{k: v for k, v in common.items() if k != "intermediate_size"}, **hybrid,
+                num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+            cls = transformers.Qwen3_5MoeForCausalLM
+    elif arch == "qwen3_next":  # Qwen3.5's hybrid layers with fused projections, and a MoE with a dense layer 1
+        common = {**common, "num_hidden_layers": 4,
+                  "rope_parameters": {**rope, "partial_rotary_factor": 0.25}}
+        cfg = transformers.Qwen3NextConfig(
+            **common, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+            linear_value_head_dim=24, linear_conv_kernel_dim=4, tie_word_embeddings=False,
+            layer_types=["linear_attention", "full_attention"] * 2, **moe, shared_expert_intermediate_size=80,
+            norm_topk_prob=True)
+        cls = transformers.Qwen3NextForCausalLM
     elif arch == "qwen2_moe":  # Qwen1.5/Qwen2-MoE: q/k/v biases, a shared expert, weights not renormalised
         cfg = transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=80, norm_topk_prob=False,
                                           tie_word_embeddings=False)
@@ -70,6 +96,11 @@ def build_tiny(
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed)
+    if arch.startswith("qwen3_5") or arch == "qwen3_next":  # its RMSNorms scale by 1 + w: draw w around 0, not around 1
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight") and "linear_attn.norm" not in name:
+                    param.sub_(1.0)
     if arch.endswith("_moe"):  # routers drawn wider (std 0.5): fewer near-ties between the k-th and next expert
         with torch.no_grad():
             for name, param in model.named_parameters():

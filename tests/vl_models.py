@@ -1,4 +1,4 @@
-"""Small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) checkpoints built and saved by `transformers`, for parity tests.
+"""Small random Qwen2-VL / Qwen2.5-VL / Qwen3-VL (and Qwen3-VL-MoE) and Qwen3.5 checkpoints built and saved by `transformers`, for parity tests.
 
 Structural features are kept (shared/design/oracle.md §1): Qwen2.5-VL window attention with full-attention
 blocks (a 320x240 image gives 3x3 windows), Qwen3-VL DeepStack (features into LLM layers 0..2), learned position
@@ -46,6 +46,14 @@ ROPE = {
     },
 }
 VISION["qwen3_vl_moe"], ROPE["qwen3_vl_moe"] = VISION["qwen3_vl"], ROPE["qwen3_vl"]
+# Qwen3.5: Qwen3-VL's tower without DeepStack over the hybrid decoder (gated-DeltaNet layers 0 and 2), half of
+# each attention head rotated (16 of 32: 8 pairs in sections 3, 3, 2, interleaved).
+VISION["qwen3_5"] = {k: v for k, v in VISION["qwen3_vl"].items() if k != "deepstack_visual_indexes"}
+ROPE["qwen3_5"] = {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": [3, 3, 2],
+                   "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+HYBRID = dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=16, linear_value_head_dim=24, linear_conv_kernel_dim=4,
+              layer_types=["linear_attention", "full_attention"] * 2)
 # Qwen3-VL-MoE's text side: 6 experts of width 48 (hidden 64 ≠ 2·48, so the two fused layouts differ in shape).
 MOE = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[])
 IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
@@ -67,7 +75,10 @@ def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = 
     import transformers
 
     text = dict(TEXT, rope_parameters=ROPE[family])
-    if family == "qwen3_vl_moe":
+    if family == "qwen3_5":
+        cfg = transformers.Qwen3_5Config(text_config=dict(text, **HYBRID), vision_config=VISION[family], **IDS)
+        cls = transformers.Qwen3_5ForConditionalGeneration
+    elif family == "qwen3_vl_moe":
         cfg = transformers.Qwen3VLMoeConfig(text_config=dict(text, head_dim=32, **MOE), vision_config=VISION[family],
                                             **IDS)
         cls = transformers.Qwen3VLMoeForConditionalGeneration
@@ -84,6 +95,11 @@ def build_vl(family: str, folder: Path, tokenizer_dir: Path, hub_config: bool = 
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     perturb(model, seed + 1)
+    if family == "qwen3_5":  # its decoder's RMSNorms scale by 1 + w: draw w around 0
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "language_model" in name and name.endswith("norm.weight") and "linear_attn.norm" not in name:
+                    param.sub_(1.0)
     if family == "qwen3_vl_moe":  # routers drawn wider (std 0.5): fewer near-ties between the k-th and next expert
         with torch.no_grad():
             for name, param in model.named_parameters():

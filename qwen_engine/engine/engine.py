@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -21,6 +21,7 @@ from ..vision.prompt import Prompt, VisionItem
 from .block_manager import BlockManager
 from .dry import DEFAULT_BREAKERS, breaker_ids
 from .kv_cache import KVCache, PagedBatch, PagedKVCache, SequenceSlice
+from .recurrent_state import RecurrentBatch, RecurrentStatePool
 from .sampler import Sampler, compute_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -63,8 +64,15 @@ class Engine:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.kv_dtype = config.kv_cache_dtype or self.dtype
+        kv_layers = len(cfg.attention_layers)  # hybrid models keep keys and values in their attention layers only
+        self.states = None
+        if cfg.linear_attention is not None:
+            # A recurrent state summarises its whole prefix and cannot be shared from the middle of one: no
+            # prefix caching (engine/recurrent_state.py). Each running sequence holds one slot.
+            config = self.config = replace(config, enable_prefix_caching=False)
+            self.states = RecurrentStatePool(cfg.linear_attention, config.max_num_seqs, self.dtype, self.device)
         per_block = PagedKVCache.bytes_per_block(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.kv_dtype
+            kv_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.kv_dtype
         )
         num_blocks = config.kv_cache_memory // per_block
         if num_blocks < 2:
@@ -73,11 +81,12 @@ class Engine:
                 f"({per_block} bytes each)"
             )
         self.cache = PagedKVCache(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.kv_dtype, self.device
+            kv_layers, cfg.num_kv_heads, cfg.head_dim, num_blocks, config.block_size, self.kv_dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone
+            self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone,
+            on_release=self.states.release if self.states is not None else None,
         )
         self.sampler = Sampler()
         # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
@@ -164,10 +173,12 @@ class Engine:
         ids: list[int] = []
         positions: list[torch.Tensor] = []
         visual: list[tuple[int, VisionItem, torch.Tensor]] = []  # (batch row of item row 0, item, rows used)
-        writes, slices, sample_rows, sampled = [], [], [], []
+        writes, slices, sample_rows, sampled, state_rows = [], [], [], [], []
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed
             end = start + chunk.num_tokens
+            if self.states is not None:
+                state_rows.append((len(ids), len(ids) + chunk.num_tokens, self.states.slot_for(seq, start == 0)))
             visual.extend((len(ids) - start, item, used) for item, used in _items_in(seq.vision, start, end))
             ids.extend(seq.token_ids[start:end])
             positions.append(_positions(seq, start, end))
@@ -177,7 +188,10 @@ class Engine:
             if end == seq.num_tokens:  # the chunk reaches the end: its last row's logits pick the next token
                 sample_rows.append(row - 1)
                 sampled.append(seq)
-        batch = PagedBatch(self.cache, torch.cat(writes), slices)
+        recurrent = None
+        if self.states is not None:
+            recurrent = RecurrentBatch.build(self.states.conv, self.states.delta, state_rows)
+        batch = PagedBatch(self.cache, torch.cat(writes), slices, recurrent)
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
             _stack_positions(positions).to(self.device),
@@ -318,7 +332,8 @@ class Engine:
     def _logits_by_chunk(self, token_ids: list[int], vision: Prompt | None, chunk: int) -> Iterator[torch.Tensor]:
         cfg = self.model.config
         cache = KVCache(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max(len(token_ids), 1), self.kv_dtype, self.device
+            len(cfg.attention_layers), cfg.num_kv_heads, cfg.head_dim, max(len(token_ids), 1), self.kv_dtype,
+            self.device, cfg.linear_attention, self.dtype,
         )
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         for start in range(0, len(token_ids), chunk):

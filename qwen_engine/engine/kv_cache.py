@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..config import LinearAttentionConfig
+from .recurrent_state import RecurrentBatch, for_rows, single_sequence_states
 
 # Pool types the native attention kernels read (as float32, for float32 queries).
 NATIVE_KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -113,12 +115,19 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        linear_attention: LinearAttentionConfig | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ):
         shape = (num_layers, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0  # tokens whose k/v are stored and committed
+        # Hybrid models (Qwen3.5): the linear-attention layers' state of this one sequence.
+        self.states = single_sequence_states(linear_attention, state_dtype, device) if linear_attention else None
+
+    def recurrent_for(self, count: int) -> RecurrentBatch:
+        return for_rows(self.states, count)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         end = self.length + q.shape[0]
@@ -182,9 +191,11 @@ class PagedBatch:
     at the head sizes the kernel has).
     """
 
-    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, sequences: list[SequenceSlice]):
+    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, sequences: list[SequenceSlice],
+                 recurrent: RecurrentBatch | None = None):
         self.cache = cache
         self.write_slots = write_slots
+        self.recurrent = recurrent  # hybrid models: the linear-attention layers' rows and state slots
         self.sequences = [s for s in sequences if s.query_end - s.query_start != 1]
         decodes = [s for s in sequences if s.query_end - s.query_start == 1]
         self.decode_slots = self.decode_rows = self.decode_padding = self.decode_lengths = None
@@ -210,6 +221,9 @@ class PagedBatch:
                 positions = torch.arange(longest, device=write_slots.device)
                 limit = torch.tensor(lengths, device=write_slots.device)
                 self.decode_padding = (positions[None, :] >= limit[:, None])[:, None, None, :]
+
+    def recurrent_for(self, count: int) -> RecurrentBatch:
+        return self.recurrent
 
     def native_decode_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """(k pool, v pool, write slots, context slots, lengths) for a native decode step (models/decode_step.py):

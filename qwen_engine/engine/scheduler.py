@@ -25,9 +25,12 @@ class Chunk:
 class Scheduler:
     def __init__(
         self, blocks: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-        max_tokens_alone: int = 2048,
+        max_tokens_alone: int = 2048, on_release=None,
     ):
         self.blocks = blocks
+        # Called with a sequence whose computed tokens are dropped (finished, cancelled or preempted): hybrid
+        # models free its recurrent state there.
+        self.on_release = on_release
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Chunks keep other sequences moving; a lone sequence has nobody to wait for, and bigger products run
@@ -51,6 +54,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.table)
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.status = Status.FINISHED
 
     def schedule(self) -> list[Chunk]:
@@ -102,6 +107,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.table)
+        if self.on_release is not None:
+            self.on_release(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)

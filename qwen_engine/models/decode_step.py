@@ -56,6 +56,8 @@ def _float32_cpu(model: nn.Module) -> bool:
 def build(model: nn.Module):
     """The native decode step for a QwenForCausalLM, or None where it does not apply (then the PyTorch layers run)."""
     native = kernels.native()
+    if model.config.linear_attention is not None:  # hybrid (Qwen3.5): the PyTorch layers run its recurrences
+        return None
     if native is None or not hasattr(native, "DecodeStep") or not _float32_cpu(model.model.layers):
         return None
     cfg = model.config

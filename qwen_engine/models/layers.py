@@ -38,6 +38,27 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class ZeroCenteredRMSNorm(nn.Module):
+    """Qwen3.5's RMSNorm: the checkpoint stores w with the scale being 1 + w, applied in float32 before the
+    cast back (not after it, as RMSNorm does for bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        native = kernels.native() if x.device.type == "cpu" else None
+        if native is not None:
+            return native.rms_norm(x.float(), scale, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), scale.shape, scale, self.eps).to(x.dtype)
+
+
+def make_norm(dim: int, eps: float, zero_centered: bool) -> nn.Module:
+    return ZeroCenteredRMSNorm(dim, eps) if zero_centered else RMSNorm(dim, eps)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
@@ -171,6 +192,17 @@ def rotate_in_float32(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
         native.rotary_(x, cos, sin)
         return x
     return rotate(x.float(), cos, sin).to(x.dtype)
+
+
+def rotate_partly(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` where the tables may cover only the first values of each head (Qwen3.5 rotates a quarter of
+    them); the rest pass through unchanged."""
+    width = cos.shape[-1]
+    if width == x.shape[-1]:
+        return rotate(x, cos, sin)
+    out = x.clone()
+    out[..., :width] = apply_rotary(x[..., :width], cos, sin)
+    return out
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

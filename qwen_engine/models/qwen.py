@@ -1,9 +1,11 @@
-"""The Qwen2 and Qwen3 decoders, and their mixture-of-experts variants.
+"""The Qwen2, Qwen3 and Qwen3.5 decoders, and their mixture-of-experts variants.
 
-Both are pre-norm transformers with grouped-query attention, rotary positions and a SwiGLU MLP. They differ
-in two places: Qwen2 has biases on the q/k/v projections; Qwen3 has none but normalises each head of q and k
-(RMSNorm over head_dim) before the rotation. Qwen2-MoE and Qwen3-MoE replace the MLP of their sparse layers
-by a mixture of experts (models/moe.py). Tensors are packed token-major ([tokens, …], no batch axis).
+All are pre-norm transformers with grouped-query attention, rotary positions and a SwiGLU MLP. Qwen2 has
+biases on the q/k/v projections; Qwen3 has none but normalises each head of q and k (RMSNorm over head_dim)
+before the rotation. Qwen2-MoE and Qwen3-MoE replace the MLP of their sparse layers by a mixture of experts
+(models/moe.py). Qwen3.5 is hybrid: three layers in four mix tokens with a gated DeltaNet
+(models/gated_deltanet.py), and its softmax-attention layers gate their output by sigmoid(gate), the gate coming
+from q_proj alongside q, and rotate only part of each head. Tensors are packed token-major ([tokens, …]).
 """
 
 from __future__ import annotations
@@ -14,26 +16,31 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, RotaryEmbedding, SwiGLU, rotate
+from .gated_deltanet import GatedDeltaNet
+from .layers import RotaryEmbedding, SwiGLU, make_norm, rotate, rotate_partly
 from .moe import ExpertMixture
 
 
 class Attention(nn.Module):
+    """`layer` is this layer's index among the softmax-attention layers: its place in the KV cache."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.attention_bias)
+        self.output_gate = cfg.attention_output_gate
+        q_out = 2 * q_size if self.output_gate else q_size  # per head: head_dim of q, then head_dim of gate
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
         # Set by weights/quantized.py: q, k and v stacked into one layer (one kernel call per step).
         self.qkv_proj: nn.Module | None = None
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.split_sizes = [q_out, kv_size, kv_size]
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm = make_norm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
+            self.k_norm = make_norm(cfg.head_dim, cfg.rms_norm_eps, cfg.zero_centered_norm)
         else:
             self.q_norm = self.k_norm = None
 
@@ -44,6 +51,14 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.output_gate:
+            q, gate = q.reshape(tokens, self.num_heads, 2 * self.head_dim).split(self.head_dim, dim=-1)
+            q = self.q_norm(q.contiguous())
+            k = self.k_norm(k.reshape(tokens, self.num_kv_heads, self.head_dim))
+            q, k = rotate_partly(q, cos, sin), rotate_partly(k, cos, sin)
+            v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+            out = cache.attend(self.layer, q, k, v) * torch.sigmoid(gate.reshape(tokens, -1))
+            return self.o_proj(out)
         if self.q_norm is not None:
             q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
             k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
@@ -63,16 +78,23 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        norm = cfg.zero_centered_norm
+        self.input_layernorm = make_norm(cfg.hidden_size, cfg.rms_norm_eps, norm)
+        linear = cfg.linear_attention
+        if linear is not None and layer in linear.layers:
+            self.linear_attn = GatedDeltaNet(cfg, sorted(linear.layers).index(layer))
+        else:
+            self.self_attn = Attention(cfg, cfg.attention_layers.index(layer))
+        self.post_attention_layernorm = make_norm(cfg.hidden_size, cfg.rms_norm_eps, norm)
         if cfg.moe is not None and layer in cfg.moe.sparse_layers:
             self.mlp: nn.Module = ExpertMixture(cfg)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        h = self.input_layernorm(x)
+        mixer = getattr(self, "self_attn", None)
+        x = x + (mixer(h, cos, sin, cache) if mixer is not None else self.linear_attn(h, cache))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -87,8 +109,8 @@ class QwenModel(nn.Module):
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.norm = make_norm(cfg.hidden_size, cfg.rms_norm_eps, cfg.zero_centered_norm)
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim)
 
 
 @dataclass
@@ -110,7 +132,7 @@ class QwenForCausalLM(nn.Module):
         self.model = QwenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Decode steps run natively (models/decode_step.py) unless this is False; built on the first such step.
-        self.native_decode = True
+        self.native_decode = cfg.linear_attention is None
         self._decode_step = None
         if cfg.vision is not None:
             from .vision import VisionConfig, VisionTransformer

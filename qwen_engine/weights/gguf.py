@@ -48,6 +48,17 @@ _LAYER_NAMES = {
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
     "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
+    # Qwen3.5 (qwen35, qwen35moe): the norm before the MLP has another name, and the gated-DeltaNet layers.
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attn_qkv.weight": "linear_attn.in_proj_qkv.weight",
+    "attn_gate.weight": "linear_attn.in_proj_z.weight",
+    "ssm_beta.weight": "linear_attn.in_proj_b.weight",
+    "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_conv1d.weight": "linear_attn.conv1d.weight",
+    "ssm_a": "linear_attn.A_log",
+    "ssm_dt.bias": "linear_attn.dt_bias",
+    "ssm_norm.weight": "linear_attn.norm.weight",
+    "ssm_out.weight": "linear_attn.out_proj.weight",
 }
 # The experts' weights, one 3-D tensor [experts, out, in] per kind where the checkpoints have one per expert.
 _EXPERT_NAMES = {
@@ -75,6 +86,24 @@ def hf_name(gguf_name: str) -> str | None:
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     return None
+
+
+def block_index(gguf_name: str) -> int:
+    """The layer a tensor belongs to (-1 for the global ones)."""
+    m = _BLOCK.fullmatch(gguf_name)
+    return int(m.group(1)) if m else -1
+
+
+def hf_value(hf_tensor: str, values: np.ndarray) -> np.ndarray:
+    """A tensor's values as the Hugging Face checkpoint holds them, where llama.cpp's converter stores them
+    transformed: A = -exp(A_log) (back to A_log), the convolution as [channels, kernel] (back to Conv1d's
+    [channels, 1, kernel]). Other transforms of that converter (norm weights stored as 1 + w, value heads in
+    tiled order) are followed by the model's configuration instead (ModelConfig.from_gguf)."""
+    if hf_tensor.endswith("linear_attn.A_log"):
+        return np.log(-values.astype(np.float32))
+    if hf_tensor.endswith("linear_attn.conv1d.weight"):
+        return values.reshape(values.shape[0], 1, -1)
+    return values
 
 
 def hf_expert_names(gguf_name: str, experts: int) -> list[str] | None:
@@ -175,13 +204,15 @@ class GGUFFile:
         with open(self.path, "rb") as f:  # its length was checked against the tensors when the file was opened
             return np.frombuffer(bytearray(os.pread(f.fileno(), t.n_bytes, self._data_start + t.offset)), np.uint8)
 
-    def hf_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+    def hf_tensors(self, layers: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """(Hugging Face name, float32 array) for every tensor the text models use, one at a time; an experts
-        tensor as one array per expert."""
+        tensor as one array per expert. Blocks from `layers` on are skipped (Qwen3.5's multi-token prediction)."""
         for name, info in self.tensors.items():
+            if layers is not None and block_index(name) >= layers:
+                continue
             target = hf_name(name)
             if target is not None:
-                yield target, self.dequantize(name)
+                yield target, hf_value(target, self.dequantize(name))
             elif (per_expert := hf_expert_names(name, info.shape[-1])) is not None and len(info.shape) == 3:
                 values = self.dequantize(name)
                 for j, expert_name in enumerate(per_expert):

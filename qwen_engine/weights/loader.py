@@ -23,7 +23,7 @@ from ..models import w8a8
 from ..models.calibration import calibration_ids
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
-from . import bf16_layers, experts, w8a8_store
+from . import bf16_layers, experts, linear_projections, w8a8_store
 from .quantized import build_quantized, fuse_projections, tie_lm_head
 from .sources import ModelSource, merge_defaults, resolve_source
 
@@ -117,6 +117,8 @@ def load_model(
         raise
     if quantization is not None and loaded.config.moe is not None:
         raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it")
+    if quantization is not None and loaded.config.linear_attention is not None:
+        raise InputError(f"quantization={quantization!r} does not run hybrid (Qwen3.5) models yet; drop it")
     if quantization is not None:
         calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
@@ -156,14 +158,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     if keep_blocks and kernels.native() is not None:
         model = build_quantized(config, gguf, path, layers_replaced)
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
-        model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf)), dtype, device, path)
+        model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf, config.num_layers)), dtype,
+                       device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
-    return LoadedModel(path, config, model, tokenizer, template, GGUF_DEFAULTS[config.family], eos)
+    defaults = GGUF_DEFAULTS.get(config.family, GGUF_DEFAULTS["qwen3"])  # (Qwen3.5: Qwen3's thinking-mode values)
+    return LoadedModel(path, config, model, tokenizer, template, defaults, eos)
 
 
-def _checked(gguf) -> Iterable[tuple[str, np.ndarray]]:
+def _checked(gguf, layers: int) -> Iterable[tuple[str, np.ndarray]]:
     try:
-        yield from gguf.hf_tensors()
+        yield from gguf.hf_tensors(layers)
     except ModelLoadError:
         raise
     except Exception as e:  # a truncated file shows up as a short buffer while dequantising
@@ -194,6 +198,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device, keep_b
     if config.moe is not None:
         v5 = str(raw_config.get("transformers_version", "")).startswith("5")
         tensors = _experts_unfused(tensors, config, v5, path)
+    if config.architecture == "qwen3_next":
+        tensors = _projections_unfused(tensors, config, path)
     model = _build(config, tensors, dtype, device, path, keep_bf16)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     defaults = _defaults_from_generation_config(gen)
@@ -219,6 +225,8 @@ def _build(
     kept: dict[str, torch.Tensor] = {}  # module name → its bfloat16 weight, for bf16_layers.keep
     for name, tensor in tensors:
         name = _local_name(name)
+        if name.startswith("mtp."):  # Qwen3.5's multi-token-prediction head: for speculative decoding, unused
+            continue
         if name in loaded:
             raise ModelLoadError(f"{path}: the checkpoint holds tensor {name} twice")
         if name not in expected:
@@ -253,7 +261,7 @@ def _build(
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"{path}: checkpoint lacks tensors {shown}")
     # Rotary tables are computed, not loaded: build them for real now that we left the meta device.
-    model.model.rotary = RotaryEmbedding(config.rope, config.head_dim).to(device)
+    model.model.rotary = RotaryEmbedding(config.rope, config.rotary_dim).to(device)
     if config.vision is not None:
         model.visual.reset_computed_state(device)
     return model.eval()
@@ -267,6 +275,17 @@ def _experts_unfused(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelC
         try:
             split = experts.split_fused(name, tensor, config.hidden_size, config.moe.expert_intermediate_size,
                                         saved_by_v5)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: {e}") from None
+        yield from split if split is not None else [(name, tensor)]
+
+
+def _projections_unfused(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
+                         path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """Qwen3-Next's fused linear-attention projections split as Qwen3.5 stores them."""
+    for name, tensor in tensors:
+        try:
+            split = linear_projections.split_fused(name, tensor, config.linear_attention)
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: {e}") from None
         yield from split if split is not None else [(name, tensor)]

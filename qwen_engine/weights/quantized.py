@@ -26,7 +26,7 @@ from ..models.moe import swiglus
 from ..models.quant import BlockType, OwnType, QuantEmbedding, QuantLinear, block_size, has_kernel
 from ..models.qwen import QwenForCausalLM
 from .arena import WeightArena, huge_pages_wanted
-from .gguf import GGUFFile, hf_expert_names, hf_name
+from .gguf import GGUFFile, block_index, hf_expert_names, hf_name, hf_value
 
 Q = GGMLQuantizationType
 
@@ -49,6 +49,8 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
         copied = {}
     arena = WeightArena(size, huge_pages=huge) if size else None
     for gguf_name, info in gguf.tensors.items():
+        if block_index(gguf_name) >= config.num_layers:  # multi-token-prediction layers (Qwen3.5): not run here
+            continue
         experts = hf_expert_names(gguf_name, info.shape[-1]) if len(info.shape) == 3 else None
         if experts is not None:  # [experts, out, in]: each expert's rows are a slice of the same blocks
             _take_experts(model, gguf, gguf_name, experts, expected, blocks, loaded, path)
@@ -59,6 +61,14 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         shape = tuple(reversed(info.shape))  # [out, in]
+        if name.endswith(("linear_attn.A_log", "linear_attn.conv1d.weight")):  # small, stored transformed
+            value = torch.from_numpy(hf_value(name, _float32(gguf, gguf_name, shape)).copy())
+            if value.shape != getattr(module, attr).shape:
+                raise ModelLoadError(f"{path}: tensor {name} has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(getattr(module, attr).shape)}")
+            setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+            loaded.add(name)
+            continue
         if tuple(getattr(module, attr).shape) == (1, *shape):  # a one-row weight written as a vector
             shape = (1, *shape)
         if tuple(getattr(module, attr).shape) != shape:
@@ -94,7 +104,7 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
     if config.tie_word_embeddings or "lm_head.weight" not in loaded:
         tie_lm_head(model)
     fuse_projections(model)
-    model.model.rotary = RotaryEmbedding(config.rope, config.head_dim)
+    model.model.rotary = RotaryEmbedding(config.rope, config.rotary_dim)
     return model.eval()
 
 
@@ -193,13 +203,19 @@ def recode(module: torch.nn.Module, qtype: BlockType, in_features: int) -> Block
 
 
 def fuse_projections(model: QwenForCausalLM) -> None:
-    """q/k/v and gate/up become one stacked QuantLinear each: one kernel call instead of three or two."""
+    """q/k/v, gate/up and the gated DeltaNet's input projections become one stacked QuantLinear each: one kernel
+    call instead of two to four."""
     for layer in model.model.layers:
-        attn = layer.self_attn
-        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if all(isinstance(p, QuantLinear) for p in qkv):
+        attn = getattr(layer, "self_attn", None)  # (hybrid models: absent from linear-attention layers)
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj] if attn is not None else []
+        if qkv and all(isinstance(p, QuantLinear) for p in qkv):
             attn.qkv_proj = QuantLinear.stack(qkv)
             del attn.q_proj, attn.k_proj, attn.v_proj
+        mixer = getattr(layer, "linear_attn", None)  # Qwen3.5: its four input projections side by side
+        inputs = [mixer.in_proj_qkv, mixer.in_proj_z, mixer.in_proj_b, mixer.in_proj_a] if mixer is not None else []
+        if inputs and all(isinstance(p, QuantLinear) for p in inputs):
+            mixer.in_proj = QuantLinear.stack(inputs)
+            del mixer.in_proj_qkv, mixer.in_proj_z, mixer.in_proj_b, mixer.in_proj_a
         for mlp in swiglus(layer.mlp):
             gate_up = [mlp.gate_proj, mlp.up_proj]
             if all(isinstance(p, QuantLinear) for p in gate_up):

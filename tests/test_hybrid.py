@@ -1,0 +1,260 @@
+"""Qwen3.5 (hybrid: gated DeltaNet + gated softmax attention), Qwen3.5-MoE and Qwen3-Next against transformers.
+
+The tiny models (tests/tiny_models.py) alternate linear-attention and softmax-attention layers, with key and
+value heads of different counts and widths, a quarter of each attention head rotated, and zero-centred norms
+drawn away from zero, so each of Qwen3.5's departures from Qwen3 moves the logits if it is got wrong.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import build_tiny, engine_greedy, reference_greedy
+from vl_models import IDS
+
+from qwen_engine import LLM, SamplingParams
+from qwen_engine.config import ModelConfig
+from qwen_engine.engine.engine import EngineConfig
+from qwen_engine.errors import InputError
+from qwen_engine.models import gated_deltanet
+from qwen_engine.models.gated_deltanet import chunked_delta_rule, recurrent_delta_rule
+
+TOLERANCE = 1e-4  # oracle.md §9d, for tiny fixtures in float32
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 151_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory, qwen3_tokenizer_dir):
+    folder = tmp_path_factory.mktemp("qwen3_5")
+    ref = build_tiny("qwen3_5", folder, tokenizer_dir=qwen3_tokenizer_dir)
+    return folder, ref
+
+
+def _max_diff(llm: LLM, ref: torch.nn.Module, ids: list[int], chunk: int = 1024) -> float:
+    with torch.inference_mode():
+        expected = ref(torch.tensor([ids])).logits[0]
+    got = llm.engine.logits(ids, chunk=chunk)
+    diff = (got - expected).abs().max().item()
+    print(f"max|Δlogit| = {diff:.2e} (max|logit| {expected.abs().max():.2f})")
+    return diff
+
+
+def test_config_reads_the_hybrid_layout(qwen3_5):
+    folder, _ = qwen3_5
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    assert cfg.architecture == "qwen3_5" and cfg.family == "qwen3_5"
+    assert cfg.linear_attention.layers == {0, 2} and cfg.attention_layers == [1, 3]
+    assert (cfg.linear_attention.num_key_heads, cfg.linear_attention.num_value_heads) == (2, 4)
+    assert cfg.linear_attention.conv_channels == 2 * 2 * 16 + 4 * 24
+    assert cfg.rotary_dim == 8 and cfg.attention_output_gate and cfg.zero_centered_norm
+    # Older configs give only the period of the full-attention layers.
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["layer_types"]
+    raw["full_attention_interval"] = 2
+    assert ModelConfig.from_hf(raw).linear_attention.layers == {0, 2}
+
+
+@pytest.mark.parametrize("chunk", [1024, 37, 1])
+def test_logits_match_transformers(qwen3_5, chunk):
+    """One call (prefill chunks of 64 inside the delta rule), chunks of 37 (the state carried between calls,
+    as chunked prefill does) and one token at a time (the recurrent form only)."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    ids = _ids(150 if chunk > 1 else 40, seed=1)
+    assert _max_diff(llm, ref, ids, chunk) <= TOLERANCE
+
+
+def test_greedy_tokens_match_generate_in_a_batch(qwen3_5):
+    """Two prompts of different lengths decode together through the engine: a step mixes one sequence's prefill
+    run with the other's single-token update, each reading its own state slot."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    prompts = [_ids(23, seed=2), _ids(70, seed=3)]
+    expected = [reference_greedy(ref, p, 16) for p in prompts]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
+    seqs = [llm.engine.add_request(p, params.with_defaults(llm.default_params)) for p in prompts]
+    while llm.engine.has_work():
+        llm.engine.step()
+    assert [s.output_ids for s in seqs] == expected
+    assert not llm.engine.states.owner, "finished sequences must give their state slots back"
+
+
+def test_preempted_sequences_restart_from_a_zeroed_state(qwen3_5):
+    """A KV cache too small for both sequences forces preemption: the preempted one is recomputed from token 0,
+    and its state slot must start from zero again, or its tokens would differ."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    config = EngineConfig(max_model_len=256, kv_cache_memory=0, block_size=16)
+    per_block = 2 * 2 * 16 * 2 * 32 * 4  # 2 attention layers × block 16 × 2 kv heads × head_dim 32, k and v
+    config.kv_cache_memory = 7 * per_block  # 112 slots: the two sequences need 60 + 60
+    engine = type(llm.engine)(llm.model, llm.tokenizer, llm.engine.eos_token_ids, config)
+    prompts = [_ids(30, seed=4), _ids(30, seed=5)]
+    expected = [reference_greedy(ref, p, 30) for p in prompts]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
+    seqs = [engine.add_request(p, params.with_defaults(llm.default_params)) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    assert [s.output_ids for s in seqs] == expected
+
+
+def test_repeated_prompt_is_not_served_from_a_prefix_cache(qwen3_5):
+    """The second request with the same prompt must compute it again (a recurrent state cannot be rebuilt from
+    cached KV blocks): same tokens, and prefix caching is off for this model."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    assert llm.engine.config.enable_prefix_caching is False
+    prompt = _ids(40, seed=6)
+    first, second = engine_greedy(llm, prompt, 8), engine_greedy(llm, prompt, 8)
+    assert first == second == reference_greedy(ref, prompt, 8)
+
+
+def test_bfloat16_checkpoint(tmp_path, qwen3_tokenizer_dir):
+    """Saved in bfloat16 as Qwen publishes it; the linear layers stay bfloat16 on the kernels."""
+    ref = build_tiny("qwen3_5", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, bfloat16=True, seed=7)
+    llm = LLM(str(tmp_path))
+    assert llm.model.model.layers[0].linear_attn.in_proj is not None, "bf16 projections stacked on the kernels"
+    assert _max_diff(llm, ref, _ids(90, seed=8)) <= TOLERANCE
+    assert engine_greedy(llm, _ids(12, seed=9), 10) == reference_greedy(ref, _ids(12, seed=9), 10)
+
+
+def test_mixture_of_experts(tmp_path, qwen3_tokenizer_dir):
+    """Qwen3.5-MoE: every layer sparse (6 experts, top 2, always renormalised) plus a gated shared expert; the
+    experts come fused in transformers 5's layout and are split at load."""
+    ref = build_tiny("qwen3_5_moe", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=10)
+    llm = LLM(str(tmp_path))
+    assert llm.model.config.moe.norm_topk_prob and len(llm.model.config.moe.sparse_layers) == 4
+    ids = _ids(60, seed=11)
+    from test_moe import _smallest_router_margin
+
+    assert _smallest_router_margin(llm, ids) > 1e-4, "router near-tie: the fixture cannot tell routing bugs"
+    assert _max_diff(llm, ref, ids) <= TOLERANCE
+    assert engine_greedy(llm, ids[:15], 10) == reference_greedy(ref, ids[:15], 10)
+
+
+def test_qwen3_next(tmp_path, qwen3_tokenizer_dir):
+    """Qwen3-Next: the same hybrid layers, but q/k/v/z and b/a stored fused and grouped by key head (regrouped at
+    load), and a mixture of experts with a shared expert beside a dense layer 1."""
+    ref = build_tiny("qwen3_next", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=15)
+    llm = LLM(str(tmp_path))
+    cfg = llm.model.config
+    assert cfg.architecture == "qwen3_next" and cfg.moe.sparse_layers == {0, 2, 3}
+    ids = _ids(80, seed=16)
+    from test_moe import _smallest_router_margin
+
+    assert _smallest_router_margin(llm, ids) > 1e-4, "router near-tie: the fixture cannot tell routing bugs"
+    assert _max_diff(llm, ref, ids, chunk=50) <= TOLERANCE
+    assert engine_greedy(llm, ids[:15], 10) == reference_greedy(ref, ids[:15], 10)
+
+
+def test_released_multimodal_checkpoint_with_a_text_prompt(tmp_path, qwen3_tokenizer_dir):
+    """Qwen3.5 is released as Qwen3_5ForConditionalGeneration: a nested text_config, `model.language_model.*`
+    names, a vision tower (images and videos: tests/test_vl_parity.py) and a multi-token-prediction head
+    (`mtp.*`, for speculative decoding, not used here: skipped at load)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from tiny_models import perturb
+
+    text = build_tiny("qwen3_5", tmp_path / "text", tokenizer_dir=qwen3_tokenizer_dir).config.to_dict()
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=16, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=64)
+    cfg = transformers.Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **IDS)
+    torch.manual_seed(0)
+    ref = transformers.Qwen3_5ForConditionalGeneration._from_config(cfg, attn_implementation="eager",
+                                                                   dtype=torch.float32)
+    perturb(ref, seed=12)
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if name.endswith("norm.weight") and "linear_attn.norm" not in name and "visual" not in name:
+                param.sub_(1.0)
+    ref.eval().save_pretrained(tmp_path / "mm")
+    weights = load_file(tmp_path / "mm" / "model.safetensors")
+    assert any(k.startswith("model.language_model.") for k in weights)
+    weights["mtp.fc.weight"] = torch.zeros(4, 4)  # as released checkpoints carry
+    save_file(weights, tmp_path / "mm" / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tmp_path / "mm" / name).write_bytes((qwen3_tokenizer_dir / name).read_bytes())
+    llm = LLM(str(tmp_path / "mm"))
+    assert llm.model.config.architecture == "qwen3_5" and llm.model.visual is not None
+    assert _max_diff(llm, ref, _ids(50, seed=13)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_gguf_files(tmp_path, qwen3_tokenizer_dir, arch):
+    """GGUF files as llama.cpp's converter writes them (tests/gguf_files.py: norms as 1 + w, A = -exp(A_log),
+    value heads tiled, a multi-token-prediction block appended). In float32 they must give transformers' logits;
+    with weights in quantised blocks, the kernels' logits must equal those of the same file dequantised at load
+    (the gguf package's values), and greedy tokens must agree."""
+    from gguf_files import write_gguf
+
+    ref = build_tiny(arch, tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=20)
+    write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "f32.gguf", types={}, mtp_layers=1)
+    write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "quant.gguf")
+    ids = _ids(70, seed=21)
+    for quantized in (True, False):
+        llm = LLM(str(tmp_path / "f32.gguf"), quantized=quantized)
+        cfg = llm.model.config
+        assert cfg.num_layers == 4 and cfg.linear_attention.tiled_value_heads and not cfg.zero_centered_norm
+        assert _max_diff(llm, ref, ids, chunk=40) <= TOLERANCE
+    blocks, floats = LLM(str(tmp_path / "quant.gguf")), LLM(str(tmp_path / "quant.gguf"), quantized=False)
+    assert blocks.model.model.layers[0].linear_attn.in_proj is not None, "projections on the block kernels"
+    diff = (blocks.engine.logits(ids) - floats.engine.logits(ids)).abs().max().item()
+    assert diff <= TOLERANCE, diff
+    assert engine_greedy(blocks, ids[:12], 10) == engine_greedy(floats, ids[:12], 10)
+
+
+def test_delta_rule_chunks_equal_the_recurrence():
+    """The chunked form (several chunks, a ragged last one, a carried-in state) against the one-token
+    recurrence, both against a float64 loop written from the rule's definition."""
+    gen = torch.Generator().manual_seed(0)
+    heads, length, dk, dv = 3, 150, 16, 24
+    q, k = (torch.nn.functional.normalize(torch.randn(heads, length, dk, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(heads, length, dv, generator=gen)
+    g = -torch.rand(heads, length, generator=gen)
+    beta = torch.rand(heads, length, generator=gen)
+    start = torch.randn(heads, dk, dv, generator=gen)
+
+    state = start.double().clone()
+    expected = torch.empty(heads, length, dv, dtype=torch.float64)
+    for t in range(length):
+        state *= g[:, t, None, None].double().exp()
+        kt, vt = k[:, t].double(), v[:, t].double()
+        state += kt[:, :, None] * ((vt - torch.einsum("hkv,hk->hv", state, kt)) * beta[:, t, None].double())[:, None]
+        expected[:, t] = torch.einsum("hkv,hk->hv", state, q[:, t].double())
+
+    chunked_state = start.clone()
+    chunked = chunked_delta_rule(q, k, v, g, beta, chunked_state, chunk=64)
+    assert (chunked - expected).abs().max() < 1e-4
+    assert (chunked_state - state).abs().max() < 1e-4
+    stepped_state = start.clone()[None]
+    stepped = torch.stack([recurrent_delta_rule(q[None, :, t], k[None, :, t], v[None, :, t], g[None, :, t],
+                                                beta[None, :, t], stepped_state)[0] for t in range(length)], dim=1)
+    assert (stepped - expected).abs().max() < 1e-4
+    # The check can fail: dropping the decay inside a chunk is caught.
+    wrong = chunked_delta_rule(q, k, v, torch.zeros_like(g), beta, start.clone(), chunk=64)
+    assert (wrong - expected).abs().max() > 1e-2
+
+
+def test_a_dropped_convolution_state_is_caught(qwen3_5, monkeypatch):
+    """The parity test can fail: forgetting the convolution's carried inputs between chunks moves the logits."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    real = gated_deltanet.GatedDeltaNet.forward
+
+    def forgetful(self, x, cache):
+        cache.recurrent_for(x.shape[0]).layer(self.index)[0].zero_()
+        return real(self, x, cache)
+
+    monkeypatch.setattr(gated_deltanet.GatedDeltaNet, "forward", forgetful)
+    assert _max_diff(llm, ref, _ids(60, seed=14), chunk=20) > 100 * TOLERANCE
+
+
+def test_w8a8_is_refused_clearly(qwen3_5):
+    folder, _ = qwen3_5
+    with pytest.raises(InputError, match="hybrid"):
+        LLM(str(folder), quantization="w8a8")
