@@ -104,9 +104,6 @@ class GatedDeltaNet(nn.Module):
         self.in_proj_z = nn.Linear(cfg.hidden_size, self.value_size, bias=False)
         self.in_proj_b = nn.Linear(cfg.hidden_size, self.num_v_heads, bias=False)
         self.in_proj_a = nn.Linear(cfg.hidden_size, self.num_v_heads, bias=False)
-        # Set by weights/quantized.py: the four above stacked into one layer (one kernel call per step).
-        self.in_proj: nn.Module | None = None
-        self.in_sizes = [channels, self.value_size, self.num_v_heads, self.num_v_heads]
         self.conv1d = nn.Conv1d(channels, channels, self.kernel, groups=channels, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads), requires_grad=False)
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads), requires_grad=False)
@@ -116,10 +113,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, cache) -> torch.Tensor:
         """x [tokens, hidden], the batch's sequences packed; the cache knows which rows are whose."""
         states = cache.recurrent_for(x.shape[0])
-        if self.in_proj is not None:
-            mixed, z, b, a = self.in_proj(x).split(self.in_sizes, dim=-1)
-        else:
-            mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+        mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
         beta = torch.sigmoid(b.float())
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         conv_state, delta_state = states.layer(self.index)
