@@ -240,6 +240,23 @@ def test_delta_rule_chunks_equal_the_recurrence():
     assert (wrong - expected).abs().max() > 1e-2
 
 
+def test_native_delta_rule_step_equals_pytorch(native):
+    """The decode-step kernel against the same step in PyTorch operations: several sequences, heads, and
+    widths that are not multiples of a vector."""
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, dk, dv = 3, 4, 20, 37
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, dk, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(batch, heads, dv, generator=gen)
+    g, beta = -torch.rand(batch, heads, generator=gen), torch.rand(batch, heads, generator=gen)
+    state = torch.randn(batch, heads, dk, dv, generator=gen)
+    expected_state = state.clone()
+    expected = gated_deltanet.reference_delta_rule_step(q, k, v, g, beta, expected_state)
+    got = native.delta_rule_step_(q, k, v, g, beta, state)
+    assert (got - expected).abs().max() < 1e-5 and (state - expected_state).abs().max() < 1e-5
+    wrong = native.delta_rule_step_(q, k, v, g, torch.zeros_like(beta), expected_state.clone())
+    assert (wrong - expected).abs().max() > 1e-2  # the comparison can fail
+
+
 def test_a_dropped_convolution_state_is_caught(qwen3_5, monkeypatch):
     """The parity test can fail: forgetting the convolution's carried inputs between chunks moves the logits."""
     folder, ref = qwen3_5

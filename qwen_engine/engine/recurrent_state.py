@@ -59,11 +59,13 @@ class RecurrentBatch:
     """Which rows of a packed batch belong to which state slot: the view a linear-attention layer reads.
 
     `single_rows` (rows, slots) are sequences that add one token this step, updated together; `runs` are
-    (start, stop, slot) chunks of several tokens of one sequence each."""
+    (start, stop, slot) chunks of several tokens of one sequence each. Rows and slots that are consecutive (the
+    usual decode step) are slices, so the layers read and update the pool in place instead of gathering and
+    scattering every state (which cost ~4 ms of a ~30 ms step of Qwen3.5-0.8B's shapes)."""
 
     conv: torch.Tensor
     delta: torch.Tensor
-    single_rows: tuple[torch.Tensor, torch.Tensor] | None
+    single_rows: tuple[torch.Tensor | slice, torch.Tensor | slice] | None
     runs: list[tuple[int, int, int]]
 
     @classmethod
@@ -72,14 +74,18 @@ class RecurrentBatch:
         singles = [(start, slot) for start, stop, slot in pieces if stop - start == 1]
         rows = None
         if singles:
-            device = conv.device
-            rows = (torch.tensor([r for r, _ in singles], device=device),
-                    torch.tensor([s for _, s in singles], device=device))
+            rows = (_index([r for r, _ in singles], conv.device), _index([s for _, s in singles], conv.device))
         return cls(conv, delta, rows, [p for p in pieces if p[1] - p[0] > 1])
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(convolution inputs [slots, channels, kernel − 1], delta-rule state [slots, Hv, Dk, Dv]) of one layer."""
         return self.conv[index], self.delta[index]
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor | slice:
+    if values == list(range(values[0], values[0] + len(values))):
+        return slice(values[0], values[0] + len(values))
+    return torch.tensor(values, device=device)
 
 
 def single_sequence_states(cfg: LinearAttentionConfig, dtype: torch.dtype, device: torch.device | str) -> RecurrentBatch:

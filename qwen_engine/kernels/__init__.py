@@ -1,7 +1,7 @@
 """Native kernels: matrix products that read GGUF-quantised weights directly (quant_matmul.cpp; prefill on
 AMX tiles where the CPU has them, amx_linear.cpp), decode attention over the paged KV cache
-(paged_attention.cpp), whole decode steps (decode_step.cpp) and the lossy w8a8 mode's int8 products
-(int8_matmul.cpp).
+(paged_attention.cpp), whole decode steps (decode_step.cpp), the lossy w8a8 mode's int8 products
+(int8_matmul.cpp) and one token of Qwen3.5's gated delta rule (delta_rule.cpp).
 
 The extension is compiled with the machine's C++ compiler on first use (about a minute) and cached under
 `~/.cache/qwen-engine/kernels/<hash of the sources, flags, the CPU's instruction sets and torch version>` (or $QWEN_ENGINE_KERNEL_CACHE),
@@ -29,7 +29,7 @@ import torch
 SOURCES = [Path(__file__).with_name(name)
            for name in ("quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
                          "int8_matmul.cpp", "bf16_ops.cpp", "amx_linear.cpp",
-                         "segment_attention.cpp", "activations.cpp")]
+                         "segment_attention.cpp", "activations.cpp", "delta_rule.cpp")]
 HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "kv_rows.h", "amx_linear.h", "amx_tiles.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]

@@ -1524,6 +1524,7 @@ torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up);
 // decode_step.cpp, int8_matmul.cpp
 void register_decode_step(pybind11::module& m);
 void register_int8(pybind11::module& m);
+void register_delta_rule(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "x @ W^T (+ bias) with W in GGUF blocks, stacked from segments");
@@ -1556,4 +1557,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   register_decode_step(m);
   register_int8(m);
+  register_delta_rule(m);
 }

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 
 CHUNK = 64  # tokens per chunk of the chunked form
@@ -49,7 +50,17 @@ def l2_normalise(x: torch.Tensor) -> torch.Tensor:
 def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                          state: torch.Tensor) -> torch.Tensor:
     """One token per sequence: q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv], updated in
-    place. Returns o [B, H, Dv]. Everything float32."""
+    place. Returns o [B, H, Dv]. Everything float32. The native kernel does the same in two passes over S."""
+    native = kernels.native() if state.device.type == "cpu" else None
+    if native is not None and hasattr(native, "delta_rule_step_") and state.is_contiguous():
+        return native.delta_rule_step_(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                       beta.contiguous(), state)
+    return reference_delta_rule_step(q, k, v, g, beta, state)
+
+
+def reference_delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                              beta: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """`recurrent_delta_rule` in PyTorch operations (the reference of the native kernel)."""
     state.mul_(g.exp()[..., None, None])
     predicted = torch.einsum("bhkv,bhk->bhv", state, k)
     state.add_(k[..., :, None] * ((v - predicted) * beta[..., None])[..., None, :])
@@ -126,10 +137,11 @@ class GatedDeltaNet(nn.Module):
             conv_state[slots] = conv[..., 1:]
             features = F.silu((conv * weight.to(conv.dtype)).sum(-1).float())
             q, k, v = self._heads(features)
-            state = delta_state[slots]
+            state = delta_state[slots]  # a view of the pool where the slots are consecutive, else a copy
             o = recurrent_delta_rule(q, k, v, g[rows], beta[rows], state)
-            delta_state[slots] = state
-            out[rows] = o.reshape(len(rows), -1)
+            if not isinstance(slots, slice):
+                delta_state[slots] = state
+            out[rows] = o.reshape(o.shape[0], -1)
         for start, stop, slot in states.runs:  # prompt chunks, one sequence at a time
             piece = mixed[start:stop].T.to(conv_state.dtype)  # [channels, T]
             conv = torch.cat([conv_state[slot], piece], dim=-1)
