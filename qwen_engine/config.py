@@ -19,7 +19,7 @@ HF_ARCHITECTURES = {
     "Qwen3NextForCausalLM": "qwen3_next",
 }
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                      "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe"}
+                      "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # Vision-language checkpoints: class name → (vision family, the decoder their language model is).
 HF_VL_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),
@@ -272,9 +272,9 @@ class ModelConfig:
         heads = int(get("attention.head_count"))
         # Multi-token-prediction layers (Qwen3.5) are written after the model's own: not run here.
         layers = int(get("block_count")) - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
-        hybrid = arch.startswith("qwen35")
+        hybrid = arch.startswith("qwen35") or arch == "qwen3next"
         moe = None
-        if arch.endswith("moe"):
+        if arch.endswith("moe") or arch == "qwen3next":
             # llama.cpp renormalises the chosen experts' weights for qwen3moe and qwen35moe and not for qwen2moe,
             # as the Hugging Face configs of the released models do; a file may say otherwise.
             norm = meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")
@@ -378,7 +378,9 @@ def _linear_attention_from_gguf(meta: dict[str, Any], arch: str, layers: int) ->
         key_head_dim=get("ssm.state_size"),
         value_head_dim=get("ssm.inner_size") // value_heads,
         conv_kernel=get("ssm.conv_kernel"),
-        tiled_value_heads=True,  # the converter reorders them whenever key and value heads differ in number
+        # The converter reorders them for qwen35 / qwen35moe whenever key and value heads differ in number; its
+        # qwen3next files keep the grouped order (and b/a fused, as the Hugging Face checkpoints have them).
+        tiled_value_heads=arch != "qwen3next",
     )
 
 

@@ -5,10 +5,11 @@ Mixtures of experts (Qwen2-MoE, Qwen3-MoE) get one 3-D tensor per kind of expert
 `ffn_{gate,up,down}_exps`), the router as `ffn_gate_inp`, and Qwen2-MoE's shared expert as `*_shexp`, its
 one-row gate as a vector — as in the released files.
 
-Qwen3.5 (`qwen35`, `qwen35moe`) is written with the converter's transforms: RMSNorm weights stored as 1 + w
-(not the gated norm of the DeltaNet layers), A = -exp(A_log), the convolution as [channels, kernel], and, where
-key and value heads differ in number, the value heads in tiled order (value head j reads key head j mod Hk)
-in every tensor that has them. tests/test_hybrid.py checked this writer's F32 output against the converter's
+Qwen3.5 (`qwen35`, `qwen35moe`) and Qwen3-Next (`qwen3next`) are written with the converter's transforms:
+RMSNorm weights stored as 1 + w (not the gated norm of the DeltaNet layers), A = -exp(A_log), the convolution as
+[channels, kernel]; for Qwen3.5, where key and value heads differ in number, the value heads in tiled order
+(value head j reads key head j mod Hk) in every tensor that has them; for Qwen3-Next, in_proj_qkvz split into
+attn_qkv and attn_gate, and in_proj_ba kept fused as ssm_ba. tests/test_hybrid.py checked this writer's F32 output against the converter's
 own (llama.cpp b8xxx's convert_hf_to_gguf.py, run by hand): same names, shapes, values and metadata.
 """
 
@@ -28,7 +29,7 @@ TYPES = {"attn_q": Q.Q8_0, "attn_k": Q.F16, "attn_v": Q.BF16, "attn_output": Q.Q
          "ffn_up": Q.Q5_0, "ffn_down": Q.F16, "token_embd": Q.Q8_0, "output": Q.F16,
          "ffn_gate_exps": Q.Q8_0, "ffn_up_exps": Q.Q4_0, "ffn_down_exps": Q.F16, "ffn_gate_inp": Q.Q8_0,
          "ffn_gate_shexp": Q.Q5_0, "ffn_up_shexp": Q.Q8_0, "ffn_down_shexp": Q.BF16,
-         "attn_qkv": Q.Q8_0, "attn_gate": Q.Q5_0, "ssm_alpha": Q.F16, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q4_0}
+         "attn_qkv": Q.Q8_0, "attn_gate": Q.Q5_0, "ssm_alpha": Q.F16, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q4_0, "ssm_ba": Q.Q8_0}
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -39,10 +40,11 @@ HF_TO_GGUF = {
     "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
     "linear_attn.in_proj_qkv": "attn_qkv", "linear_attn.in_proj_z": "attn_gate", "linear_attn.in_proj_b": "ssm_beta",
     "linear_attn.in_proj_a": "ssm_alpha", "linear_attn.conv1d": "ssm_conv1d", "linear_attn.norm": "ssm_norm",
-    "linear_attn.out_proj": "ssm_out",
+    "linear_attn.out_proj": "ssm_out", "linear_attn.in_proj_ba": "ssm_ba",
 }
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe"}
+         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next"}
+HYBRID = ("qwen35", "qwen35moe", "qwen3next")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -52,7 +54,7 @@ def gguf_name(hf: str, arch: str = "qwen3") -> str:
         return f"blk.{hf.split('.')[2]}.ssm_a"
     if hf.endswith("linear_attn.dt_bias"):
         return f"blk.{hf.split('.')[2]}.ssm_dt.bias"
-    if arch.startswith("qwen35") and hf.endswith("post_attention_layernorm.weight"):
+    if arch in HYBRID and hf.endswith("post_attention_layernorm.weight"):
         return f"blk.{hf.split('.')[2]}.post_attention_norm.weight"
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
@@ -73,8 +75,8 @@ def _tiled(values: np.ndarray, axis: int, key_heads: int, per_key: int, width: i
     return np.swapaxes(grouped, axis, axis + 1).reshape(shape)
 
 
-def _converted(name: str, values: np.ndarray, cfg) -> np.ndarray:
-    """A Qwen3.5 tensor as llama.cpp's converter stores it (see the module's docstring)."""
+def _converted(name: str, values: np.ndarray, cfg, arch: str) -> np.ndarray:
+    """A Qwen3.5 or Qwen3-Next tensor as llama.cpp's converter stores it (see the module's docstring)."""
     if name.endswith("norm.weight") and "linear_attn.norm" not in name:
         values = values + 1
     if name.endswith("linear_attn.A_log"):
@@ -82,7 +84,7 @@ def _converted(name: str, values: np.ndarray, cfg) -> np.ndarray:
     if name.endswith("linear_attn.conv1d.weight"):
         values = values.reshape(values.shape[0], -1)
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    if "linear_attn." not in name or hk == hv:
+    if "linear_attn." not in name or hk == hv or arch == "qwen3next":  # (qwen3next keeps the grouped order)
         return values
     r, dv, qk = hv // hk, cfg.linear_value_head_dim, 2 * hk * cfg.linear_key_head_dim
     if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):  # only the value channels, after q and k
@@ -96,15 +98,28 @@ def _converted(name: str, values: np.ndarray, cfg) -> np.ndarray:
     return values
 
 
+def _qkvz(name: str, values: np.ndarray, cfg) -> dict[str, np.ndarray]:
+    """Qwen3-Next's in_proj_qkvz (grouped by key head: q, k, v, z of each) as the converter writes it: attn_qkv
+    (all q, all k, all v) and attn_gate (all z)."""
+    hk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    per_key = cfg.linear_num_value_heads // hk * dv
+    q, k, v, z = np.split(values.reshape(hk, -1, values.shape[1]), np.cumsum([dk, dk, per_key])[:3], axis=1)
+    layer = name.split(".")[2]
+    flat = [part.reshape(-1, values.shape[1]) for part in (q, k, v, z)]
+    return {f"blk.{layer}.attn_qkv.weight": np.concatenate(flat[:3]), f"blk.{layer}.attn_gate.weight": flat[3]}
+
+
 def _tensors(model: torch.nn.Module, arch: str = "qwen3") -> dict[str, np.ndarray]:
     """GGUF name → float32 values, with each layer's experts stacked [experts, out, in]."""
     out: dict[str, np.ndarray] = {}
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for name, tensor in model.state_dict().items():
         values = tensor.float().numpy()
-        if arch.startswith("qwen35"):
-            values = _converted(name, values, model.config)
-        if m := _EXPERT.fullmatch(name):
+        if arch in HYBRID:
+            values = _converted(name, values, model.config, arch)
+        if name.endswith("linear_attn.in_proj_qkvz.weight"):  # qwen3next: q, k, v of every head, then z
+            out.update(_qkvz(name, values, model.config))
+        elif m := _EXPERT.fullmatch(name):
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = values
         elif m := _FUSED.fullmatch(name):  # transformers 5 holds the experts fused in memory: [E, 2I, H], [E, H, I]
             if m.group(2) == "down_proj":
@@ -141,7 +156,7 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     w.add_value_length(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    if arch.startswith("qwen35"):
+    if arch in HYBRID:
         w.add_ssm_conv_kernel(cfg.linear_conv_kernel_dim)
         w.add_ssm_state_size(cfg.linear_key_head_dim)
         w.add_ssm_group_count(cfg.linear_num_key_heads)
@@ -150,8 +165,9 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
         w.add_array(f"{arch}.attention.recurrent_layers", [kind == "linear_attention" for kind in cfg.layer_types])
         w.add_full_attention_interval(4)
         w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
-        w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
-    if arch.endswith("moe"):
+        if "mrope_section" in cfg.rope_parameters:
+            w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
+    if arch.endswith("moe") or arch == "qwen3next":
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
@@ -185,7 +201,7 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
         block = f"blk.{cfg.num_hidden_layers + extra}."
         tensors.update({block + n[len(last):]: v for n, v in list(tensors.items()) if n.startswith(last)})
     for target, values in tensors.items():
-        if target.endswith("ffn_gate_inp_shexp.weight") and not arch.startswith("qwen35"):
+        if target.endswith("ffn_gate_inp_shexp.weight") and arch not in HYBRID:
             values = values.reshape(-1)  # llama.cpp's converter writes this one-row gate as a vector (but qwen35moe's)
         kind = target.split(".")[-2] if target.startswith("blk.") else target.split(".")[0]
         qtype = Q.F32 if values.ndim == 1 else types.get(kind, Q.F32)

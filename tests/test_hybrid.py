@@ -184,25 +184,29 @@ def test_released_multimodal_checkpoint_with_a_text_prompt(tmp_path, qwen3_token
     assert _max_diff(llm, ref, _ids(50, seed=13)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
 def test_gguf_files(tmp_path, qwen3_tokenizer_dir, arch):
     """GGUF files as llama.cpp's converter writes them (tests/gguf_files.py: norms as 1 + w, A = -exp(A_log),
-    value heads tiled, a multi-token-prediction block appended). In float32 they must give transformers' logits;
-    with weights in quantised blocks, the kernels' logits must equal those of the same file dequantised at load
-    (the gguf package's values), and greedy tokens must agree."""
+    Qwen3.5's value heads tiled, Qwen3-Next's b/a fused, a multi-token-prediction block appended). In float32 they
+    must give transformers' logits; with weights in quantised blocks, the kernels' logits must equal those of the
+    same file dequantised at load (the gguf package's values), and greedy tokens must agree."""
     from gguf_files import write_gguf
 
-    ref = build_tiny(arch, tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=20)
+    # (llama.cpp's qwen3next has no dense layers: its converter refuses mlp_only_layers)
+    ref = build_tiny(arch, tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=20,
+                     dense_layers=() if arch == "qwen3_next" else (1,))
     write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "f32.gguf", types={}, mtp_layers=1)
     write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "quant.gguf")
     ids = _ids(70, seed=21)
     for quantized in (True, False):
         llm = LLM(str(tmp_path / "f32.gguf"), quantized=quantized)
         cfg = llm.model.config
-        assert cfg.num_layers == 4 and cfg.linear_attention.tiled_value_heads and not cfg.zero_centered_norm
+        assert cfg.num_layers == 4 and not cfg.zero_centered_norm
+        assert cfg.linear_attention.tiled_value_heads == (arch != "qwen3_next")
         assert _max_diff(llm, ref, ids, chunk=40) <= TOLERANCE
     blocks, floats = LLM(str(tmp_path / "quant.gguf")), LLM(str(tmp_path / "quant.gguf"), quantized=False)
-    assert type(blocks.model.model.layers[0].linear_attn.in_proj_qkv).__name__ == "QuantLinear", "block kernels"
+    for projection in ("in_proj_qkv", "in_proj_b"):
+        assert type(getattr(blocks.model.model.layers[0].linear_attn, projection)).__name__ == "QuantLinear"
     diff = (blocks.engine.logits(ids) - floats.engine.logits(ids)).abs().max().item()
     assert diff <= TOLERANCE, diff
     assert engine_greedy(blocks, ids[:12], 10) == engine_greedy(floats, ids[:12], 10)

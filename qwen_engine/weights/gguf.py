@@ -48,12 +48,14 @@ _LAYER_NAMES = {
     "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
     "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
     "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
-    # Qwen3.5 (qwen35, qwen35moe): the norm before the MLP has another name, and the gated-DeltaNet layers.
+    # Qwen3.5 (qwen35, qwen35moe) and Qwen3-Next (qwen3next): the norm before the MLP has another name, and the
+    # gated-DeltaNet layers.
     "post_attention_norm.weight": "post_attention_layernorm.weight",
     "attn_qkv.weight": "linear_attn.in_proj_qkv.weight",
     "attn_gate.weight": "linear_attn.in_proj_z.weight",
     "ssm_beta.weight": "linear_attn.in_proj_b.weight",
     "ssm_alpha.weight": "linear_attn.in_proj_a.weight",
+    "ssm_ba.weight": "linear_attn.in_proj_ba.weight",  # qwen3next: b and a fused, split at load
     "ssm_conv1d.weight": "linear_attn.conv1d.weight",
     "ssm_a": "linear_attn.A_log",
     "ssm_dt.bias": "linear_attn.dt_bias",

@@ -16,6 +16,13 @@ from ..config import LinearAttentionConfig
 from ..errors import ModelLoadError
 
 
+def ba_rows(lin: LinearAttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of a fused `in_proj_ba` (or GGUF `ssm_ba`) that are b, and those that are a, in value-head order."""
+    per_key = lin.num_value_heads // lin.num_key_heads
+    rows = torch.arange(2 * lin.num_value_heads).view(lin.num_key_heads, 2, per_key)
+    return rows[:, 0].reshape(-1), rows[:, 1].reshape(-1)
+
+
 def split_fused(name: str, tensor: torch.Tensor, lin: LinearAttentionConfig) -> list[tuple[str, torch.Tensor]] | None:
     """Qwen3.5-style (name, tensor) pairs for a fused Qwen3-Next projection; None for any other tensor."""
     prefix, fused = name.rpartition(".linear_attn.")[0], name.rpartition(".")[0].rpartition(".")[2]
@@ -27,8 +34,9 @@ def split_fused(name: str, tensor: torch.Tensor, lin: LinearAttentionConfig) -> 
     if tensor.dim() != 2 or tensor.shape[0] != heads * sum(sizes):
         raise ModelLoadError(f"tensor {name} has shape {tuple(tensor.shape)}, expected "
                              f"({heads * sum(sizes)}, hidden_size)")
-    parts = [p.reshape(-1, tensor.shape[1]) for p in tensor.view(heads, sum(sizes), -1).split(sizes, dim=1)]
     base = f"{prefix}.linear_attn."
     if fused == "in_proj_ba":
-        return [(base + "in_proj_b.weight", parts[0]), (base + "in_proj_a.weight", parts[1])]
+        b_rows, a_rows = ba_rows(lin)
+        return [(base + "in_proj_b.weight", tensor[b_rows]), (base + "in_proj_a.weight", tensor[a_rows])]
+    parts = [p.reshape(-1, tensor.shape[1]) for p in tensor.view(heads, sum(sizes), -1).split(sizes, dim=1)]
     return [(base + "in_proj_qkv.weight", torch.cat(parts[:3])), (base + "in_proj_z.weight", parts[3])]

@@ -158,8 +158,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     if keep_blocks and kernels.native() is not None:
         model = build_quantized(config, gguf, path, layers_replaced)
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
-        model = _build(config, ((n, torch.from_numpy(a)) for n, a in _checked(gguf, config.num_layers)), dtype,
-                       device, path)
+        tensors = ((n, torch.from_numpy(a)) for n, a in _checked(gguf, config.num_layers))
+        if config.architecture == "qwen3_next":
+            tensors = _projections_unfused(tensors, config, path)
+        model = _build(config, tensors, dtype, device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
     defaults = GGUF_DEFAULTS.get(config.family, GGUF_DEFAULTS["qwen3"])  # (Qwen3.5: Qwen3's thinking-mode values)
     return LoadedModel(path, config, model, tokenizer, template, defaults, eos)

@@ -27,6 +27,7 @@ from ..models.quant import BlockType, OwnType, QuantEmbedding, QuantLinear, bloc
 from ..models.qwen import QwenForCausalLM
 from .arena import WeightArena, huge_pages_wanted
 from .gguf import GGUFFile, block_index, hf_expert_names, hf_name, hf_value
+from .linear_projections import ba_rows
 
 Q = GGMLQuantizationType
 
@@ -56,6 +57,9 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
             _take_experts(model, gguf, gguf_name, experts, expected, blocks, loaded, path)
             continue
         name = hf_name(gguf_name)
+        if name is not None and name.endswith("linear_attn.in_proj_ba.weight"):  # qwen3next: b, a rows fused
+            _take_ba(model, gguf, gguf_name, name.removesuffix("_ba.weight"), config, blocks, loaded)
+            continue
         if name is None or name not in expected:
             continue
         module_name, _, attr = name.rpartition(".")
@@ -106,6 +110,22 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
     fuse_projections(model)
     model.model.rotary = RotaryEmbedding(config.rope, config.rotary_dim)
     return model.eval()
+
+
+def _take_ba(model: QwenForCausalLM, gguf: GGUFFile, gguf_name: str, module_name: str, config: ModelConfig,
+             blocks: dict, loaded: set[str]) -> None:
+    """Qwen3-Next's fused `ssm_ba` rows as the DeltaNet layer's in_proj_b and in_proj_a (rows copied: 2·Hv)."""
+    info = gguf.tensors[gguf_name]
+    in_features = int(info.shape[0])
+    parent = module_name.removesuffix("in_proj")  # "model.layers.N.linear_attn."
+    for rows, target in zip(ba_rows(config.linear_attention), ("in_proj_b", "in_proj_a"), strict=True):
+        if info.qtype != GGMLQuantizationType.F32 and has_kernel(info.qtype, in_features):
+            blocks[parent + target] = (torch.from_numpy(gguf.raw(gguf_name))[rows].contiguous(), info.qtype,
+                                       in_features)
+        else:
+            values = torch.from_numpy(_float32(gguf, gguf_name, (int(info.shape[1]), in_features)))[rows]
+            model.get_submodule(parent + target).weight = torch.nn.Parameter(values.contiguous(), requires_grad=False)
+        loaded.add(parent + target + ".weight")
 
 
 def _take_experts(model: QwenForCausalLM, gguf: GGUFFile, gguf_name: str, names: list[str], expected: set[str],
