@@ -30,12 +30,6 @@ class RecurrentStatePool:
         self.free = list(range(num_slots - 1, -1, -1))
         self.owner: dict[int, int] = {}  # id(sequence) → slot
 
-    @staticmethod
-    def bytes_per_slot(cfg: LinearAttentionConfig, dtype: torch.dtype) -> int:
-        conv = cfg.conv_channels * (cfg.conv_kernel - 1) * torch.empty(0, dtype=dtype).element_size()
-        delta = cfg.num_value_heads * cfg.key_head_dim * cfg.value_head_dim * 4
-        return len(cfg.layers) * (conv + delta)
-
     def slot_for(self, seq: object, fresh: bool) -> int:
         """The slot of `seq`, taken now if it has none; zeroed if `fresh` (the sequence starts at token 0)."""
         slot = self.owner.get(id(seq))

@@ -160,7 +160,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
         tensors = ((n, torch.from_numpy(a)) for n, a in _checked(gguf, config.num_layers))
         if config.architecture == "qwen3_next":
-            tensors = _projections_unfused(tensors, config, path)
+            tensors = _unfused(tensors, _split_projections(config), path)
         model = _build(config, tensors, dtype, device, path)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
     defaults = GGUF_DEFAULTS.get(config.family, GGUF_DEFAULTS["qwen3"])  # (Qwen3.5: Qwen3's thinking-mode values)
@@ -199,9 +199,9 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device: torch.device, keep_b
     tensors = iter_tensors(path)
     if config.moe is not None:
         v5 = str(raw_config.get("transformers_version", "")).startswith("5")
-        tensors = _experts_unfused(tensors, config, v5, path)
+        tensors = _unfused(tensors, _split_experts(config, v5), path)
     if config.architecture == "qwen3_next":
-        tensors = _projections_unfused(tensors, config, path)
+        tensors = _unfused(tensors, _split_projections(config), path)
     model = _build(config, tensors, dtype, device, path, keep_bf16)
     gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
     defaults = _defaults_from_generation_config(gen)
@@ -269,28 +269,25 @@ def _build(
     return model.eval()
 
 
-def _experts_unfused(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig, saved_by_v5: bool,
-                     path: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors with fused experts tensors (Qwen3-VL-MoE) split into per-expert weights."""
+def _unfused(tensors: Iterable[tuple[str, torch.Tensor]], split, path: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors with each fused one replaced by the (name, tensor) pairs `split(name, tensor)`
+    makes of it (None: kept as it is): Qwen3-VL-MoE's fused experts, Qwen3-Next's fused projections."""
     for name, tensor in tensors:
         name = _local_name(name)
         try:
-            split = experts.split_fused(name, tensor, config.hidden_size, config.moe.expert_intermediate_size,
-                                        saved_by_v5)
+            parts = split(name, tensor)
         except ModelLoadError as e:
             raise ModelLoadError(f"{path}: {e}") from None
-        yield from split if split is not None else [(name, tensor)]
+        yield from parts if parts is not None else [(name, tensor)]
 
 
-def _projections_unfused(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
-                         path: Path) -> Iterable[tuple[str, torch.Tensor]]:
-    """Qwen3-Next's fused linear-attention projections split as Qwen3.5 stores them."""
-    for name, tensor in tensors:
-        try:
-            split = linear_projections.split_fused(name, tensor, config.linear_attention)
-        except ModelLoadError as e:
-            raise ModelLoadError(f"{path}: {e}") from None
-        yield from split if split is not None else [(name, tensor)]
+def _split_experts(config: ModelConfig, saved_by_v5: bool):
+    return lambda name, tensor: experts.split_fused(name, tensor, config.hidden_size,
+                                                    config.moe.expert_intermediate_size, saved_by_v5)
+
+
+def _split_projections(config: ModelConfig):
+    return lambda name, tensor: linear_projections.split_fused(name, tensor, config.linear_attention)
 
 
 def _local_name(name: str) -> str:
