@@ -165,7 +165,9 @@ class ModelConfig:
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         vl_arch = next((a for a in archs if a in HF_VL_ARCHITECTURES), None)
-        if vl_arch is None and cfg.get("model_type") in VL_MODEL_TYPES:
+        # A config without a known class name is told by its model_type. (Not the language side of a VL config:
+        # released Qwen2-VL / 2.5-VL configs keep the VL model_type at the top level, among the text keys.)
+        if vl_arch is None and cfg.get("model_type") in VL_MODEL_TYPES and not any(a in HF_ARCHITECTURES for a in archs):
             vl_arch = VL_MODEL_TYPES[cfg["model_type"]]
         if vl_arch is not None:
             return cls._from_hf_vl(cfg, vl_arch)

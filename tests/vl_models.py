@@ -129,6 +129,7 @@ def _to_hub_config(path: Path, family: str) -> None:
     rope_theta + rope_scaling {"rope_type": "default", "mrope_section", "mrope_interleaved"}."""
     data = json.loads(path.read_text())
     text = data.pop("text_config")
+    text.pop("model_type")  # the top level keeps the VL model_type (qwen2_5_vl), as released configs have it
     params = text.pop("rope_parameters")
     text["rope_theta"] = params.pop("rope_theta")
     params.pop("rope_type", None)
