@@ -39,6 +39,8 @@ class LLM:
     (or "bfloat16") stores the KV cache of a float32 model in half the memory (twice the tokens in
     kv_cache_memory), read back as float32: lossy, ~1e-6 nats for float16 on the demo model; bfloat16 (~1e-4)
     also multiplies decode attention in bf16 where the CPU can, faster at long contexts (docs/usage.md).
+    `mmproj` is llama.cpp's vision projector file for a vision-language GGUF (by default an ollama model's
+    projector layer, or the only `mmproj*.gguf` beside the model file; docs/vision.md).
     """
 
     def __init__(
@@ -57,10 +59,11 @@ class LLM:
         quantized: bool | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str | torch.dtype | None = None,
+        mmproj: str | Path | None = None,
     ):
         kv_dtype = parse_kv_cache_dtype(kv_cache_dtype)  # checked before seconds are spent loading
         loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized,
-                            quantization=quantization)
+                            quantization=quantization, mmproj=mmproj)
         self.path = loaded.path
         self.config = loaded.config
         self.model = loaded.model
@@ -81,11 +84,12 @@ class LLM:
             from .vision.prompt import PromptBuilder, VisionLimits
 
             family = self.config.vision.family
+            settings = loaded.vision_processor  # a GGUF's projector: its settings; a folder: its config files
             self.vision = PromptBuilder(
                 self.config.vision,
                 self.tokenizer,
-                ImageProcessorConfig.from_dir(self.path, family),
-                _video_config(self.path, family),
+                ImageProcessorConfig.from_dict(settings, family) if settings else ImageProcessorConfig.from_dir(self.path, family),
+                _video_config(self.path, family, settings),
                 vision_limits or VisionLimits(),
             )
         self.engine = Engine(
@@ -382,12 +386,12 @@ def _output(seq, text: str) -> RequestOutput:
     return RequestOutput(text, list(seq.output_ids), seq.finish_reason, usage, raw_text=text)
 
 
-def _video_config(path: Path, family: str) -> Any:
+def _video_config(path: Path, family: str, settings: dict | None = None) -> Any:
     try:
         from .vision.video import VideoProcessorConfig
     except ImportError:  # video support not installed
         return None
-    return VideoProcessorConfig.from_dir(path, family)
+    return VideoProcessorConfig.from_dict(settings, family) if settings else VideoProcessorConfig.from_dir(path, family)
 
 
 def _normalise_messages(messages: list[dict[str, Any]], allow_vision: bool = False) -> list[dict[str, Any]]:

@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="GGUF file, Hugging Face folder, ollama:NAME[:TAG] or ORG/NAME from the "
                    "Hugging Face cache (default: the bundled demo model; see `qwen-engine models`)")
+    p.add_argument("--mmproj", help="vision projector (llama.cpp's mmproj GGUF) for a vision-language GGUF model "
+                   "(default: an ollama model's own, or the only mmproj*.gguf beside the model file)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--quantization", choices=["w8a8", "w8a8-vision"], help="optional lossy mode: int8 weights and "
@@ -145,7 +147,7 @@ def _load(args: argparse.Namespace):
     if sys.stderr.isatty():
         print(f"loading {args.model or 'the demo model'} …", file=sys.stderr, flush=True)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, mmproj=args.mmproj)
     return llm, params
 
 
@@ -292,7 +294,7 @@ def _serve(args: argparse.Namespace) -> int:
     memory = parse_size(args.kv_cache_memory)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory,
-              block_size=args.block_size,
+              mmproj=args.mmproj, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or _default_served_name(args.model, llm)

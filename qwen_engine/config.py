@@ -19,7 +19,20 @@ HF_ARCHITECTURES = {
     "Qwen3NextForCausalLM": "qwen3_next",
 }
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
-                      "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
+                      "qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next",
+                      # The language side of vision-language models (Qwen2-VL and Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE):
+                      # their decoders with M-RoPE, which text alone turns into plain RoPE. The vision tower is a file
+                      # of its own (weights/mmproj.py).
+                      "qwen2vl": "qwen2", "qwen3vl": "qwen3", "qwen3vlmoe": "qwen3_moe"}
+# The GGUF architectures whose language model takes a vision tower from llama.cpp's projector (mmproj) file, and
+# the tower families each pairs with (weights/mmproj.py).
+GGUF_VL_ARCHITECTURES = {
+    "qwen2vl": ("qwen2_vl", "qwen2_5_vl"),
+    "qwen3vl": ("qwen3_vl",),
+    "qwen3vlmoe": ("qwen3_vl",),
+    "qwen35": ("qwen3_vl",),  # Qwen3.5: Qwen3-VL's tower without DeepStack
+    "qwen35moe": ("qwen3_vl",),
+}
 # Vision-language checkpoints: class name → (vision family, the decoder their language model is).
 HF_VL_ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "qwen2"),

@@ -43,7 +43,10 @@ HF_TO_GGUF = {
     "linear_attn.out_proj": "ssm_out", "linear_attn.in_proj_ba": "ssm_ba",
 }
 ARCHS = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next"}
+         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next",
+         # the language side of vision-language models (the tower goes into an mmproj file, write_mmproj)
+         "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
+         "qwen3_vl_moe_text": "qwen3vlmoe"}
 HYBRID = ("qwen35", "qwen35moe", "qwen3next")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
@@ -109,16 +112,30 @@ def _qkvz(name: str, values: np.ndarray, cfg) -> dict[str, np.ndarray]:
     return {f"blk.{layer}.attn_qkv.weight": np.concatenate(flat[:3]), f"blk.{layer}.attn_gate.weight": flat[3]}
 
 
-def _tensors(model: torch.nn.Module, arch: str = "qwen3") -> dict[str, np.ndarray]:
+def _text_part(model: torch.nn.Module):
+    """(text config, state dict in a causal LM's names) of a text model, or of a vision-language model's
+    language side (its tower is left out: llama.cpp writes it to an mmproj file)."""
+    if not hasattr(model.config, "vision_config"):
+        return model.config, model.state_dict()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.language_model."):
+            state["model." + name[len("model.language_model."):]] = tensor
+        elif name == "lm_head.weight":
+            state[name] = tensor
+    return model.config.text_config, state
+
+
+def _tensors(state: dict, cfg, arch: str = "qwen3") -> dict[str, np.ndarray]:
     """GGUF name → float32 values, with each layer's experts stacked [experts, out, in]."""
     out: dict[str, np.ndarray] = {}
     experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         values = tensor.float().numpy()
         if arch in HYBRID:
-            values = _converted(name, values, model.config, arch)
+            values = _converted(name, values, cfg, arch)
         if name.endswith("linear_attn.in_proj_qkvz.weight"):  # qwen3next: q, k, v of every head, then z
-            out.update(_qkvz(name, values, model.config))
+            out.update(_qkvz(name, values, cfg))
         elif m := _EXPERT.fullmatch(name):
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = values
         elif m := _FUSED.fullmatch(name):  # transformers 5 holds the experts fused in memory: [E, 2I, H], [E, H, I]
@@ -134,10 +151,12 @@ def _tensors(model: torch.nn.Module, arch: str = "qwen3") -> dict[str, np.ndarra
     return out
 
 
-def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None = None, mtp_layers: int = 0) -> None:
+def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None = None, mtp_layers: int = 0,
+               chat_template: str | None = None) -> None:
     """`mtp_layers`: append that many copies of the last layer as multi-token-prediction blocks, which released
-    Qwen3.5 files carry after the model's own (block_count includes them, nextn_predict_layers counts them)."""
-    cfg = model.config
+    Qwen3.5 files carry after the model's own (block_count includes them, nextn_predict_layers counts them).
+    A vision-language model is written as its language side. `chat_template`: instead of the tokenizer's."""
+    cfg, state = _text_part(model)
     arch = ARCHS[cfg.model_type]
     types = TYPES if types is None else types
     w = gguf.GGUFWriter(str(path), arch)
@@ -165,8 +184,10 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
         w.add_array(f"{arch}.attention.recurrent_layers", [kind == "linear_attention" for kind in cfg.layer_types])
         w.add_full_attention_interval(4)
         w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
-        if "mrope_section" in cfg.rope_parameters:
-            w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
+    if "mrope_section" in cfg.rope_parameters:  # qwen2vl, qwen3vl(moe), qwen35(moe)
+        w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
+    if arch.startswith("qwen3vl"):
+        w.add_uint32(f"{arch}.n_deepstack_layers", len(model.config.vision_config.deepstack_visual_indexes))
     if arch.endswith("moe") or arch == "qwen3next":
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
@@ -194,8 +215,8 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     w.add_eos_token_id(151645)
     w.add_pad_token_id(151643)
     w.add_bos_token_id(151643)
-    w.add_chat_template(json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
-    tensors = _tensors(model, arch)
+    w.add_chat_template(chat_template or json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["chat_template"])
+    tensors = _tensors(state, cfg, arch)
     last = f"blk.{cfg.num_hidden_layers - 1}."
     for extra in range(mtp_layers):
         block = f"blk.{cfg.num_hidden_layers + extra}."
@@ -209,6 +230,100 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
             w.add_tensor(target, values)
         else:
             w.add_tensor(target, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# The tower's tensors as llama.cpp's converter names them (per block, then the merger's), by family.
+_MMPROJ_BLOCK = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn_out", "attn.qkv": "attn_qkv",
+                 "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+                 "mlp.gate_proj": "ffn_gate", "mlp.linear_fc1": "ffn_up", "mlp.linear_fc2": "ffn_down"}
+_MMPROJ_MERGER = {"merger.ln_q": "v.post_ln", "merger.mlp.0": "mm.0", "merger.mlp.2": "mm.2", "merger.norm": "v.post_ln",
+                  "merger.linear_fc1": "mm.0", "merger.linear_fc2": "mm.2"}
+_DEEPSTACK_PARTS = {"norm": "norm", "linear_fc1": "fc1", "linear_fc2": "fc2"}
+_PROJECTOR_TYPES = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger", "qwen3_vl": "qwen3vl_merger",
+                    "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger", "qwen3_5_moe": "qwen3vl_merger"}
+
+
+def mmproj_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A vision-language model's tower as llama.cpp's converter writes it into an mmproj file: the Conv3d patch
+    embedding as two Conv2d kernels (one per frame), Qwen2/2.5-VL's qkv split into q, k, v (Qwen3-VL's kept), the
+    merger as v.post_ln / mm.0 / mm.2, DeepStack mergers numbered by the block they tap."""
+    vcfg = model.config.vision_config
+    split_qkv = model.config.model_type in ("qwen2_vl", "qwen2_5_vl")
+    taps = list(getattr(vcfg, "deepstack_visual_indexes", None) or [])
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.visual."):
+            continue
+        values, local = tensor.float().numpy(), name[len("model.visual."):]
+        module, _, attr = local.rpartition(".")
+        if local == "patch_embed.proj.weight":  # [out, C, 2, P, P]
+            out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = values[:, :, 0], values[:, :, 1]
+        elif local == "patch_embed.proj.bias":
+            out["v.patch_embd.bias"] = values
+        elif local == "pos_embed.weight":
+            out["v.position_embd.weight"] = values
+        elif local.startswith("blocks."):
+            _, block, part = module.split(".", 2)
+            if part == "attn.qkv" and split_qkv:
+                for kind, piece in zip("qkv", np.split(values, 3), strict=True):
+                    out[f"v.blk.{block}.attn_{kind}.{attr}"] = piece
+            else:
+                out[f"v.blk.{block}.{_MMPROJ_BLOCK[part]}.{attr}"] = values
+        elif local.startswith("deepstack_merger_list."):
+            _, k, part = module.split(".", 2)
+            out[f"v.deepstack.{taps[int(k)]}.{_DEEPSTACK_PARTS[part]}.{attr}"] = values
+        else:
+            out[f"{_MMPROJ_MERGER[module]}.{attr}"] = values
+    return out
+
+
+def write_mmproj(model: torch.nn.Module, path, qtype=Q.F32, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)) -> None:
+    """A vision-language model's tower as an mmproj file, with the metadata llama.cpp's converter writes
+    (`clip.*`); matrices and patch kernels stored as `qtype` (F32, F16 or a block type), vectors and the position
+    table as F32. Checked by hand against the converter's own output (tests/test_gguf_vision.py)."""
+    cfg, vcfg = model.config, model.config.vision_config
+    family = cfg.model_type
+    qwen2 = family in ("qwen2_vl", "qwen2_5_vl")
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_file_type(0 if qtype == Q.F32 else 1)
+    w.add_bool("clip.has_vision_encoder", True)
+    w.add_uint32("clip.vision.projection_dim", cfg.text_config.hidden_size)
+    w.add_uint32("clip.vision.image_size", 560 if qwen2 else int(vcfg.num_position_embeddings ** 0.5 * vcfg.patch_size))
+    w.add_uint32("clip.vision.patch_size", vcfg.patch_size)
+    if family == "qwen2_vl":  # the converter's quirk: Qwen2-VL's feed_forward_length is the LLM's width
+        w.add_uint32("clip.vision.embedding_length", vcfg.embed_dim)
+        w.add_uint32("clip.vision.feed_forward_length", vcfg.hidden_size)
+    else:
+        w.add_uint32("clip.vision.embedding_length", vcfg.hidden_size)
+        w.add_uint32("clip.vision.feed_forward_length", vcfg.intermediate_size)
+    w.add_uint32("clip.vision.block_count", vcfg.depth)
+    w.add_uint32("clip.vision.attention.head_count", vcfg.num_heads)
+    w.add_array("clip.vision.image_mean", list(image_mean))
+    w.add_array("clip.vision.image_std", list(image_std))
+    w.add_string("clip.projector_type", _PROJECTOR_TYPES[family])
+    if family == "qwen2_5_vl":
+        w.add_bool("clip.use_silu", True)
+        w.add_uint32("clip.vision.n_wa_pattern", vcfg.fullatt_block_indexes[0] + 1)
+    if not qwen2:
+        w.add_bool("clip.use_gelu", True)
+        w.add_uint32("clip.vision.spatial_merge_size", vcfg.spatial_merge_size)
+    w.add_float32("clip.vision.attention.layer_norm_epsilon", cfg.text_config.rms_norm_eps)
+    if not qwen2:
+        taps = set(getattr(vcfg, "deepstack_visual_indexes", None) or [])
+        w.add_array("clip.vision.is_deepstack_layers", [i in taps for i in range(vcfg.depth)])
+    for name, values in mmproj_tensors(model).items():
+        kind = Q.F32 if values.ndim == 1 or name == "v.position_embd.weight" else qtype
+        if kind == Q.F32:
+            w.add_tensor(name, values)
+        elif kind == Q.F16:
+            w.add_tensor(name, values.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

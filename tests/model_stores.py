@@ -67,7 +67,7 @@ def make_ollama_model(
     params: dict | None = None,
     template: str | None = None,
     license: str | None = None,
-    projector: bytes | None = None,
+    projector: bytes | Path | None = None,
     messages: list | None = None,
     namespace: str = "library",
     host: str = "registry.ollama.ai",
@@ -122,12 +122,12 @@ def make_hf_repo(cache: Path, repo_id: str, files: Path, commit: str | None = No
     return snapshot
 
 
-def write_llama_gguf(path: Path) -> Path:
+def write_llama_gguf(path: Path, arch: str = "llama") -> Path:
     """A tiny GGUF of an architecture qwen-engine does not run."""
     import gguf
     import numpy as np
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

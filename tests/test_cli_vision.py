@@ -133,3 +133,31 @@ def test_chat_attaches_the_image_to_the_first_message(qwen2_5_vl_folder, vision_
     follow = llm.chat([*turn, {"role": "assistant", "content": answer}, {"role": "user", "content": "And now?"}],
                       params).text
     assert second == follow
+
+
+def test_gguf_with_its_vision_projector(qwen2_5_vl_folder, vision_files, qwen3_tokenizer_dir, tmp_path):
+    """`--mmproj`: a vision-language GGUF answers about an image as the same files through the API do; a projector
+    that is missing or is not one gets one line on stderr and exit code 2."""
+    import transformers
+    from gguf_files import write_gguf, write_mmproj
+    from test_gguf_vision import norms
+
+    from qwen_engine import SamplingParams
+    from qwen_engine.text.vl_template import VL_TEMPLATES
+
+    ref = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen2_5_vl_folder)
+    write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "model.gguf", chat_template=VL_TEMPLATES["qwen2_5_vl"])
+    write_mmproj(ref, tmp_path / "vision.gguf", **norms("qwen2_5_vl"))
+    image = str(vision_files / "photo.png")
+    result = run("generate", "-m", str(tmp_path / "model.gguf"), "--mmproj", str(tmp_path / "vision.gguf"), "--json",
+                 "--max-tokens", "5", *GREEDY, "--image", image, "What is shown?")
+    assert result.returncode == 0, result.stderr
+    llm = LLM(tmp_path / "model.gguf", mmproj=tmp_path / "vision.gguf", progress=False, kv_cache_memory=16 << 20)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is shown?"}]}]
+    expected = llm.chat(messages, SamplingParams(max_tokens=5, temperature=0, repetition_penalty=1))
+    assert json.loads(result.stdout)["token_ids"] == expected.token_ids
+
+    missing = run("generate", "-m", str(tmp_path / "model.gguf"), "--mmproj", str(tmp_path / "nope.gguf"), "hi")
+    assert_usage_error(missing, "nope.gguf", "does not exist")
+    wrong = run("generate", "-m", str(tmp_path / "model.gguf"), "--mmproj", str(tmp_path / "model.gguf"), "hi")
+    assert_usage_error(wrong, "not a vision projector")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from model_stores import known_digest, make_hf_repo, make_ollama_model, tree_state, write_llama_gguf
+from model_stores import add_blob, known_digest, make_hf_repo, make_ollama_model, tree_state, write_llama_gguf
 from tiny_models import build_tiny
 
 from qwen_engine import LLM, ModelLoadError, SamplingParams
@@ -247,10 +247,14 @@ def test_unsupported_gguf_architecture(scratch):
     assert "blobs/sha256-" in message
 
 
-def test_projector_layer_is_refused(scratch):
-    make_ollama_model(scratch / "ollama", "qwen-vl", gguf=b"GGUF", projector=b"GGUF-vision")
-    message = load_error("ollama:qwen-vl")
-    assert "vision projector" in message and "not run yet" in message
+def test_adapter_layer_is_refused(scratch):
+    manifest = make_ollama_model(scratch / "ollama", "qwen-lora", gguf=b"GGUF")
+    data = json.loads(manifest.read_text())
+    data["layers"].append({"mediaType": "application/vnd.ollama.image.adapter", **add_blob(scratch / "ollama", b"LoRA")})
+    manifest.write_text(json.dumps(data))
+    message = load_error("ollama:qwen-lora")
+    assert "LoRA adapter" in message and "not run yet" in message
+
 
 
 def test_path_traversal_in_a_digest(scratch):
@@ -351,8 +355,9 @@ def test_models_lists_every_source(stores, tmp_path, demo_gguf, monkeypatch, cap
     # Next to runnable models: a vision model and a foreign architecture in each store.
     root, cache = tmp_path / "ollama", tmp_path / "hf"
     make_ollama_model(root, "qwen2.5-coder", "0.5b", gguf=demo_gguf)
-    make_ollama_model(root, "qwen2.5vl", "3b", gguf=b"GGUF\x03\x00\x00\x00" + bytes(16), projector=b"P",
-                      family="qwen25vl", model_type="3.8B")
+    # ollama's own vision files hold the tower inside (architecture qwen25vl): not llama.cpp's layout.
+    make_ollama_model(root, "qwen2.5vl", "3b", gguf=write_llama_gguf(tmp_path / "qwen25vl.gguf", "qwen25vl"),
+                      projector=b"P", family="qwen25vl", model_type="3.8B")
     make_ollama_model(root, "llama-tiny", gguf=write_llama_gguf(tmp_path / "llama.gguf"), family="llama",
                       model_type="32", file_type="F32")
     make_hf_repo(cache, TINY_ID, stores["tiny"])
@@ -371,7 +376,7 @@ def test_models_lists_every_source(stores, tmp_path, demo_gguf, monkeypatch, cap
     rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith(" ")}
     assert rows["ollama:qwen2.5-coder:0.5b"].rstrip().endswith("text")
     assert rows[TINY_ID].rstrip().endswith("text")
-    assert "unsupported: vision" in rows["ollama:qwen2.5vl:3b"]
+    assert "unsupported: vision-language GGUF (qwen25vl)" in rows["ollama:qwen2.5vl:3b"]
     assert rows["Qwen/Qwen2.5-VL-3B-Instruct"].rstrip().endswith("vision")  # listed as runnable, by its class
     assert "unsupported: GGUF architecture llama" in rows["ollama:llama-tiny:latest"]
     assert "pull-demo" in rows["(default:"]  # listed even before it is assembled

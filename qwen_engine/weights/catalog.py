@@ -11,7 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import GGUF_ARCHITECTURES, HF_ARCHITECTURES, HF_VL_ARCHITECTURES, VL_MODEL_TYPES
+from ..config import (
+    GGUF_ARCHITECTURES,
+    GGUF_VL_ARCHITECTURES,
+    HF_ARCHITECTURES,
+    HF_VL_ARCHITECTURES,
+    VL_MODEL_TYPES,
+)
 from ..errors import ModelLoadError
 
 
@@ -103,11 +109,11 @@ def _ollama_entry(name: str, manifest_path: Path, root: Path) -> CatalogEntry:
     if not model.path.is_file():
         entry.note = f"model blob {model.path.name} is missing"
         return entry
-    _describe_gguf(entry, model.path)
-    if manifest.find(ollama.PROJECTOR) is not None:
-        entry.runs, entry.note = "unsupported", "vision model (projector layer): vision GGUF is not supported yet"
-    elif manifest.find(ollama.ADAPTER) is not None:
+    arch = _describe_gguf(entry, model.path)
+    if manifest.find(ollama.ADAPTER) is not None:
         entry.runs, entry.note = "unsupported", "has a LoRA adapter layer, which is not supported"
+    elif manifest.find(ollama.PROJECTOR) is not None and arch in GGUF_VL_ARCHITECTURES:
+        entry.runs = "vision"  # its projector layer is llama.cpp's mmproj file (weights/mmproj.py)
     return entry
 
 
@@ -164,14 +170,15 @@ def _hf_entry(repo_id: str, folder: Path) -> CatalogEntry:
 # -- shared ----------------------------------------------------------------------------------------------
 
 
-def _describe_gguf(entry: CatalogEntry, path: Path) -> None:
+def _describe_gguf(entry: CatalogEntry, path: Path) -> str | None:
+    """Fill the entry from the file's header; return its architecture (None if unreadable)."""
     from .gguf import read_summary
 
     try:
         summary = read_summary(path)
     except ModelLoadError as e:
         entry.runs, entry.note = "unsupported", _short(str(e).replace(f"{path}: ", ""))
-        return
+        return None
     arch = summary.architecture
     entry.family = entry.family or arch
     entry.params = entry.params or summary.metadata.get("general.size_label") or _format_count(summary.n_params)
@@ -182,6 +189,7 @@ def _describe_gguf(entry: CatalogEntry, path: Path) -> None:
         entry.runs, entry.note = "unsupported", f"vision-language GGUF ({arch}): not supported yet"
     else:
         entry.runs, entry.note = "unsupported", f"GGUF architecture {arch}: not supported"
+    return arch
 
 
 def _json_or_empty(path: Path) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def check_snapshot(snapshot: Path) -> Path:
     if config.is_file():
         _require_weights(snapshot)
         return snapshot
-    ggufs = sorted(p for p in snapshot.glob("*.gguf") if p.is_file())
+    # A vision projector (llama.cpp's mmproj file) is not the model: the loader finds it beside the model's file.
+    ggufs = sorted(p for p in snapshot.glob("*.gguf") if p.is_file() and not p.name.lower().startswith("mmproj"))
     if len(ggufs) == 1:
         return ggufs[0]
     if len(ggufs) > 1:

@@ -7,6 +7,7 @@ Names of models in ollama's store or the Hugging Face cache are turned into such
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,19 +17,21 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..config import ModelConfig
+from ..config import GGUF_VL_ARCHITECTURES, ModelConfig
 from ..engine.sampling_params import SamplingParams
 from ..errors import InputError, ModelLoadError
 from ..models import w8a8
 from ..models.calibration import calibration_ids
 from ..models.layers import RotaryEmbedding
 from ..models.qwen import QwenForCausalLM
-from . import bf16_layers, experts, linear_projections, w8a8_store
+from . import bf16_layers, experts, linear_projections, mmproj, w8a8_store
 from .quantized import build_quantized, fuse_projections, tie_lm_head
 from .sources import ModelSource, merge_defaults, resolve_source
 
 # A GGUF carries no generation_config.json; these are the values Qwen publishes in it for each family's
 # instruct models (Qwen2.5-Instruct, and Qwen3 in its default thinking mode).
+log = logging.getLogger(__name__)
+
 GGUF_DEFAULTS = {
     "qwen2": SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05),
     "qwen3": SamplingParams(temperature=0.6, top_p=0.95, top_k=20),
@@ -46,6 +49,8 @@ class LoadedModel:
     chat_template: object  # text.template.ChatTemplate
     defaults: SamplingParams  # from generation_config.json (or the GGUF's family defaults)
     eos_token_ids: list[int] = field(default_factory=list)
+    # A GGUF's vision projector: its image settings in preprocessor_config.json's spelling (a folder has the file)
+    vision_processor: dict | None = None
     source: ModelSource | None = None  # where the model came from (demo, path, ollama, Hugging Face cache)
     system_prompt: str | None = None  # the source's default system message (ollama's system layer)
     max_model_len: int | None = None  # the source's default context length (ollama's num_ctx)
@@ -83,6 +88,7 @@ def load_model(
     progress: bool = True,
     quantized: bool | None = None,
     quantization: str | None = None,
+    mmproj: str | Path | None = None,
 ) -> LoadedModel:
     """Load a model. For a GGUF on CPU in float32, `quantized` (default: yes, unless QWEN_ENGINE_QUANTIZED=0)
     keeps the weights in the file's blocks, memory-mapped, and multiplies them with the native kernels;
@@ -92,12 +98,16 @@ def load_model(
 
     `quantization="w8a8"` (or QWEN_ENGINE_QUANTIZATION=w8a8) is the optional lossy mode of models/w8a8.py:
     int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py.
-    "w8a8-vision" converts a vision tower too (int8 linear layers, bf16 attention products)."""
+    "w8a8-vision" converts a vision tower too (int8 linear layers, bf16 attention products).
+
+    `mmproj`: llama.cpp's vision projector file for a vision-language GGUF (weights/mmproj.py); by default the
+    one an ollama model's manifest names, or the only `mmproj*.gguf` beside the model file."""
     if quantization is None:
         quantization = os.environ.get("QWEN_ENGINE_QUANTIZATION") or None
     if quantization is not None and quantization not in w8a8.MODES:
         raise InputError(f"unknown quantization {quantization!r}; choose from {', '.join(w8a8.MODES)}")
     source = resolve_source(model, progress)
+    projector = _projector_path(source, mmproj)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if quantization is not None and (torch_dtype != torch.float32 or torch_device.type != "cpu"):
         raise InputError(f"quantization={quantization!r} runs on the CPU in float32; drop --dtype/--device")
@@ -110,7 +120,8 @@ def load_model(
             keep_bf16 = keep_blocks and quantization is None and kernels.native() is not None
             loaded = _load_hf_folder(source.path, torch_dtype, torch_device, keep_bf16)
         else:
-            loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks, layers_replaced=quantization is not None)
+            loaded = _load_gguf(source.path, torch_dtype, torch_device, keep_blocks,
+                                layers_replaced=quantization is not None, projector_path=projector)
     except ModelLoadError as e:
         if source.kind in ("ollama", "hf"):  # a blob name alone would not tell the user which model failed
             raise ModelLoadError(f"{source.name}: {e}") from None
@@ -131,8 +142,20 @@ def load_model(
     return loaded
 
 
+def _projector_path(source: ModelSource, mmproj: str | Path | None) -> Path | None:
+    if mmproj is not None:
+        path = Path(mmproj).expanduser()
+        if source.path.is_dir():
+            raise InputError(f"mmproj names a vision projector for a GGUF; {source.name} is a model folder, whose "
+                             f"vision tower (if any) is in the folder")
+        if not path.is_file():
+            raise ModelLoadError(f"vision projector {str(path)!r} does not exist")
+        return path
+    return source.mmproj
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks: bool = False,
-               layers_replaced: bool = False) -> LoadedModel:
+               layers_replaced: bool = False, projector_path: Path | None = None) -> LoadedModel:
     from ..text.template import ChatTemplate
     from ..text.tokenizer import QwenTokenizer
     from .gguf import GGUFFile
@@ -154,17 +177,52 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
     except ModelLoadError as e:
         raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
-    template = ChatTemplate(gguf.metadata.get("tokenizer.chat_template"), tokenizer.special_tokens_map())
+    template_source = gguf.metadata.get("tokenizer.chat_template")
+    projector = _projector(path, projector_path, config, gguf.metadata, tokenizer)
+    if projector is not None:
+        if "<|image_pad|>" not in (template_source or ""):  # a text template would print no image placeholders
+            from ..text.vl_template import VL_TEMPLATES
+
+            template_source = VL_TEMPLATES[config.vision.family]
+    template = ChatTemplate(template_source, tokenizer.special_tokens_map())
     if keep_blocks and kernels.native() is not None:
         model = build_quantized(config, gguf, path, layers_replaced)
     else:  # float32 throughout (without a compiler too: dequantising per call would be far slower)
         tensors = ((n, torch.from_numpy(a)) for n, a in _checked(gguf, config.num_layers))
         if config.architecture == "qwen3_next":
             tensors = _unfused(tensors, _split_projections(config), path)
-        model = _build(config, tensors, dtype, device, path)
+        model = _build(config, tensors, dtype, device, path, tower_apart=True)
+    if projector is not None:
+        mmproj.load_tower(model.visual, projector, dtype, device)
+        model.visual.reset_computed_state(device)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
     defaults = GGUF_DEFAULTS.get(config.family, GGUF_DEFAULTS["qwen3"])  # (Qwen3.5: Qwen3's thinking-mode values)
-    return LoadedModel(path, config, model, tokenizer, template, defaults, eos)
+    return LoadedModel(path, config, model, tokenizer, template, defaults, eos,
+                       vision_processor=projector.processor if projector is not None else None)
+
+
+def _projector(path: Path, chosen: Path | None, config: ModelConfig, meta: dict, tokenizer) -> mmproj.Projector | None:
+    """The vision projector `chosen` attached to `config`; without one, as LM Studio does, the only
+    `mmproj*.gguf` beside a vision-language GGUF, if it pairs with it (otherwise the model runs on text alone)."""
+    if chosen is None:
+        if meta.get("general.architecture") not in GGUF_VL_ARCHITECTURES:
+            return None
+        found = sorted(p for p in path.parent.glob("*.gguf") if p.name.lower().startswith("mmproj"))
+        if len(found) != 1 or found[0] == path:
+            return None
+        try:
+            projector = mmproj.read_projector(found[0])
+            mmproj.attach(config, meta, projector, tokenizer)
+        except ModelLoadError as e:
+            log.warning("%s lies beside %s but is not its vision projector (%s): text only", found[0], path, e)
+            return None
+        return projector
+    projector = mmproj.read_projector(chosen)
+    try:
+        mmproj.attach(config, meta, projector, tokenizer)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path} with {chosen}: {e}") from None
+    return projector
 
 
 def _checked(gguf, layers: int) -> Iterable[tuple[str, np.ndarray]]:
@@ -217,12 +275,14 @@ def _build(
     device: torch.device,
     path: Path,
     keep_bf16: bool = False,
+    tower_apart: bool = False,
 ) -> QwenForCausalLM:
+    """`tower_apart`: a vision tower comes from a file of its own (a GGUF's projector), loaded afterwards."""
     # Built on the meta device, then filled tensor by tensor: memory never holds more than the final weights
     # plus the one tensor being converted.
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    expected = {name for name, _ in model.named_parameters()}
+    expected = {name for name, _ in model.named_parameters() if not (tower_apart and name.startswith("visual."))}
     loaded = set()
     kept: dict[str, torch.Tensor] = {}  # module name → its bfloat16 weight, for bf16_layers.keep
     for name, tensor in tensors:

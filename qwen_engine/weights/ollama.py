@@ -180,25 +180,27 @@ class OllamaModel:
     params: dict[str, Any] = field(default_factory=dict)  # the params layer as written
     defaults: SamplingParams = field(default_factory=SamplingParams)
     num_ctx: int | None = None
+    projector: Path | None = None  # the vision projector layer (an mmproj GGUF), for weights/mmproj.py
 
 
 def resolve(text: str, progress: bool = True) -> OllamaModel:
     """`qwen2.5:0.5b` → the verified GGUF blob plus the model's system message and sampling defaults."""
     name, root = parse_name(text), store_root()
     manifest = read_manifest(find_manifest(name, root), root)
-    for kind, what in ((PROJECTOR, "a vision projector"), (ADAPTER, "a LoRA adapter")):
-        if manifest.find(kind) is not None:
-            raise ModelLoadError(
-                f"ollama model {str(name)!r} has {what} layer ({manifest.path}), which this version does not "
-                f"run yet; only text-only GGUF models are supported"
-            )
+    if manifest.find(ADAPTER) is not None:
+        raise ModelLoadError(
+            f"ollama model {str(name)!r} has a LoRA adapter layer ({manifest.path}), which this version does not "
+            f"run yet"
+        )
     model = manifest.find(MODEL)
     if model is None:
         raise ModelLoadError(f"{manifest.path}: the manifest has no {MEDIA_PREFIX}{MODEL} layer")
     for layer in manifest.layers:
-        if layer.media_type in (MODEL, SYSTEM, TEMPLATE, PARAMS, LICENSE):
+        if layer.media_type in (MODEL, PROJECTOR, SYSTEM, TEMPLATE, PARAMS, LICENSE):
             verify_blob(layer, manifest.path, progress, f"verifying ollama:{name}")
     result = OllamaModel(name, manifest, model.path)
+    if (layer := manifest.find(PROJECTOR)) is not None:
+        result.projector = layer.path
     if (layer := manifest.find(SYSTEM)) is not None:
         result.system = _text(layer)
     if (layer := manifest.find(TEMPLATE)) is not None:

@@ -37,7 +37,8 @@ def build_quantized(config: ModelConfig, gguf: GGUFFile, path: Path, layers_repl
     blocks: none is re-laid (recode) or copied into huge pages (_streamed_sizes)."""
     with torch.device("meta"):
         model = QwenForCausalLM(config)
-    expected = {name for name, _ in model.named_parameters()}
+    # (A vision tower is not in this file: weights/mmproj.py loads it from the projector file.)
+    expected = {name for name, _ in model.named_parameters() if not name.startswith("visual.")}
     blocks: dict[str, tuple[torch.Tensor, BlockType, int]] = {}  # module name → (bytes, type, K)
     loaded = set()
     recoded = {} if layers_replaced else _recoded_sizes(model, gguf, expected)

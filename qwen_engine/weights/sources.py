@@ -32,6 +32,7 @@ class ModelSource:
     system_prompt: str | None = None  # used when a conversation brings no system message
     max_model_len: int | None = None  # the default context length (capped by the model's)
     template: str | None = None  # ollama's Go template, kept for display: prompts use the GGUF's Jinja one
+    mmproj: Path | None = None  # a GGUF's vision projector (ollama's projector layer)
 
 
 def resolve_source(model: str | Path | None, progress: bool = True) -> ModelSource:
@@ -79,6 +80,7 @@ def _ollama(name: str, progress: bool) -> ModelSource:
         system_prompt=found.system,
         max_model_len=found.num_ctx,
         template=found.template,
+        mmproj=found.projector,
     )
 
 
