@@ -23,11 +23,12 @@ GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe
                       # The language side of vision-language models (Qwen2-VL and Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE):
                       # their decoders with M-RoPE, which text alone turns into plain RoPE. The vision tower is a file
                       # of its own (weights/mmproj.py).
-                      "qwen2vl": "qwen2", "qwen3vl": "qwen3", "qwen3vlmoe": "qwen3_moe"}
+                      "qwen2vl": "qwen2", "qwen3vl": "qwen3", "qwen3vlmoe": "qwen3_moe", "qwen25vl": "qwen2"}
 # The GGUF architectures whose language model takes a vision tower from llama.cpp's projector (mmproj) file, and
 # the tower families each pairs with (weights/mmproj.py).
 GGUF_VL_ARCHITECTURES = {
     "qwen2vl": ("qwen2_vl", "qwen2_5_vl"),
+    "qwen25vl": ("qwen2_5_vl",),  # ollama's name for Qwen2.5-VL's language side (its tower inside the same file)
     "qwen3vl": ("qwen3_vl",),
     "qwen3vlmoe": ("qwen3_vl",),
     "qwen35": ("qwen3_vl",),  # Qwen3.5: Qwen3-VL's tower without DeepStack
@@ -315,7 +316,7 @@ class ModelConfig:
             intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or 0) if moe else int(get("feed_forward_length")),
             num_layers=layers,
             num_heads=heads,
-            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            num_kv_heads=_kv_heads(get("attention.head_count_kv", heads)),
             head_dim=head_dim,
             rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(get("context_length", 32768)),
@@ -330,6 +331,17 @@ class ModelConfig:
             zero_centered_norm=False,
             partial_rotary_factor=rotary / head_dim,
         )
+
+
+def _kv_heads(value: Any) -> int:
+    """attention.head_count_kv: a number, or (ollama's published Qwen3.5 / Qwen3-Next files) one per layer, 0 for the
+    linear-attention layers; the attention layers all have the same count."""
+    if isinstance(value, list):
+        counts = {int(v) for v in value if v}
+        if len(counts) != 1:
+            raise ModelLoadError(f"attention.head_count_kv {value!r}: the attention layers must agree on one count")
+        return counts.pop()
+    return int(value)
 
 
 def _req(cfg: dict[str, Any], key: str) -> Any:

@@ -152,12 +152,20 @@ def _tensors(state: dict, cfg, arch: str = "qwen3") -> dict[str, np.ndarray]:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None = None, mtp_layers: int = 0,
-               chat_template: str | None = None) -> None:
+               chat_template: str | None = None, ollama: bool = False) -> None:
     """`mtp_layers`: append that many copies of the last layer as multi-token-prediction blocks, which released
     Qwen3.5 files carry after the model's own (block_count includes them, nextn_predict_layers counts them).
-    A vision-language model is written as its language side. `chat_template`: instead of the tokenizer's."""
+    A vision-language model is written as its language side. `chat_template`: instead of the tokenizer's.
+
+    `ollama`: a vision-language model in the layout of ollama's published files, as its translation layer for
+    llama.cpp (llama/compat/llama-ollama-compat.cpp) describes them: one file holding the tower too (ollama_tower),
+    Qwen2.5-VL's architecture named qwen25vl, M-RoPE sections as rope.mrope_section (Qwen3.5: three
+    dimension_sections), and for Qwen3.5 head_count_kv per layer (0 for the linear ones), `ssm_dt` without
+    `.bias` and the multi-token-prediction weights as `mtp.*`."""
     cfg, state = _text_part(model)
     arch = ARCHS[cfg.model_type]
+    if ollama and arch == "qwen2vl":
+        arch = "qwen25vl"
     types = TYPES if types is None else types
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
@@ -169,7 +177,11 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     if getattr(cfg, "intermediate_size", None) is not None:  # (Qwen3.5-MoE has only experts)
         w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    if ollama and arch in HYBRID:
+        w.add_array(f"{arch}.attention.head_count_kv",
+                    [0 if kind == "linear_attention" else cfg.num_key_value_heads for kind in cfg.layer_types])
+    else:
+        w.add_head_count_kv(cfg.num_key_value_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -184,9 +196,17 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
         w.add_array(f"{arch}.attention.recurrent_layers", [kind == "linear_attention" for kind in cfg.layer_types])
         w.add_full_attention_interval(4)
         w.add_rope_dimension_count(int(head_dim * cfg.rope_parameters["partial_rotary_factor"]))
-    if "mrope_section" in cfg.rope_parameters:  # qwen2vl, qwen3vl(moe), qwen35(moe)
+    if "mrope_section" in cfg.rope_parameters and ollama:
+        sections = list(cfg.rope_parameters["mrope_section"])
+        if arch in HYBRID:
+            w.add_array(f"{arch}.rope.dimension_sections", sections)
+            w.add_bool(f"{arch}.rope.mrope_interleaved", True)
+        else:
+            w.add_array(f"{arch}.rope.mrope_section", sections)
+        ollama_vision_kv(w, model, arch)
+    elif "mrope_section" in cfg.rope_parameters:  # qwen2vl, qwen3vl(moe), qwen35(moe)
         w.add_rope_dimension_sections([*cfg.rope_parameters["mrope_section"], 0])
-    if arch.startswith("qwen3vl"):
+    if arch.startswith("qwen3vl") and not ollama:
         w.add_uint32(f"{arch}.n_deepstack_layers", len(model.config.vision_config.deepstack_visual_indexes))
     if arch.endswith("moe") or arch == "qwen3next":
         w.add_expert_count(cfg.num_experts)
@@ -221,7 +241,15 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
     for extra in range(mtp_layers):
         block = f"blk.{cfg.num_hidden_layers + extra}."
         tensors.update({block + n[len(last):]: v for n, v in list(tensors.items()) if n.startswith(last)})
+    if ollama:
+        tensors = {n.removesuffix(".bias") if n.endswith(".ssm_dt.bias") else n: v for n, v in tensors.items()}
+        if arch in HYBRID:  # a multi-token-prediction weight under ollama's name: not the model's, skipped
+            tensors["mtp.fc.weight"] = np.ones((cfg.hidden_size, 2 * cfg.hidden_size), np.float32)
+        tensors.update(ollama_tower(model))
     for target, values in tensors.items():
+        if target.startswith("v.") and ollama:  # the tower as published: F16 matrices, F32 vectors
+            w.add_tensor(target, values if values.ndim == 1 else values.astype(np.float16))
+            continue
         if target.endswith("ffn_gate_inp_shexp.weight") and arch not in HYBRID:
             values = values.reshape(-1)  # llama.cpp's converter writes this one-row gate as a vector (but qwen35moe's)
         kind = target.split(".")[-2] if target.startswith("blk.") else target.split(".")[0]
@@ -328,3 +356,65 @@ def write_mmproj(model: torch.nn.Module, path, qtype=Q.F32, image_mean=(0.5, 0.5
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def ollama_tower(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A vision-language model's tower under the names of ollama's published files (what its translation layer
+    renames for llama.cpp): q, k, v apart; Qwen2.5-VL's patch kernels per frame (v.patch_embd_0 / _1), ln1 / ln2,
+    ffn_*, v.merger.ln_q / mlp.*; Qwen3-VL's and Qwen3.5's Conv3d kept whole with out and in channels flattened
+    together (v.patch_embed.weight), norm1 / norm2, mlp.linear_fc*, v.pos_embed, v.merger.norm / linear_fc*,
+    v.deepstack_merger.K (K: the place in the list)."""
+    qwen25 = model.config.model_type == "qwen2_5_vl"
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("model.visual."):
+            continue
+        values, local = tensor.float().numpy(), name[len("model.visual."):]
+        if local == "patch_embed.proj.weight":  # [out, C, 2, P, P]
+            if qwen25:
+                out["v.patch_embd_0.weight"], out["v.patch_embd_1.weight"] = values[:, :, 0], values[:, :, 1]
+            else:
+                out["v.patch_embed.weight"] = values.reshape(-1, *values.shape[2:])
+            continue
+        if ".attn.qkv." in local:
+            for kind, piece in zip("qkv", np.split(values, 3), strict=True):
+                out["v." + local.replace("blocks.", "blk.").replace("attn.qkv", f"attn_{kind}")] = piece
+            continue
+        renamed = "v." + local
+        for old, new in (("blocks.", "blk."), ("attn.proj", "attn_out"), ("patch_embed.proj", "patch_embed"),
+                         ("deepstack_merger_list", "deepstack_merger")):
+            renamed = renamed.replace(old, new)
+        if qwen25:
+            for old, new in (("norm1", "ln1"), ("norm2", "ln2"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                             ("mlp.down_proj", "ffn_down")):
+                renamed = renamed.replace(old, new)
+        out[renamed] = values
+    return out
+
+
+def ollama_vision_kv(w, model: torch.nn.Module, arch: str) -> None:
+    """The `<arch>.vision.*` metadata of ollama's published vision files."""
+    v = model.config.vision_config
+    w.add_uint32(f"{arch}.vision.block_count", v.depth)
+    w.add_uint32(f"{arch}.vision.embedding_length", v.hidden_size)
+    w.add_uint32(f"{arch}.vision.attention.head_count", v.num_heads)
+    w.add_uint32(f"{arch}.vision.num_channels", v.in_channels)
+    w.add_uint32(f"{arch}.vision.patch_size", v.patch_size)
+    w.add_uint32(f"{arch}.vision.spatial_merge_size", v.spatial_merge_size)
+    if arch == "qwen25vl":
+        w.add_uint32(f"{arch}.vision.window_size", v.window_size)
+        w.add_float32(f"{arch}.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_float32(f"{arch}.vision.rope.freq_base", 10000.0)
+        w.add_array(f"{arch}.vision.fullatt_block_indexes", list(v.fullatt_block_indexes))
+        w.add_uint32(f"{arch}.vision.temporal_patch_size", v.temporal_patch_size)
+    elif arch.startswith("qwen3vl"):
+        w.add_uint32(f"{arch}.vision.temporal_patch_size", v.temporal_patch_size)
+        w.add_float32(f"{arch}.vision.rope.freq_base", 10000.0)
+        w.add_float32(f"{arch}.vision.attention.layer_norm_epsilon", 1e-6)
+        w.add_array(f"{arch}.vision.deepstack_visual_indexes", list(v.deepstack_visual_indexes))
+        w.add_uint32(f"{arch}.vision.shortest_edge", 65536)
+        w.add_uint32(f"{arch}.vision.longest_edge", 16777216)
+        w.add_array(f"{arch}.vision.image_mean", [0.5, 0.5, 0.5])
+        w.add_array(f"{arch}.vision.image_std", [0.5, 0.5, 0.5])
+    else:  # qwen35, qwen35moe
+        w.add_uint32(f"{arch}.image_token_id", model.config.image_token_id)

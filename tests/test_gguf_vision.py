@@ -12,6 +12,7 @@ within 5.4e-06, on the kernels and on the float32 path.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import gguf
@@ -99,24 +100,58 @@ def test_video_logits_match_transformers(files, llm, video_file, messages) -> No
     assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
 
 
+@contextlib.contextmanager
+def tower_in_float16(ref, position_table: bool = False):
+    """The reference with its tower's matrices (and `position_table`) rounded to float16, as a file stores them."""
+    saved = {name: param.detach().clone() for name, param in ref.named_parameters()}
+    try:
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                if name.startswith("model.visual.") and param.dim() > 1 and (position_table or "pos_embed" not in name):
+                    param.copy_(param.half().float())
+        yield ref
+    finally:
+        with torch.no_grad():
+            for name, param in ref.named_parameters():
+                param.copy_(saved[name])
+
+
 def test_f16_projector_matches_transformers_with_f16_tower(files) -> None:
     """An mmproj-F16 file (the common one): the tower computes in float32 from the file's float16 values, so it
     must match the reference whose tower weights are rounded to float16 the same way."""
     family, ref, folder = files
     llm = LLM(folder / "text.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
-    rounded = {name: param.detach().clone() for name, param in ref.named_parameters()}
-    try:
-        with torch.no_grad():
-            for name, param in ref.named_parameters():
-                if name.startswith("model.visual.") and param.dim() > 1 and "pos_embed" not in name:
-                    param.copy_(param.half().float())
-        prompt = llm.encode_chat(one_image(), add_generation_prompt=True)
+    prompt = llm.encode_chat(one_image(), add_generation_prompt=True)
+    with tower_in_float16(ref):
         diff = (llm.logits(prompt) - reference_logits(ref, prompt)).abs().max().item()
-    finally:
-        with torch.no_grad():
-            for name, param in ref.named_parameters():
-                param.copy_(rounded[name])
     assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
+
+
+@pytest.mark.parametrize("files", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"], indirect=True)
+def test_ollama_published_layout(files, qwen3_tokenizer_dir, tmp_path, monkeypatch) -> None:
+    """ollama's published vision models are one file with the tower inside, under ollama's own names and
+    metadata (gguf_files.write_gguf(ollama=True), written from ollama's translation layer for llama.cpp, as no
+    published file could be had here); Qwen3.5's also with a per-layer head_count_kv, `ssm_dt` and `mtp.*`."""
+    from model_stores import make_ollama_model
+
+    family, ref, folder = files
+    write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "model.gguf", types={}, ollama=True,
+               chat_template=VL_TEMPLATES[tower_family(family)])
+    make_ollama_model(tmp_path / "ollama", "tiny-vl", gguf=tmp_path / "model.gguf", family="qwen25vl")
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "ollama"))
+    monkeypatch.setenv("QWEN_ENGINE_HOME", str(tmp_path / "home"))
+    llm = LLM("ollama:tiny-vl", **OPTIONS)
+    assert llm.config.vision.family == tower_family(family)
+    for messages in (one_image, two_images):
+        prompt = llm.encode_chat(messages(), add_generation_prompt=True)
+        with tower_in_float16(ref, position_table=True):
+            diff = (llm.logits(prompt) - reference_logits(ref, prompt)).abs().max().item()
+        assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
+
+    from qwen_engine.weights.catalog import ollama_entries
+
+    (entry,) = [e for e in ollama_entries() if e.name == "ollama:tiny-vl:latest"]
+    assert entry.runs == "vision"
 
 
 def test_quantised_language_model_with_image_on_kernels(files) -> None:

@@ -355,7 +355,7 @@ def test_models_lists_every_source(stores, tmp_path, demo_gguf, monkeypatch, cap
     # Next to runnable models: a vision model and a foreign architecture in each store.
     root, cache = tmp_path / "ollama", tmp_path / "hf"
     make_ollama_model(root, "qwen2.5-coder", "0.5b", gguf=demo_gguf)
-    # ollama's own vision files hold the tower inside (architecture qwen25vl): not llama.cpp's layout.
+    # A vision language model with a projector layer (its own files are checked in test_gguf_vision.py).
     make_ollama_model(root, "qwen2.5vl", "3b", gguf=write_llama_gguf(tmp_path / "qwen25vl.gguf", "qwen25vl"),
                       projector=b"P", family="qwen25vl", model_type="3.8B")
     make_ollama_model(root, "llama-tiny", gguf=write_llama_gguf(tmp_path / "llama.gguf"), family="llama",
@@ -376,7 +376,7 @@ def test_models_lists_every_source(stores, tmp_path, demo_gguf, monkeypatch, cap
     rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith(" ")}
     assert rows["ollama:qwen2.5-coder:0.5b"].rstrip().endswith("text")
     assert rows[TINY_ID].rstrip().endswith("text")
-    assert "unsupported: vision-language GGUF (qwen25vl)" in rows["ollama:qwen2.5vl:3b"]
+    assert rows["ollama:qwen2.5vl:3b"].rstrip().endswith("vision")
     assert rows["Qwen/Qwen2.5-VL-3B-Instruct"].rstrip().endswith("vision")  # listed as runnable, by its class
     assert "unsupported: GGUF architecture llama" in rows["ollama:llama-tiny:latest"]
     assert "pull-demo" in rows["(default:"]  # listed even before it is assembled

@@ -184,7 +184,8 @@ def _describe_gguf(entry: CatalogEntry, path: Path) -> str | None:
     entry.params = entry.params or summary.metadata.get("general.size_label") or _format_count(summary.n_params)
     entry.quant = entry.quant or summary.file_type
     if arch in GGUF_ARCHITECTURES:
-        entry.runs = "text"
+        # ollama's published vision models hold their tower in the same file
+        entry.runs = "vision" if f"{arch}.vision.block_count" in summary.metadata else "text"
     elif "vl" in arch.lower():
         entry.runs, entry.note = "unsupported", f"vision-language GGUF ({arch}): not supported yet"
     else:

@@ -178,7 +178,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
         raise ModelLoadError(f"{path}: {e}") from None
     tokenizer = QwenTokenizer.from_gguf_metadata(gguf.metadata)
     template_source = gguf.metadata.get("tokenizer.chat_template")
-    projector = _projector(path, projector_path, config, gguf.metadata, tokenizer)
+    projector = _projector(gguf, projector_path, config, tokenizer)
     if projector is not None:
         if "<|image_pad|>" not in (template_source or ""):  # a text template would print no image placeholders
             from ..text.vl_template import VL_TEMPLATES
@@ -201,9 +201,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
                        vision_processor=projector.processor if projector is not None else None)
 
 
-def _projector(path: Path, chosen: Path | None, config: ModelConfig, meta: dict, tokenizer) -> mmproj.Projector | None:
-    """The vision projector `chosen` attached to `config`; without one, as LM Studio does, the only
-    `mmproj*.gguf` beside a vision-language GGUF, if it pairs with it (otherwise the model runs on text alone)."""
+def _projector(gguf, chosen: Path | None, config: ModelConfig, tokenizer) -> mmproj.Projector | None:
+    """The vision tower for a GGUF, attached to `config`: the projector file `chosen`; without one, the tower inside
+    the file itself (ollama's published vision models), else, as LM Studio does, the only `mmproj*.gguf` beside a
+    vision-language GGUF if it pairs with it (otherwise the model runs on text alone)."""
+    path, meta = gguf.path, gguf.metadata
+    if chosen is None and (embedded := mmproj.read_embedded(gguf)) is not None:
+        try:
+            mmproj.attach(config, meta, embedded, tokenizer)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{path}: its vision tower: {e}") from None
+        return embedded
     if chosen is None:
         if meta.get("general.architecture") not in GGUF_VL_ARCHITECTURES:
             return None
