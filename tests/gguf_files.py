@@ -248,16 +248,25 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
         tensors.update(ollama_tower(model))
     for target, values in tensors.items():
         if target.startswith("v.") and ollama:  # the tower as published: F16 matrices, F32 vectors
-            w.add_tensor(target, values if values.ndim == 1 else values.astype(np.float16))
+            _add_tensor(w, target, values, Q.F32 if values.ndim == 1 else Q.F16)
             continue
         if target.endswith("ffn_gate_inp_shexp.weight") and arch not in HYBRID:
             values = values.reshape(-1)  # llama.cpp's converter writes this one-row gate as a vector (but qwen35moe's)
         kind = target.split(".")[-2] if target.startswith("blk.") else target.split(".")[0]
-        qtype = Q.F32 if values.ndim == 1 else types.get(kind, Q.F32)
-        if qtype == Q.F32:
-            w.add_tensor(target, values)
-        else:
-            w.add_tensor(target, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        _add_tensor(w, target, values, Q.F32 if values.ndim == 1 else types.get(kind, Q.F32))
+    _finish(w)
+
+
+def _add_tensor(w, name: str, values: np.ndarray, qtype) -> None:
+    if qtype == Q.F32:
+        w.add_tensor(name, values)
+    elif qtype == Q.F16:
+        w.add_tensor(name, values.astype(np.float16))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+
+
+def _finish(w) -> None:
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -345,17 +354,8 @@ def write_mmproj(model: torch.nn.Module, path, qtype=Q.F32, image_mean=(0.5, 0.5
         taps = set(getattr(vcfg, "deepstack_visual_indexes", None) or [])
         w.add_array("clip.vision.is_deepstack_layers", [i in taps for i in range(vcfg.depth)])
     for name, values in mmproj_tensors(model).items():
-        kind = Q.F32 if values.ndim == 1 or name == "v.position_embd.weight" else qtype
-        if kind == Q.F32:
-            w.add_tensor(name, values)
-        elif kind == Q.F16:
-            w.add_tensor(name, values.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        _add_tensor(w, name, values, Q.F32 if values.ndim == 1 or name == "v.position_embd.weight" else qtype)
+    _finish(w)
 
 
 def ollama_tower(model: torch.nn.Module) -> dict[str, np.ndarray]:

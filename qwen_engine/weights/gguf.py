@@ -82,6 +82,15 @@ _U64 = struct.Struct("<Q")
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
+def has_gguf_magic(path: Path, what: str) -> bool:
+    """Whether the file starts as a GGUF does; ModelLoadError naming `what` it was to be if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+
+
 def hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]

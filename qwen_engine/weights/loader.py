@@ -158,14 +158,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
                layers_replaced: bool = False, projector_path: Path | None = None) -> LoadedModel:
     from ..text.template import ChatTemplate
     from ..text.tokenizer import QwenTokenizer
-    from .gguf import GGUFFile
+    from .gguf import GGUFFile, has_gguf_magic
 
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model file {str(path)!r}: {e.strerror}") from None
-    if magic != b"GGUF":
+    if not has_gguf_magic(path, "model file"):
         raise ModelLoadError(f"{path} is neither a GGUF file nor a Hugging Face model folder")
     gguf = GGUFFile(path)
     names = gguf.tensor_names()

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import GGUF_VL_ARCHITECTURES, ModelConfig, VisionLinks
 from ..errors import ModelLoadError
-from .gguf import GGUFFile
+from .gguf import GGUFFile, has_gguf_magic
 
 # clip.projector_type → the tower family of models/vision.py
 PROJECTORS = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl", "qwen3vl_merger": "qwen3_vl"}
@@ -173,12 +173,7 @@ def _from_ollama(name: str, deepstack: list[int]) -> str:
 def read_projector(path: str | Path) -> Projector:
     """Open a vision projector file and read its configuration (no tensor is read yet)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read vision projector {str(path)!r}: {e.strerror}") from None
-    if magic != b"GGUF":
+    if not has_gguf_magic(path, "vision projector"):
         raise ModelLoadError(f"{path} is not a GGUF file, so not a vision projector (mmproj) file")
     file = GGUFFile(path)
     meta = file.metadata
