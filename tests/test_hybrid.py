@@ -8,6 +8,7 @@ drawn away from zero, so each of Qwen3.5's departures from Qwen3 moves the logit
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -84,12 +85,14 @@ def test_greedy_tokens_match_generate_in_a_batch(qwen3_5):
     assert not llm.engine.states.owner, "finished sequences must give their state slots back"
 
 
-def test_preempted_sequences_restart_from_a_zeroed_state(qwen3_5):
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preempted_sequences_restart_from_a_zeroed_state(qwen3_5, prefix_caching):
     """A KV cache too small for both sequences forces preemption: the preempted one is recomputed from token 0,
-    and its state slot must start from zero again, or its tokens would differ."""
+    and its state slot must start from zero again, or its tokens would differ (with prefix caching: from the
+    state saved at its prompt's last block boundary, if its blocks are still cached)."""
     folder, ref = qwen3_5
     llm = LLM(str(folder))
-    config = EngineConfig(max_model_len=256, kv_cache_memory=0, block_size=16)
+    config = EngineConfig(max_model_len=256, kv_cache_memory=0, block_size=16, enable_prefix_caching=prefix_caching)
     per_block = 2 * 2 * 16 * 2 * 32 * 4  # 2 attention layers × block 16 × 2 kv heads × head_dim 32, k and v
     config.kv_cache_memory = 7 * per_block  # 112 slots: the two sequences need 60 + 60
     engine = type(llm.engine)(llm.model, llm.tokenizer, llm.engine.eos_token_ids, config)
@@ -103,15 +106,55 @@ def test_preempted_sequences_restart_from_a_zeroed_state(qwen3_5):
     assert [s.output_ids for s in seqs] == expected
 
 
-def test_repeated_prompt_is_not_served_from_a_prefix_cache(qwen3_5):
-    """The second request with the same prompt must compute it again (a recurrent state cannot be rebuilt from
-    cached KV blocks): same tokens, and prefix caching is off for this model."""
+def _greedy(llm: LLM, prompt: list[int], tokens: int):
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, repetition_penalty=1.0)
+    seq = llm.engine.add_request(prompt, params.with_defaults(llm.default_params))
+    while llm.engine.has_work():
+        llm.engine.step()
+    return seq
+
+
+def test_repeated_prompt_resumes_from_the_saved_state(qwen3_5):
+    """Prefix caching on a hybrid model: the first request saves the recurrent state at its prompt's last block
+    boundary (40 tokens, blocks of 16: after token 32); the same prompt again takes the first 32 tokens' KV blocks
+    from the cache, resumes from that state, and must give the reference's tokens."""
     folder, ref = qwen3_5
     llm = LLM(str(folder))
-    assert llm.engine.config.enable_prefix_caching is False
     prompt = _ids(40, seed=6)
-    first, second = engine_greedy(llm, prompt, 8), engine_greedy(llm, prompt, 8)
-    assert first == second == reference_greedy(ref, prompt, 8)
+    expected = reference_greedy(ref, prompt, 8)
+    first = _greedy(llm, prompt, 8)
+    assert first.num_cached_prompt == 0 and llm.engine.states.restored == 0
+    second = _greedy(llm, prompt, 8)
+    assert second.num_cached_prompt == 32 and llm.engine.states.restored == 1
+    assert first.output_ids == second.output_ids == expected
+    assert not llm.engine.states.owner
+
+
+def test_next_turn_resumes_from_the_answer(qwen3_5):
+    """A chat's next turn repeats the previous prompt and answer and adds to them: it resumes from the state saved
+    at the newest block boundary the answer crossed (token 48 of 40 + 20), not only from the prompt's."""
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    prompt = _ids(40, seed=7)
+    first = _greedy(llm, prompt, 20)
+    follow = prompt + first.output_ids + _ids(11, seed=8)
+    second = _greedy(llm, follow, 6)
+    assert second.num_cached_prompt == 48
+    assert second.output_ids == reference_greedy(ref, follow, 6)
+
+
+def test_state_snapshots_are_evicted_least_recently_used_first(qwen3_5):
+    folder, ref = qwen3_5
+    llm = LLM(str(folder))
+    config = replace(llm.engine.config, state_snapshots=1)
+    llm.engine = type(llm.engine)(llm.model, llm.tokenizer, llm.engine.eos_token_ids, config)
+    a, b = _ids(40, seed=9), _ids(40, seed=10)
+    _greedy(llm, a, 2)
+    _greedy(llm, b, 2)  # takes the only snapshot
+    again = _greedy(llm, a, 4)
+    assert again.num_cached_prompt == 0  # its blocks are cached, but no state to resume from: computed again
+    assert again.output_ids == reference_greedy(ref, a, 4)
+    assert _greedy(llm, a, 2).num_cached_prompt == 32
 
 
 def test_bfloat16_checkpoint(tmp_path, qwen3_tokenizer_dir):

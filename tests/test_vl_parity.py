@@ -202,18 +202,11 @@ def test_image_tokens_and_grid(vl) -> None:
     assert prompt.token_ids[start + item.num_tokens] == IDS["vision_end_token_id"]
 
 
-def test_generation_with_image_matches_greedy_reference(vl) -> None:
-    """Greedy decoding through the paged engine equals greedy decoding of the reference with its own cache."""
-    from qwen_engine import SamplingParams
-
-    family, ref, llm = vl
-    messages = one_image()
+def reference_greedy_with_images(ref, llm, messages, tokens: int) -> list[int]:
+    """The reference's greedy tokens for a vision prompt, one full forward per token."""
     prompt = llm.encode_chat(messages)
-    out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    ids = list(prompt.token_ids)
-    positions = prompt.positions
-    expected = []
-    for _ in range(8):
+    ids, positions, expected = list(prompt.token_ids), prompt.positions, []
+    for _ in range(tokens):
         p = torch.cat(
             [positions, (torch.arange(positions.shape[1], len(ids)) + prompt.rope_delta).expand(3, -1)], dim=1
         )
@@ -221,7 +214,35 @@ def test_generation_with_image_matches_greedy_reference(vl) -> None:
         token = int(reference_logits(ref, tmp)[-1].argmax())
         expected.append(token)
         ids.append(token)
-    assert out.token_ids == expected
+    return expected
+
+
+def test_generation_with_image_matches_greedy_reference(vl) -> None:
+    """Greedy decoding through the paged engine equals greedy decoding of the reference with its own cache."""
+    from qwen_engine import SamplingParams
+
+    family, ref, llm = vl
+    out = llm.chat(one_image(), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert out.token_ids == reference_greedy_with_images(ref, llm, one_image(), 8)
+
+
+@pytest.mark.parametrize("vl", ["qwen3_5"], indirect=True)
+def test_hybrid_model_resumes_an_image_prompt_from_its_saved_state(vl) -> None:
+    """Qwen3.5 with prefix caching: the same image prompt again resumes from the recurrent state saved at its
+    last block boundary; the same text with another picture must not (the image is part of the blocks' names)."""
+    from qwen_engine import SamplingParams
+
+    _, ref, llm = vl
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.chat(one_image(), params)
+    restored = llm.engine.states.restored
+    again = llm.chat(one_image(), params)
+    assert llm.engine.states.restored == restored + 1
+    assert first.token_ids == again.token_ids == reference_greedy_with_images(ref, llm, one_image(), 6)
+    other = [{"role": "user", "content": [{"type": "image", "image": picture(320, 240, 9)},
+                                          {"type": "text", "text": "What is in the picture?"}]}]
+    llm.chat(other, params)
+    assert llm.engine.states.restored == restored + 1
 
 
 def test_same_image_is_encoded_once(vl) -> None:

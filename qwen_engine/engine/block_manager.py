@@ -63,11 +63,14 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------------------------------------------
 
-    def match_prefix(self, table: BlockTable, token_ids: list[int], extra: list[bytes] | None = None) -> int:
+    def match_prefix(self, table: BlockTable, token_ids: list[int], extra: list[bytes] | None = None,
+                     resumable=None) -> int:
         """Attach the cached blocks that hold a prefix of `token_ids`; return how many tokens they cover.
 
         At least one token is always left to compute, since its logits are needed. `extra[i]` is mixed into
-        block i's hash (the vision content it holds).
+        block i's hash (the vision content it holds). `resumable(hash)`: whether computing may resume after
+        the block of that name (hybrid models: a recurrent state was saved there); the match stops at the last
+        such block.
         """
         assert not table.block_ids, "prefix matching is for a sequence that holds no blocks"
         if not self.enable_prefix_caching:
@@ -85,6 +88,11 @@ class BlockManager:
             table.block_ids.append(block_id)
             table.hashes.append(h)
             parent = h
+        if resumable is not None:
+            keep = len(table.hashes)
+            while keep and not resumable(table.hashes[keep - 1]):
+                keep -= 1
+            self._drop_tail(table, keep)
         matched = len(table.block_ids) * bs
         self.queries += len(token_ids)
         self.hits += matched
@@ -127,15 +135,19 @@ class BlockManager:
 
     def release(self, table: BlockTable) -> None:
         """Drop a sequence's references. Tail blocks go first in the LRU, so shared prefixes live longest."""
-        for block_id in reversed(table.block_ids):
+        self._drop_tail(table, 0)
+
+    def _drop_tail(self, table: BlockTable, keep: int) -> None:
+        """Drop the references of all but the first `keep` blocks of `table`."""
+        for block_id in reversed(table.block_ids[keep:]):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
                 if block.hash is None:
                     self.free.move_to_end(block_id, last=False)  # nothing worth keeping: reuse first
-        table.block_ids.clear()
-        table.hashes.clear()
+        del table.block_ids[keep:]
+        del table.hashes[keep:]
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

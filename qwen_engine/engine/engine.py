@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -52,6 +52,9 @@ class EngineConfig:
     # Keys and values stored in this type (None: the model's). float16/bfloat16 for a float32 model halve the
     # cache's memory and what a decode step reads of it; lossy (kv_cache.py). bfloat16: bf16 decode products.
     kv_cache_dtype: torch.dtype | None = None
+    # Hybrid models (Qwen3.5) with prefix caching: how many recurrent states to keep at block boundaries for later
+    # requests to resume from (engine/recurrent_state.py); each is the size of one sequence's state.
+    state_snapshots: int = 16
 
 
 class Engine:
@@ -67,10 +70,11 @@ class Engine:
         kv_layers = len(cfg.attention_layers)  # hybrid models keep keys and values in their attention layers only
         self.states = None
         if cfg.linear_attention is not None:
-            # A recurrent state summarises its whole prefix and cannot be shared from the middle of one: no
-            # prefix caching (engine/recurrent_state.py). Each running sequence holds one slot.
-            config = self.config = replace(config, enable_prefix_caching=False)
-            self.states = RecurrentStatePool(cfg.linear_attention, config.max_num_seqs, self.dtype, self.device)
+            # Each running sequence holds one slot of recurrent state; prefix caching resumes only where a state
+            # was saved (engine/recurrent_state.py).
+            snapshots = config.state_snapshots if config.enable_prefix_caching else 0
+            self.states = RecurrentStatePool(cfg.linear_attention, config.max_num_seqs, self.dtype, self.device,
+                                             snapshots)
         per_block = PagedKVCache.bytes_per_block(
             kv_layers, cfg.num_kv_heads, cfg.head_dim, config.block_size, self.kv_dtype
         )
@@ -87,6 +91,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, config.max_num_seqs, config.max_num_batched_tokens, config.max_tokens_alone,
             on_release=self.states.release if self.states is not None else None,
+            resumable=self.states.has_snapshot if self.states is not None else None,
         )
         self.sampler = Sampler()
         # Encoder outputs by content hash: the same image in another request (or turn) is not encoded again.
@@ -161,6 +166,18 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def _save_state(self, seq: Sequence) -> None:
+        """Save a hybrid model's recurrent state where a later request may resume: at the prompt's last block
+        boundary, and at the newest block boundary of the answer (replacing the one before)."""
+        bs, done = self.blocks.block_size, seq.num_computed
+        if done % bs or not done:
+            return
+        boundary = self.scheduler.state_boundary(seq)
+        if done == boundary:
+            self.states.save(seq, seq.table.hashes[done // bs - 1])
+        elif done > boundary:
+            self.states.save(seq, seq.table.hashes[done // bs - 1], replaces_latest=True)
+
     # -- one step --------------------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -178,7 +195,10 @@ class Engine:
             seq, start = chunk.seq, chunk.seq.num_computed
             end = start + chunk.num_tokens
             if self.states is not None:
-                state_rows.append((len(ids), len(ids) + chunk.num_tokens, self.states.slot_for(seq, start == 0)))
+                # (A prefix from the prefix cache ends where a state was saved: BlockManager.match_prefix.)
+                resumes = start and id(seq) not in self.states.owner
+                resume = seq.table.hashes[start // self.blocks.block_size - 1] if resumes else None
+                state_rows.append((len(ids), len(ids) + chunk.num_tokens, self.states.slot_for(seq, start == 0, resume)))
             visual.extend((len(ids) - start, item, used) for item, used in _items_in(seq.vision, start, end))
             ids.extend(seq.token_ids[start:end])
             positions.append(_positions(seq, start, end))
@@ -202,6 +222,8 @@ class Engine:
             seq = chunk.seq
             seq.num_computed += chunk.num_tokens
             self.blocks.register_full_blocks(seq.table, seq.token_ids, seq.num_computed, seq.block_extras)
+            if self.states is not None and self.config.enable_prefix_caching:
+                self._save_state(seq)
         if not sampled:
             return ended
         logits = self.model.compute_logits(hidden[sample_rows])

@@ -6,12 +6,17 @@ state (models/gated_deltanet.py): the last few inputs of its convolution, and th
 head. A sequence therefore owns one slot of this pool from its first computed token until it finishes or is
 preempted; a slot is zeroed when a sequence (re)starts from its first token.
 
-Because a state summarises a whole prefix and cannot be cut back to a shorter one, hybrid models run without
-prefix caching (the engine turns it off).
+A state summarises its whole prefix and cannot be cut back to a shorter one, so prefix caching needs states
+saved where a later request may resume: the pool keeps snapshots of states at block boundaries, named by the hash
+of the block that ends there (the prefix cache's own names, which cover the tokens and any images before).
+The engine saves one at the last block boundary of each prompt (the scheduler ends a prefill chunk there) and
+one at the latest boundary a sequence's answer crossed (the next turn of a chat resumes from it); the prefix
+cache then matches only as far as the last block whose state was saved. Least recently used snapshots go first.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,23 +25,36 @@ from ..config import LinearAttentionConfig
 
 
 class RecurrentStatePool:
-    def __init__(self, cfg: LinearAttentionConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, cfg: LinearAttentionConfig, num_slots: int, dtype: torch.dtype, device: torch.device | str,
+                 num_snapshots: int = 0):
         layers = len(cfg.layers)
         # The convolution's inputs are kept in the model's type (as the reference does), the delta rule's state
         # in float32. Uninitialised: a slot is zeroed when a sequence takes it, and untouched pages cost nothing.
-        self.conv = torch.empty(layers, num_slots, cfg.conv_channels, cfg.conv_kernel - 1, dtype=dtype, device=device)
-        self.delta = torch.empty(layers, num_slots, cfg.num_value_heads, cfg.key_head_dim, cfg.value_head_dim,
+        # Snapshots sit after the running slots, in the same tensors.
+        total = num_slots + num_snapshots
+        self.conv = torch.empty(layers, total, cfg.conv_channels, cfg.conv_kernel - 1, dtype=dtype, device=device)
+        self.delta = torch.empty(layers, total, cfg.num_value_heads, cfg.key_head_dim, cfg.value_head_dim,
                                  dtype=torch.float32, device=device)
         self.free = list(range(num_slots - 1, -1, -1))
         self.owner: dict[int, int] = {}  # id(sequence) → slot
+        self.free_snapshots = list(range(total - 1, num_slots - 1, -1))
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # block hash → snapshot slot, least recent first
+        self.latest: dict[int, bytes] = {}  # id(sequence) → its answer's latest snapshot, replaced as it grows
+        self.restored = 0  # statistics: sequences resumed from a snapshot
 
-    def slot_for(self, seq: object, fresh: bool) -> int:
-        """The slot of `seq`, taken now if it has none; zeroed if `fresh` (the sequence starts at token 0)."""
+    def slot_for(self, seq: object, fresh: bool, resume: bytes | None = None) -> int:
+        """The slot of `seq`, taken now if it has none; zeroed if `fresh` (the sequence starts at token 0), or
+        filled from the snapshot `resume` (its computed prefix came from the prefix cache)."""
         slot = self.owner.get(id(seq))
         if slot is None:
             if not self.free:
                 raise RuntimeError("no free recurrent-state slot: more sequences run than the pool was sized for")
             slot = self.owner[id(seq)] = self.free.pop()
+            if resume is not None:
+                self._copy(self.snapshots[resume], slot)
+                self.snapshots.move_to_end(resume)
+                self.restored += 1
+                return slot
         if fresh:
             self.conv[:, slot].zero_()
             self.delta[:, slot].zero_()
@@ -44,8 +62,36 @@ class RecurrentStatePool:
 
     def release(self, seq: object) -> None:
         slot = self.owner.pop(id(seq), None)
+        self.latest.pop(id(seq), None)
         if slot is not None:
             self.free.append(slot)
+
+    # -- snapshots -------------------------------------------------------------------------------------------
+
+    def has_snapshot(self, key: bytes) -> bool:
+        return key in self.snapshots
+
+    def save(self, seq: object, key: bytes, replaces_latest: bool = False) -> None:
+        """Keep the state of `seq` as snapshot `key`. `replaces_latest`: it supersedes the snapshot this sequence
+        saved last the same way (answers save one per block, and only the newest is worth keeping)."""
+        slot = self.owner.get(id(seq))
+        if slot is None or key in self.snapshots:
+            return
+        if replaces_latest and (old := self.latest.pop(id(seq), None)) in self.snapshots:
+            self.free_snapshots.append(self.snapshots.pop(old))
+        if not self.free_snapshots:
+            if not self.snapshots:
+                return  # (no room for snapshots at all)
+            _, evicted = self.snapshots.popitem(last=False)
+            self.free_snapshots.append(evicted)
+        target = self.snapshots[key] = self.free_snapshots.pop()
+        self._copy(slot, target)
+        if replaces_latest:
+            self.latest[id(seq)] = key
+
+    def _copy(self, source: int, target: int) -> None:
+        self.conv[:, target].copy_(self.conv[:, source])
+        self.delta[:, target].copy_(self.delta[:, source])
 
 
 @dataclass

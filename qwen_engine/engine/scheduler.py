@@ -25,12 +25,16 @@ class Chunk:
 class Scheduler:
     def __init__(
         self, blocks: BlockManager, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
-        max_tokens_alone: int = 2048, on_release=None,
+        max_tokens_alone: int = 2048, on_release=None, resumable=None,
     ):
         self.blocks = blocks
         # Called with a sequence whose computed tokens are dropped (finished, cancelled or preempted): hybrid
         # models free its recurrent state there.
         self.on_release = on_release
+        # Hybrid models with prefix caching: whether computing may resume after a cached block (a recurrent state
+        # was saved there; BlockManager.match_prefix), and prompts are prefilled in chunks that stop at their
+        # last block boundary, where the engine saves the state (engine/recurrent_state.py).
+        self.resumable = resumable
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # Chunks keep other sequences moving; a lone sequence has nobody to wait for, and bigger products run
@@ -67,7 +71,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             while not self.blocks.grow(seq.table, seq.num_computed + n):
                 if len(self.running) == 1:
                     # Alone and still too big for the whole pool: end it rather than loop forever.
@@ -89,10 +93,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             if not seq.table.block_ids:
-                seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids, seq.block_extras)
+                seq.num_computed = self.blocks.match_prefix(seq.table, seq.token_ids, seq.block_extras,
+                                                            self.resumable)
                 if not seq.output_ids:
                     seq.num_cached_prompt = seq.num_computed
-            n = min(seq.num_uncomputed, budget)
+            n = self._chunk(seq, budget)
             if not self.blocks.grow(seq.table, seq.num_computed + n):
                 self.blocks.release(seq.table)
                 seq.num_computed = 0
@@ -103,6 +108,20 @@ class Scheduler:
             chunks.append(Chunk(seq, n))
             budget -= n
         return chunks
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.num_uncomputed, budget)
+        if self.resumable is not None and self.blocks.enable_prefix_caching:
+            boundary = self.state_boundary(seq)
+            if seq.num_computed < boundary < seq.num_computed + n:
+                n = boundary - seq.num_computed
+        return n
+
+    def state_boundary(self, seq: Sequence) -> int:
+        """The last block boundary a request with the same prompt can resume from (one token is always left
+        to compute)."""
+        bs = self.blocks.block_size
+        return (len(seq.prompt_ids) - 1) // bs * bs
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
