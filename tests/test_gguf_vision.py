@@ -277,3 +277,8 @@ def test_gguf_repository_in_the_hugging_face_cache(files, tmp_path, monkeypatch)
     direct = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
     prompt = direct.encode_chat(one_image())
     assert torch.equal(cached.logits(prompt), direct.logits(prompt))
+
+    from qwen_engine.weights.catalog import hf_entries
+
+    (entry,) = [e for e in hf_entries() if e.name == "Qwen/Tiny-VL-GGUF"]
+    assert (entry.runs, entry.family) == ("vision", "qwen3vl")

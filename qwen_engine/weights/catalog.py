@@ -140,7 +140,11 @@ def _hf_entry(repo_id: str, folder: Path) -> CatalogEntry:
         return entry
     if model_path.is_file():  # a GGUF-only repo
         entry.size = model_path.stat().st_size
-        _describe_gguf(entry, model_path)
+        arch = _describe_gguf(entry, model_path)
+        projectors = [p for p in snapshot.glob("*.gguf") if p.name.lower().startswith("mmproj")]
+        if arch in GGUF_VL_ARCHITECTURES and len(projectors) == 1:  # the loader takes a lone projector beside it
+            entry.runs = "vision"
+            entry.size += projectors[0].stat().st_size
         return entry
     config = _json_or_empty(snapshot / "config.json")
     files = checkpoint_files(snapshot)
