@@ -80,3 +80,18 @@ def test_cut_short_is_incomplete():
     events = run_events(["Hel", "lo"], CHAT, finish="length")
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_response_store_drops_the_least_recently_used():
+    from qwen_engine.server.responses import ResponseStore
+
+    store = ResponseStore(capacity=2)
+    for name in ("a", "b"):
+        store.put(name, [{"role": "user", "content": name}], {"id": name})
+    assert store.get("a") is not None  # now the most recent
+    store.put("c", [], {"id": "c"})
+    assert store.get("b") is None and store.get("a").response == {"id": "a"} and store.get("c") is not None
+    assert store.delete("a") and not store.delete("a")
+    off = ResponseStore(capacity=0)
+    off.put("x", [], {})
+    assert off.get("x") is None

@@ -501,11 +501,43 @@ def test_responses_function_calls_round_trip(client):
     assert follow.output_text == (chat.choices[0].message.content or "") and "18" in follow.output_text
 
 
+def test_responses_are_stored_and_continued(client):
+    """previous_response_id continues a stored conversation: the answer is the chat API's for the whole
+    conversation (the earlier instructions are not carried over, as OpenAI does); GET and DELETE work on
+    stored responses, and store=false keeps nothing."""
+    first = client.responses.create(model=MODEL, instructions="Answer briefly.", temperature=0, max_output_tokens=20,
+                                    input="My name is Ada and I like tea. Say hello.")
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, temperature=0, max_output_tokens=20,
+                                     input="What is my name?")
+    chat = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=20, messages=[
+        {"role": "user", "content": "My name is Ada and I like tea. Say hello."},
+        {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}])
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.previous_response_id == first.id and second.store is True
+    events = list(client.responses.create(model=MODEL, previous_response_id=second.id, temperature=0, stream=True,
+                                          max_output_tokens=12, input="And what do I like?"))
+    streamed = events[-1].response
+    assert streamed.previous_response_id == second.id
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=MODEL, previous_response_id=first.id, input="Hi", max_output_tokens=2)
+    unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
 def test_responses_errors(server):
     def post_responses(body):
         return post(server, {"model": MODEL, "input": "hi", **body}, path="/v1/responses")
 
-    assert_error(post_responses({"previous_response_id": "resp_1"}), 400, "stores no responses",
+    assert_error(post_responses({"previous_response_id": "resp_1"}), 404, "no stored response 'resp_1'",
                  param="previous_response_id")
     assert_error(post_responses({"tools": [{"type": "web_search"}]}), 400, "function tool", param="tools")
     assert_error(post_responses({"input": [{"type": "file_search_call"}]}), 400, "file_search_call", param="input")

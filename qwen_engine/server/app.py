@@ -46,6 +46,7 @@ class ServerConfig:
     max_image_pixels: int | None = None
     fetch_timeout: float = 10.0
     max_fetch_bytes: int = 64 << 20
+    max_stored_responses: int = 1000  # the Responses API's stored responses (previous_response_id), in memory
 
 
 class ApiError(Exception):

@@ -2,9 +2,13 @@
 
 Input items become chat messages (function calls and their outputs as the template's tool turns), function
 tools the template's tools, `text.format` a response_format; the answer is parsed as a chat answer is, and its
-reasoning, text and tool calls come back as output items. Nothing is stored: `previous_response_id` is refused,
-so a conversation is sent whole each time, as with chat completions. Streaming sends the API's typed events
+reasoning, text and tool calls come back as output items. Streaming sends the API's typed events
 (response.created, output items, text and argument deltas, response.completed).
+
+Responses are stored (unless `store` is false) in memory, the most recent `ServerConfig.max_stored_responses`:
+a request naming `previous_response_id` continues that conversation (its input items are added after the stored
+turns; `instructions` are the new request's, as OpenAI does), and GET / DELETE /v1/responses/{id} read and
+remove them. They are lost when the server stops.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ import asyncio
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -54,6 +60,7 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: bool = True
     text: dict[str, Any] | None = None
     stream: bool = False
+    store: bool = True
     previous_response_id: str | None = None
     # Not in OpenAI's API; the chat endpoint's extras (as vLLM also takes them here).
     seed: int | None = None
@@ -74,16 +81,65 @@ class ResponsesRequest(BaseModel):
         )
 
 
+@dataclass
+class _Stored:
+    conversation: list[dict[str, Any]]  # the turns so far as chat messages, this response's answer included
+    response: dict[str, Any]  # the response object, as it was sent
+
+
+class ResponseStore:
+    """Responses by id, least recently used dropped first past `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.items: OrderedDict[str, _Stored] = OrderedDict()
+
+    def put(self, response_id: str, conversation: list[dict[str, Any]], response: dict[str, Any]) -> None:
+        if self.capacity <= 0:
+            return
+        self.items[response_id] = _Stored(conversation, response)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def get(self, response_id: str) -> _Stored | None:
+        stored = self.items.get(response_id)
+        if stored is not None:
+            self.items.move_to_end(response_id)
+        return stored
+
+    def delete(self, response_id: str) -> bool:
+        return self.items.pop(response_id, None) is not None
+
+
 def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
+    store = ResponseStore(config.max_stored_responses)
+
+    def stored(response_id: str, param: str | None = None) -> _Stored:
+        found = store.get(response_id)
+        if found is None:
+            raise ApiError(404, f"no stored response {response_id!r}: this server keeps the last "
+                                f"{config.max_stored_responses} in memory, until it stops", param=param)
+        return found
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request):
+        return stored(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request):
+        stored(response_id)
+        store.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
+
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
         _check_model(body.model, config)
         await _check_body_size(request, config)
-        if body.previous_response_id is not None:
-            raise ApiError(400, "this server stores no responses: send the whole conversation in input",
-                           param="previous_response_id")
+        history = stored(body.previous_response_id, "previous_response_id").conversation \
+            if body.previous_response_id is not None else []
         try:
-            messages = _messages(body)
+            turns = history + _messages(body)
+            messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + turns
             tools, tool_choice = _tools(body.tools), _tool_choice(body.tool_choice)
             response_format = _response_format(body.text)
             chat = await asyncio.to_thread(llm.prepare_chat, messages, tools, tool_choice, response_format)
@@ -92,15 +148,23 @@ def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, 
             raise _input_error(e, "input") from None
         (stream,) = _submit(engine, chat.prompt_ids, [params], [chat.make_guide()], vision=chat.vision)
         shell = _Shell(body, f"resp_{uuid.uuid4().hex}", int(time.time()), config.served_model_name)
+
+        def keep(response: dict[str, Any]) -> None:
+            if body.store:
+                store.put(shell.id, turns + [_assistant_turn(response["output"])], response)
+
         if body.stream:
-            return StreamingResponse(_events(stream, shell, chat, engine, metrics), media_type="text/event-stream")
+            return StreamingResponse(_events(stream, shell, chat, engine, metrics, keep),
+                                     media_type="text/event-stream")
         try:
             c = await _collect(stream, metrics)
         finally:
             _close([stream], engine)
         reasoning, content, calls = _split(c.text, chat)
         metrics.requests.labels("responses", "200").inc()
-        return shell.response(_items(reasoning, content, calls), c.finish_reason, c)
+        response = shell.response(_items(reasoning, content, calls), c.finish_reason, c)
+        keep(response)
+        return response
 
 
 # -- request → chat ------------------------------------------------------------------------------------------
@@ -109,11 +173,10 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input items as chat messages (its instructions are added by the caller)."""
     messages: list[dict[str, Any]] = []
-    if body.instructions:
-        messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
-        return messages + [{"role": "user", "content": body.input}]
+        return [{"role": "user", "content": body.input}]
     for n, item in enumerate(body.input):
         kind = item.get("type", "message")
         where = f"input[{n}]"
@@ -198,6 +261,20 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": spec.get("type", "text")}
 
 
+def _assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A response's output items as the assistant message a later turn's template renders."""
+    turn: dict[str, Any] = {"role": "assistant", "content": None}
+    for item in output:
+        if item["type"] == "reasoning":
+            turn["reasoning_content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "message":
+            turn["content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "function_call":
+            turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
+                "name": item["name"], "arguments": item["arguments"]}})
+    return turn
+
+
 # -- answer → output items -----------------------------------------------------------------------------------
 
 def _split(text: str, chat: ChatRequest) -> tuple[str | None, str, list[ToolCall]]:
@@ -256,8 +333,8 @@ class _Shell:
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "tools": body.tools or [],
             "tool_choice": body.tool_choice or "auto", "parallel_tool_calls": body.parallel_tool_calls,
-            "text": body.text or {"format": {"type": "text"}}, "metadata": {}, "store": False,
-            "previous_response_id": None, "reasoning": None,
+            "text": body.text or {"format": {"type": "text"}}, "metadata": {}, "store": body.store,
+            "previous_response_id": body.previous_response_id, "reasoning": None,
             "usage": None if usage is None else {
                 "input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
                 "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -267,8 +344,8 @@ class _Shell:
         }
 
 
-async def _events(stream, shell: _Shell, chat: ChatRequest, engine: AsyncEngine, metrics: Metrics
-                  ) -> AsyncIterator[str]:
+async def _events(stream, shell: _Shell, chat: ChatRequest, engine: AsyncEngine, metrics: Metrics,
+                  keep=None) -> AsyncIterator[str]:
     """The answer as the Responses API's typed events; items open as their first text arrives."""
     number = 0
     output: list[dict[str, Any]] = []
@@ -357,6 +434,8 @@ async def _events(stream, shell: _Shell, chat: ChatRequest, engine: AsyncEngine,
                 for line in close_item():
                     yield line
                 final = shell.response(output, update.finish_reason, update)
+                if keep is not None:
+                    keep(final)
                 yield event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
                             response=final)
     except EngineDeadError as e:
