@@ -101,14 +101,14 @@ def test_video_logits_match_transformers(files, llm, video_file, messages) -> No
 
 
 @contextlib.contextmanager
-def tower_in_float16(ref, position_table: bool = False):
-    """The reference with its tower's matrices (and `position_table`) rounded to float16, as a file stores them."""
+def tower_in_float16(ref, position_table: bool = False, dtype: torch.dtype = torch.float16):
+    """The reference with its tower's matrices (and `position_table`) rounded to `dtype`, as a file stores them."""
     saved = {name: param.detach().clone() for name, param in ref.named_parameters()}
     try:
         with torch.no_grad():
             for name, param in ref.named_parameters():
                 if name.startswith("model.visual.") and param.dim() > 1 and (position_table or "pos_embed" not in name):
-                    param.copy_(param.half().float())
+                    param.copy_(param.to(dtype).float())
         yield ref
     finally:
         with torch.no_grad():
@@ -125,6 +125,31 @@ def test_f16_projector_matches_transformers_with_f16_tower(files) -> None:
     with tower_in_float16(ref):
         diff = (llm.logits(prompt) - reference_logits(ref, prompt)).abs().max().item()
     assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
+
+
+@pytest.mark.parametrize("files", ["qwen2_5_vl", "qwen3_vl"], indirect=True)
+def test_bf16_projector_keeps_its_linear_layers_in_bf16(files, tmp_path) -> None:
+    """An mmproj-BF16 file: the tower's linear layers keep the file's bfloat16 weights for the kernels (half the
+    memory), with the numbers of the reference whose tower is rounded to bfloat16."""
+    from qwen_engine.models.quant import QuantLinear
+
+    family, ref, folder = files
+    write_mmproj(ref, tmp_path / "mmproj-bf16.gguf", Q.BF16, **norms(family))
+    llm = LLM(folder / "text.gguf", mmproj=tmp_path / "mmproj-bf16.gguf", **OPTIONS)
+    kept = [m for m in llm.model.visual.modules() if isinstance(m, QuantLinear)]
+    linears = [m for m in llm.model.visual.modules() if isinstance(m, torch.nn.Linear)]
+    if kernels_native():
+        assert kept and not linears
+    prompt = llm.encode_chat(two_images(), add_generation_prompt=True)
+    with tower_in_float16(ref, dtype=torch.bfloat16):
+        diff = (llm.logits(prompt) - reference_logits(ref, prompt)).abs().max().item()
+    assert diff <= TOLERANCE, f"{family}: max |Δlogit| {diff:.2e}"
+
+
+def kernels_native() -> bool:
+    from qwen_engine import kernels
+
+    return kernels.native() is not None
 
 
 @pytest.mark.parametrize("files", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"], indirect=True)

@@ -189,6 +189,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, keep_blocks
         model = _build(config, tensors, dtype, device, path, tower_apart=True)
     if projector is not None:
         mmproj.load_tower(model.visual, projector, dtype, device)
+        if keep_blocks and not layers_replaced and kernels.native() is not None and projector.has_bf16_matrices:
+            bf16_layers.keep_linears(model.visual)  # as for bf16 folders: the same numbers from half the memory
         model.visual.reset_computed_state(device)
     eos = _eos_ids(tokenizer, [gguf.metadata.get("tokenizer.ggml.eos_token_id")])
     defaults = GGUF_DEFAULTS.get(config.family, GGUF_DEFAULTS["qwen3"])  # (Qwen3.5: Qwen3's thinking-mode values)

@@ -90,6 +90,14 @@ class Projector:
     def deepstack_layers(self) -> list[int]:
         return list(self.vision_config.get("deepstack_visual_indexes", []))
 
+    @property
+    def has_bf16_matrices(self) -> bool:
+        """Whether the tower's matrices are stored in bfloat16 (then its linear layers can keep them so)."""
+        from gguf import GGMLQuantizationType
+
+        return any(info.qtype == GGMLQuantizationType.BF16 and len(info.shape) == 2
+                   for name, info in self.file.tensors.items() if name.startswith(("v.", "mm.")))
+
     def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
         """(tower parameter name, float32 values), names as models/vision.py's VisionTransformer has them."""
         names = self._canonical_names()  # llama.cpp's name → the file's
