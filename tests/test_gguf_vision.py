@@ -275,15 +275,19 @@ def test_ollama_model_with_a_projector_layer(files, tmp_path, monkeypatch) -> No
                       family="qwen3vl")
     monkeypatch.setenv("OLLAMA_MODELS", str(root))
     monkeypatch.setenv("QWEN_ENGINE_HOME", str(tmp_path / "home"))
-    pulled = LLM("ollama:tiny-qwen3-vl", **OPTIONS)
-    direct = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
-    prompt = direct.encode_chat(one_image())
-    assert torch.equal(pulled.logits(prompt), direct.logits(prompt))
+    assert_same_as_naming_the_files(LLM("ollama:tiny-qwen3-vl", **OPTIONS), folder)
 
     from qwen_engine.weights.catalog import ollama_entries
 
     (entry,) = [e for e in ollama_entries() if e.name == "ollama:tiny-qwen3-vl:latest"]
     assert entry.runs == "vision"
+
+
+def assert_same_as_naming_the_files(llm: LLM, folder) -> None:
+    """`llm` found the quantised model and its F16 projector on its own: the logits of naming both."""
+    direct = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
+    prompt = direct.encode_chat(one_image())
+    assert torch.equal(llm.logits(prompt), direct.logits(prompt))
 
 
 @pytest.mark.parametrize("files", ["qwen3_vl"], indirect=True)
@@ -298,10 +302,7 @@ def test_gguf_repository_in_the_hugging_face_cache(files, tmp_path, monkeypatch)
     shutil.copy(folder / "mmproj-f16.gguf", repo / "mmproj-Tiny-VL-F16.gguf")
     make_hf_repo(tmp_path / "hf", "Qwen/Tiny-VL-GGUF", repo)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    cached = LLM("Qwen/Tiny-VL-GGUF", **OPTIONS)
-    direct = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
-    prompt = direct.encode_chat(one_image())
-    assert torch.equal(cached.logits(prompt), direct.logits(prompt))
+    assert_same_as_naming_the_files(LLM("Qwen/Tiny-VL-GGUF", **OPTIONS), folder)
 
     from qwen_engine.weights.catalog import hf_entries
 
