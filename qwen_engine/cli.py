@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=256, help="most queued requests before 429")
     serve.add_argument("--max-body-bytes", type=int, default=10 << 20, help="largest request body (413 above)")
     serve.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
+    serve.add_argument("--max-stored-responses", type=int, default=1000,
+                       help="Responses API: most responses kept in memory for previous_response_id (0: none)")
     serve.add_argument("--max-images-per-request", type=int, default=8, help="vision models: most images (400)")
     serve.add_argument("--max-videos-per-request", type=int, default=2, help="vision models: most videos (400)")
     serve.add_argument("--max-image-pixels", type=int,
@@ -300,6 +302,7 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or _default_served_name(args.model, llm)
     app = create_app(llm, ServerConfig(name, api_key=args.api_key, max_waiting=args.max_waiting,
                                        max_body_bytes=args.max_body_bytes,
+                                       max_stored_responses=args.max_stored_responses,
                                        max_images_per_request=args.max_images_per_request,
                                        max_videos_per_request=args.max_videos_per_request,
                                        max_image_pixels=args.max_image_pixels, fetch_timeout=args.fetch_timeout))

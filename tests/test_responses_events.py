@@ -95,3 +95,15 @@ def test_response_store_drops_the_least_recently_used():
     off = ResponseStore(capacity=0)
     off.put("x", [], {})
     assert off.get("x") is None
+
+
+def test_input_items_are_listed_with_ids():
+    from qwen_engine.server.responses import _input_items
+
+    body = ResponsesRequest(model="m", input=[{"role": "user", "content": "Hi"},
+                                              {"type": "function_call_output", "call_id": "c1", "output": "{}"}])
+    items = _input_items(body)
+    assert [i["type"] for i in items] == ["message", "function_call_output"]
+    assert items[0]["id"].startswith("msg_") and items[1]["id"].startswith("fco_")
+    (only,) = _input_items(ResponsesRequest(model="m", input="Hello"))
+    assert only["content"] == [{"type": "input_text", "text": "Hello"}] and only["role"] == "user"

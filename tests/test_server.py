@@ -521,6 +521,16 @@ def test_responses_are_stored_and_continued(client):
     assert streamed.previous_response_id == second.id
     assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
     assert client.responses.retrieve(first.id).output_text == first.output_text
+    (item,) = client.responses.input_items.list(second.id).data
+    assert (item.type, item.role, item.content[0].text) == ("message", "user", "What is my name?")
+    several = client.responses.create(model=MODEL, max_output_tokens=2, input=[
+        {"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three"}])
+    page = client.responses.input_items.list(several.id, order="asc", limit=2)
+    assert [i.content[0].text for i in page.data] == ["One", "Two"] and page.has_more
+    rest = client.responses.input_items.list(several.id, order="asc", after=page.last_id)
+    assert [i.content[0].text for i in rest.data] == ["Three"] and not rest.has_more
+    newest = client.responses.input_items.list(several.id, limit=1)  # newest first by default, as OpenAI
+    assert newest.data[0].content[0].text == "Three"
 
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):

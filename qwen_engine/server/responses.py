@@ -7,8 +7,8 @@ reasoning, text and tool calls come back as output items. Streaming sends the AP
 
 Responses are stored (unless `store` is false) in memory, the most recent `ServerConfig.max_stored_responses`:
 a request naming `previous_response_id` continues that conversation (its input items are added after the stored
-turns; `instructions` are the new request's, as OpenAI does), and GET / DELETE /v1/responses/{id} read and
-remove them. They are lost when the server stops.
+turns; `instructions` are the new request's, as OpenAI does), GET / DELETE /v1/responses/{id} read and remove
+them, and GET /v1/responses/{id}/input_items lists a request's input. They are lost when the server stops.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,6 +85,7 @@ class ResponsesRequest(BaseModel):
 class _Stored:
     conversation: list[dict[str, Any]]  # the turns so far as chat messages, this response's answer included
     response: dict[str, Any]  # the response object, as it was sent
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # the request's own input, as items with ids
 
 
 class ResponseStore:
@@ -94,10 +95,11 @@ class ResponseStore:
         self.capacity = capacity
         self.items: OrderedDict[str, _Stored] = OrderedDict()
 
-    def put(self, response_id: str, conversation: list[dict[str, Any]], response: dict[str, Any]) -> None:
+    def put(self, response_id: str, conversation: list[dict[str, Any]], response: dict[str, Any],
+            input_items: list[dict[str, Any]] | None = None) -> None:
         if self.capacity <= 0:
             return
-        self.items[response_id] = _Stored(conversation, response)
+        self.items[response_id] = _Stored(conversation, response, input_items or [])
         while len(self.items) > self.capacity:
             self.items.popitem(last=False)
 
@@ -125,6 +127,20 @@ def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, 
     async def get_response(response_id: str, request: Request):
         return stored(response_id).response
 
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def get_input_items(response_id: str, request: Request, order: Literal["asc", "desc"] = "desc",
+                              limit: int = Query(20, ge=1, le=100), after: str | None = None):
+        items = stored(response_id).input_items
+        items = items if order == "asc" else items[::-1]
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise ApiError(400, f"after={after!r} names no input item of {response_id!r}", param="after")
+            items = items[ids.index(after) + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str, request: Request):
         stored(response_id)
@@ -151,7 +167,7 @@ def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, 
 
         def keep(response: dict[str, Any]) -> None:
             if body.store:
-                store.put(shell.id, turns + [_assistant_turn(response["output"])], response)
+                store.put(shell.id, turns + [_assistant_turn(response["output"])], response, _input_items(body))
 
         if body.stream:
             return StreamingResponse(_events(stream, shell, chat, engine, metrics, keep),
@@ -259,6 +275,22 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         schema = {key: spec[key] for key in ("name", "schema", "strict") if key in spec}
         return {"type": "json_schema", "json_schema": schema}
     return {"type": spec.get("type", "text")}
+
+
+def _input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as the API lists it back: items, each with an id (a string input is one message)."""
+    if isinstance(body.input, str):
+        items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": body.input}]}]
+    else:
+        items = [dict(item) for item in body.input]
+    prefixes = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+    for item in items:
+        item.setdefault("type", "message")
+        item.setdefault("id", _item_id(prefixes.get(item["type"], "item")))
+        if item["type"] == "message" and isinstance(item.get("content"), str):  # listed as parts, as OpenAI does
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": kind, "text": item["content"]}]
+    return items
 
 
 def _assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
