@@ -8,8 +8,9 @@ run, and all of them get the same token ids: a ~516-token chat prompt rendered w
 each run: load time, prefill tokens/s (time to the first generated token), single-stream decode tokens/s over
 128 greedy tokens, peak RSS. The greedy tokens are compared across systems.
 
-System `qwen-engine-w8a8` is qwen-engine's optional lossy mode (int8 weights and activations, models/w8a8.py);
---quality prints how far it moves the model (mean KL divergence from the float model, greedy agreement) over a
+System `qwen-engine-w8a8` is qwen-engine's optional lossy mode (int8 weights and activations, models/w8a8.py),
+`qwen-engine-a8` the one that keeps the GGUF's weights and rounds only the activations to int8, as llama.cpp
+does (models/a8.py); --quality prints how far each moves the model (mean KL divergence from the float model, greedy agreement) over a
 fixed corpus, and, when llama.cpp is among the systems, how far llama.cpp's own logits are from the float model;
 also how far a float16 KV cache (kv_cache_dtype) moves the float model.
 
@@ -229,8 +230,8 @@ def parallel_llama_cpp(model: str, prompts: list[list[int]]) -> dict:
 
 
 def quality(model: str, corpus: list[list[int]], peer_logits: str | None = None) -> dict[str, dict]:
-    """How far the lossy w8a8 mode moves the model: the KL divergence of its next-token distributions from the
-    float model's (the default path's numbers), and how often their greedy choices agree, at every position;
+    """How far the lossy w8a8 and a8 modes move the model: the KL divergence of their next-token distributions
+    from the float model's (the default path's numbers), and how often their greedy choices agree, at every position;
     the same for the float model with its KV cache in float16 (kv_cache_dtype).
     With `peer_logits` (a folder of `quality_llama_cpp`'s files), the same for llama.cpp's own logits, whose
     products round activations to 8 bits too (its Q8_K / Q8_0 blocks): the distance of the peer from the model."""
@@ -241,8 +242,10 @@ def quality(model: str, corpus: list[list[int]], peer_logits: str | None = None)
     from qwen_engine import LLM
 
     exact, lossy = LLM(model, progress=False), LLM(model, progress=False, quantization="w8a8")
+    activations = LLM(model, progress=False, quantization="a8")
     half_kv = LLM(model, progress=False, kv_cache_dtype="float16")
-    systems = {"w8a8": lambda i, ids: lossy.logits(ids), "float16 KV cache": lambda i, ids: half_kv.logits(ids)}
+    systems = {"w8a8": lambda i, ids: lossy.logits(ids), "a8": lambda i, ids: activations.logits(ids),
+               "float16 KV cache": lambda i, ids: half_kv.logits(ids)}
     if peer_logits:
         systems["llama.cpp"] = lambda i, ids: torch.from_numpy(np.load(Path(peer_logits) / f"{i}.npy"))
     kls: dict[str, list] = {name: [] for name in systems}
@@ -276,27 +279,33 @@ def quality_llama_cpp(model: str, corpus: list[list[int]], out_dir: str) -> dict
     return {"windows": len(corpus)}
 
 
-def first_load_w8a8(model: str) -> dict:
-    """The first load in w8a8 mode converts the model and keeps its int8 layers on disk; later loads map them."""
+def first_load(model: str, mode: str) -> dict:
+    """The first load in the w8a8 or a8 mode converts the model and keeps its int8 layers on disk; later loads map
+    them."""
     from qwen_engine import LLM
-    from qwen_engine.models import w8a8
+    from qwen_engine.models import a8, w8a8
     from qwen_engine.models.calibration import calibration_ids
     from qwen_engine.text.tokenizer import QwenTokenizer
     from qwen_engine.weights import w8a8_store
     from qwen_engine.weights.gguf import GGUFFile
 
-    tokenizer = QwenTokenizer.from_gguf_metadata(GGUFFile(model).metadata)
-    store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer)))
+    if mode == "a8":
+        store = w8a8_store.store_path(Path(model), a8.layout(), mode="a8")
+    else:
+        tokenizer = QwenTokenizer.from_gguf_metadata(GGUFFile(model).metadata)
+        store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer)))
     kept = store is not None and store.exists()
     start = time.perf_counter()
-    LLM(model, progress=False, quantization="w8a8")
+    LLM(model, progress=False, quantization=mode)
     return {"load_s": time.perf_counter() - start, "converted": not kept}
 
 
 RUNNERS = {"qwen-engine": run_qwen_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers,
-           "qwen-engine-w8a8": lambda model, ids: run_qwen_engine(model, ids, "w8a8")}
+           "qwen-engine-w8a8": lambda model, ids: run_qwen_engine(model, ids, "w8a8"),
+           "qwen-engine-a8": lambda model, ids: run_qwen_engine(model, ids, "a8")}
 PARALLEL = {"qwen-engine": parallel_qwen_engine, "llama.cpp": parallel_llama_cpp,
-            "qwen-engine-w8a8": lambda model, prompts: parallel_qwen_engine(model, prompts, "w8a8")}
+            "qwen-engine-w8a8": lambda model, prompts: parallel_qwen_engine(model, prompts, "w8a8"),
+            "qwen-engine-a8": lambda model, prompts: parallel_qwen_engine(model, prompts, "a8")}
 
 
 def quality_corpus(tok, windows: int = 4, length: int = 512) -> list[list[int]]:
@@ -319,8 +328,8 @@ def child(system: str, model: str, ids_file: str) -> None:
         result = quality(model, ids["corpus"], ids["peer_logits"])
     elif system == "quality-llama.cpp":
         result = quality_llama_cpp(model, ids["corpus"], ids["out_dir"])
-    elif system == "w8a8-store":
-        result = first_load_w8a8(model)
+    elif system.endswith("-store"):
+        result = first_load(model, system.removesuffix("-store"))
     else:
         result = RUNNERS[system](model, ids)
         result["prompt_tokens"] = len(ids)
@@ -342,7 +351,7 @@ def main() -> None:
     p.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the single-stream table (--no-single: only the streams)")
     p.add_argument("--quality", action="store_true",
-                   help="also measure the w8a8 mode's KL divergence and greedy agreement on a fixed corpus")
+                   help="also measure the w8a8 and a8 modes' KL divergence and greedy agreement on a fixed corpus")
     p.add_argument("--peer-python", default=str(ROOT / ".bench-venv" / "bin" / "python"),
                    help="the Python of the environment made by setup_peers.sh")
     p.add_argument("--child", nargs=3, metavar=("SYSTEM", "MODEL", "IDS_FILE"), help=argparse.SUPPRESS)
@@ -373,7 +382,7 @@ def main() -> None:
     def run_child(system: str, payload) -> dict | None:
         ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen-engine-bench-{os.getpid()}.json"
         ids_file.write_text(json.dumps(payload))
-        ours = system.startswith(("qwen-engine", "w8a8-store")) or system == "quality"
+        ours = system.startswith("qwen-engine") or system.endswith("-store") or system == "quality"
         python = sys.executable if ours else args.peer_python
         proc = subprocess.run([python, __file__, "--child", system, model, str(ids_file)], capture_output=True,
                               text=True, env=env)
@@ -385,13 +394,15 @@ def main() -> None:
 
     global THREADS
     THREADS = args.threads
-    if "qwen-engine-w8a8" in systems:
+    for mode in ("w8a8", "a8"):
+        if f"qwen-engine-{mode}" not in systems:
+            continue
         # The runs time loads after the first one, which converts the model and keeps its int8 layers on disk
         # (weights/w8a8_store.py) — as the issue's load target counts loads after the demo model's assembly.
-        r = run_child("w8a8-store", [])
+        r = run_child(f"{mode}-store", [])
         if r is not None:
             what = "first load (conversion, layers kept)" if r["converted"] else "load (layers already kept)"
-            print(f"w8a8: {what} {r['load_s']:.1f} s, rss {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+            print(f"{mode}: {what} {r['load_s']:.1f} s, rss {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     if args.single:
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for run in range(args.runs):

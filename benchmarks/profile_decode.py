@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=523)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--python", action="store_true", help="profile the PyTorch layers, not the native step")
-    p.add_argument("--quantization", choices=["w8a8"], help="the optional lossy mode (models/w8a8.py)")
+    p.add_argument("--quantization", choices=["w8a8", "a8"], help="an optional lossy mode (models/w8a8.py, models/a8.py)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="the KV cache's type (float16/bfloat16: lossy, half the bytes)")
     args = p.parse_args()
@@ -49,7 +49,7 @@ def main() -> None:
 
     def timed(self, x):
         start = time.perf_counter()
-        y = originals[type(self)](self, x)
+        y = originals[quant.QuantLinear if isinstance(self, quant.QuantLinear) else w8a8.W8A8Linear](self, x)
         key = f"{self.out_features}x{self.in_features}"
         timings[key] += time.perf_counter() - start
         calls[key] += 1

@@ -106,8 +106,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "(default: an ollama model's own, or the only mmproj*.gguf beside the model file)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default float32)")
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--quantization", choices=["w8a8", "w8a8-vision"], help="optional lossy mode: int8 weights and "
-                   "activations (int8 products on AVX2, AVX-512 VNNI or AMX); w8a8-vision: a vision tower too, "
+    p.add_argument("--quantization", choices=["a8", "w8a8", "w8a8-vision"], help="optional lossy modes with int8 "
+                   "products: a8 keeps a GGUF's own weights and rounds only the activations to int8, as llama.cpp "
+                   "does; w8a8 also re-quantises the weights to int8 (any model); w8a8-vision: a vision tower too, "
                    "with bf16 attention products (see docs/usage.md)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="type the KV cache stores (default auto: the model's); float16 holds twice the tokens in "

@@ -37,7 +37,8 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
                               int64_t group, const c10::optional<torch::Tensor>& factors);
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group, const c10::optional<torch::Tensor>& factors);
+                                int64_t group, const c10::optional<torch::Tensor>& factors,
+                                const c10::optional<torch::Tensor>& offsets);
 bool int8_has_amx();
 
 namespace {
@@ -93,15 +94,18 @@ struct Linear {
   c10::optional<torch::Tensor> bias;
   // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
   // for this CPU (AMX tiles where they run, else units of 8 or 16 rows), their scales, x (times the layer's smoothing
-  // factors, if any) quantised in groups of `group`.
+  // factors, if any) quantised in groups of `group`. The a8 mode (models/a8.py) packs in units of rows even
+  // where AMX runs (its groups of 16-32 values are below a tile's 64), and K-quant weights add offsets.
   torch::Tensor int8_weight, int8_scales;
   int64_t group = 0, packed_rows = 0;
-  c10::optional<torch::Tensor> int8_factors;
+  c10::optional<torch::Tensor> int8_factors, int8_offsets;
+  bool int8_amx = false;
   torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
 #if QE_INT8
     if (group > 0)
-      return int8_has_amx() ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
-                            : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors);
+      return int8_amx ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
+                      : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors,
+                                          int8_offsets);
 #endif
     TORCH_CHECK(group == 0, "this build has no int8 kernels");
     return linear(x, blocks, qtypes, bias, gemv_max_rows);
@@ -167,14 +171,15 @@ class DecodeStep {
   // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
   void set_int8(int64_t li, const std::string& which, torch::Tensor weight, torch::Tensor scales,
                 c10::optional<torch::Tensor> bias, int64_t group, int64_t packed_rows,
-                c10::optional<torch::Tensor> factors) {
+                c10::optional<torch::Tensor> factors, c10::optional<torch::Tensor> offsets, bool amx) {
     TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
     Layer& l = layers_[li];
     Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
               : which == "down" ? &l.down : nullptr;
     TORCH_CHECK(p != nullptr, "no projection ", which);
     TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
-    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors};
+    TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
+    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx};
   }
 
   // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given

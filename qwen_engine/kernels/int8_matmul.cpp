@@ -42,6 +42,13 @@ inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t 
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
 }
 
+// A group of a row of x as quantised, summed and scaled back: sx * sum(q), the sum read off the lane start
+// (-8 * sum(q), quantize_rows). The a8 mode's K-quant weights are scale * q + offset in each group, so their
+// product gains offset * this.
+inline float group_sum(const float* sx, const int32_t* starts, int64_t i) {
+  return sx[i] * static_cast<float>(-starts[i] / 8);
+}
+
 #if QE_INT8 == 512
 // Outputs a unit of weight rows holds: 16 (one 16-lane vector) with AVX-512 VNNI, 8 with AVX2.
 constexpr int64_t UNIT_ROWS = 16;
@@ -108,8 +115,8 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
 // PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are prefetched a few at each group.
 template <int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
-                int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
-                const char* fetch, int64_t fetch_lines) {
+                int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias, int cols,
+                bool ahead, const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -141,6 +148,13 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
       const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
       for (int j = 0; j < NR; ++j)
         acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][j]), _mm512_mul_ps(swv[j], s), acc[i][j]);
+    }
+    if (so) {  // weight offsets (the a8 mode's K-quants): + offset * (the group's sum of x as quantised)
+      for (int j = 0; j < NR; ++j) swv[j] = unit_scales16(so + g * ldy + 16 * j, cols - 16 * j);
+      for (int i = 0; i < MR; ++i) {
+        const __m512 s = _mm512_set1_ps(group_sum(sx, starts, i * groups + g));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(swv[j], s, acc[i][j]);
+      }
     }
   }
   for (int i = 0; i < MR; ++i)
@@ -240,9 +254,9 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
 // y[i, 0..cols) = (products of row i of q (and a = |q|) with the NR units at wu) + bias, for MR rows of q; sw, ahead,
 // fetch and fetch_lines as in the AVX-512 units_tile.
 template <int MR, int NR>
-void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t*, const float* sx, int64_t K,
-                int64_t G, float* y, int64_t ldy, const float* sw, const float* bias, int cols, bool ahead,
-                const char* fetch, int64_t fetch_lines) {
+void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t* starts, const float* sx,
+                int64_t K, int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias,
+                int cols, bool ahead, const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR][NR];
@@ -277,6 +291,13 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int3
       for (int j = 0; j < NR; ++j)
         acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][j]), _mm256_mul_ps(swv[j], s), acc[i][j]);
     }
+    if (so) {  // weight offsets (the a8 mode's K-quants), as in the AVX-512 tile
+      for (int j = 0; j < NR; ++j) swv[j] = unit_scales(so + g * ldy + 8 * j, cols - 8 * j);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 s = _mm256_set1_ps(group_sum(sx, starts, i * groups + g));
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(swv[j], s, acc[i][j]);
+      }
+    }
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
@@ -290,9 +311,9 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int3
 // 16 and 32 streams within the host's noise. (Whole slices at the start of each tile were slower: 56 / 50 ms.)
 constexpr int64_t SPREAD_TILES = 2;
 
-// units_tile(wu, q, |q| (AVX2), starts (VNNI), sx, K, G, y, ldy, sw, bias, cols, ahead, fetch, fetch_lines)
+// units_tile(wu, q, |q| (AVX2), starts, sx, K, G, y, ldy, sw, offsets, bias, cols, ahead, fetch, fetch_lines)
 using UnitsFn = void (*)(const uint8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
-                        float*, int64_t, const float*, const float*, int, bool, const char*, int64_t);
+                        float*, int64_t, const float*, const float*, const float*, int, bool, const char*, int64_t);
 #if QE_INT8 == 512
 // 12 integer and 12 float accumulators, 3 weight vectors and x: 28 of the 32 registers
 constexpr int UMR = 4, UNR = 3;
@@ -388,8 +409,8 @@ namespace {
 std::vector<torch::Tensor> quantize_padded(const torch::Tensor& x, int64_t K, int64_t group,
                                            const c10::optional<torch::Tensor>& factors) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
-  TORCH_CHECK(group > 0 && group % 64 == 0 && group <= MAX_GROUP && K % group == 0,
-              "group must be a multiple of 64 dividing K, at most ", MAX_GROUP);
+  TORCH_CHECK(group > 0 && group % 16 == 0 && group <= MAX_GROUP && K % group == 0,
+              "group must be a multiple of 16 dividing K, at most ", MAX_GROUP);
   TORCH_CHECK(x.size(1) <= K && x.size(1) > K - 64, "x has ", x.size(1), " columns; the weight has ", K,
               " (x may lack only the padding to a multiple of 64)");
   TORCH_CHECK(!factors.has_value() || (factors->dtype() == torch::kFloat32 && factors->is_contiguous() &&
@@ -417,7 +438,8 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
 // int8 in groups of `group`. x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
 torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
                                 const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group, const c10::optional<torch::Tensor>& factors) {
+                                int64_t group, const c10::optional<torch::Tensor>& factors,
+                                const c10::optional<torch::Tensor>& offsets) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   constexpr int64_t R = UNIT_ROWS;
@@ -425,6 +447,10 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * R * K,
               "packed weight must be contiguous uint8 of ", units * R, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
+  TORCH_CHECK(!offsets.has_value() || (offsets->dtype() == torch::kFloat32 && offsets->is_contiguous() &&
+                                       offsets->sizes() == weight_scales.sizes()),
+              "weight offsets must be contiguous float32 shaped as the weight scales");
+  const float* so = offsets.has_value() ? offsets->data_ptr<float>() : nullptr;
   const auto parts = quantize_padded(x, K, group, factors);
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
@@ -452,7 +478,8 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
           UNIT_TILES[mr - 1][nr - 1](w + u * R * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
-                                     group, yp + m * N + u * R, N, sw + u * R, bias_ptr ? bias_ptr + u * R : nullptr,
+                                     group, yp + m * N + u * R, N, sw + u * R, so ? so + u * R : nullptr,
+                                     bias_ptr ? bias_ptr + u * R : nullptr,
                                      static_cast<int>(std::min<int64_t>(R * nr, N - u * R)), t == 0 && !spread,
                                      next + l0 * 64, l1 - l0);
         }
@@ -461,7 +488,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   }
   return y;
 #else
-  (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group, (void)factors;
+  (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group, (void)factors, (void)offsets;
   TORCH_CHECK(false, "this build has no int8 kernels");
 #endif
 }
@@ -584,6 +611,7 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
                               int64_t group, const c10::optional<torch::Tensor>& factors) {
 #if QE_AMX
   TORCH_CHECK(amx_usable(), "AMX is not available to this process");
+  TORCH_CHECK(group % 64 == 0, "AMX tiles take groups of a multiple of 64 values");
   const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
               "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
@@ -612,7 +640,7 @@ void register_int8(pybind11::module& m) {
   m.def("int8_linear_units", &int8_linear_units,
         "x @ W^T (+ bias), W int8 in units of 8 or 16 rows, x (times factors, if given) quantised to int8 per group",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
-        py::arg("factors") = py::none());
+        py::arg("factors") = py::none(), py::arg("offsets") = py::none());
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per group of each row",
         py::arg("w"), py::arg("group"));
   m.def("int8_quantize", &int8_quantize, "x (times factors, if given) as int8 in groups along each row: (q, scales, "

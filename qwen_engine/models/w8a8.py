@@ -156,11 +156,13 @@ PACK = {"amx": (pack_amx, unpack_amx), "units": (pack_units, unpack_units),
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                     group: int, factors: torch.Tensor | None = None) -> torch.Tensor:
+                     group: int, factors: torch.Tensor | None = None,
+                     offsets: torch.Tensor | None = None) -> torch.Tensor:
     """The same numbers as the kernel, in PyTorch (up to the order of float sums): the fallback and the tests'
     reference. `scales`: the weight's, [K / group, N]. Group dot products of int8 values stay below 2^24, so
     float32 holds them exactly. `factors` multiply x's first columns (the layer's smoothing) before it is
-    quantised."""
+    quantised. `offsets` [K / group, N] (the a8 mode's K-quants: weights scale * q + offset) add offset times
+    each group's sum of x as quantised."""
     if factors is not None:
         x = torch.cat([x[:, : factors.numel()] * factors, x[:, factors.numel() :]], dim=1)
     q, sx = quantize_activations(x, group)
@@ -171,6 +173,9 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         qg = q[m0 : m0 + 64].float().view(-1, G, group).transpose(0, 1)  # [G, rows, group]
         dots = torch.bmm(qg, w.view(N, G, group).permute(1, 2, 0))  # [G, rows, N], exact integers
         y[m0 : m0 + 64] = (dots * sx[m0 : m0 + 64].t()[:, :, None] * scales[:, None, :]).sum(0)
+    if offsets is not None:
+        sums = q.float().view(M, G, group).sum(2) * sx  # [M, groups]: each group of x as quantised, summed
+        y.addmm_(sums, offsets)
     return y if bias is None else y.add_(bias)
 
 
@@ -190,12 +195,26 @@ class W8A8Linear(nn.Module):
         self.group = group_size(self.in_features)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.input_factors = None if smooth is None else (1 / smooth.float()).contiguous()
+        self.weight_offsets = None
         native = kernels.native()
-        # In a packed layout (AMX tiles, units of 8 or 16 rows) the weight is kept only packed (weight_rows() gives the rows
-        # back); each block of rows is quantised and packed in turn, so no second copy of the whole weight is
-        # ever made.
-        self.layout = weight_layout()
-        unit = PACKED_ROWS.get(self.layout, 0)
+
+        def quantized():
+            for part in parts:
+                values = part.float() if smooth is None else part.float() * smooth.float()
+                values = F.pad(values, (0, self.padded - self.in_features)).contiguous()
+                if native is not None and hasattr(native, "int8_quantize_weight"):
+                    yield native.int8_quantize_weight(values, self.group)
+                else:
+                    yield quantize_weight(values, self.group)
+
+        self._pack(weight_layout(), quantized())
+
+    def _pack(self, layout: str, blocks) -> None:
+        """Keeps `blocks` ((uint8 rows [n, padded] = int8 + 128, their scales [n, groups]) in order) in `layout`.
+        In a packed layout (AMX tiles, units of 8 or 16 rows) the weight is kept only packed (weight_rows() gives
+        the rows back); each block is packed in turn, so no second copy of the whole weight is ever made."""
+        self.layout = layout
+        unit = PACKED_ROWS.get(layout, 0)
         # [groups, N]: a group's scales of adjacent outputs are adjacent, as the kernels read them
         self.weight_scales = torch.empty(self.padded // self.group, self.out_features)
         if unit:
@@ -204,25 +223,19 @@ class W8A8Linear(nn.Module):
         else:
             self.packed = None
             self.weight_u8 = torch.empty(self.out_features, self.padded, dtype=torch.uint8)
-        row, pending = 0, []  # pending: quantised rows not yet packed (a unit takes `unit` rows at a time)
-        for i, part in enumerate(parts):
-            rows = int(part.shape[0])
-            values = part.float() if smooth is None else part.float() * smooth.float()
-            values = F.pad(values, (0, self.padded - self.in_features)).contiguous()
-            if native is not None and hasattr(native, "int8_quantize_weight"):
-                u8, scales = native.int8_quantize_weight(values, self.group)
-            else:
-                u8, scales = quantize_weight(values, self.group)
+        row, pending = 0, []  # pending: rows not yet packed (a unit takes `unit` rows at a time)
+        for u8, scales in blocks:
+            rows = int(u8.shape[0])
             self.weight_scales[:, row : row + rows] = scales.t()
             row += rows
             if not unit:
                 self.weight_u8[row - rows : row] = u8
                 continue
             pending.append(u8)
-            if row % unit == 0 or i == len(parts) - 1:
+            if row % unit == 0 or row == self.out_features:
                 block = torch.cat(pending) if len(pending) > 1 else pending[0]
                 start = (row - block.shape[0]) * self.padded
-                packed = PACK[self.layout][0](block)
+                packed = PACK[layout][0](block)
                 self.packed[start : start + packed.numel()] = packed
                 pending = []
 
@@ -235,6 +248,7 @@ class W8A8Linear(nn.Module):
         layer.out_features, layer.in_features = int(scales.shape[-1]), in_features
         layer.padded, layer.group = padded_size(in_features), group_size(in_features)
         layer.weight_scales, layer.bias, layer.input_factors = scales, bias, factors
+        layer.weight_offsets = None
         layer.layout = weight_layout()
         unit = PACKED_ROWS.get(layer.layout, 0)
         rows = -(-layer.out_features // unit) * unit if unit else layer.out_features
@@ -266,20 +280,27 @@ class W8A8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         native = kernels.native()
         if native is not None and self.packed is not None:  # the kernels pad x with zeros as they quantise it
-            packed_linear = native.int8_linear_amx if self.layout == "amx" else native.int8_linear_units
-            y = packed_linear(x2, self.packed, self.out_features, self.weight_scales, self.bias, self.group,
-                              self.input_factors)
+            if self.layout == "amx":
+                y = native.int8_linear_amx(x2, self.packed, self.out_features, self.weight_scales, self.bias,
+                                           self.group, self.input_factors)
+            else:
+                y = native.int8_linear_units(x2, self.packed, self.out_features, self.weight_scales, self.bias,
+                                             self.group, self.input_factors, self.weight_offsets)
         else:
             if self.padded != self.in_features:
                 x2 = F.pad(x2, (0, self.padded - self.in_features))
-            y = reference_linear(x2, self.weight_rows(), self.weight_scales, self.bias, self.group, self.input_factors)
+            y = reference_linear(x2, self.weight_rows(), self.weight_scales, self.bias, self.group, self.input_factors,
+                                 self.weight_offsets)
         return y.view(*lead, self.out_features)
 
     def weight_float(self) -> torch.Tensor:
         """The int8 weight as float32 [N, K] (what the products multiply by, up to the activations' rounding),
         its smoothing undone."""
         values = (self.weight_rows().to(torch.int16) - 128).float().view(self.out_features, -1, self.group)
-        w = (values * self.weight_scales.t()[:, :, None]).view(self.out_features, -1)[:, : self.in_features]
+        w = values * self.weight_scales.t()[:, :, None]
+        if self.weight_offsets is not None:
+            w = w + self.weight_offsets.t()[:, :, None]
+        w = w.reshape(self.out_features, -1)[:, : self.in_features]
         return w if self.input_factors is None else w * self.input_factors
 
     def extra_repr(self) -> str:

@@ -20,9 +20,10 @@ from .. import kernels
 from ..config import GGUF_VL_ARCHITECTURES, ModelConfig
 from ..engine.sampling_params import SamplingParams
 from ..errors import InputError, ModelLoadError
-from ..models import w8a8
+from ..models import a8, w8a8
 from ..models.calibration import calibration_ids
 from ..models.layers import RotaryEmbedding
+from ..models.quant import QuantLinear
 from ..models.qwen import QwenForCausalLM
 from . import bf16_layers, experts, linear_projections, mmproj, w8a8_store
 from .quantized import build_quantized, fuse_projections, tie_lm_head
@@ -98,15 +99,21 @@ def load_model(
 
     `quantization="w8a8"` (or QWEN_ENGINE_QUANTIZATION=w8a8) is the optional lossy mode of models/w8a8.py:
     int8 weights and activations for throughput, with its accuracy cost measured by benchmarks/compare.py.
-    "w8a8-vision" converts a vision tower too (int8 linear layers, bf16 attention products).
+    "w8a8-vision" converts a vision tower too (int8 linear layers, bf16 attention products). "a8"
+    (models/a8.py, GGUF models only) keeps the GGUF's weights exactly and rounds only the activations to int8,
+    as llama.cpp does.
 
     `mmproj`: llama.cpp's vision projector file for a vision-language GGUF (weights/mmproj.py); by default the
     one an ollama model's manifest names, or the only `mmproj*.gguf` beside the model file."""
     if quantization is None:
         quantization = os.environ.get("QWEN_ENGINE_QUANTIZATION") or None
-    if quantization is not None and quantization not in w8a8.MODES:
-        raise InputError(f"unknown quantization {quantization!r}; choose from {', '.join(w8a8.MODES)}")
+    modes = (*w8a8.MODES, a8.MODE)
+    if quantization is not None and quantization not in modes:
+        raise InputError(f"unknown quantization {quantization!r}; choose from {', '.join(modes)}")
     source = resolve_source(model, progress)
+    if quantization == a8.MODE and source.path.is_dir():
+        raise InputError("quantization='a8' keeps a GGUF's own quantised weights; a folder of float weights has "
+                         "none (use w8a8)")
     projector = _projector_path(source, mmproj)
     torch_dtype, torch_device = parse_dtype(dtype), parse_device(device)
     if quantization is not None and (torch_dtype != torch.float32 or torch_device.type != "cpu"):
@@ -130,7 +137,12 @@ def load_model(
         raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it")
     if quantization is not None and loaded.config.linear_attention is not None:
         raise InputError(f"quantization={quantization!r} does not run hybrid (Qwen3.5) models yet; drop it")
-    if quantization is not None:
+    if quantization == a8.MODE:
+        if not any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
+            raise InputError("quantization='a8' keeps a GGUF's own quantised weights; this model has none "
+                             "(use w8a8 for float checkpoints)")
+        a8.convert(loaded.model, store=w8a8_store.store_path(source.path, a8.layout(), mode="a8"))
+    elif quantization is not None:
         calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
                      calibration=calibration)

@@ -28,9 +28,10 @@ FORMAT = "qwen-engine-w8a8/2"  # bump when the layers' numbers or layout change 
 DTYPES = {"U8": torch.uint8, "F32": torch.float32}
 
 
-def store_path(source: Path, layout: str) -> Path | None:
+def store_path(source: Path, layout: str, mode: str = "w8a8") -> Path | None:
     """Where the converted layers of `source` (a file, or a folder of files) live, or None if turned off.
-    `layout`: everything else they depend on (models/w8a8.py: store_kind)."""
+    `layout`: everything else they depend on (models/w8a8.py: store_kind). Each mode (w8a8, a8) has a folder of
+    its own, so that one never removes the other's file as stale."""
     if os.environ.get("QWEN_ENGINE_W8A8_CACHE", "1") == "0":
         return None
     source = source.resolve()
@@ -38,7 +39,7 @@ def store_path(source: Path, layout: str) -> Path | None:
     stamp = [FORMAT, layout] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     where = hashlib.sha256(str(source).encode()).hexdigest()[:12]
     what = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
-    return cache_home() / "w8a8" / f"{where}-{what}.safetensors"
+    return cache_home() / mode / f"{where}-{what}.safetensors"
 
 
 ALIGN = 64  # a cache line: the kernels' 64-byte loads of a weight must not straddle two

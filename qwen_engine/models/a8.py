@@ -1,0 +1,239 @@
+"""The optional mode `a8`: the GGUF's own weights, exactly, with activations rounded to int8 — the arithmetic
+llama.cpp itself uses on a CPU.
+
+The default path multiplies in float32 and keeps the model's numbers; where float32 products are compute-bound
+(prefill, many sequences decoding at once) llama.cpp is faster because it rounds each product's activations to
+8 bits and multiplies integers (its `Q8_0`/`Q8_K` blocks against the weights' own quants). This mode does the
+same and changes nothing else:
+
+- each weight's GGUF blocks are re-encoded at load, exactly, as int8 values with one scale per group of 32 values
+  (16 for Q6_K, whose scales change every 16) — and, for the K-quants with minima (Q4_K, Q5_K), one offset per
+  group: a weight is `scale * q + offset`, bit for bit the float the reference dequantises
+  (`test_a8.py: test_exact_re_encoding`);
+- each row of activations is rounded to int8 on the fly, one scale per group of the same size (llama.cpp rounds
+  per 32 for Q5_0/Q8_0 and per 256 for the K-quants, so it rounds more coarsely);
+- the group dot products are exact integers (the w8a8 mode's kernels, kernels/int8_matmul.cpp, with offsets
+  added as offset × the group's sum of x); only the scaling is float.
+
+So its only loss is the activations' rounding. `benchmarks/compare.py` prints its mean KL divergence from the
+float32 model beside llama.cpp's. A product with a block type outside `GROUPS` (F16, BF16, other quants) stays on
+the default path's kernels. Embeddings, norms and attention stay float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from .. import kernels
+from ..weights import w8a8_store
+from . import w8a8
+from .quant import QuantLinear
+
+Q = GGMLQuantizationType
+MODE = "a8"
+
+# The group each block type's scales change at (values along a row).
+GROUPS = {Q.Q4_0: 32, Q.Q5_0: 32, Q.Q8_0: 32, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
+ROWS_AT_ONCE = 4096  # weight rows re-encoded at a time
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block, as float32."""
+    return blocks[..., at : at + 2].contiguous().view(torch.float16).float().squeeze(-1)
+
+
+def _nibbles(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (packed & 0x0F).to(torch.int16), (packed >> 4).to(torch.int16)
+
+
+def _bits(words: torch.Tensor, count: int) -> torch.Tensor:
+    """Bits 0..count-1 of little-endian bytes [..., count / 8], as [..., count] (0 or 1)."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((words[..., :, None] >> shifts) & 1).flatten(-2).to(torch.int16)
+
+
+def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes → 8 six-bit scales and 8 six-bit minima per block."""
+    s = packed.to(torch.int16)
+    lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], -1), torch.cat([lo_m, hi_m], -1)
+
+
+def _decode(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """uint8 [rows, nblocks, bytes] → (q int16 [rows, nblocks * values], scale and offset per group [rows,
+    groups] float32, offset None where the type has none): value = scale * q + offset."""
+    rows = blocks.shape[0]
+    if qtype == Q.Q8_0:
+        q = blocks[..., 2:].contiguous().view(torch.int8).to(torch.int16)
+        return q.reshape(rows, -1), _f16(blocks, 0), None
+    if qtype in (Q.Q4_0, Q.Q5_0):
+        lo, hi = _nibbles(blocks[..., -16:])
+        q = torch.cat([lo, hi], -1)
+        if qtype == Q.Q5_0:
+            q = q | (_bits(blocks[..., 2:6], 32) << 4)
+        return (q - (8 if qtype == Q.Q4_0 else 16)).reshape(rows, -1), _f16(blocks, 0), None
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+        sc, m = _k_scales(blocks[..., 4:16])
+        lo, hi = _nibbles(blocks[..., -128:].reshape(rows, -1, 4, 32))  # 4 chunks of 64 values: low, then high
+        q = torch.stack([lo, hi], 3)  # [rows, nblocks, 4, 2, 32]: sub-block 2j, then 2j + 1
+        if qtype == Q.Q5_K:
+            high = _bits(blocks[..., 16:48], 256).view(rows, -1, 32, 8).permute(0, 1, 3, 2)  # [.., bit, value]
+            q = q | (high.reshape(rows, -1, 4, 2, 32) << 4)
+        scale = d[..., None] * sc.float()
+        offset = -(dmin[..., None] * m.float())
+        return q.reshape(rows, -1), scale.reshape(rows, -1), offset.reshape(rows, -1)
+    if qtype == Q.Q6_K:
+        ql, qh = blocks[..., 0:128].reshape(rows, -1, 2, 64), blocks[..., 128:192].reshape(rows, -1, 2, 32)
+        sc = blocks[..., 192:208].contiguous().view(torch.int8).float()
+        d = _f16(blocks, 208)
+        lo, hi = _nibbles(ql)  # per half of 128 values: ql[0:32] and ql[32:64], low then high nibbles
+        h = qh.to(torch.int16)
+        parts = [lo[..., :32] | ((h & 3) << 4), lo[..., 32:] | (((h >> 2) & 3) << 4),
+                 hi[..., :32] | (((h >> 4) & 3) << 4), hi[..., 32:] | (((h >> 6) & 3) << 4)]
+        q = torch.stack(parts, 3) - 32  # [rows, nblocks, half, 4, 32]
+        return q.reshape(rows, -1), (d[..., None] * sc).reshape(rows, -1), None
+    raise ValueError(f"a8 has no exact int8 form of {qtype.name}")
+
+
+def int8_form(blocks: torch.Tensor, qtype: Q, in_features: int,
+              group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A GGUF weight's blocks uint8 [rows, bytes] → (uint8 [rows, in_features] = q + 128, scales and offsets
+    [rows, in_features / group]): `group` a divisor of the type's own (GROUPS), its scales repeated."""
+    own = GROUPS[qtype]
+    if own % group:
+        raise ValueError(f"{qtype.name} scales change every {own} values; group {group} does not divide that")
+    from gguf import GGML_QUANT_SIZES
+
+    values, size = GGML_QUANT_SIZES[qtype]
+    q, scale, offset = _decode(blocks.view(blocks.shape[0], in_features // values, size), qtype)
+    repeat = own // group
+    scale = scale.repeat_interleave(repeat, 1) if repeat > 1 else scale
+    if offset is not None and repeat > 1:
+        offset = offset.repeat_interleave(repeat, 1)
+    return (q + 128).to(torch.uint8), scale.contiguous(), None if offset is None else offset.contiguous()
+
+
+def layout() -> str:
+    """Units of rows (AVX-512 VNNI or AVX2) — also where AMX runs: its tiles take groups of 64 and more — else
+    rows for the PyTorch reference."""
+    native = kernels.native()
+    if native is not None and hasattr(native, "int8_units_layout"):
+        return native.int8_units_layout() or "rows"
+    return "rows"
+
+
+class A8Linear(w8a8.W8A8Linear):
+    """y = x @ W^T + b with W a GGUF weight re-encoded exactly as int8 (+ offsets) per group of `group` inputs,
+    and x rounded to int8 in the same groups."""
+
+    def __init__(self, segments: list[tuple[torch.Tensor, Q]], in_features: int, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)
+        self.in_features = in_features
+        self.out_features = sum(int(b.shape[0]) for b, _ in segments)
+        self.padded = w8a8.padded_size(in_features)
+        self.group = min(GROUPS[t] for _, t in segments)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.input_factors = None
+        with_offsets = any(t in (Q.Q4_K, Q.Q5_K) for _, t in segments)
+        groups = self.padded // self.group
+        self.weight_offsets = torch.zeros(groups, self.out_features) if with_offsets else None
+        pad = self.padded - in_features
+
+        def blocks():
+            row = 0
+            for raw, qtype in segments:
+                for r in range(0, raw.shape[0], ROWS_AT_ONCE):
+                    u8, scale, offset = int8_form(raw[r : r + ROWS_AT_ONCE], qtype, in_features, self.group)
+                    n = u8.shape[0]
+                    if pad:  # zero weights (128) with zero scales past in_features
+                        u8 = torch.nn.functional.pad(u8, (0, pad), value=128)
+                        scale = torch.nn.functional.pad(scale, (0, groups - scale.shape[1]))
+                    if offset is not None:
+                        self.weight_offsets[: offset.shape[1], row : row + n] = offset.t()
+                    row += n
+                    yield u8, scale
+
+        self._pack(layout(), blocks())
+
+    @classmethod
+    def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+               offsets: torch.Tensor | None = None, group: int = 32) -> A8Linear:
+        """A layer from the tensors `tensors()` gave, taken as they are."""
+        out_features, padded = int(scales.shape[-1]), w8a8.padded_size(in_features)
+        unit = w8a8.PACKED_ROWS.get(layout(), 0)
+        rows = -(-out_features // unit) * unit if unit else out_features
+        if weight.dtype != torch.uint8 or weight.numel() != rows * padded or scales.dtype != torch.float32 or (
+                scales.shape != (padded // group, out_features)) or (
+                offsets is not None and offsets.shape != scales.shape) or (
+                bias is not None and bias.shape != (out_features,)):
+            raise ValueError(f"stored a8 layer does not fit {out_features} x {in_features}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features, layer.padded, layer.group = out_features, in_features, padded, group
+        layer.weight_scales, layer.weight_offsets, layer.bias, layer.input_factors = scales, offsets, bias, None
+        layer.layout = layout()
+        layer.packed, layer.weight_u8 = (weight, None) if unit else (None, weight.view(-1, padded))
+        return layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        kept = super().tensors()
+        kept["group"] = torch.tensor([float(self.group)])
+        if self.weight_offsets is not None:
+            kept["offsets"] = self.weight_offsets
+        return kept
+
+    def extra_repr(self) -> str:
+        offsets = ", offsets" if self.weight_offsets is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}{offsets}"
+
+
+def convertible(layers: list[nn.Module]) -> bool:
+    return all(isinstance(x, QuantLinear) and all(t in GROUPS for t in x.qtypes) for x in layers)
+
+
+def _from_store(path, products: list) -> dict[str, A8Linear] | None:
+    tensors = w8a8_store.read(path)
+    if tensors is None:
+        return None
+    made = {}
+    try:
+        for name, _, _, _, layers in products:
+            layer = A8Linear.stored(int(layers[0].in_features), tensors[f"{name}.weight"], tensors[f"{name}.scales"],
+                                    tensors.get(f"{name}.bias"), tensors.get(f"{name}.offsets"),
+                                    int(tensors[f"{name}.group"][0]))
+            if layer.out_features != sum(int(p.out_features) for p in layers):
+                return None
+            made[name] = layer
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return made
+
+
+def convert(model: nn.Module, store=None) -> int:
+    """Replace the decoder's products and the LM head whose blocks have an exact int8 form by A8Linear (q/k/v
+    and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
+    mapped instead, and fresh ones kept there. Returns how many layers were made."""
+    products = [p for p in w8a8._products(model) if convertible(p[4])]
+    stored = _from_store(store, products) if store is not None else None
+    made = {}
+    for name, parent, attr, parts, layers in products:
+        if stored is not None:
+            made[name] = stored[name]
+        else:
+            segments = [seg for layer in layers for seg in zip(layer.blocks, layer.qtypes, strict=True)]
+            bias = QuantLinear.stack(layers).bias if len(layers) > 1 else layers[0].bias
+            made[name] = A8Linear(segments, int(layers[0].in_features), bias)
+            w8a8._release(layers)
+        setattr(parent, attr, made[name])
+        for p in parts:
+            setattr(parent, p, None)
+    if store is not None and stored is None:
+        w8a8_store.write(store, {f"{name}.{key}": t for name, layer in made.items()
+                                 for key, t in layer.tensors().items()})
+    model._decode_step = None  # built again over the new layers
+    return len(made)

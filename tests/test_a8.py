@@ -1,0 +1,156 @@
+"""The optional a8 mode (models/a8.py): a GGUF's own weights, exactly, with int8 activations.
+
+- The re-encoding is exact: every block type's int8 values, scales and offsets give back gguf's dequantised
+  floats bit for bit.
+- The only loss is the activations' rounding: a layer equals x rounded to int8 per group (in float64 here)
+  times the dequantised weight; the kernels equal models/w8a8.py's PyTorch reference of the same arithmetic.
+- On the demo model: a bound on the mean KL divergence from the float model and on greedy agreement (compare.py
+  --quality prints both beside llama.cpp's own), the native decode step against the PyTorch layers, and the
+  layers kept on disk mapped back bit for bit.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize
+from test_decode_step import PROMPTS, assert_same_steps
+from test_quant_kernels import random_blocks
+from tiny_models import build_tiny
+
+from qwen_engine import LLM, kernels
+from qwen_engine.errors import InputError
+from qwen_engine.models import a8, w8a8
+
+Q = gguf.GGMLQuantizationType
+TYPES = list(a8.GROUPS)
+
+
+@pytest.fixture(autouse=True)
+def no_store(monkeypatch):
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "0")
+
+
+def blocks_of(qtype: Q, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    if qtype != Q.Q5_K:
+        return random_blocks(qtype, rows, cols, seed)
+    rng = np.random.default_rng(seed)  # (test_quant_kernels has no Q5_K: random quants, sane d and dmin)
+    values, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * cols // values, size), dtype=np.uint8)
+    raw[:, 0:4] = (rng.random((raw.shape[0], 2)) * 0.01 + 1e-3).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def dequantized(raw: np.ndarray, qtype: Q, cols: int) -> torch.Tensor:
+    return torch.from_numpy(dequantize(raw, qtype).reshape(raw.shape[0], cols).astype(np.float32))
+
+
+def rounded_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x rounded to int8 per group of `group` values (max |x| / 127, half to even), as float64."""
+    q, scales = w8a8.quantize_activations(x, group)
+    return (q.double().view(x.shape[0], -1, group) * scales.double()[:, :, None]).view(x.shape)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_exact_re_encoding(qtype):
+    rows, cols = 37, 512
+    raw = blocks_of(qtype, rows, cols)
+    for group in {a8.GROUPS[qtype], 16}:  # a stacked layer may take a finer group than the type's own
+        u8, scales, offsets = a8.int8_form(torch.from_numpy(raw), qtype, cols, group)
+        assert u8.dtype == torch.uint8 and scales.shape == (rows, cols // group)
+        assert (offsets is not None) == (qtype in (Q.Q4_K, Q.Q5_K))
+        w = (u8.to(torch.int16) - 128).float().view(rows, -1, group) * scales[:, :, None]
+        if offsets is not None:
+            w = w + offsets[:, :, None]
+        assert torch.equal(w.view(rows, cols), dequantized(raw, qtype, cols))
+
+
+def test_a_group_coarser_than_the_scales_is_refused():
+    raw = torch.from_numpy(blocks_of(Q.Q6_K, 2, 256))
+    with pytest.raises(ValueError, match="every 16"):
+        a8.int8_form(raw, Q.Q6_K, 256, 32)
+
+
+SEGMENTS = {  # (types stacked side by side, K): the demo's mixes, K-quant offsets, a group of 16 forced by Q6_K,
+    "q5_0": ([Q.Q5_0], 896),  # and inputs padded to a multiple of 64
+    "q4_k+q6_k": ([Q.Q4_K, Q.Q6_K], 512),
+    "q5_0+q8_0": ([Q.Q5_0, Q.Q5_0, Q.Q8_0], 96),
+    "q4_0+q5_k": ([Q.Q4_0, Q.Q5_K], 256),
+}
+
+
+@pytest.mark.parametrize("case", SEGMENTS)
+@pytest.mark.parametrize("M", [1, 3, 8, 17, 70])
+def test_only_the_activations_are_rounded(case, M):
+    types, K = SEGMENTS[case]
+    raws = [blocks_of(t, 19 + 3 * i, K, seed=i) for i, t in enumerate(types)]
+    bias = torch.randn(sum(r.shape[0] for r in raws))
+    layer = a8.A8Linear([(torch.from_numpy(r), t) for r, t in zip(raws, types, strict=True)], K, bias)
+    assert layer.group == min(a8.GROUPS[t] for t in types)
+    w = torch.cat([dequantized(r, t, K) for r, t in zip(raws, types, strict=True)])
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    padded = F.pad(x, (0, layer.padded - K))
+    exact = (rounded_activations(padded, layer.group)[:, :K] @ w.double().T + bias.double()).float()
+    y = layer(x)
+    assert (y - exact).norm() <= 1e-6 * exact.norm(), (y - exact).norm() / exact.norm()
+    # ... and the kernels are the PyTorch reference's arithmetic (int8 values identical; float sums reordered)
+    ref = w8a8.reference_linear(padded, layer.weight_rows(), layer.weight_scales, layer.bias, layer.group, None,
+                                layer.weight_offsets)
+    assert (y - ref).norm() <= 1e-6 * ref.norm()
+    assert torch.equal(layer.weight_float(), w)
+
+
+def test_pytorch_fallback_gives_the_kernel_numbers(monkeypatch):
+    """Without the native kernels the layer keeps its rows unpacked and runs w8a8.reference_linear."""
+    types, K = SEGMENTS["q4_k+q6_k"]
+    segments = [(torch.from_numpy(blocks_of(t, 21, K, seed=i)), t) for i, t in enumerate(types)]
+    x = torch.randn(5, K, generator=torch.Generator().manual_seed(2))
+    with_kernels = a8.A8Linear(segments, K)(x)
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    fallback = a8.A8Linear(segments, K)
+    assert fallback.layout == "rows" and fallback.packed is None
+    assert (fallback(x) - with_kernels).norm() <= 1e-6 * with_kernels.norm()
+
+
+def test_kernel_packs_units_where_amx_runs_too():
+    if not hasattr(kernels.native() or object(), "int8_units_layout"):
+        pytest.skip("no int8 kernels in this build")
+    assert a8.layout() in ("units", "units16")  # AMX tiles take groups of 64: a8's are 16-32
+
+
+def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_ENGINE_W8A8_CACHE", "1")
+    monkeypatch.setenv("QWEN_ENGINE_HOME", str(tmp_path))
+    lossy = LLM(demo_gguf, progress=False, quantization="a8")
+    made = [m for m in lossy.model.modules() if isinstance(m, a8.A8Linear)]
+    assert len(made) == 4 * lossy.config.num_layers + 1  # q/k/v, o, gate/up, down per layer, and the LM head
+    text = "def fibonacci(n: int) -> int:\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n" * 3 + \
+        "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"
+    ids = demo_llm.tokenizer.encode(text * 2)[:256]
+    p = F.log_softmax(demo_llm.logits(ids), -1)
+    q = F.log_softmax(lossy.logits(ids), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    agreement = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    print(f"a8 on the demo: mean KL {kl.mean():.5f}, max {kl.max():.4f}, greedy agreement {agreement:.3f}")
+    # measured 0.00011 nats here, 100 % agreement; compare.py --quality's corpus: docs/benchmarks.md
+    assert 0 < kl.mean() < 0.002 and agreement > 0.97
+
+    if hasattr(kernels.native() or object(), "int8_linear_units"):
+        assert_same_steps(lossy, PROMPTS[:2], 1e-3)  # the native step's int8 products = the PyTorch layers'
+
+    # A second load maps the layers the first kept: the same numbers, bit for bit, with no conversion.
+    (kept,) = (tmp_path / "a8").glob("*.safetensors")
+    monkeypatch.setattr(a8, "int8_form", None)
+    mapped = LLM(demo_gguf, progress=False, quantization="a8")
+    assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
+    del mapped
+    kept.unlink()
+
+
+def test_float_checkpoints_are_refused(tmp_path, qwen3_tokenizer_dir):
+    build_tiny("qwen3", tmp_path, tokenizer_dir=qwen3_tokenizer_dir, seed=3)
+    with pytest.raises(InputError, match="w8a8"):
+        LLM(tmp_path, progress=False, quantization="a8")
