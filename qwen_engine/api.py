@@ -35,8 +35,9 @@ class LLM:
     the matrix products (same numbers as float32 up to summation order); `quantized=False` dequantises the whole
     model to float32 at load instead (the reference path). `quantization="w8a8"` is the optional lossy mode
     (models/w8a8.py): int8 weights and activations, faster for many sequences and long prompts, with a measured
-    accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too. `kv_cache_dtype="float16"`
-    (or "bfloat16") stores the KV cache of a float32 model in half the memory (twice the tokens in
+    accuracy cost (docs/benchmarks.md); "w8a8-vision" converts a vision tower too; "a8" (models/a8.py, GGUF
+    only) keeps the GGUF's weights exactly and rounds only the activations to int8, as llama.cpp does.
+    `kv_cache_dtype="float16"` (or "bfloat16") stores the KV cache of a float32 model in half the memory (twice the tokens in
     kv_cache_memory), read back as float32: lossy, ~1e-6 nats for float16 on the demo model; bfloat16 (~1e-4)
     also multiplies decode attention in bf16 where the CPU can, faster at long contexts (docs/usage.md).
     `mmproj` is llama.cpp's vision projector file for a vision-language GGUF (by default an ollama model's

@@ -143,12 +143,17 @@ class A8Linear(w8a8.W8A8Linear):
         groups = self.padded // self.group
         self.weight_offsets = torch.zeros(groups, self.out_features) if with_offsets else None
         pad = self.padded - in_features
+        packing = layout()
 
         def blocks():
             row = 0
             for raw, qtype in segments:
                 for r in range(0, raw.shape[0], ROWS_AT_ONCE):
                     u8, scale, offset = int8_form(raw[r : r + ROWS_AT_ONCE], qtype, in_features, self.group)
+                    if packing == "units" and qtype == Q.Q8_0 and bool((u8 == 0).any()):
+                        # AVX2's kernel moves x's sign onto the weight, and -(-128) is no int8. ggml's own
+                        # Q8_0 rounding stays within ±127; only a file made otherwise has -128.
+                        raise ValueError("a Q8_0 weight holds -128, which a8's AVX2 kernel cannot multiply")
                     n = u8.shape[0]
                     if pad:  # zero weights (128) with zero scales past in_features
                         u8 = torch.nn.functional.pad(u8, (0, pad), value=128)
@@ -158,7 +163,7 @@ class A8Linear(w8a8.W8A8Linear):
                     row += n
                     yield u8, scale
 
-        self._pack(layout(), blocks())
+        self._pack(packing, blocks())
 
     @classmethod
     def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

@@ -141,7 +141,10 @@ def load_model(
         if not any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             raise InputError("quantization='a8' keeps a GGUF's own quantised weights; this model has none "
                              "(use w8a8 for float checkpoints)")
-        a8.convert(loaded.model, store=w8a8_store.store_path(source.path, a8.layout(), mode="a8"))
+        try:
+            a8.convert(loaded.model, store=w8a8_store.store_path(source.path, a8.layout(), mode="a8"))
+        except ValueError as e:
+            raise ModelLoadError(f"quantization='a8': {e}") from None
     elif quantization is not None:
         calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
