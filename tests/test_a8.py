@@ -17,16 +17,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf.quants import dequantize
+from gguf_files import write_gguf
 from test_decode_step import PROMPTS, assert_same_steps
 from test_quant_kernels import random_blocks
 from tiny_models import build_tiny
 
-from qwen_engine import LLM, kernels
+from qwen_engine import LLM, SamplingParams, kernels
 from qwen_engine.errors import InputError
 from qwen_engine.models import a8, w8a8
 
 Q = gguf.GGMLQuantizationType
 TYPES = list(a8.GROUPS)
+# every product of a tiny Qwen3.5 in a type a8 converts (the test writer's default mix keeps some in F16/BF16)
+HYBRID_TYPES = {"attn_q": Q.Q8_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_0, "ffn_gate": Q.Q8_0,
+                "ffn_up": Q.Q5_0, "ffn_down": Q.Q8_0, "token_embd": Q.Q8_0, "output": Q.Q8_0, "attn_qkv": Q.Q8_0,
+                "attn_gate": Q.Q5_0, "ssm_alpha": Q.Q8_0, "ssm_beta": Q.Q8_0, "ssm_out": Q.Q4_0, "ssm_ba": Q.Q8_0}
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +153,64 @@ def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
     assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
     del mapped
     kept.unlink()
+
+
+def test_gguf_with_types_a8_leaves_alone(tmp_path, qwen3_tokenizer_dir):
+    """The test GGUF's mix: q Q8_0 with k F16 and v BF16 (the stacked q/k/v stays on the default kernels), o Q4_0,
+    gate Q8_0 with up Q5_0 (int8), down and the LM head F16 (default kernels): both kinds in one decode step."""
+    model = build_tiny("qwen3", tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=12)
+    write_gguf(model, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
+    exact = LLM(tmp_path / "tiny.gguf", progress=False)
+    lossy = LLM(tmp_path / "tiny.gguf", progress=False, quantization="a8")
+    layer = lossy.model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, a8.A8Linear) and isinstance(layer.mlp.gate_up_proj, a8.A8Linear)
+    assert not isinstance(layer.self_attn.qkv_proj, a8.A8Linear) and not isinstance(layer.mlp.down_proj, a8.A8Linear)
+    if hasattr(kernels.native() or object(), "int8_linear_units"):
+        assert_same_steps(lossy, PROMPTS, 1e-4)
+    ids = PROMPTS[3]
+    p, q = F.log_softmax(exact.logits(ids), -1), F.log_softmax(lossy.logits(ids), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    print(f"a8 on the tiny GGUF: mean KL {kl:.2e}")
+    assert 0 < kl < 1e-3
+
+
+def test_hybrid_model(tmp_path, qwen3_tokenizer_dir):
+    """Qwen3.5: the linear-attention layers' projections are converted one by one, the attention layers' and the
+    MLPs' as in the dense models. Each converted layer, on the activations it meets, is within the rounding of
+    int8 activations of the float product with the file's weights; decoding (recurrent state, paged cache) gives
+    the tokens the same mode's full forward picks. (Greedy agreement with the default path is no measure on a
+    random model: its next-token logits lie within ~0.02 of each other.)"""
+    model = build_tiny("qwen3_5", tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=21)
+    write_gguf(model, qwen3_tokenizer_dir, tmp_path / "tiny.gguf", types=HYBRID_TYPES)
+    exact = LLM(tmp_path / "tiny.gguf", progress=False)
+    lossy = LLM(tmp_path / "tiny.gguf", progress=False, quantization="a8")
+    converted = {name: m for name, m in lossy.model.named_modules() if isinstance(m, a8.A8Linear)}
+    assert {name.rsplit(".", 1)[-1] for name in converted} == {
+        "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "qkv_proj", "o_proj", "gate_up_proj",
+        "down_proj", "lm_head"}
+    errors = {}
+
+    def compare(name):
+        def hook(layer, args, out):
+            x = args[0].reshape(-1, layer.in_features).float()
+            ref = F.linear(x, layer.weight_float(), layer.bias)
+            errors[name] = ((out.reshape(ref.shape) - ref).norm() / ref.norm()).item()
+        return hook
+
+    hooks = [m.register_forward_hook(compare(name)) for name, m in converted.items()]
+    ids = PROMPTS[3]
+    q = F.log_softmax(lossy.logits(ids), -1)
+    for h in hooks:
+        h.remove()
+    assert len(errors) == len(converted) and max(errors.values()) < 0.02, errors  # measured 0.4-1 %
+    p = F.log_softmax(exact.logits(ids), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    print(f"a8 on the tiny Qwen3.5 GGUF: mean KL {kl:.2e}")
+    assert 0 < kl < 5e-3
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = lossy.tokenizer.encode("def add(a, b):")
+    tokens = lossy.generate("def add(a, b):", params)[0].token_ids
+    assert tokens == lossy.logits(prompt + tokens[:-1])[len(prompt) - 1 :].argmax(-1).tolist()
 
 
 def test_float_checkpoints_are_refused(tmp_path, qwen3_tokenizer_dir):

@@ -419,14 +419,19 @@ def _products(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ..
     the mode converts."""
     found = []
     for i, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for parent, attr, parts in ((attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
-                                    (mlp, "gate_up_proj", ("gate_proj", "up_proj")),
-                                    (attn, "o_proj", ()), (mlp, "down_proj", ())):
-            current = getattr(parent, attr)
-            layers = [current] if current is not None else [getattr(parent, p) for p in parts]
-            where = "self_attn" if parent is attn else "mlp"
-            found.append((f"model.layers.{i}.{where}.{attr}", parent, attr, parts, layers))
+        attn, mlp = getattr(layer, "self_attn", None), layer.mlp
+        if attn is not None:
+            wanted = [(attn, "self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), (attn, "self_attn", "o_proj", ())]
+        else:  # a linear-attention layer (Qwen3.5): its projections one by one, as its forward calls them
+            mixer = layer.linear_attn
+            wanted = [(mixer, "linear_attn", attr, ()) for attr in
+                      ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")]
+        wanted += [(mlp, "mlp", "gate_up_proj", ("gate_proj", "up_proj")), (mlp, "mlp", "down_proj", ())]
+        for parent, where, attr, parts in wanted:
+            current = getattr(parent, attr, None)
+            layers = [current] if current is not None else [getattr(parent, p, None) for p in parts]
+            if layers and all(x is not None for x in layers):
+                found.append((f"model.layers.{i}.{where}.{attr}", parent, attr, parts, layers))
     found.append(("lm_head", model, "lm_head", (), [model.lm_head]))
     return found
 
