@@ -308,3 +308,23 @@ def test_gguf_repository_in_the_hugging_face_cache(files, tmp_path, monkeypatch)
 
     (entry,) = [e for e in hf_entries() if e.name == "Qwen/Tiny-VL-GGUF"]
     assert (entry.runs, entry.family) == ("vision", "qwen3vl")
+
+
+@pytest.mark.parametrize("files", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"], indirect=True)
+def test_a8_language_model_with_image(files) -> None:
+    """quantization="a8" converts the language model's products whose blocks have an exact int8 form (o, gate/up
+    in the test writer's mix; Qwen3.5's linear-attention ones too) and leaves the tower alone: with two images, the
+    next-token distributions stay within int8 activations' rounding of the default path's."""
+    from qwen_engine.models.a8 import A8Linear
+
+    family, _, folder = files
+    exact = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", **OPTIONS)
+    lossy = LLM(folder / "quant.gguf", mmproj=folder / "mmproj-f16.gguf", quantization="a8", **OPTIONS)
+    assert any(isinstance(m, A8Linear) for m in lossy.model.model.modules())
+    assert not any(isinstance(m, A8Linear) for m in lossy.model.visual.modules())
+    prompt = exact.encode_chat(two_images(), add_generation_prompt=True)
+    p = torch.log_softmax(exact.logits(prompt), -1)
+    q = torch.log_softmax(lossy.logits(lossy.encode_chat(two_images(), add_generation_prompt=True)), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    print(f"{family} a8 with two images: mean KL {kl:.2e}")
+    assert 0 < kl < 5e-3

@@ -201,22 +201,9 @@ def convertible(layers: list[nn.Module]) -> bool:
     return all(isinstance(x, QuantLinear) and all(t in GROUPS for t in x.qtypes) for x in layers)
 
 
-def _from_store(path, products: list) -> dict[str, A8Linear] | None:
-    tensors = w8a8_store.read(path)
-    if tensors is None:
-        return None
-    made = {}
-    try:
-        for name, _, _, _, layers in products:
-            layer = A8Linear.stored(int(layers[0].in_features), tensors[f"{name}.weight"], tensors[f"{name}.scales"],
-                                    tensors.get(f"{name}.bias"), tensors.get(f"{name}.offsets"),
-                                    int(tensors[f"{name}.group"][0]))
-            if layer.out_features != sum(int(p.out_features) for p in layers):
-                return None
-            made[name] = layer
-    except (KeyError, ValueError, AttributeError):
-        return None
-    return made
+def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> A8Linear:
+    return A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
+                           tensors.get(f"{name}.bias"), tensors.get(f"{name}.offsets"), int(tensors[f"{name}.group"][0]))
 
 
 def convert(model: nn.Module, store=None) -> int:
@@ -224,7 +211,7 @@ def convert(model: nn.Module, store=None) -> int:
     and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
     mapped instead, and fresh ones kept there. Returns how many layers were made."""
     products = [p for p in w8a8._products(model) if convertible(p[4])]
-    stored = _from_store(store, products) if store is not None else None
+    stored = w8a8.from_store(store, products, _stored_layer) if store is not None else None
     made = {}
     for name, parent, attr, parts, layers in products:
         if stored is not None:

@@ -436,18 +436,22 @@ def _products(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ..
     return found
 
 
-def _from_store(path: Path, products: list) -> dict[str, W8A8Linear] | None:
+def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> W8A8Linear:
+    return W8A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
+                             tensors.get(f"{name}.bias"), tensors.get(f"{name}.factors"))
+
+
+def from_store(path: Path, products: list, layer_from=_stored_layer) -> dict[str, W8A8Linear] | None:
     """The layers kept in `path` by an earlier load, if it holds exactly this model's products (the path names the
-    smoothing they were made with: store_kind)."""
+    smoothing they were made with: store_kind). `layer_from(in_features, tensors, name)` makes one (a8 has its
+    own)."""
     tensors = w8a8_store.read(path)
     if tensors is None:
         return None
     made = {}
     try:
         for name, _, _, _, layers in products:
-            in_features = int(layers[0].in_features)
-            layer = W8A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
-                                      tensors.get(f"{name}.bias"), tensors.get(f"{name}.factors"))
+            layer = layer_from(int(layers[0].in_features), tensors, name)
             if layer.out_features != sum(int(p.out_features) for p in layers):
                 return None
             made[name] = layer
@@ -465,7 +469,7 @@ def convert(model: nn.Module, store: Path | None = None, calibration: list[list[
     input column measured on them first. Returns how many layers were made. A vision tower stays float32: its
     accuracy under int8 could only be measured on random weights here (convert_linears does it on request)."""
     products = [p for p in _products(model) if all(isinstance(x, (QuantLinear, nn.Linear)) for x in p[4])]
-    stored = _from_store(store, products) if store is not None else None
+    stored = from_store(store, products) if store is not None else None
     absmax = calibrate(model, calibration) if stored is None and calibration else {}
     made = {}
     for name, parent, attr, parts, layers in products:
