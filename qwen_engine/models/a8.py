@@ -23,7 +23,7 @@ the default path's kernels. Embeddings, norms and attention stay float32.
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .. import kernels
@@ -107,15 +107,11 @@ def int8_form(blocks: torch.Tensor, qtype: Q, in_features: int,
     own = GROUPS[qtype]
     if own % group:
         raise ValueError(f"{qtype.name} scales change every {own} values; group {group} does not divide that")
-    from gguf import GGML_QUANT_SIZES
-
     values, size = GGML_QUANT_SIZES[qtype]
     q, scale, offset = _decode(blocks.view(blocks.shape[0], in_features // values, size), qtype)
     repeat = own // group
-    scale = scale.repeat_interleave(repeat, 1) if repeat > 1 else scale
-    if offset is not None and repeat > 1:
-        offset = offset.repeat_interleave(repeat, 1)
-    return (q + 128).to(torch.uint8), scale.contiguous(), None if offset is None else offset.contiguous()
+    offset = None if offset is None else offset.repeat_interleave(repeat, 1).contiguous()
+    return (q + 128).to(torch.uint8), scale.repeat_interleave(repeat, 1).contiguous(), offset
 
 
 def layout() -> str:
@@ -165,26 +161,6 @@ class A8Linear(w8a8.W8A8Linear):
 
         self._pack(packing, blocks())
 
-    @classmethod
-    def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               offsets: torch.Tensor | None = None, group: int = 32) -> A8Linear:
-        """A layer from the tensors `tensors()` gave, taken as they are."""
-        out_features, padded = int(scales.shape[-1]), w8a8.padded_size(in_features)
-        unit = w8a8.PACKED_ROWS.get(layout(), 0)
-        rows = -(-out_features // unit) * unit if unit else out_features
-        if weight.dtype != torch.uint8 or weight.numel() != rows * padded or scales.dtype != torch.float32 or (
-                scales.shape != (padded // group, out_features)) or (
-                offsets is not None and offsets.shape != scales.shape) or (
-                bias is not None and bias.shape != (out_features,)):
-            raise ValueError(f"stored a8 layer does not fit {out_features} x {in_features}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.out_features, layer.in_features, layer.padded, layer.group = out_features, in_features, padded, group
-        layer.weight_scales, layer.weight_offsets, layer.bias, layer.input_factors = scales, offsets, bias, None
-        layer.layout = layout()
-        layer.packed, layer.weight_u8 = (weight, None) if unit else (None, weight.view(-1, padded))
-        return layer
-
     def tensors(self) -> dict[str, torch.Tensor]:
         kept = super().tensors()
         kept["group"] = torch.tensor([float(self.group)])
@@ -203,7 +179,8 @@ def convertible(layers: list[nn.Module]) -> bool:
 
 def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> A8Linear:
     return A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
-                           tensors.get(f"{name}.bias"), tensors.get(f"{name}.offsets"), int(tensors[f"{name}.group"][0]))
+                           tensors.get(f"{name}.bias"), offsets=tensors.get(f"{name}.offsets"),
+                           group=int(tensors[f"{name}.group"][0]), layout=layout())
 
 
 def convert(model: nn.Module, store=None) -> int:
@@ -216,10 +193,9 @@ def convert(model: nn.Module, store=None) -> int:
     for name, parent, attr, parts, layers in products:
         if stored is not None:
             made[name] = stored[name]
-        else:
-            segments = [seg for layer in layers for seg in zip(layer.blocks, layer.qtypes, strict=True)]
-            bias = QuantLinear.stack(layers).bias if len(layers) > 1 else layers[0].bias
-            made[name] = A8Linear(segments, int(layers[0].in_features), bias)
+        else:  # (GGUF loads stack q/k/v and gate/up already: weights/quantized.py, fuse_projections)
+            joint = layers[0] if len(layers) == 1 else QuantLinear.stack(layers)
+            made[name] = A8Linear(list(zip(joint.blocks, joint.qtypes, strict=True)), joint.in_features, joint.bias)
             w8a8._release(layers)
         setattr(parent, attr, made[name])
         for p in parts:

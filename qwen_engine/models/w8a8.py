@@ -241,21 +241,24 @@ class W8A8Linear(nn.Module):
 
     @classmethod
     def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               factors: torch.Tensor | None = None) -> W8A8Linear:
-        """A layer from the tensors `tensors()` gave (the weight in this CPU's layout), taken as they are."""
+               factors: torch.Tensor | None = None, offsets: torch.Tensor | None = None, group: int | None = None,
+               layout: str | None = None) -> W8A8Linear:
+        """A layer from the tensors `tensors()` gave (the weight in this CPU's layout), taken as they are. (The a8
+        mode's layers give their group, offsets and layout: models/a8.py.)"""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.out_features, layer.in_features = int(scales.shape[-1]), in_features
-        layer.padded, layer.group = padded_size(in_features), group_size(in_features)
+        layer.padded, layer.group = padded_size(in_features), group or group_size(in_features)
         layer.weight_scales, layer.bias, layer.input_factors = scales, bias, factors
-        layer.weight_offsets = None
-        layer.layout = weight_layout()
+        layer.weight_offsets = offsets
+        layer.layout = layout or weight_layout()
         unit = PACKED_ROWS.get(layer.layout, 0)
         rows = -(-layer.out_features // unit) * unit if unit else layer.out_features
         if weight.dtype != torch.uint8 or weight.numel() != rows * layer.padded or (
                 scales.dtype != torch.float32 or scales.shape != (layer.padded // layer.group, layer.out_features)) or (
                 bias is not None and bias.shape != (layer.out_features,)) or (
-                factors is not None and (factors.dtype != torch.float32 or factors.shape != (in_features,))):
+                factors is not None and (factors.dtype != torch.float32 or factors.shape != (in_features,))) or (
+                offsets is not None and offsets.shape != scales.shape):
             raise ValueError(f"stored int8 layer does not fit {layer.out_features} x {in_features}")
         layer.packed, layer.weight_u8 = (weight, None) if unit else (None, weight.view(-1, layer.padded))
         return layer
