@@ -12,6 +12,12 @@ ids fit inside the larger vocabulary). ~1.5 GB.
 
 The answers are noise; only the timings mean anything (hf_checkpoint.py still reports whether the greedy tokens
 agree).
+
+With --gguf FILE it also writes the same weights as a GGUF in Q8_0 (as llama.cpp's converter does with
+`--outtype q8_0`; tests/gguf_files.py's writer, checked against that converter), for the GGUF paths:
+
+    python benchmarks/synthetic_qwen3_5.py /tmp/qwen3_5-synthetic --gguf /tmp/qwen3_5-q8_0.gguf
+    python benchmarks/compare.py --model /tmp/qwen3_5-q8_0.gguf --systems qwen-engine,qwen-engine-a8 --streams 8
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ SHAPE = dict(vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hi
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
+    p.add_argument("--gguf", help="also write the weights as a Q8_0 GGUF file here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "tests"))
     from video_helpers import define_torchvision_ops
@@ -54,6 +61,13 @@ def main() -> None:
         shutil.copy(tokenizer / name, folder / name)
     params = sum(t.numel() for t in model.parameters())
     print(f"wrote {folder}: {params / 1e6:.0f} M parameters", file=sys.stderr)
+    if args.gguf:
+        import gguf
+        from gguf_files import TYPES, write_gguf
+
+        q8_0 = dict.fromkeys(TYPES, gguf.GGMLQuantizationType.Q8_0)  # every matrix; norms and the like stay F32
+        write_gguf(model.float(), tokenizer, args.gguf, types=q8_0)
+        print(f"wrote {args.gguf}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import re
 import gguf
 import numpy as np
 import torch
-from tiny_models import VOCAB
 
 Q = gguf.GGMLQuantizationType
 # Which type each kind of tensor is stored as: every type the gguf package both writes and reads.
@@ -216,14 +215,15 @@ def write_gguf(model: torch.nn.Module, tokenizer_dir, path, types: dict | None =
             w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     # The tokenizer as llama.cpp's converter writes it: vocabulary, merges, token types, padded to the model's rows.
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    tokens = [""] * VOCAB
-    token_types = [gguf.TokenType.NORMAL] * VOCAB
+    rows = cfg.vocab_size  # (151936 in the tests' models; 248320 in benchmarks/synthetic_qwen3_5.py's)
+    tokens = [""] * rows
+    token_types = [gguf.TokenType.NORMAL] * rows
     for token, i in data["model"]["vocab"].items():
         tokens[i] = token
     for added in data["added_tokens"]:
         tokens[added["id"]] = added["content"]
         token_types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    for i in range(VOCAB):
+    for i in range(rows):
         if not tokens[i]:
             tokens[i], token_types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
