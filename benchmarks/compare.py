@@ -290,7 +290,7 @@ def first_load(model: str, mode: str) -> dict:
     from qwen_engine.weights.gguf import GGUFFile
 
     if mode == "a8":
-        store = w8a8_store.store_path(Path(model), a8.layout(), mode="a8")
+        store = a8.store_path(Path(model))
     else:
         tokenizer = QwenTokenizer.from_gguf_metadata(GGUFFile(model).metadata)
         store = w8a8_store.store_path(Path(model), w8a8.store_kind(calibration_ids(tokenizer)))

@@ -22,8 +22,11 @@ the default path's kernels. Embeddings, norms and attention stay float32.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import Q4_K
 from torch import nn
 
 from .. import kernels
@@ -55,12 +58,11 @@ def _bits(words: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K's 12 bytes → 8 six-bit scales and 8 six-bit minima per block."""
-    s = packed.to(torch.int16)
-    lo_sc, lo_m = s[..., 0:4] & 63, s[..., 4:8] & 63
-    hi_sc = (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)
-    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
-    return torch.cat([lo_sc, hi_sc], -1), torch.cat([lo_m, hi_m], -1)
+    """Q4_K/Q5_K's 12 bytes [rows, nblocks, 12] → 8 six-bit scales and 8 six-bit minima per block (the gguf
+    package's own unpacking)."""
+    sc, m = Q4_K.get_scale_min(packed.contiguous().numpy().reshape(-1, 12))
+    shape = (*packed.shape[:-1], 8)
+    return torch.from_numpy(sc.astype("int16")).view(shape), torch.from_numpy(m.astype("int16")).view(shape)
 
 
 def _decode(blocks: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -112,6 +114,11 @@ def int8_form(blocks: torch.Tensor, qtype: Q, in_features: int,
     repeat = own // group
     offset = None if offset is None else offset.repeat_interleave(repeat, 1).contiguous()
     return (q + 128).to(torch.uint8), scale.repeat_interleave(repeat, 1).contiguous(), offset
+
+
+def store_path(source: Path) -> Path | None:
+    """Where the a8 layers of the GGUF at `source` are kept (weights/w8a8_store.py), or None if turned off."""
+    return w8a8_store.store_path(source, layout(), mode=MODE)
 
 
 def layout() -> str:

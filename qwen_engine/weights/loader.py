@@ -142,7 +142,7 @@ def load_model(
             raise InputError("quantization='a8' keeps a GGUF's own quantised weights; this model has none "
                              "(use w8a8 for float checkpoints)")
         try:
-            a8.convert(loaded.model, store=w8a8_store.store_path(source.path, a8.layout(), mode="a8"))
+            a8.convert(loaded.model, store=a8.store_path(source.path))
         except ValueError as e:
             raise ModelLoadError(f"quantization='a8': {e}") from None
     elif quantization is not None:
