@@ -139,7 +139,7 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
         int32_t xs;
         std::memcpy(&xs, q + i * K + k, 4);
         const __m512i xb = _mm512_set1_epi32(xs);
-        for (int j = 0; j < NR; ++j) dot[i][j] = _mm512_dpbusd_epi32(dot[i][j], wv[j], xb);
+        for (int j = 0; j < NR; ++j) dot[i][j] = dpbusd(dot[i][j], wv[j], xb);
       }
     }
     __m512 swv[NR];

@@ -110,7 +110,7 @@ inline void block_rows(const Operands& op, const Word* const* q, const float* qs
   __m512 s[RR][4];
   if constexpr (INT8) {
     __m512i a[RR][4];
-    const auto dot = [](__m512i acc, __m512i k, __m512i qe) { return _mm512_dpbusd_epi32(acc, k, qe); };
+    const auto dot = [](__m512i acc, __m512i k, __m512i qe) { return dpbusd(acc, k, qe); };
     score_sums<RR>(q, op.words, kb, a, dot);
     #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {

@@ -64,6 +64,18 @@ inline void transpose16(__m512 r[16]) {
 #define QE_INT8 0
 #endif
 
+#if QE_INT8 == 512
+#include <immintrin.h>
+// vpdpbusd (acc += u . s, unsigned by signed bytes, four products a lane) with the accumulator updated in place.
+// GCC 12 compiles _mm512_dpbusd_epi32 in unrolled tiles with a copy of each accumulator into another register
+// before the instruction and back after: 24 register moves per 12 vpdpbusd in int8_matmul.cpp's 4 x 3 tile,
+// which cost a third of the a8 mode's gate/up time at 32 rows of x (benchmarks.md, thirty-second pass).
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
