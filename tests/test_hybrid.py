@@ -322,3 +322,47 @@ def test_w8a8_is_refused_clearly(qwen3_5):
     folder, _ = qwen3_5
     with pytest.raises(InputError, match="hybrid"):
         LLM(str(folder), quantization="w8a8")
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_native_deltanet_decode_equals_pytorch(native, tiled, consecutive):
+    """A DeltaNet layer's whole decode step between its projections (convolution, gates, normalised heads, the
+    delta rule, the gated norm) in one native call, against the same step in PyTorch operations: three sequences
+    in a pool of five slots, taken in order or scattered, value heads sharing key heads both ways, widths that
+    are not multiples of a vector. The pools must come out updated alike."""
+    from types import SimpleNamespace
+
+    from qwen_engine.config import LinearAttentionConfig
+
+    gen = torch.Generator().manual_seed(5)
+    lin = LinearAttentionConfig(layers=frozenset({0}), num_key_heads=2, num_value_heads=4, key_head_dim=20,
+                                value_head_dim=37, conv_kernel=4, tiled_value_heads=tiled)
+    layer = gated_deltanet.GatedDeltaNet(SimpleNamespace(linear_attention=lin, hidden_size=24, rms_norm_eps=1e-6), 0)
+    for p in layer.parameters():
+        p.data = torch.randn(p.shape, generator=gen) * (0.5 if p.dim() > 1 else 1.0)
+    batch, pool = 3, 5
+    mixed = torch.randn(batch, lin.conv_channels, generator=gen)
+    z = torch.randn(batch, 4 * 37, generator=gen)
+    b, a = torch.randn(batch, 4, generator=gen), torch.randn(batch, 4, generator=gen)
+    conv_pool = torch.randn(pool, lin.conv_channels, 3, generator=gen)
+    delta_pool = torch.randn(pool, 4, 20, 37, generator=gen)
+    slots = slice(1, 4) if consecutive else torch.tensor([4, 0, 2])
+    expected_conv, expected_delta = conv_pool.clone(), delta_pool.clone()
+    original_conv, original_delta = conv_pool.clone(), delta_pool.clone()
+    expected = layer._decode_reference(mixed, z, b, a, slots, expected_conv, expected_delta)
+
+    def native_step(conv_pool, delta_pool, tiled=tiled):
+        return native.deltanet_decode_(mixed, z, b, a, gated_deltanet._slot_indices(slots, mixed.device), conv_pool,
+                                       delta_pool, layer.conv1d.weight[:, 0].contiguous(), layer.A_log,
+                                       layer.dt_bias, layer.norm.weight, layer.norm.eps, 2, tiled)
+
+    got = native_step(conv_pool, delta_pool)
+    print(f"max|Δ| = {(got - expected).abs().max():.2e} (max {expected.abs().max():.2f})")
+    assert (got - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
+    assert torch.equal(conv_pool, expected_conv)
+    assert (delta_pool - expected_delta).abs().max() < 1e-5 * delta_pool.abs().max()
+    # The comparison can fail: value heads reading the wrong key heads move the output.
+    assert (native_step(original_conv.clone(), original_delta.clone()) - expected).abs().max() < 1e-4
+    wrong = native_step(original_conv.clone(), original_delta.clone(), tiled=not tiled)
+    assert (wrong - expected).abs().max() > 1e-2

@@ -69,7 +69,118 @@ torch::Tensor delta_rule_step_(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+namespace {
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // PyTorch's threshold
+
+// x[0..n) *= 1 / sqrt(sum x² + 1e-6), then × scale (models/gated_deltanet.py: l2_normalise)
+void l2_normalise(float* x, int64_t n, float scale) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+  const float r = 1.0f / std::sqrt(sum + 1e-6f);
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * r * scale;
+}
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous(), "deltanet_decode_: ",
+              name, " must be contiguous CPU float32");
+}
+
+}  // namespace
+
+// Everything of a gated DeltaNet layer's decode step between its input projections and its output projection, for
+// B sequences adding one token each (models/gated_deltanet.py: GatedDeltaNet.forward is the reference):
+// the causal convolution over each sequence's last K − 1 inputs (shifted in place in conv_pool), SiLU, the
+// l2-normalised query and key heads, the gates β = σ(b) and g = −exp(A_log)·softplus(a + dt_bias), one token of
+// the delta rule on the state in delta_pool (in place), and the gated RMSNorm of each head's output.
+// In PyTorch these are ~25 small operations a layer, each its own pass and allocation: 7–9 ms of a ~45 ms decode
+// step of Qwen3.5-0.8B's shapes (benchmarks.md, twenty-ninth pass).
+// mixed [B, C] (C = 2·Hk·Dk + Hv·Dv: q, k, v), z [B, Hv·Dv], b and a [B, Hv], slots int64 [B]; conv_pool
+// [P, C, K − 1], delta_pool [P, Hv, Dk, Dv]; conv_weight [C, K]; a_log, dt_bias [Hv]; norm_weight [Dv].
+// Value head h reads key head h mod Hk (tiled) or h / (Hv / Hk). Returns [B, Hv·Dv].
+torch::Tensor deltanet_decode_(const torch::Tensor& mixed, const torch::Tensor& z, const torch::Tensor& b,
+                               const torch::Tensor& a, const torch::Tensor& slots, torch::Tensor conv_pool,
+                               torch::Tensor delta_pool, const torch::Tensor& conv_weight, const torch::Tensor& a_log,
+                               const torch::Tensor& dt_bias, const torch::Tensor& norm_weight, double eps,
+                               int64_t key_heads, bool tiled) {
+  check_f32(mixed, "mixed"), check_f32(z, "z"), check_f32(b, "b"), check_f32(a, "a");
+  check_f32(conv_pool, "the convolution state"), check_f32(delta_pool, "the delta-rule state");
+  check_f32(conv_weight, "the convolution weight"), check_f32(a_log, "A_log"), check_f32(dt_bias, "dt_bias");
+  check_f32(norm_weight, "the norm weight");
+  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 1,
+              "deltanet_decode_: slots must be contiguous int64 [B]");
+  TORCH_CHECK(delta_pool.dim() == 4 && conv_pool.dim() == 3 && mixed.dim() == 2 && conv_weight.dim() == 2,
+              "deltanet_decode_: shapes");
+  const int64_t batch = mixed.size(0), channels = mixed.size(1), pool = delta_pool.size(0);
+  const int64_t heads = delta_pool.size(1), dk = delta_pool.size(2), dv = delta_pool.size(3);
+  const int64_t kernel = conv_weight.size(1), kept = kernel - 1;
+  TORCH_CHECK(key_heads > 0 && heads % key_heads == 0 && channels == 2 * key_heads * dk + heads * dv &&
+                  conv_pool.size(0) == pool && conv_pool.size(1) == channels && conv_pool.size(2) == kept &&
+                  conv_weight.size(0) == channels && slots.numel() == batch && z.numel() == batch * heads * dv &&
+                  b.numel() == batch * heads && a.numel() == batch * heads && a_log.numel() == heads &&
+                  dt_bias.numel() == heads && norm_weight.numel() == dv,
+              "deltanet_decode_: the tensors' shapes do not fit one layer");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch; ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < pool, "deltanet_decode_: slot ", slot[i], " outside the pool");
+
+  std::vector<float> features(batch * channels);
+  float* conv = conv_pool.data_ptr<float>();
+  const float* w = conv_weight.data_ptr<float>();
+  const float* x = mixed.data_ptr<float>();
+  const float q_scale = 1.0f / std::sqrt(static_cast<float>(dk));
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      float* f = features.data() + i * channels;
+      for (int64_t c = 0; c < channels; ++c) {
+        float* window = conv + (slot[i] * channels + c) * kept;
+        const float* wc = w + c * kernel;
+        const float input = x[i * channels + c];
+        float sum = 0.0f;
+        for (int64_t t = 0; t < kept; ++t) sum += window[t] * wc[t];
+        sum += input * wc[kept];
+        for (int64_t t = 0; t + 1 < kept; ++t) window[t] = window[t + 1];
+        if (kept > 0) window[kept - 1] = input;
+        f[c] = silu(sum);
+      }
+      for (int64_t h = 0; h < key_heads; ++h) {
+        l2_normalise(f + h * dk, dk, q_scale);
+        l2_normalise(f + (key_heads + h) * dk, dk, 1.0f);
+      }
+    }
+  });
+
+  torch::Tensor out = torch::empty({batch, heads * dv}, mixed.options());
+  float* state = delta_pool.data_ptr<float>();
+  const float *zp = z.data_ptr<float>(), *bp = b.data_ptr<float>(), *ap = a.data_ptr<float>();
+  const float *alog = a_log.data_ptr<float>(), *bias = dt_bias.data_ptr<float>(), *nw = norm_weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t repeat = heads / key_heads;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> predicted(dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t i = bh / heads, h = bh % heads, kh = tiled ? h % key_heads : h / repeat;
+      const float* f = features.data() + i * channels;
+      const float beta = 1.0f / (1.0f + std::exp(-bp[bh]));
+      const float g = -std::exp(alog[h]) * softplus(ap[bh] + bias[h]);
+      float* o = op + bh * dv;
+      one_head(state + (slot[i] * heads + h) * dk * dv, f + kh * dk, f + (key_heads + kh) * dk,
+               f + 2 * key_heads * dk + h * dv, g, beta, o, dk, dv, predicted.data());
+      float squares = 0.0f;
+      for (int64_t j = 0; j < dv; ++j) squares += o[j] * o[j];
+      const float r = 1.0f / std::sqrt(squares / static_cast<float>(dv) + static_cast<float>(eps));
+      const float* gate = zp + bh * dv;
+      for (int64_t j = 0; j < dv; ++j) o[j] = nw[j] * (o[j] * r) * silu(gate[j]);
+    }
+  });
+  return out;
+}
+
 void register_delta_rule(pybind11::module& m) {
   m.def("delta_rule_step_", &delta_rule_step_,
         "one token of the gated delta rule per sequence and value head, the state updated in place");
+  m.def("deltanet_decode_", &deltanet_decode_,
+        "a gated DeltaNet layer's decode step between its projections, the pooled states updated in place");
 }

@@ -125,35 +125,68 @@ class GatedDeltaNet(nn.Module):
         """x [tokens, hidden], the batch's sequences packed; the cache knows which rows are whose."""
         states = cache.recurrent_for(x.shape[0])
         mixed, z, b, a = self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
-        beta = torch.sigmoid(b.float())
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         conv_state, delta_state = states.layer(self.index)
-        weight = self.conv1d.weight[:, 0]  # [channels, kernel]
-        out = x.new_empty(x.shape[0], self.value_size, dtype=torch.float32)
+        gated = x.new_empty(x.shape[0], self.value_size)
         singles = states.single_rows
         if singles is not None:  # sequences adding one token each: one batched update
             rows, slots = singles
-            conv = torch.cat([conv_state[slots], mixed[rows, :, None].to(conv_state.dtype)], dim=-1)
-            conv_state[slots] = conv[..., 1:]
-            features = F.silu((conv * weight.to(conv.dtype)).sum(-1).float())
-            q, k, v = self._heads(features)
-            state = delta_state[slots]  # a view of the pool where the slots are consecutive, else a copy
-            o = recurrent_delta_rule(q, k, v, g[rows], beta[rows], state)
-            if not isinstance(slots, slice):
-                delta_state[slots] = state
-            out[rows] = o.reshape(o.shape[0], -1)
+            native = self._native_decode(x, conv_state, delta_state)
+            if native is not None:
+                gated[rows] = native.deltanet_decode_(
+                    mixed[rows].contiguous(), z[rows].contiguous(), b[rows].contiguous(), a[rows].contiguous(),
+                    _slot_indices(slots, conv_state.device), conv_state, delta_state,
+                    self.conv1d.weight[:, 0].contiguous(), self.A_log.contiguous(), self.dt_bias.contiguous(),
+                    self.norm.weight.contiguous(), self.norm.eps, self.num_k_heads, self.tiled)
+            else:
+                gated[rows] = self._decode_reference(mixed[rows], z[rows], b[rows], a[rows], slots, conv_state,
+                                                     delta_state)
+        weight = self.conv1d.weight[:, 0]  # [channels, kernel]
         for start, stop, slot in states.runs:  # prompt chunks, one sequence at a time
+            beta, g = self._gates(b[start:stop], a[start:stop])
             piece = mixed[start:stop].T.to(conv_state.dtype)  # [channels, T]
             conv = torch.cat([conv_state[slot], piece], dim=-1)
             conv_state[slot] = conv[:, conv.shape[1] - (self.kernel - 1):]
             features = F.silu(F.conv1d(conv[None], weight[:, None].to(conv.dtype), groups=weight.shape[0])[0].float())
             q, k, v = self._heads(features.T)
-            o = chunked_delta_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g[start:stop].T,
-                                   beta[start:stop].T, delta_state[slot])
-            out[start:stop] = o.transpose(0, 1).reshape(stop - start, -1)
-        heads = out.view(-1, self.num_v_heads, self.v_dim).to(x.dtype)
-        gated = self.norm(heads, z.reshape(-1, self.num_v_heads, self.v_dim))
-        return self.out_proj(gated.reshape(x.shape[0], -1))
+            o = chunked_delta_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.T, beta.T,
+                                   delta_state[slot])
+            gated[start:stop] = self._gated_norm(o.transpose(0, 1), z[start:stop])
+        return self.out_proj(gated)
+
+    def _native_decode(self, x: torch.Tensor, conv_state: torch.Tensor, delta_state: torch.Tensor):
+        """The native kernels, where they take this decode step (float32 on the CPU), else None."""
+        if x.device.type != "cpu" or not all(t.dtype == torch.float32 for t in (x, conv_state, delta_state)):
+            return None
+        native = kernels.native()
+        usable = (native is not None and hasattr(native, "deltanet_decode_") and conv_state.is_contiguous()
+                  and delta_state.is_contiguous() and self.conv1d.weight.dtype == torch.float32)
+        return native if usable else None
+
+    def _decode_reference(self, mixed: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                          slots: torch.Tensor | slice, conv_state: torch.Tensor,
+                          delta_state: torch.Tensor) -> torch.Tensor:
+        """One token of each of B sequences in PyTorch operations: what the native deltanet_decode_ does."""
+        beta, g = self._gates(b, a)
+        weight = self.conv1d.weight[:, 0]
+        conv = torch.cat([conv_state[slots], mixed[:, :, None].to(conv_state.dtype)], dim=-1)
+        conv_state[slots] = conv[..., 1:]
+        features = F.silu((conv * weight.to(conv.dtype)).sum(-1).float())
+        q, k, v = self._heads(features)
+        state = delta_state[slots]  # a view of the pool where the slots are consecutive, else a copy
+        o = recurrent_delta_rule(q, k, v, g, beta, state)
+        if not isinstance(slots, slice):
+            delta_state[slots] = state
+        return self._gated_norm(o, z)
+
+    def _gates(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """β = σ(b) and the log decay g = −exp(A_log)·softplus(a + dt_bias), in float32."""
+        beta = torch.sigmoid(b.float())
+        return beta, -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+
+    def _gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """o [rows, Hv, Dv] float32 → the gated RMSNorm of each head, [rows, Hv·Dv] in z's type."""
+        heads = o.reshape(-1, self.num_v_heads, self.v_dim).to(z.dtype)
+        return self.norm(heads, z.reshape(-1, self.num_v_heads, self.v_dim)).reshape(o.shape[0], -1)
 
     def _heads(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[rows, channels] → q, k [rows, Hv, Dk] (normalised; each key head serves Hv/Hk value heads), v."""
@@ -167,3 +200,9 @@ class GatedDeltaNet(nn.Module):
         elif repeat > 1:  # value head j reads key head j div (Hv/Hk)
             q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
         return q, k, v.reshape(rows, self.num_v_heads, self.v_dim)
+
+
+def _slot_indices(slots: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
+    if isinstance(slots, slice):
+        return torch.arange(slots.start, slots.stop, dtype=torch.int64, device=device)
+    return slots.to(torch.int64).contiguous()
