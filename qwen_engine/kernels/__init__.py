@@ -27,10 +27,11 @@ from types import ModuleType
 import torch
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
+           for name in ("bindings.cpp", "quant_matmul.cpp", "paged_attention.cpp", "prefill_attention.cpp", "decode_step.cpp",
                          "int8_matmul.cpp", "bf16_ops.cpp", "amx_linear.cpp",
                          "segment_attention.cpp", "activations.cpp", "delta_rule.cpp")]
-HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "kv_rows.h", "amx_linear.h", "amx_tiles.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("quant_blocks.h", "vec_math.h", "kv_rows.h", "amx_linear.h", "amx_tiles.h",
+                                                       "tensors.h", "kernels.h", "decode_step.h")]
 # FMA contraction off: the dequantisation must round exactly as gguf's numpy code does (d * q - m, not fused).
 BASE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-DNDEBUG"]
 
@@ -93,6 +94,9 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty():  # as the CLI's "loading …": a terminal user should not wait on a silent build
+        print("qwen-engine: compiling the native kernels for this CPU (once; ~1.5 min on 2 cores) …", file=sys.stderr,
+              flush=True)
     with build_lock(directory):
         return load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     build_directory=str(directory), verbose=False)

@@ -6,11 +6,9 @@
 // 1 + tanh u: both agree to float32 rounding, except below x ≈ -5, where PyTorch's form returns 0 and this one the
 // true value (|y| < 1e-5). A bf16 x is widened, and its result rounded once, as PyTorch's bf16 gelu does.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <cmath>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 namespace {
@@ -74,16 +72,16 @@ void in_chunks(int64_t n, F f) {
 
 }  // namespace
 
-bool gelu_tanh_supports(const torch::Tensor& x) {
+bool gelu_tanh_supports(const at::Tensor& x) {
   return x.device().is_cpu() && x.is_contiguous() &&
-         (x.scalar_type() == torch::kFloat32 || (QE_ACT_BF16 && x.scalar_type() == torch::kBFloat16));
+         (x.scalar_type() == at::kFloat || (QE_ACT_BF16 && x.scalar_type() == at::kBFloat16));
 }
 
-torch::Tensor gelu_tanh_(torch::Tensor x) {
+at::Tensor gelu_tanh_(at::Tensor x) {
   TORCH_CHECK(gelu_tanh_supports(x), "gelu_tanh_: x must be a contiguous CPU float32 (or, with AVX512-BF16, "
               "bfloat16) tensor");
   const int64_t n = x.numel();
-  if (x.scalar_type() == torch::kFloat32) {
+  if (x.scalar_type() == at::kFloat) {
     float* p = x.data_ptr<float>();
     in_chunks(n, [&](int64_t start, int64_t count) { gelu_tanh_f32(p + start, count); });
   }
@@ -96,8 +94,8 @@ torch::Tensor gelu_tanh_(torch::Tensor x) {
   return x;
 }
 
-torch::Tensor silu_mul_(torch::Tensor gate, const torch::Tensor& up) {
-  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 && up.scalar_type() == torch::kFloat32 && gate.device().is_cpu() &&
+at::Tensor silu_mul_(at::Tensor gate, const at::Tensor& up) {
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.device().is_cpu() &&
                   up.device().is_cpu() && gate.is_contiguous() && up.is_contiguous() && gate.sizes() == up.sizes(),
               "silu_mul_: gate and up must be contiguous CPU float32 tensors of one shape");
   float* g = gate.data_ptr<float>();

@@ -26,9 +26,6 @@
 // bfloat16 pieces; that form (six products a block, one scaling per 256 values) ran no faster than MKL
 // (0.96-0.97x), so it was dropped.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -37,6 +34,7 @@
 
 #include "amx_linear.h"
 #include "amx_tiles.h"
+#include "kernels.h"
 #include "quant_blocks.h"
 #include "vec_math.h"
 

@@ -10,11 +10,9 @@
 // Built where the compiler targets AVX512-BF16 (its rounding instruction); elsewhere `bf16_kernels()` is false
 // and the callers keep the PyTorch path.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <cmath>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -50,13 +48,13 @@ inline float rounded(float v) { return static_cast<float>(c10::BFloat16(v)); }
 
 bool bf16_kernels() { return QE_BF16; }
 
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
-  TORCH_CHECK(x.dtype() == torch::kBFloat16 && weight.dtype() == torch::kBFloat16 && x.device().is_cpu() &&
+  TORCH_CHECK(x.dtype() == at::kBFloat16 && weight.dtype() == at::kBFloat16 && x.device().is_cpu() &&
                   x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
               "rms_norm_bf16: x bfloat16 [..., n] and weight bfloat16 [n] on the CPU");
   const auto xc = x.contiguous(), wc = weight.contiguous();
-  auto y = torch::empty_like(xc);
+  auto y = at::empty_like(xc);
 #if QE_BF16
   const int64_t dim = xc.size(-1), rows = dim ? xc.numel() / dim : 0;
   const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *wp = wc.data_ptr<c10::BFloat16>();
@@ -90,13 +88,13 @@ torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight,
   return y;
 }
 
-torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up) {
+at::Tensor silu_mul_bf16(const at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(QE_BF16, "this build has no bfloat16 kernels");
-  TORCH_CHECK(gate.dtype() == torch::kBFloat16 && up.dtype() == torch::kBFloat16 && gate.sizes() == up.sizes() &&
+  TORCH_CHECK(gate.dtype() == at::kBFloat16 && up.dtype() == at::kBFloat16 && gate.sizes() == up.sizes() &&
                   gate.device().is_cpu() && up.device().is_cpu(),
               "silu_mul_bf16: gate and up bfloat16 of one shape on the CPU");
   const auto gc = gate.contiguous(), uc = up.contiguous();
-  auto y = torch::empty_like(gc);
+  auto y = at::empty_like(gc);
 #if QE_BF16
   const c10::BFloat16 *gp = gc.data_ptr<c10::BFloat16>(), *up_ = uc.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();

@@ -11,9 +11,6 @@
 //   x = h + down(silu(gate) * up)                   with gate, up = gate_up(rms_norm(h))
 // or, in the sparse layers of a mixture of experts, x = h + Σ over the chosen experts of weight · expert(rms_norm(h)).
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -22,24 +19,9 @@
 #include <memory>
 #include <vector>
 
+#include "decode_step.h"
+#include "kernels.h"
 #include "vec_math.h"
-
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                     const std::vector<int64_t>& qtypes, const c10::optional<torch::Tensor>& bias,
-                     int64_t gemv_max_rows);
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
-void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
-              const torch::Tensor& write_slots);
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
-torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                              const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                              int64_t group, const c10::optional<torch::Tensor>& factors);
-torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                                const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group, const c10::optional<torch::Tensor>& factors,
-                                const c10::optional<torch::Tensor>& offsets);
-bool int8_has_amx();
 
 namespace {
 
@@ -69,71 +51,14 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, int64_t stride, const f
 
 // x[i] += y[i] for the n values of a contiguous float32 tensor y (the residual adds: a plain loop here costs
 // well under the few microseconds of a dispatched add_).
-void add_into(float* x, const torch::Tensor& y, int64_t n) {
+void add_into(float* x, const at::Tensor& y, int64_t n) {
   TORCH_CHECK(y.is_contiguous() && y.numel() == n, "residual branch must be contiguous with ", n, " values");
   const float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) x[i] += yp[i];
 }
 
-enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, ROUTER, EXPERTS, PHASES };
-
-struct Clock {  // adds the time since the previous lap to a phase, when profiling
-  std::vector<double>* seconds;
-  std::chrono::steady_clock::time_point last;
-  void lap(Phase phase) {
-    if (!seconds) return;
-    const auto now = std::chrono::steady_clock::now();
-    (*seconds)[phase] += std::chrono::duration<double>(now - last).count();
-    last = now;
-  }
-};
-
-struct Linear {
-  std::vector<torch::Tensor> blocks;
-  std::vector<int64_t> qtypes;
-  c10::optional<torch::Tensor> bias;
-  // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
-  // for this CPU (AMX tiles where they run, else units of 8 or 16 rows), their scales, x (times the layer's smoothing
-  // factors, if any) quantised in groups of `group`. The a8 mode (models/a8.py) packs in units of rows even
-  // where AMX runs (its groups of 16-32 values are below a tile's 64), and K-quant weights add offsets.
-  torch::Tensor int8_weight, int8_scales;
-  int64_t group = 0, packed_rows = 0;
-  c10::optional<torch::Tensor> int8_factors, int8_offsets;
-  bool int8_amx = false;
-  torch::Tensor operator()(const torch::Tensor& x, int64_t gemv_max_rows) const {
-#if QE_INT8
-    if (group > 0)
-      return int8_amx ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
-                      : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors,
-                                          int8_offsets);
-#endif
-    TORCH_CHECK(group == 0, "this build has no int8 kernels");
-    return linear(x, blocks, qtypes, bias, gemv_max_rows);
-  }
-};
-
-// A mixture of experts in place of the MLP (models/moe.py): the router's softmax picks top_k experts per row,
-// their outputs are summed with those probabilities as weights (renormalised if norm_topk), plus Qwen2-MoE's
-// shared expert scaled by sigmoid(shared_gate · x).
-struct Moe {
-  Linear router;
-  std::vector<Linear> gate_up, down;  // one per expert
-  int64_t top_k = 0, width = 0;       // experts chosen per token; each expert's intermediate size
-  bool norm_topk = false;
-  bool shared = false;
-  Linear shared_gate_up, shared_down, shared_gate;
-  int64_t shared_width = 0;
-};
-
-struct Layer {
-  torch::Tensor input_norm, post_norm;
-  c10::optional<torch::Tensor> q_norm, k_norm;  // Qwen3
-  Linear qkv, o, gate_up, down;
-  std::shared_ptr<Moe> moe;  // set for the sparse layers of Qwen2-MoE / Qwen3-MoE
-};
-
 // silu(gate) · up in place over the first half of each row of gate_up [rows, 2n]; returns that half.
-torch::Tensor silu_mul_in_place(torch::Tensor gate_up, int64_t n) {
+at::Tensor silu_mul_in_place(at::Tensor gate_up, int64_t n) {
   float* gu = gate_up.data_ptr<float>();
   const int64_t rows = gate_up.size(0);
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
@@ -142,258 +67,250 @@ torch::Tensor silu_mul_in_place(torch::Tensor gate_up, int64_t n) {
   return gate_up.narrow(1, 0, n);
 }
 
-class DecodeStep {
- public:
-  DecodeStep(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
-             torch::Tensor final_norm, int64_t gemv_max_rows)
-      : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), intermediate_(intermediate),
-        eps_(static_cast<float>(eps)), final_norm_(check_vector(final_norm, hidden, "final norm")),
-        gemv_max_rows_(gemv_max_rows) {}
-
-  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, c10::optional<torch::Tensor> q_norm,
-                 c10::optional<torch::Tensor> k_norm, std::vector<torch::Tensor> qkv, std::vector<int64_t> qkv_types,
-                 c10::optional<torch::Tensor> qkv_bias, std::vector<torch::Tensor> o, std::vector<int64_t> o_types,
-                 std::vector<torch::Tensor> gate_up, std::vector<int64_t> gate_up_types,
-                 std::vector<torch::Tensor> down, std::vector<int64_t> down_types) {
-    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
-    Layer l{check_vector(input_norm, hidden_, "input norm"), check_vector(post_norm, hidden_, "post-attention norm"),
-            c10::nullopt, c10::nullopt,
-            {std::move(qkv), std::move(qkv_types), qkv_bias}, {std::move(o), std::move(o_types), c10::nullopt},
-            {std::move(gate_up), std::move(gate_up_types), c10::nullopt},
-            {std::move(down), std::move(down_types), c10::nullopt}};
-    if (q_norm.has_value()) {
-      l.q_norm = check_vector(*q_norm, head_dim_, "q norm");
-      l.k_norm = check_vector(*k_norm, head_dim_, "k norm");
-    }
-    layers_.push_back(std::move(l));
-  }
-
-  // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
-  void set_int8(int64_t li, const std::string& which, torch::Tensor weight, torch::Tensor scales,
-                c10::optional<torch::Tensor> bias, int64_t group, int64_t packed_rows,
-                c10::optional<torch::Tensor> factors, c10::optional<torch::Tensor> offsets, bool amx) {
-    TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
-    Layer& l = layers_[li];
-    Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
-              : which == "down" ? &l.down : nullptr;
-    TORCH_CHECK(p != nullptr, "no projection ", which);
-    TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
-    TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
-    *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx};
-  }
-
-  // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given
-  // as its gate_up and down weight segments; `shared_*` is empty without a shared expert.
-  void set_moe(int64_t li, std::vector<torch::Tensor> router, std::vector<int64_t> router_types, int64_t top_k,
-               bool norm_topk, int64_t width, std::vector<std::vector<torch::Tensor>> gate_up,
-               std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<torch::Tensor>> down,
-               std::vector<std::vector<int64_t>> down_types, std::vector<torch::Tensor> shared_gate_up,
-               std::vector<int64_t> shared_gate_up_types, std::vector<torch::Tensor> shared_down,
-               std::vector<int64_t> shared_down_types, std::vector<torch::Tensor> shared_gate,
-               std::vector<int64_t> shared_gate_types, int64_t shared_width) {
-    TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
-    const size_t experts = gate_up.size();
-    TORCH_CHECK(experts > 0 && down.size() == experts && gate_up_types.size() == experts &&
-                    down_types.size() == experts && top_k > 0 && top_k <= static_cast<int64_t>(experts),
-                "a mixture needs 1 <= top_k <= experts, and a gate_up and a down weight per expert");
-    auto moe = std::make_shared<Moe>();
-    moe->router = Linear{std::move(router), std::move(router_types), c10::nullopt};
-    for (size_t e = 0; e < experts; ++e) {
-      moe->gate_up.push_back(Linear{std::move(gate_up[e]), std::move(gate_up_types[e]), c10::nullopt});
-      moe->down.push_back(Linear{std::move(down[e]), std::move(down_types[e]), c10::nullopt});
-    }
-    moe->top_k = top_k;
-    moe->width = width;
-    moe->norm_topk = norm_topk;
-    moe->shared = !shared_gate_up.empty();
-    if (moe->shared) {
-      moe->shared_gate_up = Linear{std::move(shared_gate_up), std::move(shared_gate_up_types), c10::nullopt};
-      moe->shared_down = Linear{std::move(shared_down), std::move(shared_down_types), c10::nullopt};
-      moe->shared_gate = Linear{std::move(shared_gate), std::move(shared_gate_types), c10::nullopt};
-      moe->shared_width = shared_width;
-    }
-    layers_[li].moe = std::move(moe);
-  }
-
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-
-  // x [B, hidden] (the embeddings), cos/sin [B, head_dim], pools [layers, slots, kv_heads, head_dim]; returns
-  // the final-norm hidden states [B, hidden]. Each sequence's new k/v go to write_slots[b]; it attends over
-  // slots[b, :lengths[b]].
-  torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& k_pool,
-                        const torch::Tensor& v_pool, const torch::Tensor& write_slots, const torch::Tensor& slots,
-                        const torch::Tensor& lengths) const {
-    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.size(1) == hidden_ && x.device().is_cpu(),
-                "x must be CPU float32 [B, hidden]");
-    TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == num_layers() && k_pool.size(2) == kv_heads_ &&
-                    k_pool.size(3) == head_dim_ && v_pool.sizes() == k_pool.sizes(),
-                "KV pools must be [layers, slots, kv_heads, head_dim]");
-    const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
-    Clock clock{profiling_ ? &seconds_ : nullptr, std::chrono::steady_clock::now()};
-    x = x.contiguous().clone();  // the residual stream, updated in place
-    auto normed = torch::empty_like(x);
-    float* xp = x.data_ptr<float>();
-    for (int64_t li = 0; li < num_layers(); ++li) {
-      const Layer& l = layers_[li];
-      rms_norm(xp, B, hidden_, hidden_, l.input_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
-      clock.lap(NORMS);
-      auto qkv = l.qkv(normed, gemv_max_rows_);  // [B, q + 2 kv]
-      clock.lap(QKV);
-      TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv projection has ", qkv.size(1), " outputs");
-      auto q = qkv.narrow(1, 0, q_size).view({B, heads_, head_dim_});
-      auto k = qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_});
-      auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_});
-      if (l.q_norm.has_value()) {
-        float* base = qkv.data_ptr<float>();
-        for (int64_t b = 0; b < B; ++b) {
-          float* row = base + b * qkv.size(1);
-          rms_norm(row, heads_, head_dim_, head_dim_, l.q_norm->data_ptr<float>(), eps_, row, head_dim_);
-          rms_norm(row + q_size, kv_heads_, head_dim_, head_dim_, l.k_norm->data_ptr<float>(), eps_, row + q_size,
-                   head_dim_);
-        }
-      }
-      rotary_(q, cos, sin);
-      rotary_(k, cos, sin);
-      const auto k_layer = k_pool.select(0, li), v_layer = v_pool.select(0, li);
-      write_kv(k_layer, v_layer, k, v, write_slots);
-      clock.lap(ROTARY_KV);
-      const auto attn = decode_attention(q, k_layer, v_layer, slots, lengths, scale);
-      clock.lap(ATTENTION);
-      const auto o = l.o(attn, gemv_max_rows_);
-      clock.lap(O);
-      add_into(xp, o, B * hidden_);
-      rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
-      clock.lap(NORMS);
-      if (l.moe) {
-        mixture(*l.moe, normed, xp, clock);
-        continue;
-      }
-      auto gate_up = l.gate_up(normed, gemv_max_rows_);  // [B, 2 intermediate]
-      clock.lap(GATE_UP);
-      TORCH_CHECK(gate_up.size(1) == 2 * intermediate_, "gate/up projection has ", gate_up.size(1), " outputs");
-      float* gu = gate_up.data_ptr<float>();
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          silu_mul(gu + b * 2 * intermediate_, gu + b * 2 * intermediate_ + intermediate_, intermediate_);
-      });
-      clock.lap(SILU);
-      const auto down = l.down(gate_up.narrow(1, 0, intermediate_), gemv_max_rows_);
-      clock.lap(DOWN);
-      add_into(xp, down, B * hidden_);
-    }
-    auto out = torch::empty_like(x);
-    rms_norm(xp, B, hidden_, hidden_, final_norm_.data_ptr<float>(), eps_, out.data_ptr<float>(), hidden_);
-    clock.lap(NORMS);
-    return out;
-  }
-
-  // x[b] += the mixture's output for normed row b, as models/moe.py computes it: each expert that any row chose
-  // runs once over its rows, and the weighted outputs are summed in ascending expert order.
-  void mixture(const Moe& m, const torch::Tensor& normed, float* xp, Clock& clock) const {
-    const int64_t B = normed.size(0), experts = static_cast<int64_t>(m.gate_up.size()), k = m.top_k;
-    const auto logits = m.router(normed, gemv_max_rows_);  // [B, experts]
-    TORCH_CHECK(logits.size(1) == experts, "router has ", logits.size(1), " outputs for ", experts, " experts");
-    std::vector<std::vector<std::pair<int64_t, float>>> rows_of(experts);  // expert → (row, weight)
-    const float* lp = logits.data_ptr<float>();
-    std::vector<float> probs(experts);
-    std::vector<int64_t> order(experts);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = lp + b * experts;
-      const float top = *std::max_element(row, row + experts);
-      float sum = 0.0f;
-      for (int64_t e = 0; e < experts; ++e) sum += probs[e] = std::exp(row[e] - top);
-      for (int64_t e = 0; e < experts; ++e) probs[e] /= sum;
-      for (int64_t e = 0; e < experts; ++e) order[e] = e;
-      // The k largest, the lower index first on ties (as torch.topk does on the CPU).
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
-        return probs[a] > probs[c] || (probs[a] == probs[c] && a < c);
-      });
-      float chosen = 0.0f;
-      for (int64_t j = 0; j < k; ++j) chosen += probs[order[j]];
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t e = order[j];
-        rows_of[e].emplace_back(b, m.norm_topk ? probs[e] / chosen : probs[e]);
-      }
-    }
-    clock.lap(ROUTER);
-    auto out = torch::zeros({B, hidden_}, normed.options());
-    float* op = out.data_ptr<float>();
-    const float* np = normed.data_ptr<float>();
-    for (int64_t e = 0; e < experts; ++e) {
-      const auto& picks = rows_of[e];
-      if (picks.empty()) continue;
-      const int64_t n = static_cast<int64_t>(picks.size());
-      torch::Tensor xe = normed;
-      if (n != B) {  // gather this expert's rows
-        xe = torch::empty({n, hidden_}, normed.options());
-        float* xep = xe.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
-      }
-      const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
-      TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
-      const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
-      const float* yp = y.data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i) {
-        float* o = op + picks[i].first * hidden_;
-        const float* yr = yp + i * hidden_;
-        const float w = picks[i].second;
-        for (int64_t c = 0; c < hidden_; ++c) o[c] += yr[c] * w;
-      }
-    }
-    clock.lap(EXPERTS);
-    if (m.shared) {
-      const auto gate_up = m.shared_gate_up(normed, gemv_max_rows_);
-      const auto y = m.shared_down(silu_mul_in_place(gate_up, m.shared_width), gemv_max_rows_);
-      const auto g = m.shared_gate(normed, gemv_max_rows_);  // [B, 1]
-      const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        const float s = 1.0f / (1.0f + std::exp(-gp[b]));
-        for (int64_t c = 0; c < hidden_; ++c) op[b * hidden_ + c] += s * yp[b * hidden_ + c];
-      }
-      clock.lap(EXPERTS);
-    }
-    add_into(xp, out, B * hidden_);
-  }
-
-  // Seconds spent in each part of forward() since profiling was switched on (benchmarks/profile_decode.py).
-  void set_profiling(bool on) {
-    profiling_ = on;
-    seconds_.assign(PHASES, 0.0);
-  }
-  std::map<std::string, double> profile() const {
-    static const char* names[PHASES] = {"norms + residual", "qkv", "rotary + kv write", "attention", "o",
-                                        "gate_up", "silu * up", "down", "router", "experts"};
-    std::map<std::string, double> out;
-    for (int i = 0; i < PHASES; ++i) out[names[i]] = seconds_.empty() ? 0.0 : seconds_[i];
-    return out;
-  }
-
- private:
-  static torch::Tensor check_vector(const torch::Tensor& t, int64_t n, const char* what) {
-    TORCH_CHECK(t.dtype() == torch::kFloat32 && t.numel() == n && t.device().is_cpu(), what,
-                " weight must be CPU float32 with ", n, " values");
-    return t.contiguous();
-  }
-
-  int64_t hidden_, heads_, kv_heads_, head_dim_, intermediate_;
-  float eps_;
-  torch::Tensor final_norm_;
-  int64_t gemv_max_rows_;
-  std::vector<Layer> layers_;
-  bool profiling_ = false;
-  mutable std::vector<double> seconds_;
-};
-
 }  // namespace
 
+DecodeStep::DecodeStep(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate,
+                       double eps, at::Tensor final_norm, int64_t gemv_max_rows)
+    : hidden_(hidden), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), intermediate_(intermediate),
+      eps_(static_cast<float>(eps)), final_norm_(check_vector(final_norm, hidden, "final norm")),
+      gemv_max_rows_(gemv_max_rows) {}
+
+at::Tensor DecodeStep::Linear::operator()(const at::Tensor& x, int64_t gemv_max_rows) const {
+#if QE_INT8
+  if (group > 0)
+    return int8_amx ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
+                    : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors,
+                                        int8_offsets);
+#endif
+  TORCH_CHECK(group == 0, "this build has no int8 kernels");
+  return linear(x, blocks, qtypes, bias, gemv_max_rows);
+}
+
+void DecodeStep::add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
+                           c10::optional<at::Tensor> k_norm, std::vector<at::Tensor> qkv,
+                           std::vector<int64_t> qkv_types, c10::optional<at::Tensor> qkv_bias,
+                           std::vector<at::Tensor> o, std::vector<int64_t> o_types, std::vector<at::Tensor> gate_up,
+                           std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
+                           std::vector<int64_t> down_types) {
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms come together");
+  Layer l{check_vector(input_norm, hidden_, "input norm"), check_vector(post_norm, hidden_, "post-attention norm"),
+          c10::nullopt, c10::nullopt,
+          {std::move(qkv), std::move(qkv_types), qkv_bias}, {std::move(o), std::move(o_types), c10::nullopt},
+          {std::move(gate_up), std::move(gate_up_types), c10::nullopt},
+          {std::move(down), std::move(down_types), c10::nullopt}};
+  if (q_norm.has_value()) {
+    l.q_norm = check_vector(*q_norm, head_dim_, "q norm");
+    l.k_norm = check_vector(*k_norm, head_dim_, "k norm");
+  }
+  layers_.push_back(std::move(l));
+}
+
+void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
+                          c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows,
+                          c10::optional<at::Tensor> factors, c10::optional<at::Tensor> offsets, bool amx) {
+  TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
+  Layer& l = layers_[li];
+  Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
+            : which == "down" ? &l.down : nullptr;
+  TORCH_CHECK(p != nullptr, "no projection ", which);
+  TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
+  TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
+  *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx};
+}
+
+void DecodeStep::set_moe(int64_t li, std::vector<at::Tensor> router, std::vector<int64_t> router_types,
+                         int64_t top_k, bool norm_topk, int64_t width, std::vector<std::vector<at::Tensor>> gate_up,
+                         std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+                         std::vector<std::vector<int64_t>> down_types, std::vector<at::Tensor> shared_gate_up,
+                         std::vector<int64_t> shared_gate_up_types, std::vector<at::Tensor> shared_down,
+                         std::vector<int64_t> shared_down_types, std::vector<at::Tensor> shared_gate,
+                         std::vector<int64_t> shared_gate_types, int64_t shared_width) {
+  TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
+  const size_t experts = gate_up.size();
+  TORCH_CHECK(experts > 0 && down.size() == experts && gate_up_types.size() == experts &&
+                  down_types.size() == experts && top_k > 0 && top_k <= static_cast<int64_t>(experts),
+              "a mixture needs 1 <= top_k <= experts, and a gate_up and a down weight per expert");
+  auto moe = std::make_shared<Moe>();
+  moe->router = Linear{std::move(router), std::move(router_types), c10::nullopt};
+  for (size_t e = 0; e < experts; ++e) {
+    moe->gate_up.push_back(Linear{std::move(gate_up[e]), std::move(gate_up_types[e]), c10::nullopt});
+    moe->down.push_back(Linear{std::move(down[e]), std::move(down_types[e]), c10::nullopt});
+  }
+  moe->top_k = top_k;
+  moe->width = width;
+  moe->norm_topk = norm_topk;
+  moe->shared = !shared_gate_up.empty();
+  if (moe->shared) {
+    moe->shared_gate_up = Linear{std::move(shared_gate_up), std::move(shared_gate_up_types), c10::nullopt};
+    moe->shared_down = Linear{std::move(shared_down), std::move(shared_down_types), c10::nullopt};
+    moe->shared_gate = Linear{std::move(shared_gate), std::move(shared_gate_types), c10::nullopt};
+    moe->shared_width = shared_width;
+  }
+  layers_[li].moe = std::move(moe);
+}
+
+at::Tensor DecodeStep::forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
+                               const at::Tensor& v_pool, const at::Tensor& write_slots, const at::Tensor& slots,
+                               const at::Tensor& lengths) const {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_ && x.device().is_cpu(),
+              "x must be CPU float32 [B, hidden]");
+  TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == num_layers() && k_pool.size(2) == kv_heads_ &&
+                  k_pool.size(3) == head_dim_ && v_pool.sizes() == k_pool.sizes(),
+              "KV pools must be [layers, slots, kv_heads, head_dim]");
+  const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  Clock clock{profiling_ ? &seconds_ : nullptr, std::chrono::steady_clock::now()};
+  x = x.contiguous().clone();  // the residual stream, updated in place
+  auto normed = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  for (int64_t li = 0; li < num_layers(); ++li) {
+    const Layer& l = layers_[li];
+    rms_norm(xp, B, hidden_, hidden_, l.input_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
+    clock.lap(NORMS);
+    auto qkv = l.qkv(normed, gemv_max_rows_);  // [B, q + 2 kv]
+    clock.lap(QKV);
+    TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv projection has ", qkv.size(1), " outputs");
+    auto q = qkv.narrow(1, 0, q_size).view({B, heads_, head_dim_});
+    auto k = qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_});
+    auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_});
+    if (l.q_norm.has_value()) {
+      float* base = qkv.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        float* row = base + b * qkv.size(1);
+        rms_norm(row, heads_, head_dim_, head_dim_, l.q_norm->data_ptr<float>(), eps_, row, head_dim_);
+        rms_norm(row + q_size, kv_heads_, head_dim_, head_dim_, l.k_norm->data_ptr<float>(), eps_, row + q_size,
+                 head_dim_);
+      }
+    }
+    rotary_(q, cos, sin);
+    rotary_(k, cos, sin);
+    const auto k_layer = k_pool.select(0, li), v_layer = v_pool.select(0, li);
+    write_kv(k_layer, v_layer, k, v, write_slots);
+    clock.lap(ROTARY_KV);
+    const auto attn = decode_attention(q, k_layer, v_layer, slots, lengths, scale);
+    clock.lap(ATTENTION);
+    const auto o = l.o(attn, gemv_max_rows_);
+    clock.lap(O);
+    add_into(xp, o, B * hidden_);
+    rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
+    clock.lap(NORMS);
+    if (l.moe) {
+      mixture(*l.moe, normed, xp, clock);
+      continue;
+    }
+    auto gate_up = l.gate_up(normed, gemv_max_rows_);  // [B, 2 intermediate]
+    clock.lap(GATE_UP);
+    TORCH_CHECK(gate_up.size(1) == 2 * intermediate_, "gate/up projection has ", gate_up.size(1), " outputs");
+    float* gu = gate_up.data_ptr<float>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        silu_mul(gu + b * 2 * intermediate_, gu + b * 2 * intermediate_ + intermediate_, intermediate_);
+    });
+    clock.lap(SILU);
+    const auto down = l.down(gate_up.narrow(1, 0, intermediate_), gemv_max_rows_);
+    clock.lap(DOWN);
+    add_into(xp, down, B * hidden_);
+  }
+  auto out = at::empty_like(x);
+  rms_norm(xp, B, hidden_, hidden_, final_norm_.data_ptr<float>(), eps_, out.data_ptr<float>(), hidden_);
+  clock.lap(NORMS);
+  return out;
+}
+
+// x[b] += the mixture's output for normed row b, as models/moe.py computes it: each expert that any row chose
+// runs once over its rows, and the weighted outputs are summed in ascending expert order.
+void DecodeStep::mixture(const Moe& m, const at::Tensor& normed, float* xp, Clock& clock) const {
+  const int64_t B = normed.size(0), experts = static_cast<int64_t>(m.gate_up.size()), k = m.top_k;
+  const auto logits = m.router(normed, gemv_max_rows_);  // [B, experts]
+  TORCH_CHECK(logits.size(1) == experts, "router has ", logits.size(1), " outputs for ", experts, " experts");
+  std::vector<std::vector<std::pair<int64_t, float>>> rows_of(experts);  // expert → (row, weight)
+  const float* lp = logits.data_ptr<float>();
+  std::vector<float> probs(experts);
+  std::vector<int64_t> order(experts);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = lp + b * experts;
+    const float top = *std::max_element(row, row + experts);
+    float sum = 0.0f;
+    for (int64_t e = 0; e < experts; ++e) sum += probs[e] = std::exp(row[e] - top);
+    for (int64_t e = 0; e < experts; ++e) probs[e] /= sum;
+    for (int64_t e = 0; e < experts; ++e) order[e] = e;
+    // The k largest, the lower index first on ties (as torch.topk does on the CPU).
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
+      return probs[a] > probs[c] || (probs[a] == probs[c] && a < c);
+    });
+    float chosen = 0.0f;
+    for (int64_t j = 0; j < k; ++j) chosen += probs[order[j]];
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = order[j];
+      rows_of[e].emplace_back(b, m.norm_topk ? probs[e] / chosen : probs[e]);
+    }
+  }
+  clock.lap(ROUTER);
+  auto out = at::zeros({B, hidden_}, normed.options());
+  float* op = out.data_ptr<float>();
+  const float* np = normed.data_ptr<float>();
+  for (int64_t e = 0; e < experts; ++e) {
+    const auto& picks = rows_of[e];
+    if (picks.empty()) continue;
+    const int64_t n = static_cast<int64_t>(picks.size());
+    at::Tensor xe = normed;
+    if (n != B) {  // gather this expert's rows
+      xe = at::empty({n, hidden_}, normed.options());
+      float* xep = xe.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
+    }
+    const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
+    TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
+    const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
+    const float* yp = y.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = op + picks[i].first * hidden_;
+      const float* yr = yp + i * hidden_;
+      const float w = picks[i].second;
+      for (int64_t c = 0; c < hidden_; ++c) o[c] += yr[c] * w;
+    }
+  }
+  clock.lap(EXPERTS);
+  if (m.shared) {
+    const auto gate_up = m.shared_gate_up(normed, gemv_max_rows_);
+    const auto y = m.shared_down(silu_mul_in_place(gate_up, m.shared_width), gemv_max_rows_);
+    const auto g = m.shared_gate(normed, gemv_max_rows_);  // [B, 1]
+    const float *yp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      const float s = 1.0f / (1.0f + std::exp(-gp[b]));
+      for (int64_t c = 0; c < hidden_; ++c) op[b * hidden_ + c] += s * yp[b * hidden_ + c];
+    }
+    clock.lap(EXPERTS);
+  }
+  add_into(xp, out, B * hidden_);
+}
+
+void DecodeStep::set_profiling(bool on) {
+  profiling_ = on;
+  seconds_.assign(PHASES, 0.0);
+}
+
+std::map<std::string, double> DecodeStep::profile() const {
+  static const char* names[PHASES] = {"norms + residual", "qkv", "rotary + kv write", "attention", "o",
+                                      "gate_up", "silu * up", "down", "router", "experts"};
+  std::map<std::string, double> out;
+  for (int i = 0; i < PHASES; ++i) out[names[i]] = seconds_.empty() ? 0.0 : seconds_[i];
+  return out;
+}
+
+at::Tensor DecodeStep::check_vector(const at::Tensor& t, int64_t n, const char* what) {
+  TORCH_CHECK(t.dtype() == at::kFloat && t.numel() == n && t.device().is_cpu(), what,
+              " weight must be CPU float32 with ", n, " values");
+  return t.contiguous();
+}
+
 // The same two operations for the PyTorch layers (prefill), where each replaces several dispatched ops.
-torch::Tensor rms_norm_rows(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && weight.dtype() == torch::kFloat32 && x.device().is_cpu() &&
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dtype() == at::kFloat && weight.dtype() == at::kFloat && x.device().is_cpu() &&
                   x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
               "rms_norm: x float32 [..., n] and weight float32 [n] on the CPU");
   const auto xc = x.contiguous(), wc = weight.contiguous();
-  auto y = torch::empty_like(xc);
+  auto y = at::empty_like(xc);
   const int64_t dim = xc.size(-1), rows = dim ? xc.numel() / dim : 0;
   const float *xp = xc.data_ptr<float>(), *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -442,12 +359,12 @@ static int64_t argmax_row(const float* x, int64_t n) {
   return at;
 }
 
-torch::Tensor argmax_rows(const torch::Tensor& x) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu() && x.size(1) > 0,
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.device().is_cpu() && x.size(1) > 0,
               "argmax_rows: x must be CPU float32 [B, n] with n > 0");
   const auto xc = x.contiguous();
   const int64_t B = xc.size(0), n = xc.size(1);
-  auto out = torch::empty({B}, torch::kInt64);
+  auto out = at::empty({B}, at::kLong);
   const float* xp = xc.data_ptr<float>();
   int64_t* op = out.data_ptr<int64_t>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -456,13 +373,13 @@ torch::Tensor argmax_rows(const torch::Tensor& x) {
   return out;
 }
 
-torch::Tensor silu_mul_rows(const torch::Tensor& gate_up) {  // [T, 2n] (gate, then up) → silu(gate) · up [T, n]
-  TORCH_CHECK(gate_up.dtype() == torch::kFloat32 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 &&
+at::Tensor silu_mul_rows(const at::Tensor& gate_up) {  // [T, 2n] (gate, then up) → silu(gate) · up [T, n]
+  TORCH_CHECK(gate_up.dtype() == at::kFloat && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 &&
                   gate_up.device().is_cpu(),
               "silu_mul: gate_up must be CPU float32 [T, 2n]");
   const auto g = gate_up.contiguous();
   const int64_t T = g.size(0), n = g.size(1) / 2;
-  auto out = torch::empty({T, n}, g.options());
+  auto out = at::empty({T, n}, g.options());
   const float* gp = g.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, T, 8, [&](int64_t t0, int64_t t1) {
@@ -471,19 +388,4 @@ torch::Tensor silu_mul_rows(const torch::Tensor& gate_up) {  // [T, 2n] (gate, t
     }
   });
   return out;
-}
-
-void register_decode_step(pybind11::module& m) {
-  pybind11::class_<DecodeStep>(m, "DecodeStep", "all decoder layers of a decode step (one token per sequence)")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, torch::Tensor, int64_t>())
-      .def("add_layer", &DecodeStep::add_layer)
-      .def("set_int8", &DecodeStep::set_int8)
-      .def("set_moe", &DecodeStep::set_moe)
-      .def_property_readonly("num_layers", &DecodeStep::num_layers)
-      .def("set_profiling", &DecodeStep::set_profiling)
-      .def("profile", &DecodeStep::profile)
-      .def("forward", &DecodeStep::forward, pybind11::call_guard<pybind11::gil_scoped_release>());
-  m.def("rms_norm", &rms_norm_rows, "x / sqrt(mean(x²) + eps) · weight over the last axis");
-  m.def("silu_mul", &silu_mul_rows, "silu(gate) · up for gate_up [T, 2n]");
-  m.def("argmax_rows", &argmax_rows, "each row's first largest value's index (NaN counts as largest), as torch.argmax");
 }

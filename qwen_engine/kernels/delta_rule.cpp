@@ -5,12 +5,11 @@
 // accumulates Sᵀq. A head's S (64 KiB at 128 × 128) stays in L2 between the two. The sums run over k in the same
 // order as the PyTorch reference (models/gated_deltanet.py: recurrent_delta_rule), row by row.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <cmath>
 #include <initializer_list>
 #include <vector>
+
+#include "kernels.h"
 
 namespace {
 
@@ -43,10 +42,10 @@ void one_head(float* s, const float* q, const float* k, const float* v, float g,
 }  // namespace
 
 // q, k [B, H, Dk]; v [B, H, Dv]; g, beta [B, H]; state [B, H, Dk, Dv], updated in place. Returns o [B, H, Dv].
-torch::Tensor delta_rule_step_(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& g, const torch::Tensor& beta, torch::Tensor state) {
-  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&q, &k, &v, &g, &beta, &state}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->device().is_cpu() && t->is_contiguous(),
+at::Tensor delta_rule_step_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& g, const at::Tensor& beta, at::Tensor state) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&q, &k, &v, &g, &beta, &state}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous(),
                 "delta_rule_step_: every tensor must be contiguous CPU float32");
   }
   TORCH_CHECK(state.dim() == 4 && q.dim() == 3 && q.sizes() == k.sizes() && v.dim() == 3, "delta_rule_step_: shapes");
@@ -54,7 +53,7 @@ torch::Tensor delta_rule_step_(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(q.size(0) == batch && q.size(1) == heads && q.size(2) == dk && v.size(0) == batch &&
                   v.size(1) == heads && v.size(2) == dv && g.numel() == batch * heads && beta.numel() == batch * heads,
               "delta_rule_step_: q, k [B, H, Dk], v [B, H, Dv], g and beta [B, H] must match state [B, H, Dk, Dv]");
-  torch::Tensor out = torch::empty({batch, heads, dv}, q.options());
+  at::Tensor out = at::empty({batch, heads, dv}, q.options());
   float* s = state.data_ptr<float>();
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *gp = g.data_ptr<float>(), *bp = beta.data_ptr<float>();
@@ -83,8 +82,8 @@ void l2_normalise(float* x, int64_t n, float scale) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * r * scale;
 }
 
-void check_f32(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous(), "deltanet_decode_: ",
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.is_contiguous(), "deltanet_decode_: ",
               name, " must be contiguous CPU float32");
 }
 
@@ -100,16 +99,16 @@ void check_f32(const torch::Tensor& t, const char* name) {
 // mixed [B, C] (C = 2·Hk·Dk + Hv·Dv: q, k, v), z [B, Hv·Dv], b and a [B, Hv], slots int64 [B]; conv_pool
 // [P, C, K − 1], delta_pool [P, Hv, Dk, Dv]; conv_weight [C, K]; a_log, dt_bias [Hv]; norm_weight [Dv].
 // Value head h reads key head h mod Hk (tiled) or h / (Hv / Hk). Returns [B, Hv·Dv].
-torch::Tensor deltanet_decode_(const torch::Tensor& mixed, const torch::Tensor& z, const torch::Tensor& b,
-                               const torch::Tensor& a, const torch::Tensor& slots, torch::Tensor conv_pool,
-                               torch::Tensor delta_pool, const torch::Tensor& conv_weight, const torch::Tensor& a_log,
-                               const torch::Tensor& dt_bias, const torch::Tensor& norm_weight, double eps,
-                               int64_t key_heads, bool tiled) {
+at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const at::Tensor& b,
+                            const at::Tensor& a, const at::Tensor& slots, at::Tensor conv_pool,
+                            at::Tensor delta_pool, const at::Tensor& conv_weight, const at::Tensor& a_log,
+                            const at::Tensor& dt_bias, const at::Tensor& norm_weight, double eps,
+                            int64_t key_heads, bool tiled) {
   check_f32(mixed, "mixed"), check_f32(z, "z"), check_f32(b, "b"), check_f32(a, "a");
   check_f32(conv_pool, "the convolution state"), check_f32(delta_pool, "the delta-rule state");
   check_f32(conv_weight, "the convolution weight"), check_f32(a_log, "A_log"), check_f32(dt_bias, "dt_bias");
   check_f32(norm_weight, "the norm weight");
-  TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous() && slots.dim() == 1,
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.dim() == 1,
               "deltanet_decode_: slots must be contiguous int64 [B]");
   TORCH_CHECK(delta_pool.dim() == 4 && conv_pool.dim() == 3 && mixed.dim() == 2 && conv_weight.dim() == 2,
               "deltanet_decode_: shapes");
@@ -152,7 +151,7 @@ torch::Tensor deltanet_decode_(const torch::Tensor& mixed, const torch::Tensor& 
     }
   });
 
-  torch::Tensor out = torch::empty({batch, heads * dv}, mixed.options());
+  at::Tensor out = at::empty({batch, heads * dv}, mixed.options());
   float* state = delta_pool.data_ptr<float>();
   const float *zp = z.data_ptr<float>(), *bp = b.data_ptr<float>(), *ap = a.data_ptr<float>();
   const float *alog = a_log.data_ptr<float>(), *bias = dt_bias.data_ptr<float>(), *nw = norm_weight.data_ptr<float>();
@@ -176,11 +175,4 @@ torch::Tensor deltanet_decode_(const torch::Tensor& mixed, const torch::Tensor& 
     }
   });
   return out;
-}
-
-void register_delta_rule(pybind11::module& m) {
-  m.def("delta_rule_step_", &delta_rule_step_,
-        "one token of the gated delta rule per sequence and value head, the state updated in place");
-  m.def("deltanet_decode_", &deltanet_decode_,
-        "a gated DeltaNet layer's decode step between its projections, the pooled states updated in place");
 }

@@ -16,14 +16,12 @@
 // Without either the extension does not define these functions and models/w8a8.py computes the same numbers in
 // PyTorch.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "amx_linear.h"
+#include "kernels.h"
 #include "vec_math.h"
 
 #if QE_INT8
@@ -369,13 +367,13 @@ void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, 
 
 // Weight rows float32 [N, K] → (uint8 [N, K] = int8 + 128, scales [N, K / group]): max |w| / 127 per group of
 // `group` values along each row, w / scale rounded half to even (models/w8a8.py: quantize_weight is the reference).
-std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w, int64_t group) {
-  TORCH_CHECK(w.dtype() == torch::kFloat32 && w.dim() == 2 && w.device().is_cpu(), "w must be CPU float32 [N, K]");
+std::vector<at::Tensor> int8_quantize_weight(const at::Tensor& w, int64_t group) {
+  TORCH_CHECK(w.dtype() == at::kFloat && w.dim() == 2 && w.device().is_cpu(), "w must be CPU float32 [N, K]");
   TORCH_CHECK(group > 0 && group % 16 == 0 && w.size(1) % group == 0, "group must be a multiple of 16 dividing K");
   const auto wc = w.contiguous();
   const int64_t N = wc.size(0), K = wc.size(1), groups = K / group;
-  auto out = torch::empty({N, K}, torch::dtype(torch::kUInt8));
-  auto scales = torch::empty({N, groups}, torch::dtype(torch::kFloat32));
+  auto out = at::empty({N, K}, at::dtype(at::kByte));
+  auto scales = at::empty({N, groups}, at::dtype(at::kFloat));
   const float* src = wc.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
@@ -389,15 +387,15 @@ std::vector<torch::Tensor> int8_quantize_weight(const torch::Tensor& w, int64_t 
 
 namespace {
 // Checks the weight scales [K / group, N] and the bias of an N-row weight; the bias pointer (nullptr without one).
-const float* checked_bias(const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias, int64_t N,
+const float* checked_bias(const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias, int64_t N,
                           int64_t K, int64_t group) {
   TORCH_CHECK(group > 0 && K % group == 0, "group must divide K");
   const int64_t groups = K / group;
-  TORCH_CHECK(weight_scales.dtype() == torch::kFloat32 && weight_scales.is_contiguous() && weight_scales.dim() == 2 &&
+  TORCH_CHECK(weight_scales.dtype() == at::kFloat && weight_scales.is_contiguous() && weight_scales.dim() == 2 &&
                   weight_scales.size(0) == groups && weight_scales.size(1) == N,
               "weight scales must be contiguous float32 [", groups, ", ", N, "] (per group, per output)");
   if (!bias.has_value()) return nullptr;
-  TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+  TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
               "bias must be contiguous float32 [N]");
   return bias->data_ptr<float>();
 }
@@ -406,29 +404,29 @@ const float* checked_bias(const torch::Tensor& weight_scales, const c10::optiona
 namespace {
 // x [M, Kx ≤ K] (times `factors` [Kx], if given) quantised as if padded with zeros to K columns: (q [M, K],
 // scales, lane starts).
-std::vector<torch::Tensor> quantize_padded(const torch::Tensor& x, int64_t K, int64_t group,
-                                           const c10::optional<torch::Tensor>& factors) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
+std::vector<at::Tensor> quantize_padded(const at::Tensor& x, int64_t K, int64_t group,
+                                        const c10::optional<at::Tensor>& factors) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
   TORCH_CHECK(group > 0 && group % 16 == 0 && group <= MAX_GROUP && K % group == 0,
               "group must be a multiple of 16 dividing K, at most ", MAX_GROUP);
   TORCH_CHECK(x.size(1) <= K && x.size(1) > K - 64, "x has ", x.size(1), " columns; the weight has ", K,
               " (x may lack only the padding to a multiple of 64)");
-  TORCH_CHECK(!factors.has_value() || (factors->dtype() == torch::kFloat32 && factors->is_contiguous() &&
+  TORCH_CHECK(!factors.has_value() || (factors->dtype() == at::kFloat && factors->is_contiguous() &&
                                        factors->device().is_cpu() && factors->numel() == x.size(1)),
               "input factors must be contiguous CPU float32 [", x.size(1), "]");
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0);
-  auto q = torch::empty({M, K}, torch::dtype(torch::kInt8));
-  auto scales = torch::empty({M, K / group}, torch::dtype(torch::kFloat32));
-  auto starts = torch::empty({M, K / group}, torch::dtype(torch::kInt32));
+  auto q = at::empty({M, K}, at::dtype(at::kChar));
+  auto scales = at::empty({M, K / group}, at::dtype(at::kFloat));
+  auto starts = at::empty({M, K / group}, at::dtype(at::kInt));
   quantize_rows(xc.data_ptr<float>(), xc.size(1), M, K, group, factors ? factors->data_ptr<float>() : nullptr,
                 q.data_ptr<int8_t>(), scales.data_ptr<float>(), starts.data_ptr<int32_t>());
   return {q, scales, starts};
 }
 }  // namespace
 
-std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
-                                         const c10::optional<torch::Tensor>& factors) {
+std::vector<at::Tensor> int8_quantize(const at::Tensor& x, int64_t group,
+                                      const c10::optional<at::Tensor>& factors) {
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   return quantize_padded(x, x.size(1), group, factors);
 }
@@ -436,18 +434,18 @@ std::vector<torch::Tensor> int8_quantize(const torch::Tensor& x, int64_t group,
 // y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds N / UNIT_ROWS units
 // (rounded up) of UNIT_ROWS rows, int8 + 128, scaled per group by weight_scales [K / group, N]; x is quantised to
 // int8 in groups of `group`. x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
-torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                                const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                                int64_t group, const c10::optional<torch::Tensor>& factors,
-                                const c10::optional<torch::Tensor>& offsets) {
+at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                             const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias,
+                             int64_t group, const c10::optional<at::Tensor>& factors,
+                             const c10::optional<at::Tensor>& offsets) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   constexpr int64_t R = UNIT_ROWS;
   const int64_t units = (N + R - 1) / R, K = packed.numel() / std::max<int64_t>(1, units * R);
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * R * K,
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * R * K,
               "packed weight must be contiguous uint8 of ", units * R, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
-  TORCH_CHECK(!offsets.has_value() || (offsets->dtype() == torch::kFloat32 && offsets->is_contiguous() &&
+  TORCH_CHECK(!offsets.has_value() || (offsets->dtype() == at::kFloat && offsets->is_contiguous() &&
                                        offsets->sizes() == weight_scales.sizes()),
               "weight offsets must be contiguous float32 shaped as the weight scales");
   const float* so = offsets.has_value() ? offsets->data_ptr<float>() : nullptr;
@@ -455,7 +453,7 @@ torch::Tensor int8_linear_units(const torch::Tensor& x, const torch::Tensor& pac
   // |q| <= 127: the unsigned operand of AVX2's vpmaddubsw (VNNI reads starts instead)
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  auto y = at::empty({M, N}, at::dtype(at::kFloat));
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int8_t* q = parts[0].data_ptr<int8_t>();
   const uint8_t* a = reinterpret_cast<const uint8_t*>(magnitudes.data_ptr<int8_t>());
@@ -601,27 +599,19 @@ void amx_linear(const uint8_t* packed, int64_t N, int64_t K, int64_t G, const in
 #endif
 }  // namespace
 
-bool int8_has_amx() {
-#if QE_AMX
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
-torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packed, int64_t N,
-                              const torch::Tensor& weight_scales, const c10::optional<torch::Tensor>& bias,
-                              int64_t group, const c10::optional<torch::Tensor>& factors) {
+at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t N,
+                           const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias,
+                           int64_t group, const c10::optional<at::Tensor>& factors) {
 #if QE_AMX
   TORCH_CHECK(amx_usable(), "AMX is not available to this process");
   TORCH_CHECK(group % 64 == 0, "AMX tiles take groups of a multiple of 64 values");
   const int64_t rows = (N + 31) / 32 * 32, K = packed.numel() / rows;
-  TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && K % 64 == 0 && packed.numel() == rows * K,
               "packed weight must be contiguous uint8 of ", rows, " rows of a multiple of 64 bytes");
   const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
   const auto parts = quantize_padded(x, K, group, factors);
   const int64_t M = x.size(0);
-  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  auto y = at::empty({M, N}, at::dtype(at::kFloat));
   amx_linear(packed.data_ptr<uint8_t>(), N, K, group, parts[0].data_ptr<int8_t>(), parts[1].data_ptr<float>(),
              parts[2].data_ptr<int32_t>(), M, weight_scales.data_ptr<float>(), bias_ptr, y.data_ptr<float>());
   return y;
@@ -631,24 +621,13 @@ torch::Tensor int8_linear_amx(const torch::Tensor& x, const torch::Tensor& packe
 #endif
 }
 
-void register_int8(pybind11::module& m) {
-  m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");
-  namespace py = pybind11;
-  m.def("int8_linear_amx", &int8_linear_amx, "int8_linear_units with the weight packed for AMX tiles", py::arg("x"),
-        py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
-        py::arg("factors") = py::none());
-  m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units16" : QE_INT8 ? "units" : ""); },
-        "the layout of int8 weights in units of rows here: units (8 rows, AVX2) or units16 (AVX-512 VNNI), "
-        "models/w8a8.py");
-  m.def("int8_linear_units", &int8_linear_units,
-        "x @ W^T (+ bias), W int8 in units of 8 or 16 rows, x (times factors, if given) quantised to int8 per group",
-        py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
-        py::arg("factors") = py::none(), py::arg("offsets") = py::none());
-  m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per group of each row",
-        py::arg("w"), py::arg("group"));
-  m.def("int8_quantize", &int8_quantize, "x (times factors, if given) as int8 in groups along each row: (q, scales, "
-        "lane starts)", py::arg("x"), py::arg("group"), py::arg("factors") = py::none());
-}
+#endif  // QE_INT8
+
+// In every build: DecodeStep::set_int8 asks it, and a module with an unresolved symbol does not load.
+bool int8_has_amx() {
+#if QE_INT8 && QE_AMX
+  return amx_usable();
 #else
-void register_int8(pybind11::module&) {}
+  return false;
 #endif
+}

@@ -5,14 +5,12 @@
 // first lengths[b] slots. The same arithmetic as the PyTorch path (kv_cache.decode_attention) up to the
 // order of the sums. The pool may hold float32, float16 or bfloat16 (kv_rows.h); its rows are read as float32.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "kv_rows.h"
 #include "vec_math.h"
 
@@ -337,12 +335,12 @@ constexpr int64_t CHUNK = 256;
 
 // Stores this step's keys/values (k_new, v_new [n, Hkv, D]) at write_slots [n] of the pool (k, v [slots, Hkv, D]),
 // rounded to the pool's type as Tensor.to rounds (to nearest, ties to even).
-void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
-              const torch::Tensor& write_slots) {
-  TORCH_CHECK(k_new.dtype() == torch::kFloat32 && v_new.dtype() == torch::kFloat32 && k_new.dim() == 3 &&
+void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_new, const at::Tensor& v_new,
+              const at::Tensor& write_slots) {
+  TORCH_CHECK(k_new.dtype() == at::kFloat && v_new.dtype() == at::kFloat && k_new.dim() == 3 &&
                   k_new.size(1) == k.size(1) && k_new.size(2) == k.size(2) && v_new.sizes() == k_new.sizes(),
               "new keys/values must be float32 [n, Hkv, D] like the pool's rows");
-  TORCH_CHECK(write_slots.dtype() == torch::kInt64 && write_slots.numel() == k_new.size(0), "one slot per new row");
+  TORCH_CHECK(write_slots.dtype() == at::kLong && write_slots.numel() == k_new.size(0), "one slot per new row");
   const auto kn = k_new.contiguous(), vn = v_new.contiguous(), ws = write_slots.contiguous();
   const int64_t row = k.size(1) * k.size(2), n = kn.size(0);
   TORCH_CHECK(kv_type_supported(k) && v.scalar_type() == k.scalar_type() && k.is_contiguous() && v.is_contiguous(),
@@ -368,13 +366,13 @@ bool bf16_decode_products() {
 #endif
 }
 
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& slots, const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
               "q must be float32; k and v float32, float16 or bfloat16 alike");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "q [B, Hq, D]; k, v [slots, Hkv, D]");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache layers must be contiguous");
-  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.dim() == 2 && lengths.dtype() == torch::kInt64,
+  TORCH_CHECK(slots.dtype() == at::kLong && slots.dim() == 2 && lengths.dtype() == at::kLong,
               "slots int64 [B, S], lengths int64 [B]");
   const auto qc = q.contiguous(), sc = slots.contiguous(), lc = lengths.contiguous();
   const int64_t B = qc.size(0), Hq = qc.size(1), D = qc.size(2), Hkv = k.size(1), S = sc.size(1);
@@ -390,7 +388,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
     for (int64_t s = 0; s < lp[b]; ++s)
       TORCH_CHECK(sp[b * S + s] >= 0 && sp[b * S + s] < num_slots, "slot ", sp[b * S + s], " out of range");
   }
-  auto out = torch::empty({B, Hq * D}, qc.options());
+  auto out = at::empty({B, Hq * D}, qc.options());
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
 
@@ -452,8 +450,8 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // In place, for scores [..., T, S] of the last T of S positions (query i sees keys 0..S-T+i):
 // softmax(scale · scores) over the keys each query sees, 0 for the later ones. One pass instead of scale,
 // causal mask and softmax as three tensor operations.
-void causal_softmax_(torch::Tensor scores, double scale) {
-  TORCH_CHECK(scores.dtype() == torch::kFloat32 && scores.is_contiguous() && scores.dim() >= 2 && scores.device().is_cpu(),
+void causal_softmax_(at::Tensor scores, double scale) {
+  TORCH_CHECK(scores.dtype() == at::kFloat && scores.is_contiguous() && scores.dim() >= 2 && scores.device().is_cpu(),
               "scores must be contiguous CPU float32 [..., T, S]");
   const int64_t T = scores.size(-2), S = scores.size(-1), rows = scores.numel() / std::max<int64_t>(S, 1);
   TORCH_CHECK(T <= S, "more queries (", T, ") than keys (", S, ")");
@@ -526,16 +524,16 @@ void rotate_rows(T* xp, int64_t st, int64_t sh, const float* cp, const float* sp
 
 }  // namespace
 
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
-  TORCH_CHECK((x.dtype() == torch::kFloat32 || x.dtype() == torch::kBFloat16) && x.dim() == 3 && x.stride(2) == 1,
+void rotary_(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK((x.dtype() == at::kFloat || x.dtype() == at::kBFloat16) && x.dim() == 3 && x.stride(2) == 1,
               "x must be float32 or bfloat16 [T, H, D]");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
   TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == D,
               "cos/sin must be [T, D] for an even D");
   const auto cc = cos.contiguous(), sc = sin.contiguous();
-  TORCH_CHECK(cc.dtype() == torch::kFloat32 && sc.dtype() == torch::kFloat32, "cos/sin must be float32");
+  TORCH_CHECK(cc.dtype() == at::kFloat && sc.dtype() == at::kFloat, "cos/sin must be float32");
   const float *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
-  if (x.dtype() == torch::kFloat32)
+  if (x.dtype() == at::kFloat)
     rotate_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), cp, sp, T, H, D);
   else
     rotate_rows(x.data_ptr<c10::BFloat16>(), x.stride(0), x.stride(1), cp, sp, T, H, D);

@@ -12,14 +12,12 @@
 // where the maximum is subtracted differ, so results agree to float32 rounding. A float16 or bfloat16 pool
 // (kv_rows.h) is read as float32: the keys as they are transposed, the values as they are loaded.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "kv_rows.h"
 #include "vec_math.h"
 
@@ -199,21 +197,21 @@ void attend(const float* qp, int64_t q_tok, int64_t q_head, const KV* kp, const 
 
 // q [T, Hq, D] (rows may be strided, e.g. inside the fused qkv output); k, v: a layer of the pool
 // [slots, Hkv, D]; slots int64 [S]: the sequence's first S positions. Returns [T, Hq · D].
-torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& slots, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
+at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& slots, double scale) {
+  TORCH_CHECK(q.dtype() == at::kFloat && kv_type_supported(k) && v.scalar_type() == k.scalar_type(),
               "q must be float32; k and v float32, float16 or bfloat16 alike");
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && k.dim() == 3 && v.sizes() == k.sizes(),
               "q [T, Hq, D] with contiguous rows; k, v [slots, Hkv, D]");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "the cache layers must be contiguous");
-  TORCH_CHECK(slots.dtype() == torch::kInt64 && slots.dim() == 1, "slots must be int64 [S]");
+  TORCH_CHECK(slots.dtype() == at::kLong && slots.dim() == 1, "slots must be int64 [S]");
   const auto sc = slots.contiguous();
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), S = sc.size(0);
   TORCH_CHECK(k.size(2) == D && Hq % Hkv == 0, "head sizes do not match");
   TORCH_CHECK(T >= 1 && T <= S, "queries (", T, ") must be 1..", S, " (the keys)");
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t s = 0; s < S; ++s) TORCH_CHECK(sp[s] >= 0 && sp[s] < k.size(0), "slot ", sp[s], " out of range");
-  auto out = torch::empty({T, Hq * D}, q.options());
+  auto out = at::empty({T, Hq * D}, q.options());
 #if QE_LANES
   const float* qp = q.data_ptr<float>();
   const float fs = static_cast<float>(scale);

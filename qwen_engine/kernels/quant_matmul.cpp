@@ -24,9 +24,6 @@
 //
 // Block layouts and their decoding: quant_blocks.h.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +32,7 @@
 #include <vector>
 
 #include "amx_linear.h"
+#include "kernels.h"
 #include "quant_blocks.h"
 #include "vec_math.h"
 
@@ -1162,7 +1160,7 @@ void with_block_type(int64_t qtype, Fn&& fn) {
   }
 }
 
-std::vector<Segment> segments_of(const std::vector<torch::Tensor>& weights, const std::vector<int64_t>& qtypes,
+std::vector<Segment> segments_of(const std::vector<at::Tensor>& weights, const std::vector<int64_t>& qtypes,
                                  int64_t K) {
   TORCH_CHECK(!weights.empty() && weights.size() == qtypes.size(), "need one block type per weight segment");
   std::vector<Segment> segs;
@@ -1171,7 +1169,7 @@ std::vector<Segment> segments_of(const std::vector<torch::Tensor>& weights, cons
     const auto& w = weights[i];
     const int64_t qk = block_values(qtypes[i]);
     TORCH_CHECK(qk > 0, "no kernel for GGUF type ", qtypes[i]);
-    TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+    TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
                 "weights must be contiguous CPU uint8 [rows, bytes per row]");
     TORCH_CHECK(K % qk == 0, "K = ", K, " is not a multiple of the block size ", qk);
     TORCH_CHECK(w.size(1) == K / qk * block_bytes(qtypes[i]), "weight rows have ", w.size(1),
@@ -1205,7 +1203,7 @@ void dequant_rows_into(const std::vector<Segment>& segs, int64_t K, int64_t r0, 
 
 // The prefill path's float32 tile, kept between calls so its pages are faulted in once.
 std::mutex scratch_mutex;
-torch::Tensor scratch;
+at::Tensor scratch;
 constexpr int64_t SCRATCH_FLOATS = int64_t(8) << 20;  // 32 MiB: a whole gate+up projection of a 0.5B model
 
 // Prefill on AMX tiles where the machine has them (amx_linear.cpp); tests switch it off to compare.
@@ -1230,37 +1228,37 @@ int64_t amx_min_rows(const std::vector<Segment>& segs, int64_t K) {
 // y = x @ W^T (+ bias) for M <= GEMV_ROWS_MAX rows of x: the register GEMVs (up to REG_ROWS rows) or the
 // cache-tile GEMM over the transposed x (more rows).
 void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segment>& segs, int64_t N,
-                  const float* bias_ptr, float* yp, const torch::TensorOptions& options) {
+                  const float* bias_ptr, float* yp, const at::TensorOptions& options) {
   XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
-  torch::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
+  at::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
 #if QE_AVX512 || QE_AVX2
   bool any_q4k = false, any_q5f = false;
   for (const auto& s : segs) any_q4k |= s.qtype == T_Q4_K, any_q5f |= s.qtype == T_Q5_0_FIELDS;
   any_q5f &= M <= REG_ROWS;  // (more rows decode Q5F generically)
   if (any_q5f) {
-    xf = torch::empty({M, K}, options);
+    xf = at::empty({M, K}, options);
     fields_x<Q5F>(xp, M, K, xf.data_ptr<float>());
     in.xf = xf.data_ptr<float>();
   }
   if ((any_q4k && M <= REG_ROWS) || any_q5f) {  // AVX2 K-quant paths: up to 8 rows
-    xs = torch::empty({M, K / 32}, options);
+    xs = at::empty({M, K / 32}, options);
     for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
     in.xs = xs.data_ptr<float>();
   }
   bool any_q6k = false, any_q6f = false;
   for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
   if (M == 1 && any_q6f) {  // (more rows read x as it is)
-    xf6 = torch::empty({M, K}, options);
+    xf6 = at::empty({M, K}, options);
     fields_x<Q6F>(xp, M, K, xf6.data_ptr<float>());
     in.xf6 = xf6.data_ptr<float>();
   }
   if (M == 1 && (any_q6k || any_q6f)) {
-    xs16 = torch::empty({K / 16}, options);
+    xs16 = at::empty({K / 16}, options);
     sums16(xp, K, xs16.data_ptr<float>());
     in.xs16 = xs16.data_ptr<float>();
   }
   if (M > REG_ROWS) {
-    xt = torch::empty({K, in.Mp}, options);
+    xt = at::empty({K, in.Mp}, options);
     transpose_x(xp, M, K, in.Mp, xt.data_ptr<float>());
     in.xt = xt.data_ptr<float>();
   }
@@ -1269,11 +1267,11 @@ void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segme
   bool any_q5 = false;
   for (const auto& s : segs) any_q5 |= s.qtype == T_Q5_0;
   if (any_q5) {
-    xq = torch::empty({M, K}, options);
+    xq = at::empty({M, K}, options);
     permute_x(xp, M * K, xq.data_ptr<float>());
     in.xq = xq.data_ptr<float>();
     if (M > REG_ROWS) {
-      xtq = torch::empty({K, in.Mp}, options);
+      xtq = at::empty({K, in.Mp}, options);
       transpose_x(in.xq, M, K, in.Mp, xtq.data_ptr<float>());
       in.xtq = xtq.data_ptr<float>();
     }
@@ -1306,21 +1304,21 @@ std::vector<std::pair<int64_t, int64_t>> row_pieces(int64_t M) {
 
 }  // namespace
 
-torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
-                     const std::vector<int64_t>& qtypes, const c10::optional<torch::Tensor>& bias,
-                     int64_t gemv_max_rows) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
+at::Tensor linear(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                  const std::vector<int64_t>& qtypes, const c10::optional<at::Tensor>& bias,
+                  int64_t gemv_max_rows) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.device().is_cpu(), "x must be CPU float32 [M, K]");
   const auto xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1);
   const auto segs = segments_of(weights, qtypes, K);
   const int64_t N = segs.back().first + segs.back().rows;
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == N,
+    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
                 "bias must be contiguous float32 with one value per output row");
     bias_ptr = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, xc.options());
+  auto y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y;
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -1340,7 +1338,7 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   // the row stride), so no tile is copied.
   const int64_t tiles = (N * K + SCRATCH_FLOATS - 1) / SCRATCH_FLOATS;
   const int64_t tile = (N + tiles - 1) / tiles;
-  if (!scratch.defined() || scratch.numel() < tile * K) scratch = torch::empty({tile * K}, xc.options());
+  if (!scratch.defined() || scratch.numel() < tile * K) scratch = at::empty({tile * K}, xc.options());
   for (int64_t r0 = 0; r0 < N; r0 += tile) {
     const int64_t r1 = std::min(N, r0 + tile);
     dequant_rows_into(segs, K, r0, r1, scratch.data_ptr<float>());
@@ -1352,21 +1350,21 @@ torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w
   return y;
 }
 
-torch::Tensor dequantize(const torch::Tensor& weight, int64_t qtype, int64_t K) {
+at::Tensor dequantize(const at::Tensor& weight, int64_t qtype, int64_t K) {
   const auto segs = segments_of({weight}, {qtype}, K);
-  auto out = torch::empty({weight.size(0), K}, torch::dtype(torch::kFloat32));
+  auto out = at::empty({weight.size(0), K}, at::dtype(at::kFloat));
   dequant_rows_into(segs, K, 0, weight.size(0), out.data_ptr<float>());
   return out;
 }
 
-torch::Tensor dequantize_rows(const torch::Tensor& weight, int64_t qtype, int64_t K, const torch::Tensor& ids) {
+at::Tensor dequantize_rows(const at::Tensor& weight, int64_t qtype, int64_t K, const at::Tensor& ids) {
   const auto segs = segments_of({weight}, {qtype}, K);
-  TORCH_CHECK(ids.dtype() == torch::kInt64 && ids.dim() == 1, "ids must be int64 [n]");
+  TORCH_CHECK(ids.dtype() == at::kLong && ids.dim() == 1, "ids must be int64 [n]");
   const auto idc = ids.contiguous();
   const int64_t n = idc.size(0), rows = weight.size(0);
   const int64_t* id = idc.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(id[i] >= 0 && id[i] < rows, "row ", id[i], " out of range 0..", rows - 1);
-  auto out = torch::empty({n, K}, torch::dtype(torch::kFloat32));
+  auto out = at::empty({n, K}, at::dtype(at::kFloat));
   float* o = out.data_ptr<float>();
   const Segment& s = segs[0];
   with_block_type(qtype, [&](auto blk) {
@@ -1378,10 +1376,10 @@ torch::Tensor dequantize_rows(const torch::Tensor& weight, int64_t qtype, int64_
 // Q5_0 rows re-encoded as Q8_0 rows: the same scale bytes, each value q - 16 as an int8, so every dequantised
 // value is the same float32 (d * (q - 16) either way). Where the Q5_0 decode is the slower one (AVX2: ~1.4x
 // the time of Q8_0's per value), a load may trade ~55 % more bytes for the Q8_0 kernels.
-torch::Tensor q5_0_as_q8_0(const torch::Tensor& weight, int64_t K) {
+at::Tensor q5_0_as_q8_0(const at::Tensor& weight, int64_t K) {
   const auto segs = segments_of({weight}, {T_Q5_0}, K);
   const int64_t rows = weight.size(0), nb = K / 32;
-  auto out = torch::empty({rows, nb * Q8_0::BYTES}, torch::dtype(torch::kUInt8));
+  auto out = at::empty({rows, nb * Q8_0::BYTES}, at::dtype(at::kByte));
   const uint8_t* src = segs[0].data;
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, rows * nb, 4096, [&](int64_t b0, int64_t b1) {
@@ -1402,11 +1400,11 @@ torch::Tensor q5_0_as_q8_0(const torch::Tensor& weight, int64_t K) {
 
 // Q5_0 rows re-laid as Q5F rows (quant_blocks.h): each four blocks' values q (0..31) moved into 5-bit fields and
 // their scales copied, so every dequantised value is the same float32 (d * (q - 16)). K: a multiple of 128.
-torch::Tensor q5_0_as_fields(const torch::Tensor& weight, int64_t K) {
+at::Tensor q5_0_as_fields(const at::Tensor& weight, int64_t K) {
   TORCH_CHECK(K % Q5F::QK == 0, "Q5_0 rows of ", K, " values cannot be re-laid in groups of ", Q5F::QK);
   const auto segs = segments_of({weight}, {T_Q5_0}, K);
   const int64_t groups = weight.size(0) * (K / Q5F::QK);
-  auto out = torch::empty({weight.size(0), K / Q5F::QK * Q5F::BYTES}, torch::dtype(torch::kUInt8));
+  auto out = at::empty({weight.size(0), K / Q5F::QK * Q5F::BYTES}, at::dtype(at::kByte));
   const uint8_t* src = segs[0].data;
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {
@@ -1434,10 +1432,10 @@ torch::Tensor q5_0_as_fields(const torch::Tensor& weight, int64_t K) {
 
 // Q6_K rows re-laid as Q6F rows (quant_blocks.h), block by block: the 6-bit values moved into fields, the
 // scales and d copied, so every dequantised value is the same float32.
-torch::Tensor q6_k_as_fields(const torch::Tensor& weight, int64_t K) {
+at::Tensor q6_k_as_fields(const at::Tensor& weight, int64_t K) {
   const auto segs = segments_of({weight}, {T_Q6_K}, K);
   const int64_t blocks = weight.size(0) * (K / Q6F::QK);
-  auto out = torch::empty({weight.size(0), K / Q6F::QK * Q6F::BYTES}, torch::dtype(torch::kUInt8));
+  auto out = at::empty({weight.size(0), K / Q6F::QK * Q6F::BYTES}, at::dtype(at::kByte));
   const uint8_t* src = segs[0].data;
   uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, blocks, 1024, [&](int64_t b0, int64_t b1) {
@@ -1497,65 +1495,4 @@ bool set_amx_prefill(bool on) {
   const bool was = amx_prefill;
   amx_prefill = on;
   return was;
-}
-
-// paged_attention.cpp
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& slots, const torch::Tensor& lengths, double scale);
-bool bf16_decode_products();
-void write_kv(const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& k_new, const torch::Tensor& v_new,
-              const torch::Tensor& write_slots);
-void rotary_(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin);
-void causal_softmax_(torch::Tensor scores, double scale);
-// prefill_attention.cpp
-torch::Tensor prefill_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& slots, double scale);
-bool prefill_attention_supports(int64_t head_dim);
-// bf16_ops.cpp
-bool bf16_kernels();
-bool segment_attention_supports(int64_t head_dim, bool int8_scores);
-bool gelu_tanh_supports(const torch::Tensor& x);
-torch::Tensor gelu_tanh_(torch::Tensor x);
-torch::Tensor silu_mul_(torch::Tensor gate, const torch::Tensor& up);
-torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& cu_seqlens, double scale, bool int8_scores, bool out_float32);
-torch::Tensor rms_norm_bf16(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor silu_mul_bf16(const torch::Tensor& gate, const torch::Tensor& up);
-// decode_step.cpp, int8_matmul.cpp
-void register_decode_step(pybind11::module& m);
-void register_int8(pybind11::module& m);
-void register_delta_rule(pybind11::module& m);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ W^T (+ bias) with W in GGUF blocks, stacked from segments");
-  m.def("dequantize", &dequantize, "a GGUF weight [rows, bytes] as float32 [rows, K]");
-  m.def("dequantize_rows", &dequantize_rows, "selected rows of a GGUF weight as float32");
-  m.def("has_avx512", &has_avx512, "whether the AVX-512 kernels were compiled in");
-  m.def("q5_0_as_q8_0", &q5_0_as_q8_0, "Q5_0 rows re-encoded as Q8_0 rows with the same values");
-  m.def("q5_0_as_fields", &q5_0_as_fields, "Q5_0 rows re-laid in 5-bit fields (own type 1006), the same values");
-  m.def("q6_k_as_fields", &q6_k_as_fields, "Q6_K rows re-laid in 6-bit fields (own type 1007), the same values");
-  m.def("set_wide_vectors", &set_wide_vectors,
-        "K-quant products at 3-8 rows on 16-lane (true) or 8-lane (false) kernels in AVX-512 builds; returns the old setting");
-  m.def("prefers_fields", &prefers_fields, "whether loads should re-lay Q5_0 and Q6_K weights in fields (own types)");
-  m.def("amx_prefill_available", &amx_prefill_available, "whether prefill products can run on AMX tiles here");
-  m.def("set_amx_prefill", &set_amx_prefill, "use AMX for prefill products where available; returns the old setting");
-  m.def("decode_attention", &decode_attention, "one query token per sequence against its paged K/V slots");
-  m.def("write_kv", &write_kv, "store new key/value rows at their slots of the pool");
-  m.def("bf16_decode_products", &bf16_decode_products,
-        "whether decode_attention multiplies a bfloat16 pool's rows as bf16 (head sizes 32, 64, 128)");
-  m.def("rotary_", &rotary_, "rotate q or k (float32, or bfloat16 in float32) in place by per-token cos/sin tables");
-  m.def("causal_softmax_", &causal_softmax_, "in place: scaled, causally masked softmax of prefill scores");
-  m.def("prefill_attention", &prefill_attention, "a prompt chunk's causal attention over its paged K/V slots, fused");
-  m.def("prefill_attention_supports", &prefill_attention_supports, "whether prefill_attention has a kernel for this head size");
-  m.def("bf16_kernels", &bf16_kernels, "whether this build has the bfloat16 elementwise kernels");
-  m.def("gelu_tanh_supports", &gelu_tanh_supports, "whether gelu_tanh_ runs on this tensor (its dtype, layout)");
-  m.def("gelu_tanh_", &gelu_tanh_, "in place: gelu(x, approximate=\"tanh\") of a float32 or bf16 tensor");
-  m.def("silu_mul_", &silu_mul_, "in place: gate = silu(gate) * up, float32");
-  m.def("segment_attention_supports", &segment_attention_supports, "whether segment_attention has a kernel for this head size (and int8 scores)");
-  m.def("segment_attention", &segment_attention, "attention within packed segments (vision towers): bf16 products, or int8 scores");
-  m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
-  m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
-  register_decode_step(m);
-  register_int8(m);
-  register_delta_rule(m);
 }

@@ -18,15 +18,13 @@
 // A task is TILE query rows of one (head, segment); each block of keys and values (16 KiB at D = 64) serves
 // them all while it sits in L1, R rows at a time, with a running softmax (base 2) as in prefill_attention.cpp.
 
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
 #include "vec_math.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -206,13 +204,13 @@ struct Segment {
 
 template <int V, bool INT8>
 void attend(const Operands& op, const std::vector<Segment>& segments, int64_t N, int64_t packed, int64_t H,
-            int64_t D, const torch::Tensor& out) {
+            int64_t D, const at::Tensor& out) {
   constexpr int Dp = 16 * V, R = rows_together<V>();
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (segment, first row in it)
   for (int64_t s = 0; s < static_cast<int64_t>(segments.size()); ++s)
     for (int64_t r = 0; r < segments[s].length; r += TILE) tiles.emplace_back(s, r);
   const int64_t count = static_cast<int64_t>(tiles.size());
-  const bool to_bf16 = out.scalar_type() == torch::kBFloat16;
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16;
   char* outp = static_cast<char*>(out.data_ptr());
   const int64_t element = out.element_size();
   at::parallel_for(0, count * H, 1, [&](int64_t t0, int64_t t1) {
@@ -315,17 +313,17 @@ void to_bf16(const T* x, int64_t n, uint16_t* dst) {
 }
 
 template <class T>
-void pack_and_attend(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+void pack_and_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::vector<Segment>& segments, int64_t packed, float scale, bool int8_scores,
-                     const torch::Tensor& out) {
+                     const at::Tensor& out) {
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2), Dp = (D + 15) / 16 * 16;
   const int words = static_cast<int>(int8_scores ? D / 4 : D / 2);
   const T *qd = q.data_ptr<T>(), *kd = k.data_ptr<T>(), *vd = v.data_ptr<T>();
-  const auto i32 = torch::dtype(torch::kInt32), f32 = torch::dtype(torch::kFloat32);
-  auto queries = torch::empty({H * N * words}, i32), keys = torch::empty({H * packed * words}, i32);
-  auto values = torch::empty({H * packed / 2 * Dp}, i32);
-  auto query_scales = torch::empty({int8_scores ? H * N : 0}, f32), key_scales = torch::empty({int8_scores ? H * packed : 0}, f32);
-  auto query_sums = torch::empty({int8_scores ? H * N : 0}, i32);
+  const auto i32 = at::dtype(at::kInt), f32 = at::dtype(at::kFloat);
+  auto queries = at::empty({H * N * words}, i32), keys = at::empty({H * packed * words}, i32);
+  auto values = at::empty({H * packed / 2 * Dp}, i32);
+  auto query_scales = at::empty({int8_scores ? H * N : 0}, f32), key_scales = at::empty({int8_scores ? H * packed : 0}, f32);
+  auto query_sums = at::empty({int8_scores ? H * N : 0}, i32);
   Word* qp = reinterpret_cast<Word*>(queries.data_ptr<int32_t>());
   Word* kp = reinterpret_cast<Word*>(keys.data_ptr<int32_t>());
   Word* vp = reinterpret_cast<Word*>(values.data_ptr<int32_t>());
@@ -443,21 +441,21 @@ bool segment_attention_supports(int64_t head_dim, bool int8_scores) {
 // q, k, v float32 or bfloat16 (one dtype) [N, H, D] (rows may be strided, e.g. views of a fused qkv output; each
 // head's D values contiguous); cu_seqlens int32/int64 [segments + 1] from 0 to N. int8_scores: q·k in int8 (see
 // the top of the file), else bf16. Returns [N, H, D], float32 or bfloat16 (rounded once, from the float32 result).
-torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                const torch::Tensor& cu_seqlens, double scale, bool int8_scores, bool out_float32) {
+at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& cu_seqlens, double scale, bool int8_scores, bool out_float32) {
   TORCH_CHECK(q.dim() == 3 && segment_attention_supports(q.size(2), int8_scores),
               "segment_attention: no kernel for this head size in this build");
-  TORCH_CHECK((q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kFloat32) &&
+  TORCH_CHECK((q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat) &&
                   k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() && q.device().is_cpu(),
               "q, k and v must be float32 or bfloat16 (one of them) on the CPU");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes() && q.stride(2) == 1 && k.stride(2) == 1 &&
                   v.stride(2) == 1, "q, k, v [N, H, D] of one shape, each head's values contiguous");
-  const auto cu = cu_seqlens.to(torch::kInt64).contiguous();
+  const auto cu = cu_seqlens.to(at::kLong).contiguous();
   const int64_t N = q.size(0), H = q.size(1), D = q.size(2);
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "cu_seqlens [segments + 1]");
   const int64_t* cp = cu.data_ptr<int64_t>();
   TORCH_CHECK(cp[0] == 0 && cp[cu.size(0) - 1] == N, "cu_seqlens must run from 0 to ", N);
-  auto out = torch::empty({N, H, D}, q.options().dtype(out_float32 ? torch::kFloat32 : torch::kBFloat16));
+  auto out = at::empty({N, H, D}, q.options().dtype(out_float32 ? at::kFloat : at::kBFloat16));
 #if QE_SEGMENT_ATTENTION
   std::vector<Segment> segments;
   int64_t packed = 0;
@@ -468,7 +466,7 @@ torch::Tensor segment_attention(const torch::Tensor& q, const torch::Tensor& k, 
     packed += (cp[s + 1] - cp[s] + KB - 1) / KB * KB;
   }
   const float fs = static_cast<float>(scale);
-  if (q.scalar_type() == torch::kBFloat16)
+  if (q.scalar_type() == at::kBFloat16)
     pack_and_attend<bf16>(q, k, v, segments, packed, fs, int8_scores, out);
   else
     pack_and_attend<float>(q, k, v, segments, packed, fs, int8_scores, out);

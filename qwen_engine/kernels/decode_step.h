@@ -1,0 +1,111 @@
+// DecodeStep: every decoder layer of a decode step in one native call (decode_step.cpp).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "tensors.h"
+
+class DecodeStep {
+ public:
+  DecodeStep(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+             at::Tensor final_norm, int64_t gemv_max_rows);
+
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
+                 c10::optional<at::Tensor> k_norm, std::vector<at::Tensor> qkv, std::vector<int64_t> qkv_types,
+                 c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, std::vector<int64_t> o_types,
+                 std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
+                 std::vector<int64_t> down_types);
+
+  // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
+  void set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
+                c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows, c10::optional<at::Tensor> factors,
+                c10::optional<at::Tensor> offsets, bool amx);
+
+  // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given
+  // as its gate_up and down weight segments; `shared_*` is empty without a shared expert.
+  void set_moe(int64_t li, std::vector<at::Tensor> router, std::vector<int64_t> router_types, int64_t top_k,
+               bool norm_topk, int64_t width, std::vector<std::vector<at::Tensor>> gate_up,
+               std::vector<std::vector<int64_t>> gate_up_types, std::vector<std::vector<at::Tensor>> down,
+               std::vector<std::vector<int64_t>> down_types, std::vector<at::Tensor> shared_gate_up,
+               std::vector<int64_t> shared_gate_up_types, std::vector<at::Tensor> shared_down,
+               std::vector<int64_t> shared_down_types, std::vector<at::Tensor> shared_gate,
+               std::vector<int64_t> shared_gate_types, int64_t shared_width);
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+  // x [B, hidden] (the embeddings), cos/sin [B, head_dim], pools [layers, slots, kv_heads, head_dim]; returns
+  // the final-norm hidden states [B, hidden]. Each sequence's new k/v go to write_slots[b]; it attends over
+  // slots[b, :lengths[b]].
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
+                     const at::Tensor& v_pool, const at::Tensor& write_slots, const at::Tensor& slots,
+                     const at::Tensor& lengths) const;
+
+  // Seconds spent in each part of forward() since profiling was switched on (benchmarks/profile_decode.py).
+  void set_profiling(bool on);
+  std::map<std::string, double> profile() const;
+
+ private:
+  enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, ROUTER, EXPERTS, PHASES };
+
+  struct Clock {  // adds the time since the previous lap to a phase, when profiling
+    std::vector<double>* seconds;
+    std::chrono::steady_clock::time_point last;
+    void lap(Phase phase) {
+      if (!seconds) return;
+      const auto now = std::chrono::steady_clock::now();
+      (*seconds)[phase] += std::chrono::duration<double>(now - last).count();
+      last = now;
+    }
+  };
+
+  struct Linear {
+    std::vector<at::Tensor> blocks;
+    std::vector<int64_t> qtypes;
+    c10::optional<at::Tensor> bias;
+    // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
+    // for this CPU (AMX tiles where they run, else units of 8 or 16 rows), their scales, x (times the layer's
+    // smoothing factors, if any) quantised in groups of `group`. The a8 mode (models/a8.py) packs in units of rows
+    // even where AMX runs (its groups of 16-32 values are below a tile's 64), and K-quant weights add offsets.
+    at::Tensor int8_weight, int8_scales;
+    int64_t group = 0, packed_rows = 0;
+    c10::optional<at::Tensor> int8_factors, int8_offsets;
+    bool int8_amx = false;
+    at::Tensor operator()(const at::Tensor& x, int64_t gemv_max_rows) const;
+  };
+
+  // A mixture of experts in place of the MLP (models/moe.py): the router's softmax picks top_k experts per row,
+  // their outputs are summed with those probabilities as weights (renormalised if norm_topk), plus Qwen2-MoE's
+  // shared expert scaled by sigmoid(shared_gate · x).
+  struct Moe {
+    Linear router;
+    std::vector<Linear> gate_up, down;  // one per expert
+    int64_t top_k = 0, width = 0;       // experts chosen per token; each expert's intermediate size
+    bool norm_topk = false;
+    bool shared = false;
+    Linear shared_gate_up, shared_down, shared_gate;
+    int64_t shared_width = 0;
+  };
+
+  struct Layer {
+    at::Tensor input_norm, post_norm;
+    c10::optional<at::Tensor> q_norm, k_norm;  // Qwen3
+    Linear qkv, o, gate_up, down;
+    std::shared_ptr<Moe> moe;  // set for the sparse layers of Qwen2-MoE / Qwen3-MoE
+  };
+
+  void mixture(const Moe& m, const at::Tensor& normed, float* xp, Clock& clock) const;
+  static at::Tensor check_vector(const at::Tensor& t, int64_t n, const char* what);
+
+  int64_t hidden_, heads_, kv_heads_, head_dim_, intermediate_;
+  float eps_;
+  at::Tensor final_norm_;
+  int64_t gemv_max_rows_;
+  std::vector<Layer> layers_;
+  bool profiling_ = false;
+  mutable std::vector<double> seconds_;
+};
