@@ -135,8 +135,6 @@ def load_model(
         raise
     if quantization is not None and loaded.config.moe is not None:
         raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it")
-    if quantization in w8a8.MODES and loaded.config.linear_attention is not None:  # (a8 does)
-        raise InputError(f"quantization={quantization!r} does not run hybrid (Qwen3.5) models yet; use a8 or drop it")
     if quantization == a8.MODE:
         if not any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             raise InputError("quantization='a8' keeps a GGUF's own quantised weights; this model has none "
