@@ -353,10 +353,7 @@ class Engine:
 
     def _logits_by_chunk(self, token_ids: list[int], vision: Prompt | None, chunk: int) -> Iterator[torch.Tensor]:
         cfg = self.model.config
-        cache = KVCache(
-            len(cfg.attention_layers), cfg.num_kv_heads, cfg.head_dim, max(len(token_ids), 1), self.kv_dtype,
-            self.device, cfg.linear_attention, self.dtype,
-        )
+        cache = KVCache.for_model(cfg, max(len(token_ids), 1), self.kv_dtype, self.device, self.dtype)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         for start in range(0, len(token_ids), chunk):
             piece = ids[start : start + chunk]

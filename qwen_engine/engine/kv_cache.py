@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..config import LinearAttentionConfig
+from ..config import LinearAttentionConfig, ModelConfig
 from .recurrent_state import RecurrentBatch, for_rows, single_sequence_states
 
 # Pool types the native attention kernels read (as float32, for float32 queries).
@@ -125,6 +125,14 @@ class KVCache:
         self.length = 0  # tokens whose k/v are stored and committed
         # Hybrid models (Qwen3.5): the linear-attention layers' state of this one sequence.
         self.states = single_sequence_states(linear_attention, state_dtype, device) if linear_attention else None
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, capacity: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", state_dtype: torch.dtype = torch.float32) -> KVCache:
+        """A cache for one sequence of `cfg`'s model: keys and values of its softmax-attention layers and, in
+        hybrids, the states of its linear-attention layers."""
+        return cls(len(cfg.attention_layers), cfg.num_kv_heads, cfg.head_dim, capacity, dtype, device,
+                   cfg.linear_attention, state_dtype)
 
     def recurrent_for(self, count: int) -> RecurrentBatch:
         return for_rows(self.states, count)

@@ -407,8 +407,7 @@ def calibrate(model: nn.Module, sequences: list[list[int]]) -> dict[str, torch.T
     cfg = model.config
     try:
         for ids in sequences:
-            cache = KVCache(len(cfg.attention_layers), cfg.num_kv_heads, cfg.head_dim, len(ids),
-                            linear_attention=cfg.linear_attention)  # hybrids: and the recurrent states
+            cache = KVCache.for_model(cfg, len(ids))
             with torch.no_grad():
                 hidden = model(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids)), cache)
             record("lm_head", hidden)  # the LM head runs outside the model's forward
