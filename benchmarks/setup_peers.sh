@@ -20,4 +20,18 @@ fi
 CMAKE_ARGS="$flags -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
   "$venv/bin/pip" install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==0.3.36'
 "$venv/bin/pip" install -q 'llama-cpp-python==0.3.36'
+# llama.cpp's own HTTP server (what ollama runs), from the same release's sources, for benchmarks/serve.py;
+# static, so the binary stands alone in $venv/bin.
+command -v cmake > /dev/null || "$venv/bin/pip" install -q cmake
+PATH="$(cd "$venv/bin" && pwd):$PATH"
+src="$(mktemp -d)"
+"$venv/bin/pip" download -q --no-deps --no-binary :all: 'llama-cpp-python==0.3.36' -d "$src"
+tar xzf "$src"/llama_cpp_python-0.3.36.tar.gz -C "$src"
+cmake -S "$src/llama_cpp_python-0.3.36/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release $flags \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF > /dev/null
+cmake --build "$src/build" --target llama-server -j"$(nproc)" > "$src/build.log" 2>&1 \
+  || { tail -30 "$src/build.log"; echo "building llama-server failed"; exit 1; }
+cp "$src/build/bin/llama-server" "$venv/bin/llama-server"
+rm -rf "$src"
 echo "peers installed in $venv"

@@ -17,6 +17,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, base_url: str, timeout: float) -> None:
+    """Until `GET /health` answers 200; raises (with the server's stderr) if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read()[-4000:]}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start in time")
+
+
 class ServerProcess:
     def __init__(self, *args: str, api_key: str | None = None, timeout: float = 300):
         self.port = free_port()
@@ -26,17 +41,7 @@ class ServerProcess:
             command += ["--api-key", api_key]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=os.environ.copy())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.proc.kill()
-        raise RuntimeError("server did not start in time")
+        wait_until_healthy(self.proc, self.base_url, timeout)
 
     def stop(self, sig: int | None = None) -> int:
         import signal

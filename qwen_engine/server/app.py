@@ -31,6 +31,7 @@ from .protocol import (
     anthropic_error,
     error_body,
 )
+from .threads import prepare
 
 
 @dataclass
@@ -70,7 +71,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
 
     async def lifespan(app: FastAPI):
         engine.start()
-        await asyncio.to_thread(llm.guide_factory)  # so the first structured-output request is not slow
+        await prepare(llm.guide_factory)  # so the first structured-output request is not slow
         yield
         engine.shutdown()
 
@@ -160,7 +161,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             if body.prompt is not None:
                 tokens = llm.tokenizer.encode(body.prompt)
             else:  # as a chat request would see them: images and videos count as their tokens
-                encoded = await asyncio.to_thread(llm.encode_chat, body.messages, body.add_generation_prompt,
+                encoded = await prepare(llm.encode_chat, body.messages, body.add_generation_prompt,
                                                   body.tools, **(body.chat_template_kwargs or {}))
                 tokens = list(encoded.token_ids)
         except QwenEngineError as e:
@@ -186,7 +187,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         try:
             # Off the event loop: images may be fetched over the network, videos decoded.
             structured = body.structured_output()
-            chat = await asyncio.to_thread(llm.prepare_chat, body.messages, body.tools, body.tool_choice,
+            chat = await prepare(llm.prepare_chat, body.messages, body.tools, body.tool_choice,
                                            body.response_format, structured_output=structured,
                                            **(body.chat_template_kwargs or {}))
             params = [llm._resolve(body.to_sampling_params(i)) for i in range(body.n)]

@@ -8,7 +8,6 @@ message_delta, message_stop). Errors on this path have Anthropic's shape ({"type
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +36,7 @@ from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import Metrics
 from .protocol import ANTHROPIC_PATH
 from .responses import _split
+from .threads import prepare
 
 
 class MessagesRequest(BaseModel):
@@ -69,7 +69,7 @@ def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, 
             chat_messages = _messages(body)
             tools, tool_choice = _tools(body.tools), _tool_choice(body.tool_choice, body.tools)
             thinking = None if body.thinking is None else body.thinking.get("type") == "enabled"
-            chat = await asyncio.to_thread(llm.prepare_chat, chat_messages, tools, tool_choice, None, thinking)
+            chat = await prepare(llm.prepare_chat, chat_messages, tools, tool_choice, None, thinking)
             params = llm._resolve(body.sampling_params())
         except QwenEngineError as e:
             raise _input_error(e, "messages") from None

@@ -13,7 +13,6 @@ them, and GET /v1/responses/{id}/input_items lists a request's input. They are l
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -44,6 +43,7 @@ from .app import (
 )
 from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import Metrics
+from .threads import prepare
 
 
 class ResponsesRequest(BaseModel):
@@ -158,7 +158,7 @@ def register(app: FastAPI, llm: LLM, engine: AsyncEngine, config: ServerConfig, 
             messages = ([{"role": "system", "content": body.instructions}] if body.instructions else []) + turns
             tools, tool_choice = _tools(body.tools), _tool_choice(body.tool_choice)
             response_format = _response_format(body.text)
-            chat = await asyncio.to_thread(llm.prepare_chat, messages, tools, tool_choice, response_format)
+            chat = await prepare(llm.prepare_chat, messages, tools, tool_choice, response_format)
             params = llm._resolve(body.sampling_params())
         except QwenEngineError as e:
             raise _input_error(e, "input") from None
