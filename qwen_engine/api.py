@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from . import kernels
 from .engine.engine import DEFAULT_KV_CACHE_MEMORY, Engine, EngineConfig
 from .engine.sampling_params import SamplingParams
 from .errors import InputError
 from .outputs import RequestOutput, StreamDelta, Usage
 from .text.parsers import parse_answer, prompt_opens_thinking, split_reasoning
+from .threads import on_a_passing_thread
 from .vision.prompt import Prompt, VisionLimits
 from .weights.loader import DTYPES, load_model
 
@@ -63,49 +65,55 @@ class LLM:
         mmproj: str | Path | None = None,
     ):
         kv_dtype = parse_kv_cache_dtype(kv_cache_dtype)  # checked before seconds are spent loading
-        loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized,
-                            quantization=quantization, mmproj=mmproj)
-        self.path = loaded.path
-        self.config = loaded.config
-        self.model = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.chat_template = loaded.chat_template
-        self.default_params = loaded.defaults
-        self.eos_token_ids = loaded.eos_token_ids
-        self.source = loaded.source
-        self.system_prompt = loaded.system_prompt  # used only when a conversation has no system message
-        limit = self.config.max_position_embeddings
-        if max_model_len is not None and not 0 < max_model_len <= limit:
-            raise InputError(f"max_model_len must be in 1..{limit} for this model, got {max_model_len}")
-        self.max_model_len = max_model_len or min(loaded.max_model_len or limit, limit)
-        self._guides = None  # engine.guided.GuideFactory, built on first use of structured output
-        self.vision = None  # vision.prompt.PromptBuilder for vision-language models
-        if self.config.vision is not None:
-            from .vision.image import ImageProcessorConfig
-            from .vision.prompt import PromptBuilder, VisionLimits
+        # Built on a thread that ends, taking its OpenMP workers along: whichever thread then runs the model holds
+        # the process's only pool (threads.py; a model run on another thread than its loader's decoded ~25 % slower).
+        def build() -> None:
+            loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantized=quantized,
+                                quantization=quantization, mmproj=mmproj)
+            self.path = loaded.path
+            self.config = loaded.config
+            self.model = loaded.model
+            self.tokenizer = loaded.tokenizer
+            self.chat_template = loaded.chat_template
+            self.default_params = loaded.defaults
+            self.eos_token_ids = loaded.eos_token_ids
+            self.source = loaded.source
+            self.system_prompt = loaded.system_prompt  # used only when a conversation has no system message
+            limit = self.config.max_position_embeddings
+            if max_model_len is not None and not 0 < max_model_len <= limit:
+                raise InputError(f"max_model_len must be in 1..{limit} for this model, got {max_model_len}")
+            self.max_model_len = max_model_len or min(loaded.max_model_len or limit, limit)
+            self._guides = None  # engine.guided.GuideFactory, built on first use of structured output
+            self.vision = None  # vision.prompt.PromptBuilder for vision-language models
+            if self.config.vision is not None:
+                from .vision.image import ImageProcessorConfig
+                from .vision.prompt import PromptBuilder, VisionLimits
 
-            family = self.config.vision.family
-            settings = loaded.vision_processor  # a GGUF's projector: its settings; a folder: its config files
-            self.vision = PromptBuilder(
-                self.config.vision,
+                family = self.config.vision.family
+                settings = loaded.vision_processor  # a GGUF's projector: its settings; a folder: its config files
+                self.vision = PromptBuilder(
+                    self.config.vision,
+                    self.tokenizer,
+                    ImageProcessorConfig.from_dict(settings, family) if settings else ImageProcessorConfig.from_dir(self.path, family),
+                    _video_config(self.path, family, settings),
+                    vision_limits or VisionLimits(),
+                )
+            self.engine = Engine(
+                self.model,
                 self.tokenizer,
-                ImageProcessorConfig.from_dict(settings, family) if settings else ImageProcessorConfig.from_dir(self.path, family),
-                _video_config(self.path, family, settings),
-                vision_limits or VisionLimits(),
+                self.eos_token_ids,
+                EngineConfig(
+                    max_model_len=self.max_model_len,
+                    kv_cache_memory=kv_cache_memory,
+                    block_size=block_size,
+                    max_num_seqs=max_num_seqs,
+                    enable_prefix_caching=enable_prefix_caching,
+                    kv_cache_dtype=kv_dtype,
+                ),
             )
-        self.engine = Engine(
-            self.model,
-            self.tokenizer,
-            self.eos_token_ids,
-            EngineConfig(
-                max_model_len=self.max_model_len,
-                kv_cache_memory=kv_cache_memory,
-                block_size=block_size,
-                max_num_seqs=max_num_seqs,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_cache_dtype=kv_dtype,
-            ),
-        )
+
+        on_a_passing_thread(build)
+        kernels.use_available_cores()  # the loader set its own thread's count; each thread has its own
 
     # -- prompts ---------------------------------------------------------------------------------------------
 

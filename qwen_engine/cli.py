@@ -291,17 +291,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .api import LLM
     from .server.app import ServerConfig, create_app
-    from .server.threads import on_a_passing_thread
 
     if args.system:
         raise InputError("--system is not a server option; send a system message in the request")
     memory = parse_size(args.kv_cache_memory)
-    # Loaded on a thread that ends: the engine's thread is to hold the only OpenMP pool (server/threads.py).
-    llm = on_a_passing_thread(lambda: LLM(
-        args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory,
-        mmproj=args.mmproj, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching))
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=memory,
+              mmproj=args.mmproj, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+              enable_prefix_caching=not args.no_prefix_caching)
     name = args.served_model_name or _default_served_name(args.model, llm)
     app = create_app(llm, ServerConfig(name, api_key=args.api_key, max_waiting=args.max_waiting,
                                        max_body_bytes=args.max_body_bytes,

@@ -20,6 +20,7 @@ from ..api import LLM, ChatRequest
 from ..errors import ContextLengthError, QwenEngineError
 from ..text.parsers import parse_answer, split_reasoning
 from ..text.stream_parser import StreamParser
+from ..threads import prepare
 from ..vision.prompt import VisionLimits
 from .async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream, Update
 from .metrics import Metrics
@@ -31,7 +32,6 @@ from .protocol import (
     anthropic_error,
     error_body,
 )
-from .threads import prepare
 
 
 @dataclass

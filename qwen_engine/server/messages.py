@@ -22,6 +22,7 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import InputError, QwenEngineError
 from ..text.parsers import ToolCall
 from ..text.stream_parser import StreamParser
+from ..threads import prepare
 from .app import (
     ServerConfig,
     _check_body_size,
@@ -36,7 +37,6 @@ from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import Metrics
 from .protocol import ANTHROPIC_PATH
 from .responses import _split
-from .threads import prepare
 
 
 class MessagesRequest(BaseModel):

@@ -30,6 +30,7 @@ from ..engine.sampling_params import SamplingParams
 from ..errors import InputError, QwenEngineError
 from ..text.parsers import ToolCall, parse_answer, split_reasoning
 from ..text.stream_parser import StreamParser
+from ..threads import prepare
 from .app import (
     ApiError,
     ServerConfig,
@@ -43,7 +44,6 @@ from .app import (
 )
 from .async_engine import AsyncEngine, EngineDeadError
 from .metrics import Metrics
-from .threads import prepare
 
 
 class ResponsesRequest(BaseModel):

@@ -1,12 +1,13 @@
-"""Threads beside the engine's, kept from slowing it down.
+"""Threads beside the one that runs the model, kept from slowing it down.
 
 PyTorch's OpenMP (libgomp) keeps a pool of worker threads for each thread that has run a parallel loop, and once
 the process holds more pool workers than it has cores, idle workers stop spinning between loops and sleep:
-every parallel loop then waits for a wake-up. A decode step runs ~150 of them, so a server whose model was
-loaded on the main thread (one pool) and steps on the engine's thread (a second) decoded ~25 % slower than the
-same engine in one thread (22 against 17.5 ms a token with the demo model on 2 cores). A pool goes away with
-its thread, so the server loads the model on a thread that ends, and prepares requests (templates, images,
-videos, which may run PyTorch loops) on threads that end once no work is queued.
+every parallel loop then waits for a wake-up. A decode step of the demo model runs 98 of them (counted), so a
+model loaded on one thread (a pool) and run on another (a second) decoded ~25 % slower than on the thread that
+loaded it (22 against 17.5 ms a token on 2 cores): the server's case, whose engine steps on its own thread, and
+that of any application calling the model from a worker thread. A pool goes away with its thread, so `LLM`
+loads on a thread that ends, and the server prepares requests (templates, images, videos, which may run PyTorch
+loops) on threads that end once no work is queued: the thread that runs the model holds the only pool.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The server's threads beside the engine's (server/threads.py): work runs, results and errors come back, no
+"""Threads beside the one that runs the model (qwen_engine/threads.py): work runs, results and errors come back, no
 thread outlives its work, and — the reason for it all — a thread that ends takes its OpenMP workers with it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from qwen_engine.server.threads import PassingThreads, on_a_passing_thread, prepare
+from qwen_engine.threads import PassingThreads, on_a_passing_thread, prepare
 
 
 def _wait_for_threads(count: int, timeout: float = 10.0) -> int:
@@ -81,7 +81,7 @@ def test_prepare_is_to_thread_on_passing_threads():
 
 SCRIPT = textwrap.dedent("""
     import os, sys, threading, time, torch
-    from qwen_engine.server.threads import on_a_passing_thread
+    from qwen_engine.threads import on_a_passing_thread
     torch.set_num_threads(2)
 
     def threads() -> int:
@@ -110,10 +110,38 @@ SCRIPT = textwrap.dedent("""
 def test_a_passing_thread_takes_its_openmp_workers_along():
     """What the design rests on (PyTorch's OpenMP keeps workers per thread that ran a parallel loop, and frees
     them with that thread): parallel work on a passing thread leaves no thread behind, on a staying one it does.
-    If a PyTorch release changes this, this test says so, and server/threads.py needs another look."""
+    If a PyTorch release changes this, this test says so, and qwen_engine/threads.py needs another look."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     base, after_passing, after_main = (int(x) for x in out.stdout.split())
     assert after_passing == base
     assert after_main == base + 1  # the control: this thread's pool keeps its one worker
+
+
+LOAD_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from qwen_engine import LLM
+
+    def settled() -> int:
+        time.sleep(0.5)
+        return len(os.listdir("/proc/self/task"))
+
+    base = settled()
+    llm = LLM(sys.argv[1])  # the demo model: its load runs parallel loops (on the caller's thread they left a worker)
+    print(base, settled())
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2,
+                    reason="counts a process's threads in /proc; needs two cores for an OpenMP worker")
+def test_llm_leaves_no_openmp_workers_behind(demo_gguf):
+    """LLM() loads on a passing thread: the process holds no OpenMP pool afterwards, so whichever thread runs
+    the model (the caller's, the server's engine thread) holds the only one. (The demo model is assembled before:
+    the assembly's progress bar leaves a thread of its own.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(demo_gguf)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    base, after = (int(x) for x in out.stdout.split())
+    assert after == base
