@@ -94,8 +94,26 @@ async def level(url: str, model: str, concurrency: int, requests: int, max_token
     }
 
 
+def kv_bytes_per_token(gguf_path: str) -> int:
+    """qwen-engine's float32 keys and values of one token: 4 bytes × 2 × layers × KV heads × head size (the demo
+    model: 24 KiB). Every layer counted: for a hybrid (Qwen3.5) this gives qwen-engine more tokens than llama.cpp."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+
+    def value(key: str) -> int:
+        field = reader.fields[key]
+        return int(field.parts[field.data[0]][0])
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    heads = value(f"{arch}.attention.head_count")
+    head_size = (value(f"{arch}.attention.key_length") if f"{arch}.attention.key_length" in reader.fields
+                 else value(f"{arch}.embedding_length") // heads)
+    return 4 * 2 * value(f"{arch}.block_count") * value(f"{arch}.attention.head_count_kv") * head_size
+
+
 def peak_rss_mib(pid: int) -> float:
-    """The process's high-water mark of resident memory (VmHWM), children included for llama-server's sake."""
+    """The server process's high-water mark of resident memory (VmHWM: its own, not its children's)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -132,7 +150,6 @@ def start(system: str, args: argparse.Namespace, parallel: int):
         return LlamaServer(args.llama_server, args.gguf, args.threads, parallel, args.kv_tokens)
     from server_process import ServerProcess
 
-    # float32 keys and values: 4 bytes × 2 × layers × KV heads × head size per token (the demo model: 24 KiB)
     extra = ["--quantization", system.removeprefix("qwen-engine-")] if system != "qwen-engine" else []
     # qwen-engine takes its thread count from the cores it may use, as it would for a user
     model = ["--model", args.gguf] if args.gguf_given else []
@@ -162,7 +179,7 @@ def main() -> None:
 
         args.gguf_given = args.gguf is not None
         args.gguf = args.gguf or str(demo_model_path())
-        args.kv_memory = f"{args.kv_tokens * 24 // 1024}MiB"
+        args.kv_memory = f"{args.kv_tokens * kv_bytes_per_token(args.gguf) // 1024 ** 2}MiB"
         targets = [(s, s) for s in args.systems.split(",")]
         if "llama.cpp" in args.systems and not os.access(args.llama_server, os.X_OK):
             sys.exit(f"error: no llama-server at {args.llama_server} (run benchmarks/setup_peers.sh, or pass "

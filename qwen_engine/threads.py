@@ -19,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ class PassingThreads(Executor):
         self._lock = threading.Lock()
         self._threads, self._max_workers, self._name = 0, max_workers, name
 
-    def submit(self, fn, /, *args, **kwargs) -> Future:
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future = Future()
         self._work.put((future, fn, args, kwargs))
         with self._lock:  # a drainer that found the queue empty has left under this lock: start one if needed
@@ -73,7 +73,7 @@ def _run(future: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
 _PREPARE = PassingThreads()
 
 
-async def prepare(fn: Callable[..., T], /, *args, **kwargs) -> T:
+async def prepare(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """asyncio.to_thread, on threads that end when idle (asyncio's default executor must be a thread pool)."""
     call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(_PREPARE, call)
