@@ -162,7 +162,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
                 tokens = llm.tokenizer.encode(body.prompt)
             else:  # as a chat request would see them: images and videos count as their tokens
                 encoded = await prepare(llm.encode_chat, body.messages, body.add_generation_prompt,
-                                                  body.tools, **(body.chat_template_kwargs or {}))
+                                        body.tools, **(body.chat_template_kwargs or {}))
                 tokens = list(encoded.token_ids)
         except QwenEngineError as e:
             raise _input_error(e, "messages") from None
@@ -188,8 +188,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
             # Off the event loop: images may be fetched over the network, videos decoded.
             structured = body.structured_output()
             chat = await prepare(llm.prepare_chat, body.messages, body.tools, body.tool_choice,
-                                           body.response_format, structured_output=structured,
-                                           **(body.chat_template_kwargs or {}))
+                                 body.response_format, structured_output=structured,
+                                 **(body.chat_template_kwargs or {}))
             params = [llm._resolve(body.to_sampling_params(i)) for i in range(body.n)]
             guide_list = [chat.make_guide() for _ in range(body.n)]
         except QwenEngineError as e:
