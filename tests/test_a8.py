@@ -109,6 +109,47 @@ def test_only_the_activations_are_rounded(case, M):
     assert torch.equal(layer.weight_float(), w)
 
 
+def test_nibble_packing_round_trip():
+    """pack_nibbles16 keeps every code: 4 bits and a plane for the fifth, rows padded to a unit of 16."""
+    g = torch.Generator().manual_seed(5)
+    for planes, group, K in ((0, 32, 256), (1, 32, 512), (1, 16, 128)):
+        codes = torch.randint(0, 16 << planes, (37, K), generator=g, dtype=torch.uint8)
+        packed = a8.pack_nibbles16(codes, group, planes, zero=8)
+        assert packed.numel() == 48 * K * (4 + planes) // 8
+        assert torch.equal(a8.unpack_nibbles16(packed, 37, K, group, planes), codes)
+
+
+NIBBLE_SHAPES = {Q.Q4_0: 896, Q.Q5_0: 896, Q.Q4_K: 512, Q.Q5_K: 256}  # 896: inputs padded to 960
+
+
+@pytest.mark.parametrize("qtype", list(a8.NIBBLES), ids=lambda t: t.name)
+@pytest.mark.parametrize("M", [1, 3, 6, 8, 17])
+def test_nibble_units_equal_byte_units(qtype, M):
+    """With AVX-512 a single 4-5-bit type is kept in nibble units; its products are the byte units' bit for bit,
+    from one row (nibble tiles of 1-4 rows, then 5-8 rows a unit wide) to many (units expanded to bytes once, then
+    the byte tiles)."""
+    if a8.layout() != "units16":
+        pytest.skip("nibble units are AVX-512 VNNI's")
+    K = NIBBLE_SHAPES[qtype]
+    raw = torch.from_numpy(blocks_of(qtype, 37, K, seed=3))
+    bias = torch.randn(37)
+    layer = a8.A8Linear([(raw, qtype)], K, bias)
+    assert layer.layout == "nibbles16" and (layer.planes, layer.zero) == a8.NIBBLES[qtype]
+    assert layer.packed.numel() == 48 * layer.padded * (4 + layer.planes) // 8
+    u8, _, _ = a8.int8_form(raw, qtype, K, layer.group)
+    assert torch.equal(layer.weight_rows()[:, :K], u8)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    as_bytes = kernels.native().int8_linear_units(x, w8a8.pack_units16(layer.weight_rows()), 37, layer.weight_scales,
+                                                  bias, layer.group, None, layer.weight_offsets)
+    assert torch.equal(layer(x), as_bytes)
+
+
+def test_mixed_types_stay_in_byte_units():
+    types, K = SEGMENTS["q5_0+q8_0"]
+    layer = a8.A8Linear([(torch.from_numpy(blocks_of(t, 19, K, seed=i)), t) for i, t in enumerate(types)], K)
+    assert layer.planes == -1 and layer.layout in ("units", "units16", "rows")
+
+
 def test_pytorch_fallback_gives_the_kernel_numbers(monkeypatch):
     """Without the native kernels the layer keeps its rows unpacked and runs w8a8.reference_linear."""
     types, K = SEGMENTS["q4_k+q6_k"]
@@ -133,6 +174,9 @@ def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
     lossy = LLM(demo_gguf, progress=False, quantization="a8")
     made = [m for m in lossy.model.modules() if isinstance(m, a8.A8Linear)]
     assert len(made) == 4 * lossy.config.num_layers + 1  # q/k/v, o, gate/up, down per layer, and the LM head
+    if a8.layout() == "units16":  # Q5_0 (o, gate/up, half the q/k/v), Q4_K (half the down) in nibble units
+        nibbles = sum(m.layout == "nibbles16" for m in made)
+        assert nibbles == 2 * lossy.config.num_layers + 12 + 12, nibbles
     ids, _, kl, agreement = distance_on_demo_text(demo_llm, lossy)
     print(f"a8 on the demo: mean KL {kl.mean():.5f}, max {kl.max():.4f}, greedy agreement {agreement:.3f}")
     # measured 0.00011 nats here, 100 % agreement; compare.py --quality's corpus: docs/benchmarks.md
@@ -146,6 +190,7 @@ def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
     monkeypatch.setattr(a8, "int8_form", None)
     mapped = LLM(demo_gguf, progress=False, quantization="a8")
     assert torch.equal(mapped.logits(ids[:64]), lossy.logits(ids[:64]))
+    assert [m.layout for m in mapped.model.modules() if isinstance(m, a8.A8Linear)] == [m.layout for m in made]
     del mapped
     kept.unlink()
 

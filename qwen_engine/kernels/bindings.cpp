@@ -73,9 +73,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the layout of int8 weights in units of rows here: units (8 rows, AVX2) or units16 (AVX-512 VNNI), "
         "models/w8a8.py");
   m.def("int8_linear_units", &int8_linear_units,
-        "x @ W^T (+ bias), W int8 in units of 8 or 16 rows, x (times factors, if given) quantised to int8 per group",
+        "x @ W^T (+ bias), W int8 in units of 8 or 16 rows (or, planes >= 0, a8's nibble units of codes around zero), "
+        "x (times factors, if given) quantised to int8 per group",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
-        py::arg("factors") = py::none(), py::arg("offsets") = py::none());
+        py::arg("factors") = py::none(), py::arg("offsets") = py::none(), py::arg("planes") = -1,
+        py::arg("zero") = 128);
   m.def("int8_quantize_weight", &int8_quantize_weight, "weight rows as int8 + 128 with one scale per group of each row",
         py::arg("w"), py::arg("group"));
   m.def("int8_quantize", &int8_quantize, "x (times factors, if given) as int8 in groups along each row: (q, scales, "

@@ -80,7 +80,7 @@ at::Tensor DecodeStep::Linear::operator()(const at::Tensor& x, int64_t gemv_max_
   if (group > 0)
     return int8_amx ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
                     : int8_linear_units(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors,
-                                        int8_offsets);
+                                        int8_offsets, int8_planes, int8_zero);
 #endif
   TORCH_CHECK(group == 0, "this build has no int8 kernels");
   return linear(x, blocks, qtypes, bias, gemv_max_rows);
@@ -107,7 +107,8 @@ void DecodeStep::add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::opt
 
 void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
                           c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows,
-                          c10::optional<at::Tensor> factors, c10::optional<at::Tensor> offsets, bool amx) {
+                          c10::optional<at::Tensor> factors, c10::optional<at::Tensor> offsets, bool amx,
+                          int64_t planes, int64_t zero) {
   TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
   Layer& l = layers_[li];
   Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
@@ -115,7 +116,7 @@ void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weigh
   TORCH_CHECK(p != nullptr, "no projection ", which);
   TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
   TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
-  *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx};
+  *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx, planes, zero};
 }
 
 void DecodeStep::set_moe(int64_t li, std::vector<at::Tensor> router, std::vector<int64_t> router_types,

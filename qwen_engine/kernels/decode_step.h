@@ -24,7 +24,7 @@ class DecodeStep {
   // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
   void set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
                 c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows, c10::optional<at::Tensor> factors,
-                c10::optional<at::Tensor> offsets, bool amx);
+                c10::optional<at::Tensor> offsets, bool amx, int64_t planes, int64_t zero);
 
   // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given
   // as its gate_up and down weight segments; `shared_*` is empty without a shared expert.
@@ -70,11 +70,13 @@ class DecodeStep {
     // The w8a8 mode (int8_matmul.cpp): packed_rows int8 rows (+ 128), packed in the layout models/w8a8.py chose
     // for this CPU (AMX tiles where they run, else units of 8 or 16 rows), their scales, x (times the layer's
     // smoothing factors, if any) quantised in groups of `group`. The a8 mode (models/a8.py) packs in units of rows
-    // even where AMX runs (its groups of 16-32 values are below a tile's 64), and K-quant weights add offsets.
+    // even where AMX runs (its groups of 16-32 values are below a tile's 64), K-quant weights add offsets, and
+    // with AVX-512 a weight of 4- or 5-bit quants is kept in nibble units (planes >= 0, codes around `zero`).
     at::Tensor int8_weight, int8_scales;
     int64_t group = 0, packed_rows = 0;
     c10::optional<at::Tensor> int8_factors, int8_offsets;
     bool int8_amx = false;
+    int64_t int8_planes = -1, int8_zero = 128;
     at::Tensor operator()(const at::Tensor& x, int64_t gemv_max_rows) const;
   };
 

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include "amx_linear.h"
 #include "kernels.h"
@@ -38,6 +39,19 @@ constexpr int64_t PREFETCH = QE_INT8 == 512 ? 16384 : 4096;
 // spread the next units' fetch over their groups.
 inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t groups) {
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
+}
+
+// The weight scales (and offsets) of NR units a few groups ahead, by the tile that streams the units alone (one
+// tile of rows: decode): a group's lie a row of N floats after the previous group's, a page or more away for the
+// wider products, where the hardware prefetchers do not follow.
+constexpr int64_t SCALES_AHEAD = 4;
+template <int NR>
+inline void prefetch_scales(const float* sw, const float* so, int64_t g, int64_t groups, int64_t ldy) {
+  if (g + SCALES_AHEAD >= groups) return;
+  for (int j = 0; j < NR; ++j) {
+    _mm_prefetch(reinterpret_cast<const char*>(sw + (g + SCALES_AHEAD) * ldy + 16 * j), _MM_HINT_T0);
+    if (so) _mm_prefetch(reinterpret_cast<const char*>(so + (g + SCALES_AHEAD) * ldy + 16 * j), _MM_HINT_T0);
+  }
 }
 
 // A group of a row of x as quantised, summed and scaled back: sx * sum(q), the sum read off the lane start
@@ -101,44 +115,119 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
   return scale;
 }
 
+// The a8 mode's nibble units (models/a8.py: pack_nibbles16): GGUF quants of 4 or 5 bits kept at 4 bits plus 0 or 1
+// bit plane instead of a byte each, so a decode step streams 0.75 bytes a weight where the byte units stream
+// 1.125 (Q5_0 with its scales): the products of one row of x are bound by memory (~23-25 GB/s on the Zen 4 host),
+// and gate/up's went from 0.33 to 0.25-0.27 ms. A unit of 16 rows holds, group by group, G / 8 vectors of 64
+// bytes, each two of the byte layout's 4-value steps (step 2v in the low nibbles, 2v + 1 in the high), then P
+// planes of G / 4 masks of 64 bits (plane p's bit i: bit 4 + p of byte i of that step's code). A code c is the
+// quant as the GGUF stores it (0..15 or 0..31), the weight scale * (c - zero) (+ offset for the K-quants with
+// minima); each lane starts at -zero * sum(q) = zero / 8 times the lane start. The integers equal the byte
+// units' exactly.
+
+// Steps 2v and 2v + 1 of a nibble unit's group at w, as codes (the byte units' two 64-byte vectors).
+template <int P>
+inline void nibble_pair(const uint8_t* w, int64_t G, int64_t v, __m512i& lo, __m512i& hi) {
+  const __m512i low = _mm512_set1_epi8(0x0F), both = _mm512_loadu_si512(w + 64 * v);
+  lo = _mm512_and_si512(both, low);
+  hi = _mm512_and_si512(_mm512_srli_epi16(both, 4), low);
+  for (int p = 0; p < P; ++p) {
+    uint64_t bits[2];
+    std::memcpy(bits, w + 8 * G + p * 2 * G + 16 * v, 16);  // plane p: G / 4 masks of 8 bytes
+    const __m512i bit = _mm512_set1_epi8(static_cast<char>(16 << p));
+    lo = _mm512_mask_add_epi8(lo, _cvtu64_mask64(bits[0]), lo, bit);
+    hi = _mm512_mask_add_epi8(hi, _cvtu64_mask64(bits[1]), hi, bit);
+  }
+}
+
+// A nibble unit → its codes as a byte unit (units_tile's order, dst 16 * K bytes). Over many rows of x each tile
+// of rows would unpack the unit again: at 8 rows the nibble tiles ran at 0.91x the byte units' speed (Q5_0), so
+// there the units are expanded once, into L2, and the byte tiles take them (then 0.97-1.07x from 8 to 128 rows).
+template <int P>
+void expand_nibbles(const uint8_t* wu, int64_t K, int64_t G, uint8_t* dst) {
+  const int64_t group_bytes = G * (8 + 2 * P);
+  for (int64_t g = 0; g < K / G; ++g)
+    for (int64_t v = 0; v < G / 8; ++v) {
+      __m512i lo, hi;
+      nibble_pair<P>(wu + g * group_bytes, G, v, lo, hi);
+      uint8_t* step = dst + (g * G / 4 + 2 * v) * 64;
+      _mm512_storeu_si512(step, lo);
+      _mm512_storeu_si512(step + 64, hi);
+    }
+}
+constexpr void (*EXPAND_NIBBLES[2])(const uint8_t*, int64_t, int64_t, uint8_t*) = {expand_nibbles<0>,
+                                                                                  expand_nibbles<1>};
+
+template <int P, int MR, int NR>
+inline void nibble_products(const uint8_t* wu, const int8_t* q, int64_t K, int64_t G, int64_t g, bool ahead,
+                            __m512i (&dot)[MR][NR]) {
+  const int64_t unit_bytes = K * (8 + 2 * P), group_bytes = G * (8 + 2 * P);
+  for (int64_t v = 0; v < G / 8; ++v) {
+    const int64_t k = g * G + 8 * v;
+    for (int j = 0; j < NR; ++j) {
+      const uint8_t* w = wu + j * unit_bytes + g * group_bytes;
+      if (ahead) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + 64 * v + PREFETCH), _MM_HINT_T1);
+        if (v == 0)
+          for (int64_t l = 0; l < P * 2 * G; l += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(w + 8 * G + l + PREFETCH), _MM_HINT_T1);
+      }
+      __m512i lo, hi;
+      nibble_pair<P>(w, G, v, lo, hi);
+      for (int i = 0; i < MR; ++i) {
+        int32_t x0, x1;
+        std::memcpy(&x0, q + i * K + k, 4);
+        std::memcpy(&x1, q + i * K + k + 4, 4);
+        dot[i][j] = dpbusd(dpbusd(dot[i][j], lo, _mm512_set1_epi32(x0)), hi, _mm512_set1_epi32(x1));
+      }
+    }
+  }
+}
 // The units layout on AVX-512 VNNI (models/w8a8.py: pack_units16): units of 16 rows, each [K / 4][row][k % 4] as
 // unsigned bytes u = w + 128, so a 64-byte load is 4 values of 16 rows, multiplied against 4 bytes of a row of x
 // broadcast; each lane of an accumulator is one output, no sums across lanes. A group's integers are scaled with
 // one convert, multiply and FMA per 16 outputs. (The previous layout, units of 8 rows [K / 8][row][k % 8], spent
 // a lane pair on each output and so twice the scaling per group: at G = 128 that was ~25 % of its time, 298 G
 // multiply-adds/s on two Zen 4 cores against 391 at G = 512.)
-// The weights' +128 adds 128 * sum(q) to each group's sum; each lane starts at -128 * sum(q) = 16x the lane start.
+// The weights' +128 adds 128 * sum(q) to each group's sum; each lane starts at -128 * sum(q) = 16x the lane start
+// (zero8 = 16; the a8 mode's nibble units, expanded to bytes of their codes, pass their own zero / 8).
 // y[i, 0..cols) = (products of row i of q with the NR units at wu) + bias, for MR rows of q; sw: the units'
 // weight scales of group 0, each next group's ldy (= N) further on; `ahead`: prefetch each unit's stream
 // PREFETCH bytes ahead; `fetch_lines` lines from `fetch` (the next units) are prefetched a few at each group.
-template <int MR, int NR>
+// P >= 0: the a8 mode's nibble units with P bit planes instead (nibble_pair below: the same integers).
+template <int P, int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
                 int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias, int cols,
-                bool ahead, const char* fetch, int64_t fetch_lines) {
+                int zero8, bool ahead, const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     prefetch_share(fetch, fetch_lines, g, groups);
+    if (ahead) prefetch_scales<NR>(sw, so, g, groups, ldy);
     __m512i dot[MR][NR];
     for (int i = 0; i < MR; ++i) {
-      const __m512i start = _mm512_set1_epi32(16 * starts[i * groups + g]);
+      const __m512i start = _mm512_set1_epi32(zero8 * starts[i * groups + g]);
       for (int j = 0; j < NR; ++j) dot[i][j] = start;
     }
-    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
-      __m512i wv[NR];
-      for (int j = 0; j < NR; ++j) {
-        const uint8_t* w = wu + j * 16 * K + k * 16;
-        if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
-        wv[j] = _mm512_loadu_si512(w);
+    if constexpr (P < 0) {
+      for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+        __m512i wv[NR];
+        for (int j = 0; j < NR; ++j) {
+          const uint8_t* w = wu + j * 16 * K + k * 16;
+          if (ahead) _mm_prefetch(reinterpret_cast<const char*>(w + PREFETCH), _MM_HINT_T1);
+          wv[j] = _mm512_loadu_si512(w);
+        }
+        for (int i = 0; i < MR; ++i) {
+          int32_t xs;
+          std::memcpy(&xs, q + i * K + k, 4);
+          const __m512i xb = _mm512_set1_epi32(xs);
+          for (int j = 0; j < NR; ++j) dot[i][j] = dpbusd(dot[i][j], wv[j], xb);
+        }
       }
-      for (int i = 0; i < MR; ++i) {
-        int32_t xs;
-        std::memcpy(&xs, q + i * K + k, 4);
-        const __m512i xb = _mm512_set1_epi32(xs);
-        for (int j = 0; j < NR; ++j) dot[i][j] = dpbusd(dot[i][j], wv[j], xb);
-      }
+    } else {
+      nibble_products<P, MR, NR>(wu, q, K, G, g, ahead, dot);
     }
     __m512 swv[NR];
     for (int j = 0; j < NR; ++j) swv[j] = unit_scales16(sw + g * ldy + 16 * j, cols - 16 * j);
@@ -159,6 +248,7 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
     for (int j = 0; j < NR; ++j)
       store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j);
 }
+
 #else
 constexpr int64_t UNIT_ROWS = 8;
 
@@ -254,7 +344,7 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
 template <int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t* starts, const float* sx,
                 int64_t K, int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias,
-                int cols, bool ahead, const char* fetch, int64_t fetch_lines) {
+                int cols, int, bool ahead, const char* fetch, int64_t fetch_lines) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR][NR];
@@ -309,18 +399,33 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int3
 // 16 and 32 streams within the host's noise. (Whole slices at the start of each tile were slower: 56 / 50 ms.)
 constexpr int64_t SPREAD_TILES = 2;
 
-// units_tile(wu, q, |q| (AVX2), starts, sx, K, G, y, ldy, sw, offsets, bias, cols, ahead, fetch, fetch_lines)
+// units_tile(wu, q, |q| (AVX2), starts, sx, K, G, y, ldy, sw, offsets, bias, cols, zero8, ahead, fetch, fetch_lines)
 using UnitsFn = void (*)(const uint8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
-                        float*, int64_t, const float*, const float*, const float*, int, bool, const char*, int64_t);
+                        float*, int64_t, const float*, const float*, const float*, int, int, bool, const char*,
+                        int64_t);
 #if QE_INT8 == 512
 // 12 integer and 12 float accumulators, 3 weight vectors and x: 28 of the 32 registers
 constexpr int UMR = 4, UNR = 3;
 constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
-    {units_tile<1, 1>, units_tile<1, 2>, units_tile<1, 3>},
-    {units_tile<2, 1>, units_tile<2, 2>, units_tile<2, 3>},
-    {units_tile<3, 1>, units_tile<3, 2>, units_tile<3, 3>},
-    {units_tile<4, 1>, units_tile<4, 2>, units_tile<4, 3>},
+    {units_tile<-1, 1, 1>, units_tile<-1, 1, 2>, units_tile<-1, 1, 3>},
+    {units_tile<-1, 2, 1>, units_tile<-1, 2, 2>, units_tile<-1, 2, 3>},
+    {units_tile<-1, 3, 1>, units_tile<-1, 3, 2>, units_tile<-1, 3, 3>},
+    {units_tile<-1, 4, 1>, units_tile<-1, 4, 2>, units_tile<-1, 4, 3>},
 };
+
+// The nibble units' tiles: the same sizes, per count of bit planes
+#define QE_NIBBLE_ROW(P, MR) {units_tile<P, MR, 1>, units_tile<P, MR, 2>, units_tile<P, MR, 3>}
+#define QE_NIBBLE_PLANES(P) \
+  {QE_NIBBLE_ROW(P, 1), QE_NIBBLE_ROW(P, 2), QE_NIBBLE_ROW(P, 3), QE_NIBBLE_ROW(P, 4)}
+constexpr UnitsFn NIBBLE_TILES[2][UMR][UNR] = {QE_NIBBLE_PLANES(0), QE_NIBBLE_PLANES(1)};
+#undef QE_NIBBLE_PLANES
+// 5-8 rows of x (a few sequences decoding together) in one tile a unit wide: 8 integer and 8 float accumulators.
+// Two tiles of 4 would unpack each unit twice, and expanding it first cost 13 % of the step at 8 streams.
+constexpr int WIDE_ROWS = 8;
+#define QE_WIDE_NIBBLES(P) {units_tile<P, 5, 1>, units_tile<P, 6, 1>, units_tile<P, 7, 1>, units_tile<P, 8, 1>}
+constexpr UnitsFn WIDE_NIBBLE_TILES[2][WIDE_ROWS - UMR] = {QE_WIDE_NIBBLES(0), QE_WIDE_NIBBLES(1)};
+#undef QE_WIDE_NIBBLES
+#undef QE_NIBBLE_ROW
 #else
 // 6 integer accumulators, 3 weight vectors, x and |x| broadcast: 12 of the 16 registers (the float sums spill)
 constexpr int UMR = 2, UNR = 3;
@@ -434,16 +539,25 @@ std::vector<at::Tensor> int8_quantize(const at::Tensor& x, int64_t group,
 // y = x @ W^T (+ bias) with the weight in the units layout (units_tile above): `packed` holds N / UNIT_ROWS units
 // (rounded up) of UNIT_ROWS rows, int8 + 128, scaled per group by weight_scales [K / group, N]; x is quantised to
 // int8 in groups of `group`. x may lack the weight's padding columns (K, a multiple of 64, is the packed weight's).
+// With planes >= 0 (AVX-512 only) the units are nibble units (nibble_pair above) of codes whose weight 0 is `zero`.
 at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                              const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias,
                              int64_t group, const c10::optional<at::Tensor>& factors,
-                             const c10::optional<at::Tensor>& offsets) {
+                             const c10::optional<at::Tensor>& offsets, int64_t planes, int64_t zero) {
 #if QE_INT8
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   constexpr int64_t R = UNIT_ROWS;
-  const int64_t units = (N + R - 1) / R, K = packed.numel() / std::max<int64_t>(1, units * R);
-  TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && K % 64 == 0 && packed.numel() == units * R * K,
-              "packed weight must be contiguous uint8 of ", units * R, " rows of a multiple of 64 bytes");
+  TORCH_CHECK(planes >= -1 && planes <= 1, "nibble units have 0 or 1 bit plane (-1: a byte a weight)");
+  TORCH_CHECK(planes < 0 || QE_INT8 == 512, "nibble units need AVX-512 VNNI");
+  TORCH_CHECK(planes < 0 ? zero == 128 : (zero >= 0 && zero % 8 == 0 && zero < (16 << planes)),
+              "zero must be 128 for bytes, a multiple of 8 within the codes for nibbles");
+  TORCH_CHECK(planes < 0 || group % 8 == 0, "nibble units take groups of a multiple of 8 values");
+  // bytes of a unit's weight row, eighths: 8 (bytes) or 4 + planes (nibbles and bit planes)
+  const int64_t eighths = planes < 0 ? 8 : 4 + planes;
+  const int64_t units = (N + R - 1) / R, K = packed.numel() * 8 / std::max<int64_t>(1, units * R * eighths);
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.is_contiguous() && K % 64 == 0 &&
+                  packed.numel() * 8 == units * R * K * eighths,
+              "packed weight must be contiguous uint8 of ", units * R, " rows of a multiple of 64 weights");
   const float* bias_ptr = checked_bias(weight_scales, bias, N, K, group);
   TORCH_CHECK(!offsets.has_value() || (offsets->dtype() == at::kFloat && offsets->is_contiguous() &&
                                        offsets->sizes() == weight_scales.sizes()),
@@ -469,20 +583,64 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), units);
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       const int64_t begin = units * p0 / parts, end = units * p1 / parts, tiles = (m1 - m0 + UMR - 1) / UMR;
+#if QE_INT8 == 512
+      if (planes >= 0 && m1 - m0 > UMR && m1 - m0 <= WIDE_ROWS) {
+        const int64_t unit_bytes = R * K * eighths / 8;
+        for (int64_t u = begin; u < end; ++u)
+          WIDE_NIBBLE_TILES[planes][m1 - m0 - UMR - 1](
+              w + u * unit_bytes, q + m0 * K, a + m0 * K, starts + m0 * groups, sx + m0 * groups, K, group,
+              yp + m0 * N + u * R, N, sw + u * R, so ? so + u * R : nullptr, bias_ptr ? bias_ptr + u * R : nullptr,
+              static_cast<int>(std::min<int64_t>(R, N - u * R)), static_cast<int>(zero / 8), true, nullptr, 0);
+        return;
+      }
+#endif
+      // nibble units over several tiles of rows: expanded to byte units once (expand_nibbles), into a buffer
+      // each pool thread keeps (a fresh one of down's 233 KB was mapped, faulted in and zeroed at every call)
+      uint8_t* expanded = nullptr;
+#if QE_INT8 == 512
+      thread_local std::unique_ptr<uint8_t[]> buffer;
+      thread_local int64_t buffer_size = 0;
+      if (planes >= 0 && tiles > 1) {
+        if (buffer_size < UNR * R * K) buffer.reset(new uint8_t[buffer_size = UNR * R * K]);
+        expanded = buffer.get();
+      }
+#endif
       for (int64_t u = begin; u < end; u += UNR) {
         const int nr = static_cast<int>(std::min<int64_t>(UNR, end - u));
+#if QE_INT8 == 512
+        if (expanded)
+          for (int j = 0; j < nr; ++j)
+            EXPAND_NIBBLES[planes](w + (u + j) * R * K * eighths / 8, K, group, expanded + j * R * K);
+#endif
         // The weights stream from memory: while the tiles of rows work on these units, they fetch the next ones.
-        const char* next = reinterpret_cast<const char*>(w + (u + UNR) * R * K);
-        const int64_t next_lines = u + UNR < end ? std::min<int64_t>(UNR, end - u - UNR) * R * K / 64 : 0;
+        const int64_t unit_bytes = R * K * eighths / 8;
+        const char* next = reinterpret_cast<const char*>(w + (u + UNR) * unit_bytes);
+        const int64_t next_lines = u + UNR < end ? std::min<int64_t>(UNR, end - u - UNR) * unit_bytes / 64 : 0;
         for (int64_t m = m0, t = 0; m < m1; m += UMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(UMR, m1 - m));
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
-          UNIT_TILES[mr - 1][nr - 1](w + u * R * K, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K,
-                                     group, yp + m * N + u * R, N, sw + u * R, so ? so + u * R : nullptr,
-                                     bias_ptr ? bias_ptr + u * R : nullptr,
-                                     static_cast<int>(std::min<int64_t>(R * nr, N - u * R)), t == 0 && !spread,
-                                     next + l0 * 64, l1 - l0);
+          const int cols = static_cast<int>(std::min<int64_t>(R * nr, N - u * R));
+          const float* unit_offsets = so ? so + u * R : nullptr;
+          const float* unit_bias = bias_ptr ? bias_ptr + u * R : nullptr;
+#if QE_INT8 == 512
+          if (expanded) {
+            UNIT_TILES[mr - 1][nr - 1](expanded, q + m * K, a + m * K, starts + m * groups, sx + m * groups,
+                                       K, group, yp + m * N + u * R, N, sw + u * R, unit_offsets, unit_bias, cols,
+                                       static_cast<int>(zero / 8), false, next + l0 * 64, l1 - l0);
+            continue;
+          }
+          if (planes >= 0) {
+            NIBBLE_TILES[planes][mr - 1][nr - 1](w + u * unit_bytes, q + m * K, a + m * K, starts + m * groups,
+                                                 sx + m * groups, K, group, yp + m * N + u * R, N, sw + u * R,
+                                                 unit_offsets, unit_bias, cols, static_cast<int>(zero / 8),
+                                                 t == 0 && !spread, next + l0 * 64, l1 - l0);
+            continue;
+          }
+#endif
+          UNIT_TILES[mr - 1][nr - 1](w + u * unit_bytes, q + m * K, a + m * K, starts + m * groups, sx + m * groups,
+                                     K, group, yp + m * N + u * R, N, sw + u * R, unit_offsets, unit_bias, cols, 16,
+                                     t == 0 && !spread, next + l0 * 64, l1 - l0);
         }
       }
     });
@@ -490,6 +648,7 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
   return y;
 #else
   (void)x, (void)packed, (void)N, (void)weight_scales, (void)bias, (void)group, (void)factors, (void)offsets;
+  (void)planes, (void)zero;
   TORCH_CHECK(false, "this build has no int8 kernels");
 #endif
 }

@@ -61,7 +61,8 @@ at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_
                            const c10::optional<at::Tensor>& factors);
 at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int64_t N,
                              const at::Tensor& weight_scales, const c10::optional<at::Tensor>& bias, int64_t group,
-                             const c10::optional<at::Tensor>& factors, const c10::optional<at::Tensor>& offsets);
+                             const c10::optional<at::Tensor>& factors, const c10::optional<at::Tensor>& offsets,
+                             int64_t planes, int64_t zero);
 std::vector<at::Tensor> int8_quantize_weight(const at::Tensor& w, int64_t group);
 std::vector<at::Tensor> int8_quantize(const at::Tensor& x, int64_t group, const c10::optional<at::Tensor>& factors);
 

@@ -14,6 +14,11 @@ same and changes nothing else:
   per 32 for Q5_0/Q8_0 and per 256 for the K-quants, so it rounds more coarsely);
 - the group dot products are exact integers (the w8a8 mode's kernels, kernels/int8_matmul.cpp, with offsets
   added as offset × the group's sum of x); only the scaling is float.
+- with AVX-512 VNNI, a weight of one 4- or 5-bit type (Q4_0, Q5_0, Q4_K, Q5_K) is kept in nibble units rather
+  than a byte a value: the GGUF's own codes as 4 bits plus a bit plane for the fifth (`pack_nibbles16`). One row
+  of x (a decode step) is bound by the bytes it streams: Q5_0, the demo model's q/k/v, o and gate/up, takes 0.75
+  bytes a value with its scales instead of 1.125. The integers are the same, so are the outputs. (Q6_K's two
+  planes gained 1.1x at one row and lost 8 % at 16-32: it stays in bytes.)
 
 So its only loss is the activations' rounding. `benchmarks/compare.py` prints its mean KL divergence from the
 float32 model beside llama.cpp's. A product with a block type outside `GROUPS` (F16, BF16, other quants) stays on
@@ -40,6 +45,9 @@ MODE = "a8"
 # The group each block type's scales change at (values along a row).
 GROUPS = {Q.Q4_0: 32, Q.Q5_0: 32, Q.Q8_0: 32, Q.Q4_K: 32, Q.Q5_K: 32, Q.Q6_K: 16}
 ROWS_AT_ONCE = 4096  # weight rows re-encoded at a time
+# Types kept in nibble units with AVX-512: (bit planes above the nibble, the code of weight 0 — the GGUF's own
+# quants are scale * (code - zero), plus an offset for the K-quants with minima)
+NIBBLES = {Q.Q4_0: (0, 8), Q.Q5_0: (1, 16), Q.Q4_K: (0, 0), Q.Q5_K: (1, 0)}
 
 
 def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
@@ -118,7 +126,50 @@ def int8_form(blocks: torch.Tensor, qtype: Q, in_features: int,
 
 def store_path(source: Path) -> Path | None:
     """Where the a8 layers of the GGUF at `source` are kept (weights/w8a8_store.py), or None if turned off."""
-    return w8a8_store.store_path(source, layout(), mode=MODE)
+    kind = layout() + ("-nibbles" if layout() == "units16" else "")  # (stores of byte units only are made again)
+    return w8a8_store.store_path(source, kind, mode=MODE)
+
+
+def _steps(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """uint8 [units · 16, K] → [units, groups, group / 4 steps, 64]: a step is 4 values of each of a unit's 16 rows,
+    byte 4 · row + k % 4 (the byte units' order, w8a8.pack_units16)."""
+    K = codes.shape[1]
+    steps = codes.view(-1, 16, K // 4, 4).permute(0, 2, 1, 3)
+    return steps.reshape(-1, K // group, group // 4, 64)
+
+
+def pack_nibbles16(codes: torch.Tensor, group: int, planes: int, zero: int) -> torch.Tensor:
+    """Codes uint8 [N, K] (each below 16 << planes) → nibble units (kernels/int8_matmul.cpp: nibble_pair, units_tile): per
+    unit of 16 rows (the last padded with `zero`) and group, the low nibbles of its steps two by two (step 2v low,
+    2v + 1 high) as 64-byte vectors, then `planes` bit planes (bit 4 + p of each step's 64 bytes as 8 bytes)."""
+    pad = -codes.shape[0] % 16
+    if pad:
+        codes = torch.cat([codes, torch.full((pad, codes.shape[1]), zero, dtype=torch.uint8)])
+    steps = _steps(codes, group)
+    pairs = steps.view(*steps.shape[:2], group // 8, 2, 64)
+    nibbles = (pairs[..., 0, :] & 0x0F) | ((pairs[..., 1, :] & 0x0F) << 4)
+    parts = [nibbles.flatten(2)]
+    weights = 1 << torch.arange(8, dtype=torch.uint8)
+    for p in range(planes):
+        bits = ((steps >> (4 + p)) & 1).view(*steps.shape[:3], 8, 8)
+        parts.append((bits * weights).sum(-1, dtype=torch.uint8).flatten(2))
+    return torch.cat(parts, -1).reshape(-1)
+
+
+def unpack_nibbles16(packed: torch.Tensor, N: int, K: int, group: int, planes: int) -> torch.Tensor:
+    """The codes uint8 [N, K] of pack_nibbles16's units."""
+    groups = K // group
+    units = packed.numel() // (K * (8 + 2 * planes))
+    data = packed.view(units, groups, group * (8 + 2 * planes))
+    nibbles = data[..., : 8 * group].reshape(units, groups, group // 8, 64)
+    steps = torch.stack([nibbles & 0x0F, nibbles >> 4], 3).reshape(units, groups, group // 4, 64)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    for p in range(planes):
+        masks = data[..., 8 * group + 2 * group * p : 8 * group + 2 * group * (p + 1)]
+        bits = ((masks.reshape(units, groups, group // 4, 8, 1) >> shifts) & 1).reshape(units, groups, group // 4, 64)
+        steps = steps | (bits << (4 + p))
+    rows = steps.reshape(units, K // 4, 16, 4).permute(0, 2, 1, 3).reshape(units * 16, K)
+    return rows[:N].contiguous()
 
 
 def layout() -> str:
@@ -147,6 +198,10 @@ class A8Linear(w8a8.W8A8Linear):
         self.weight_offsets = torch.zeros(groups, self.out_features) if with_offsets else None
         pad = self.padded - in_features
         packing = layout()
+        kinds = {t for _, t in segments}
+        if packing == "units16" and len(kinds) == 1 and next(iter(kinds)) in NIBBLES:
+            packing = "nibbles16"
+            self.planes, self.zero = NIBBLES[next(iter(kinds))]
 
         def blocks():
             row = 0
@@ -168,9 +223,23 @@ class A8Linear(w8a8.W8A8Linear):
 
         self._pack(packing, blocks())
 
+    def _packed_form(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.layout != "nibbles16":
+            return super()._packed_form(rows)
+        codes = (rows.to(torch.int16) - 128 + self.zero).to(torch.uint8)
+        return pack_nibbles16(codes, self.group, self.planes, self.zero)
+
+    def _unpacked_rows(self) -> torch.Tensor:
+        if self.layout != "nibbles16":
+            return super()._unpacked_rows()
+        codes = unpack_nibbles16(self.packed, self.out_features, self.padded, self.group, self.planes)
+        return (codes.to(torch.int16) - self.zero + 128).to(torch.uint8)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         kept = super().tensors()
         kept["group"] = torch.tensor([float(self.group)])
+        if self.planes >= 0:
+            kept["nibbles"] = torch.tensor([float(self.planes), float(self.zero)])
         if self.weight_offsets is not None:
             kept["offsets"] = self.weight_offsets
         return kept
@@ -185,9 +254,12 @@ def convertible(layers: list[nn.Module]) -> bool:
 
 
 def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> A8Linear:
+    nibbles = tensors.get(f"{name}.nibbles")
+    planes, zero = (-1, 128) if nibbles is None else (int(nibbles[0]), int(nibbles[1]))
     return A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
                            tensors.get(f"{name}.bias"), offsets=tensors.get(f"{name}.offsets"),
-                           group=int(tensors[f"{name}.group"][0]), layout=layout())
+                           group=int(tensors[f"{name}.group"][0]), layout="nibbles16" if planes >= 0 else layout(),
+                           planes=planes, zero=zero)
 
 
 def convert(model: nn.Module, store=None) -> int:

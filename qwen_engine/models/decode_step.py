@@ -90,7 +90,7 @@ def build(model: nn.Module):
                        *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
         for name, p in w8.items():
             step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features, p.input_factors,
-                          p.weight_offsets, p.layout == "amx")
+                          p.weight_offsets, p.layout == "amx", p.planes, p.zero)
         if moe_args is not None:
             step.set_moe(index, *moe_args)
     return step

@@ -74,7 +74,8 @@ def store_kind(calibration: list[list[int]] | None) -> str:
     return f"{weight_layout()}-smooth-{digest}"
 
 
-PACKED_ROWS = {"amx": 32, "units": 8, "units16": 16}  # rows per unit of a packed layout (padded to whole units)
+# rows per unit of a packed layout (padded to whole units); nibbles16 is the a8 mode's (models/a8.py)
+PACKED_ROWS = {"amx": 32, "units": 8, "units16": 16, "nibbles16": 16}
 
 
 def quantize_weight(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +183,9 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 class W8A8Linear(nn.Module):
     """y = x @ W^T + b with W as int8 rows and x quantised to int8, both per group of `group` inputs."""
 
+    # A byte a weight (int8 + 128). The a8 mode keeps 4-6-bit quants in nibble units instead (models/a8.py).
+    planes, zero = -1, 128
+
     def __init__(self, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None):
         """`weight`: float [N, K], or a list of row blocks stacked in order (each is quantised and dropped in
@@ -218,7 +222,8 @@ class W8A8Linear(nn.Module):
         # [groups, N]: a group's scales of adjacent outputs are adjacent, as the kernels read them
         self.weight_scales = torch.empty(self.padded // self.group, self.out_features)
         if unit:
-            self.packed = torch.empty(-(-self.out_features // unit) * unit * self.padded, dtype=torch.uint8)
+            rows = -(-self.out_features // unit) * unit
+            self.packed = torch.empty(rows * self.padded * self.eighths // 8, dtype=torch.uint8)
             self.weight_u8 = None
         else:
             self.packed = None
@@ -234,19 +239,29 @@ class W8A8Linear(nn.Module):
             pending.append(u8)
             if row % unit == 0 or row == self.out_features:
                 block = torch.cat(pending) if len(pending) > 1 else pending[0]
-                start = (row - block.shape[0]) * self.padded
-                packed = PACK[layout][0](block)
+                start = (row - block.shape[0]) * self.padded * self.eighths // 8
+                packed = self._packed_form(block)
                 self.packed[start : start + packed.numel()] = packed
                 pending = []
+
+    @property
+    def eighths(self) -> int:
+        """Eighths of a byte a packed weight takes: 8, or 4 + planes in nibble units."""
+        return 8 if self.planes < 0 else 4 + self.planes
+
+    def _packed_form(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 rows (int8 + 128), a whole number of units (or the last rows), in this layer's packed layout."""
+        return PACK[self.layout][0](rows)
 
     @classmethod
     def stored(cls, in_features: int, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                factors: torch.Tensor | None = None, offsets: torch.Tensor | None = None, group: int | None = None,
-               layout: str | None = None) -> W8A8Linear:
+               layout: str | None = None, planes: int = -1, zero: int = 128) -> W8A8Linear:
         """A layer from the tensors `tensors()` gave (the weight in this CPU's layout), taken as they are. (The a8
-        mode's layers give their group, offsets and layout: models/a8.py.)"""
+        mode's layers give their group, offsets, layout and nibble form: models/a8.py.)"""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
+        layer.planes, layer.zero = planes, zero
         layer.out_features, layer.in_features = int(scales.shape[-1]), in_features
         layer.padded, layer.group = padded_size(in_features), group or group_size(in_features)
         layer.weight_scales, layer.bias, layer.input_factors = scales, bias, factors
@@ -254,7 +269,7 @@ class W8A8Linear(nn.Module):
         layer.layout = layout or weight_layout()
         unit = PACKED_ROWS.get(layer.layout, 0)
         rows = -(-layer.out_features // unit) * unit if unit else layer.out_features
-        if weight.dtype != torch.uint8 or weight.numel() != rows * layer.padded or (
+        if weight.dtype != torch.uint8 or weight.numel() * 8 != rows * layer.padded * layer.eighths or (
                 scales.dtype != torch.float32 or scales.shape != (layer.padded // layer.group, layer.out_features)) or (
                 bias is not None and bias.shape != (layer.out_features,)) or (
                 factors is not None and (factors.dtype != torch.float32 or factors.shape != (in_features,))) or (
@@ -275,8 +290,11 @@ class W8A8Linear(nn.Module):
     def weight_rows(self) -> torch.Tensor:
         """uint8 [N, K]: the int8 weight + 128, row by row."""
         if self.packed is not None:
-            return PACK[self.layout][1](self.packed, self.out_features, self.padded)
+            return self._unpacked_rows()
         return self.weight_u8
+
+    def _unpacked_rows(self) -> torch.Tensor:
+        return PACK[self.layout][1](self.packed, self.out_features, self.padded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -288,7 +306,8 @@ class W8A8Linear(nn.Module):
                                            self.group, self.input_factors)
             else:
                 y = native.int8_linear_units(x2, self.packed, self.out_features, self.weight_scales, self.bias,
-                                             self.group, self.input_factors, self.weight_offsets)
+                                             self.group, self.input_factors, self.weight_offsets, self.planes,
+                                             self.zero)
         else:
             if self.padded != self.in_features:
                 x2 = F.pad(x2, (0, self.padded - self.in_features))
