@@ -15,10 +15,11 @@ same and changes nothing else:
 - the group dot products are exact integers (the w8a8 mode's kernels, kernels/int8_matmul.cpp, with offsets
   added as offset × the group's sum of x); only the scaling is float.
 - with AVX-512 VNNI, a weight of one 4- or 5-bit type (Q4_0, Q5_0, Q4_K, Q5_K) is kept in nibble units rather
-  than a byte a value: the GGUF's own codes as 4 bits plus a bit plane for the fifth (`pack_nibbles16`). One row
-  of x (a decode step) is bound by the bytes it streams: Q5_0, the demo model's q/k/v, o and gate/up, takes 0.75
-  bytes a value with its scales instead of 1.125. The integers are the same, so are the outputs. (Q6_K's two
-  planes gained 1.1x at one row and lost 8 % at 16-32: it stays in bytes.)
+  than a byte a value: the GGUF's own codes as 4 bits plus a bit plane for the fifth (`pack_nibbles16`). A
+  decode step of one sequence leans on the bytes it streams: Q5_0, the demo model's q/k/v, o and gate/up, takes
+  0.75 bytes a value with its scales instead of 1.125, and gate/up ran 1.24x faster (docs/benchmarks.md,
+  thirty-fifth pass). The integers are the same, so are the outputs. (Q6_K's two planes gained 1.0-1.1x at one
+  row and lost 8-25 % at 4-32 rows: it stays in bytes.)
 
 So its only loss is the activations' rounding. `benchmarks/compare.py` prints its mean KL divergence from the
 float32 model beside llama.cpp's. A product with a block type outside `GROUPS` (F16, BF16, other quants) stays on
