@@ -140,9 +140,9 @@ inline void nibble_pair(const uint8_t* w, int64_t G, int64_t v, __m512i& lo, __m
   }
 }
 
-// A nibble unit → its codes as a byte unit (units_tile's order, dst 16 * K bytes). Over many rows of x each tile
-// of rows would unpack the unit again: at 8 rows the nibble tiles ran at 0.91x the byte units' speed (Q5_0), so
-// there the units are expanded once, into L2, and the byte tiles take them (then 0.97-1.07x from 8 to 128 rows).
+// A nibble unit → its codes as a byte unit (units_tile's order, dst 16 * K bytes). Over more than 8 rows of x
+// each tile of rows would unpack the unit again (tiles of 4 over 8 rows ran at 0.91x the byte units' speed, Q5_0),
+// so there the units are expanded once, into L2, and the byte tiles take them (0.97-1.07x from 16 to 128 rows).
 template <int P>
 void expand_nibbles(const uint8_t* wu, int64_t K, int64_t G, uint8_t* dst) {
   const int64_t group_bytes = G * (8 + 2 * P);

@@ -183,7 +183,7 @@ def reference_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
 class W8A8Linear(nn.Module):
     """y = x @ W^T + b with W as int8 rows and x quantised to int8, both per group of `group` inputs."""
 
-    # A byte a weight (int8 + 128). The a8 mode keeps 4-6-bit quants in nibble units instead (models/a8.py).
+    # A byte a weight (int8 + 128). The a8 mode keeps 4- and 5-bit quants in nibble units instead (models/a8.py).
     planes, zero = -1, 128
 
     def __init__(self, weight: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None = None,
