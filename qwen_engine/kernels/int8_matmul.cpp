@@ -117,13 +117,13 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
 
 // The a8 mode's nibble units (models/a8.py: pack_nibbles16): GGUF quants of 4 or 5 bits kept at 4 bits plus 0 or 1
 // bit plane instead of a byte each, so a decode step streams 0.75 bytes a weight where the byte units stream
-// 1.125 (Q5_0 with its scales): the products of one row of x are bound by memory (~23-25 GB/s on the Zen 4 host),
-// and gate/up's went from 0.33 to 0.25-0.27 ms. A unit of 16 rows holds, group by group, G / 8 vectors of 64
-// bytes, each two of the byte layout's 4-value steps (step 2v in the low nibbles, 2v + 1 in the high), then P
-// planes of G / 4 masks of 64 bits (plane p's bit i: bit 4 + p of byte i of that step's code). A code c is the
-// quant as the GGUF stores it (0..15 or 0..31), the weight scale * (c - zero) (+ offset for the K-quants with
-// minima); each lane starts at -zero * sum(q) = zero / 8 times the lane start. The integers equal the byte
-// units' exactly.
+// 1.125 (Q5_0 with its scales); the products of one row of x lean on those bytes: gate/up's took 0.25-0.27 ms
+// instead of 0.31-0.33 streamed alone, and 1.24x less time in a decode step (benchmarks.md, thirty-fifth pass).
+// A unit of 16 rows holds, group by group, G / 8 vectors of 64 bytes, each two of the byte layout's 4-value steps
+// (step 2v in the low nibbles, 2v + 1 in the high), then P planes of G / 4 masks of 64 bits (plane p's bit i:
+// bit 4 + p of byte i of that step's code). A code c is the quant as the GGUF stores it (0..15 or 0..31), the
+// weight scale * (c - zero) (+ offset for the K-quants with minima); each lane starts at -zero * sum(q) = zero / 8
+// times the lane start. The integers equal the byte units' exactly.
 
 // Steps 2v and 2v + 1 of a nibble unit's group at w, as codes (the byte units' two 64-byte vectors).
 template <int P>
@@ -581,11 +581,11 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
     // shared out evenly: blocks of UNR units handed out in chunks left down's 56 units (N = 896) split 30 / 26
     // between two threads, and down ran at 1.6x one thread's speed instead of 2x (thirty-second pass).
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), units);
+    const int64_t unit_bytes = R * K * eighths / 8;
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       const int64_t begin = units * p0 / parts, end = units * p1 / parts, tiles = (m1 - m0 + UMR - 1) / UMR;
 #if QE_INT8 == 512
       if (planes >= 0 && m1 - m0 > UMR && m1 - m0 <= WIDE_ROWS) {
-        const int64_t unit_bytes = R * K * eighths / 8;
         for (int64_t u = begin; u < end; ++u)
           WIDE_NIBBLE_TILES[planes][m1 - m0 - UMR - 1](
               w + u * unit_bytes, q + m0 * K, a + m0 * K, starts + m0 * groups, sx + m0 * groups, K, group,
@@ -610,37 +610,29 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
 #if QE_INT8 == 512
         if (expanded)
           for (int j = 0; j < nr; ++j)
-            EXPAND_NIBBLES[planes](w + (u + j) * R * K * eighths / 8, K, group, expanded + j * R * K);
+            EXPAND_NIBBLES[planes](w + (u + j) * unit_bytes, K, group, expanded + j * R * K);
 #endif
         // The weights stream from memory: while the tiles of rows work on these units, they fetch the next ones.
-        const int64_t unit_bytes = R * K * eighths / 8;
         const char* next = reinterpret_cast<const char*>(w + (u + UNR) * unit_bytes);
         const int64_t next_lines = u + UNR < end ? std::min<int64_t>(UNR, end - u - UNR) * unit_bytes / 64 : 0;
         for (int64_t m = m0, t = 0; m < m1; m += UMR, ++t) {
           const int mr = static_cast<int>(std::min<int64_t>(UMR, m1 - m));
           const bool spread = tiles >= SPREAD_TILES;
           const int64_t l0 = spread ? t * next_lines / tiles : 0, l1 = spread ? (t + 1) * next_lines / tiles : 0;
-          const int cols = static_cast<int>(std::min<int64_t>(R * nr, N - u * R));
-          const float* unit_offsets = so ? so + u * R : nullptr;
-          const float* unit_bias = bias_ptr ? bias_ptr + u * R : nullptr;
+          // byte units (zero 128), nibble units, or nibble units expanded to bytes (already in cache)
+          UnitsFn tile = UNIT_TILES[mr - 1][nr - 1];
+          const uint8_t* weights = w + u * unit_bytes;
+          bool ahead = t == 0 && !spread;
 #if QE_INT8 == 512
-          if (expanded) {
-            UNIT_TILES[mr - 1][nr - 1](expanded, q + m * K, a + m * K, starts + m * groups, sx + m * groups,
-                                       K, group, yp + m * N + u * R, N, sw + u * R, unit_offsets, unit_bias, cols,
-                                       static_cast<int>(zero / 8), false, next + l0 * 64, l1 - l0);
-            continue;
-          }
-          if (planes >= 0) {
-            NIBBLE_TILES[planes][mr - 1][nr - 1](w + u * unit_bytes, q + m * K, a + m * K, starts + m * groups,
-                                                 sx + m * groups, K, group, yp + m * N + u * R, N, sw + u * R,
-                                                 unit_offsets, unit_bias, cols, static_cast<int>(zero / 8),
-                                                 t == 0 && !spread, next + l0 * 64, l1 - l0);
-            continue;
-          }
+          if (expanded)
+            weights = expanded, ahead = false;
+          else if (planes >= 0)
+            tile = NIBBLE_TILES[planes][mr - 1][nr - 1];
 #endif
-          UNIT_TILES[mr - 1][nr - 1](w + u * unit_bytes, q + m * K, a + m * K, starts + m * groups, sx + m * groups,
-                                     K, group, yp + m * N + u * R, N, sw + u * R, unit_offsets, unit_bias, cols, 16,
-                                     t == 0 && !spread, next + l0 * 64, l1 - l0);
+          tile(weights, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K, group, yp + m * N + u * R, N,
+               sw + u * R, so ? so + u * R : nullptr, bias_ptr ? bias_ptr + u * R : nullptr,
+               static_cast<int>(std::min<int64_t>(R * nr, N - u * R)), static_cast<int>(zero / 8), ahead,
+               next + l0 * 64, l1 - l0);
         }
       }
     });
