@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwen_engine.errors import ModelLoadError
-from qwen_engine.text.tokenizer import QwenTokenizer
+from qwen_engine.text.tokenizer import QwenTokenizer, byte_to_unicode
 
 BASE = [
     # English, punctuation, contractions
@@ -310,7 +310,7 @@ def test_token_bytes(qwen3: QwenTokenizer, gguf_tok: QwenTokenizer, hf_qwen3) ->
     assert qwen3.token_bytes(qwen3.token_to_id("<|im_start|>")) == b"<|im_start|>"
     assert qwen3.token_bytes(qwen3.token_to_id("Ġworld")) == b" world"
     assert qwen3.token_bytes(qwen3.token_to_id("Ċ")) == b"\n"
-    assert qwen3.token_bytes(10**7) == b"" and qwen3.token_bytes(-1) == b""
+    assert qwen3.token_bytes(10**7) == b"" and qwen3.token_bytes(-1) == b"" and qwen3.token_bytes(1 << 40) == b""
     assert gguf_tok.token_bytes(151700) == b"[PAD151700]"
     # Every single token that is whole UTF-8 decodes to what transformers gives for it alone.
     rng = random.Random(3)
@@ -436,8 +436,23 @@ def test_tiny_gguf() -> None:
         ({"tokenizer.ggml.tokens": None}, "tokens"),
         ({"tokenizer.ggml.merges": None}, "merges"),
         ({"tokenizer.ggml.token_type": [1, 1]}, "token types"),
+        ({"tokenizer.ggml.merges": ["a b", "ab"]}, "merge 'ab' is not a pair"),
     ],
 )
 def test_unsupported_gguf_raises(changes: dict, message: str) -> None:
     with pytest.raises(ModelLoadError, match=message):
         QwenTokenizer.from_gguf_metadata(_tiny_gguf_meta(**changes))
+
+
+def test_gguf_vocabulary_keeps_first_ids_and_respells_outside_the_byte_alphabet() -> None:
+    """A token written twice keeps its first id; one spelled outside GPT-2's byte alphabet ("€") is respelled byte
+    by byte (the spelling its bytes' merges would reach); a "control" token outside the alphabet is not added."""
+    tokens = ["a", "b", "ab", "<|end|>", "<x>", "[PAD5]", "ab", "€", "€€"]
+    tok = QwenTokenizer.from_gguf_metadata(_tiny_gguf_meta(**{
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1, 1, 1, 3, 4, 5, 1, 1, 3]}))
+    assert tok.encode("ab") == [2]
+    spelling = byte_to_unicode()
+    assert tok._tok.token_to_id("".join(spelling[b] for b in "€".encode())) == 7
+    assert tok.token_bytes(7) == "€".encode()
+    assert tok.special_token_ids == {3}
+    assert tok.max_id() == 8

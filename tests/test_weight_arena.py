@@ -72,13 +72,19 @@ def huge_pages_of(address: int) -> int:
     raise AssertionError("address not mapped")
 
 
-def test_huge_pages_when_asked_and_not_when_refused(monkeypatch):
+def thp_mode() -> str:
+    """This system's transparent huge page mode; skips the test where there are none."""
     try:
         mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     except OSError:
         pytest.skip("no transparent huge pages on this system")
     if "[never]" in mode:
         pytest.skip("transparent huge pages are switched off on this system")
+    return mode
+
+
+def test_huge_pages_when_asked_and_not_when_refused(monkeypatch):
+    mode = thp_mode()
     data = torch.ones(6 << 20, dtype=torch.uint8)
     monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", "0")
     plain = WeightArena(data.numel()).hold(data)
@@ -88,6 +94,22 @@ def test_huge_pages_when_asked_and_not_when_refused(monkeypatch):
         assert huge_pages_of(plain.data_ptr()) == 0
     assert huge_pages_of(huge.data_ptr()) >= 2048  # at least one 2 MiB page of the 6 MiB
     assert torch.equal(huge, data) and torch.equal(plain, data)
+
+
+def test_huge_pages_are_faulted_in_before_the_weights_are_written(monkeypatch):
+    """An arena in huge pages has its pages touched at once (fault_in, from every core): they are there before a
+    byte is written (and hold zeros); without fault_in, none is."""
+    thp_mode()
+    real, touched = arena.fault_in, []
+    monkeypatch.setattr(arena, "fault_in", lambda address, size: (touched.append(size), real(address, size)))
+    held = WeightArena(6 << 20, huge_pages=True).take((6 << 20,))
+    assert touched == [6 << 20]
+    assert huge_pages_of(held.data_ptr()) >= 2048  # at least one 2 MiB page of the 6 MiB
+    assert int(held.count_nonzero()) == 0
+    assert WeightArena(6 << 20, huge_pages=False) and touched == [6 << 20]  # small pages: left to the copies
+    monkeypatch.setattr(arena, "fault_in", lambda address, size: None)
+    untouched = WeightArena(6 << 20, huge_pages=True).take((6 << 20,))
+    assert huge_pages_of(untouched.data_ptr()) == 0
 
 
 def test_huge_pages_by_default_only_where_free_blocks_back_them(monkeypatch):

@@ -9,13 +9,16 @@ in 2 MiB pages). QWEN_ENGINE_HUGE_PAGES=1 advises the mapping for transparent hu
 blocks to back all of it without compacting memory (/proc/buddyinfo): compacting cost ~12 ms a page at load on
 a virtual machine whose memory was fragmented (~2 s for the demo model), while free blocks cost ~0.4 s more
 than small pages (their first touch), and the decode step runs 1.06-1.2x faster in them (docs/benchmarks.md,
-twentieth pass).
+twentieth pass; 1.12x on the Zen 4 host of the thirty-sixth, where their first touch had grown to 0.4-0.9 s and
+is now made from every core at once: fault_in).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import threading
 
 import numpy as np
 import torch
@@ -49,6 +52,27 @@ def huge_pages_wanted(size: int) -> bool:
     return free_huge_pages() >= 2 * (size // HUGE_PAGE + 1)  # leave as many for everything else
 
 
+def fault_in(address: int, size: int) -> None:
+    """Touches each 2 MiB page of [address, address + size) once, from as many threads as there are cores. A huge
+    page's first touch has the kernel zero it (and, on a virtual machine, the host back it): 0.4-0.9 s of the demo
+    model's load when the copies into the arena met the pages one by one, 0.05-0.2 s for 420 MiB from two threads
+    (docs/benchmarks.md, thirty-sixth pass)."""
+    pages = list(range(address - address % HUGE_PAGE, address + size, HUGE_PAGE))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(cores, len(pages)))
+
+    def run(share: list[int]) -> None:
+        for page in share:
+            ctypes.memset(max(page, address), 0, 1)  # a foreign call: no GIL held while the page faults in
+
+    threads = [threading.Thread(target=run, args=(pages[i::workers],), daemon=True) for i in range(1, workers)]
+    for t in threads:
+        t.start()
+    run(pages[::workers])
+    for t in threads:
+        t.join()
+
+
 class WeightArena:
     """Byte tensors carved one after another from a single mapping of `size` bytes (plus alignment)."""
 
@@ -66,6 +90,8 @@ class WeightArena:
         # Start on a huge-page boundary, so the first weight's pages are whole huge pages too.
         self._used = -self._bytes.data_ptr() % HUGE_PAGE
         self._end = self._used + size
+        if self.huge_pages:
+            fault_in(self._bytes.data_ptr() + self._used, size)
 
     def hold(self, data: torch.Tensor) -> torch.Tensor:
         """A copy of the uint8 tensor `data` (any shape) inside the arena."""
