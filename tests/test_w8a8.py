@@ -378,15 +378,22 @@ def test_converted_layers_are_kept_and_mapped(tmp_path, qwen3_tokenizer_dir, mon
         assert torch.equal(LLM(model, quantization="w8a8").logits(ids), first)
 
 
-def test_store_puts_weights_on_cache_lines(tmp_path):
-    """Small float tensors (scales, factors) next to the int8 weights, named to sort before them: read back, every
-    tensor of whole cache lines starts on one, the values are unchanged, and safetensors itself reads the file."""
+@pytest.mark.parametrize("huge_pages", ["0", "1"])
+def test_store_puts_weights_on_cache_lines(tmp_path, monkeypatch, huge_pages):
+    """Small float tensors (scales, factors) next to the int8 weights, named to sort before them: read back (mapped,
+    or read whole into huge pages), every tensor of whole cache lines starts on one, the values are unchanged, and
+    safetensors itself reads the file."""
+    from test_weight_arena import huge_pages_of, thp_mode
+
     from qwen_engine.weights import w8a8_store
+
+    monkeypatch.setenv("QWEN_ENGINE_HUGE_PAGES", huge_pages)
 
     gen = torch.Generator().manual_seed(13)
     tensors = {"a.factors": torch.randn(3, generator=gen), "a.scales": torch.randn(7, 5, generator=gen),
                "a.weight": torch.randint(0, 256, (8, 128), generator=gen, dtype=torch.uint8),
-               "b.weight": torch.randint(0, 256, (24, 64), generator=gen, dtype=torch.uint8)}
+               "b.weight": torch.randint(0, 256, (24, 64), generator=gen, dtype=torch.uint8),
+               "c.weight": torch.randint(0, 256, (4096, 1024), generator=gen, dtype=torch.uint8)}  # 4 MiB
     path = tmp_path / "layers.safetensors"
     w8a8_store.write(path, tensors)
     back = w8a8_store.read(path)
@@ -394,6 +401,12 @@ def test_store_puts_weights_on_cache_lines(tmp_path):
     assert back["a.weight"].data_ptr() % 64 == 0 and back["b.weight"].data_ptr() % 64 == 0
     with safe_open(str(path), "pt") as f:
         assert torch.equal(f.get_tensor("a.scales"), tensors["a.scales"])
+    if huge_pages == "1" and "[always]" not in thp_mode():
+        assert huge_pages_of(back["c.weight"].data_ptr()) >= 2048  # at least one 2 MiB page of the 4 MiB
+    back["b.weight"].zero_()  # a private copy either way: the file keeps its bytes
+    assert torch.equal(w8a8_store.read(path)["b.weight"], tensors["b.weight"])
+    path.write_bytes(path.read_bytes()[:-100])
+    assert w8a8_store.read(path) is None  # cut short
 
 
 def test_bad_settings_are_input_errors(demo_gguf):

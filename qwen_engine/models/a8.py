@@ -266,7 +266,7 @@ def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str)
 def convert(model: nn.Module, store=None) -> int:
     """Replace the decoder's products and the LM head whose blocks have an exact int8 form by A8Linear (q/k/v
     and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
-    mapped instead, and fresh ones kept there. Returns how many layers were made."""
+    taken from it instead (w8a8_store.read), and fresh ones kept there. Returns how many layers were made."""
     products = [p for p in w8a8._products(model) if convertible(p[4])]
     stored = w8a8.from_store(store, products, _stored_layer) if store is not None else None
     made = {}

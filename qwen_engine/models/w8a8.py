@@ -486,7 +486,7 @@ def convert(model: nn.Module, store: Path | None = None, calibration: list[list[
     """Replace the decoder's products and the LM head by W8A8Linear, one at a time (only one weight is held in
     float32 at once); q/k/v and gate/up become one layer each, as in the quantised GGUF path (rows are
     independent and share their input's quantisation, so stacking changes no number). With `store`
-    (weights/w8a8_store.py), layers an earlier load kept there are mapped instead, and freshly made ones are
+    (weights/w8a8_store.py), layers an earlier load kept there are taken from it instead, and freshly made ones are
     kept there. With `calibration` (token id sequences; models/calibration.py), the products are smoothed by max |x| per
     input column measured on them first. Returns how many layers were made. A vision tower stays float32: its
     accuracy under int8 could only be measured on random weights here (convert_linears does it on request)."""
