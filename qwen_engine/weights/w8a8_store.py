@@ -120,9 +120,10 @@ def read(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _read_into_arena(path: Path, offset: int, nbytes: int) -> torch.Tensor | None:
-    """Bytes offset.. of the file read whole into a huge-page arena (weights/arena.py): a8's one stream decoded
-    1.09-1.12x faster from there than from the mapping's 4 KiB pages, for ~0.5 s more at load (docs/benchmarks.md,
-    thirty-sixth pass). The offsets keep their alignment (the arena starts on a 2 MiB boundary). None if cut short."""
+    """Bytes offset.. of the file read whole into a huge-page arena (weights/arena.py): a8's decode steps ran 4-5 %
+    faster at one stream and 8-14 % at 16-32 than from the mapping's 4 KiB pages, for 0.2-0.5 s more at load
+    (docs/benchmarks.md, thirty-sixth pass). The offsets keep their alignment (the arena starts on a 2 MiB
+    boundary). None if the file is shorter than the header said."""
     held = WeightArena(nbytes, huge_pages=True).take((nbytes,))
     view = memoryview(held.numpy())
     done = 0
