@@ -138,15 +138,20 @@ def native() -> ModuleType | None:
     return _module
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity mask, e.g. a container's share; else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def use_available_cores() -> None:
     """One intra-op thread per core this process may run on, unless OMP_NUM_THREADS says otherwise (torch's
     default counts the machine's cores, which overcommits under a CPU affinity mask, e.g. in containers)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = available_cores()
     if cores != torch.get_num_threads():
         torch.set_num_threads(cores)
 

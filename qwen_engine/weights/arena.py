@@ -23,6 +23,8 @@ import threading
 import numpy as np
 import torch
 
+from .. import kernels
+
 HUGE_PAGE = 2 << 20
 ALIGN = 4096  # each weight starts on its own page: a kernel's prefetch past one weight's end stays in the arena
 
@@ -58,8 +60,7 @@ def fault_in(address: int, size: int) -> None:
     model's load when the copies into the arena met the pages one by one, 0.05-0.2 s for 420 MiB from two threads
     (docs/benchmarks.md, thirty-sixth pass)."""
     pages = list(range(address - address % HUGE_PAGE, address + size, HUGE_PAGE))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(cores, len(pages)))
+    workers = max(1, min(kernels.available_cores(), len(pages)))
 
     def run(share: list[int]) -> None:
         for page in share:
