@@ -96,6 +96,22 @@ def test_mixtures_of_experts(arch, source, tmp_path, qwen3_tokenizer_dir):
     assert_same_steps(llm, PROMPTS, 1e-4)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
+@pytest.mark.parametrize("source", ["float32", "gguf"])
+def test_hybrid_models(arch, source, tmp_path, qwen3_tokenizer_dir):
+    """Qwen3.5 (tiny: DeltaNet and gated-attention layers alternating, a quarter of each head rotated, zero-centred
+    norms), its mixture of experts and Qwen3-Next: the DeltaNet layers' projections, convolution, gates and delta
+    rule and the attention layers' output gates run in the one native call, over the recurrent state pools the
+    PyTorch layers use. Sequences of different lengths decode together, so a wrong state slot or KV row shows."""
+    ref = build_tiny(arch, tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=16,
+                     dense_layers=() if arch == "qwen3_next" else (1,))
+    if source == "gguf":
+        write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
+    llm = LLM(tmp_path / "tiny.gguf" if source == "gguf" else tmp_path / "hf")
+    assert llm.model.config.linear_attention is not None
+    assert_same_steps(llm, PROMPTS, 1e-4)
+
+
 def test_demo_model(demo_llm):
     assert_same_steps(demo_llm, PROMPTS[:2], 1e-4)
 

@@ -374,12 +374,13 @@ def test_native_deltanet_decode_equals_pytorch(native, tiled, consecutive):
     conv_pool = torch.randn(pool, lin.conv_channels, 3, generator=gen)
     delta_pool = torch.randn(pool, 4, 20, 37, generator=gen)
     slots = slice(1, 4) if consecutive else torch.tensor([4, 0, 2])
+    indices = torch.arange(1, 4) if consecutive else slots
     expected_conv, expected_delta = conv_pool.clone(), delta_pool.clone()
     original_conv, original_delta = conv_pool.clone(), delta_pool.clone()
     expected = layer._decode_reference(mixed, z, b, a, slots, expected_conv, expected_delta)
 
     def native_step(conv_pool, delta_pool, tiled=tiled):
-        return native.deltanet_decode_(mixed, z, b, a, gated_deltanet._slot_indices(slots, mixed.device), conv_pool,
+        return native.deltanet_decode_(mixed, z, b, a, indices, conv_pool,
                                        delta_pool, layer.conv1d.weight[:, 0].contiguous(), layer.A_log,
                                        layer.dt_bias, layer.norm.weight, layer.norm.eps, 2, tiled)
 

@@ -235,10 +235,18 @@ class PagedBatch:
 
     def native_decode_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """(k pool, v pool, write slots, context slots, lengths) for a native decode step (models/decode_step.py):
-        a step in which every sequence adds one token, in row order, on the native kernels' device and dtypes."""
+        a step in which every sequence adds one token, in row order, on the native kernels' device and dtypes.
+        Hybrid models add (convolution pool, delta-rule pool, each sequence's state slot)."""
         if self.native is None or not self.decodes_only or self.decode_rows is not None or self.decode_slots is None:
             return None
-        return self.cache.k, self.cache.v, self.write_slots, self.decode_slots, self.decode_lengths
+        inputs = (self.cache.k, self.cache.v, self.write_slots, self.decode_slots, self.decode_lengths)
+        if self.recurrent is None:
+            return inputs
+        states = self.recurrent
+        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (states.conv, states.delta)):
+            return None
+        slots = states.decode_slots(len(self.write_slots))
+        return None if slots is None else (*inputs, states.conv, states.delta, slots)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_layer, v_layer = self.cache.k[layer], self.cache.v[layer]

@@ -117,6 +117,21 @@ class RecurrentBatch:
             rows = (_index([r for r, _ in singles], conv.device), _index([s for _, s in singles], conv.device))
         return cls(conv, delta, rows, [p for p in pieces if p[1] - p[0] > 1])
 
+    def single_slots(self) -> torch.Tensor:
+        """The state slot of each single row, int64 (the native kernels' form of `single_rows`' slots)."""
+        slots = self.single_rows[1]
+        if isinstance(slots, slice):
+            return torch.arange(slots.start, slots.stop, dtype=torch.int64, device=self.conv.device)
+        return slots.to(torch.int64).contiguous()
+
+    def decode_slots(self, count: int) -> torch.Tensor | None:
+        """Each row's state slot where rows 0..count-1 each add one token, in order (a native decode step), else
+        None."""
+        rows = self.single_rows[0] if self.single_rows is not None and not self.runs else None
+        if not isinstance(rows, slice) or rows != slice(0, count):
+            return None
+        return self.single_slots()
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(convolution inputs [slots, channels, kernel − 1], delta-rule state [slots, Hv, Dk, Dv]) of one layer."""
         return self.conv[index], self.delta[index]

@@ -49,12 +49,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStep>(m, "DecodeStep", "all decoder layers of a decode step (one token per sequence)")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
+      .def("add_linear_layer", &DecodeStep::add_linear_layer)
+      .def("set_attention", &DecodeStep::set_attention)
       .def("set_int8", &DecodeStep::set_int8)
       .def("set_moe", &DecodeStep::set_moe)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("set_profiling", &DecodeStep::set_profiling)
       .def("profile", &DecodeStep::profile)
-      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecodeStep::forward, py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("cos"),
+           py::arg("sin"), py::arg("k_pool"), py::arg("v_pool"), py::arg("write_slots"), py::arg("slots"),
+           py::arg("lengths"), py::arg("conv_pool") = py::none(), py::arg("delta_pool") = py::none(),
+           py::arg("state_slots") = py::none());
   m.def("rms_norm", &rms_norm_rows, "x / sqrt(mean(x²) + eps) · weight over the last axis");
   m.def("silu_mul", &silu_mul_rows, "silu(gate) · up for gate_up [T, 2n]");
   m.def("argmax_rows", &argmax_rows, "each row's first largest value's index (NaN counts as largest), as torch.argmax");

@@ -10,6 +10,9 @@
 //   h = x + o(attention(rotate(q), rotate(k), v))   with q, k, v = qkv(rms_norm(x))  (Qwen3: per-head norms first)
 //   x = h + down(silu(gate) * up)                   with gate, up = gate_up(rms_norm(h))
 // or, in the sparse layers of a mixture of experts, x = h + Σ over the chosen experts of weight · expert(rms_norm(h)).
+// A hybrid model (Qwen3.5, Qwen3-Next) mixes tokens in three layers of four with a gated DeltaNet instead of
+// attention (h = x + out_proj(deltanet(in_proj(rms_norm(x))))), and gates its attention layers' output by
+// σ(gate), the gate coming from q_proj beside each head's q, with only part of each head rotated.
 
 #include <algorithm>
 #include <chrono>
@@ -102,7 +105,48 @@ void DecodeStep::add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::opt
     l.q_norm = check_vector(*q_norm, head_dim_, "q norm");
     l.k_norm = check_vector(*k_norm, head_dim_, "k norm");
   }
+  l.kv_index = num_layers();
   layers_.push_back(std::move(l));
+}
+
+void DecodeStep::add_linear_layer(at::Tensor input_norm, at::Tensor post_norm,
+                                  std::vector<std::vector<at::Tensor>> projections,
+                                  std::vector<std::vector<int64_t>> projection_types, at::Tensor conv_weight,
+                                  at::Tensor a_log, at::Tensor dt_bias, at::Tensor norm_weight, int64_t key_heads,
+                                  bool tiled, int64_t state_index, std::vector<at::Tensor> gate_up,
+                                  std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
+                                  std::vector<int64_t> down_types) {
+  TORCH_CHECK(projections.size() == 5 && projection_types.size() == 5,
+              "a DeltaNet layer has five projections: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj");
+  TORCH_CHECK(key_heads > 0 && state_index >= 0, "a DeltaNet layer needs key heads and a row in the state pools");
+  auto d = std::make_shared<DeltaNet>();
+  Linear* targets[5] = {&d->in_qkv, &d->in_z, &d->in_b, &d->in_a, &d->out_proj};
+  for (size_t i = 0; i < 5; ++i)
+    *targets[i] = Linear{std::move(projections[i]), std::move(projection_types[i]), c10::nullopt};
+  // (deltanet_decode_ checks these against each other and the pools at every step)
+  d->conv_weight = conv_weight.contiguous();
+  d->a_log = a_log.contiguous();
+  d->dt_bias = dt_bias.contiguous();
+  d->norm_weight = norm_weight.contiguous();
+  d->key_heads = key_heads;
+  d->tiled = tiled;
+  d->state_index = state_index;
+  Layer l{check_vector(input_norm, hidden_, "input norm"), check_vector(post_norm, hidden_, "post-attention norm"),
+          c10::nullopt, c10::nullopt, {}, {},
+          {std::move(gate_up), std::move(gate_up_types), c10::nullopt},
+          {std::move(down), std::move(down_types), c10::nullopt}};
+  l.deltanet = std::move(d);
+  layers_.push_back(std::move(l));
+}
+
+void DecodeStep::set_attention(int64_t li, int64_t kv_index, int64_t rotary_dim, bool output_gate) {
+  TORCH_CHECK(li >= 0 && li < num_layers() && !layers_[li].deltanet, "no attention layer ", li);
+  TORCH_CHECK(kv_index >= 0, "a KV pool row is not negative");
+  TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_dim_ && rotary_dim % 2 == 0,
+              "the rotated values of a head must be an even count up to its ", head_dim_);
+  layers_[li].kv_index = kv_index;
+  layers_[li].rotary_dim = rotary_dim;
+  layers_[li].output_gate = output_gate;
 }
 
 void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
@@ -111,8 +155,11 @@ void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weigh
                           int64_t planes, int64_t zero) {
   TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
   Layer& l = layers_[li];
-  Linear* p = which == "qkv" ? &l.qkv : which == "o" ? &l.o : which == "gate_up" ? &l.gate_up
-            : which == "down" ? &l.down : nullptr;
+  DeltaNet* d = l.deltanet.get();
+  Linear* p = which == "gate_up" ? &l.gate_up : which == "down" ? &l.down
+            : d == nullptr ? (which == "qkv" ? &l.qkv : which == "o" ? &l.o : nullptr)
+            : which == "in_qkv" ? &d->in_qkv : which == "in_z" ? &d->in_z : which == "in_b" ? &d->in_b
+            : which == "in_a" ? &d->in_a : which == "out_proj" ? &d->out_proj : nullptr;
   TORCH_CHECK(p != nullptr, "no projection ", which);
   TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
   TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
@@ -152,14 +199,23 @@ void DecodeStep::set_moe(int64_t li, std::vector<at::Tensor> router, std::vector
 
 at::Tensor DecodeStep::forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
                                const at::Tensor& v_pool, const at::Tensor& write_slots, const at::Tensor& slots,
-                               const at::Tensor& lengths) const {
+                               const at::Tensor& lengths, const c10::optional<at::Tensor>& conv_pool,
+                               const c10::optional<at::Tensor>& delta_pool,
+                               const c10::optional<at::Tensor>& state_slots) const {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == hidden_ && x.device().is_cpu(),
               "x must be CPU float32 [B, hidden]");
-  TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(0) == num_layers() && k_pool.size(2) == kv_heads_ &&
-                  k_pool.size(3) == head_dim_ && v_pool.sizes() == k_pool.sizes(),
-              "KV pools must be [layers, slots, kv_heads, head_dim]");
-  const int64_t B = x.size(0), q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim_));
+  TORCH_CHECK(k_pool.dim() == 4 && k_pool.size(2) == kv_heads_ && k_pool.size(3) == head_dim_ &&
+                  v_pool.sizes() == k_pool.sizes(),
+              "KV pools must be [attention layers, slots, kv_heads, head_dim]");
+  for (const Layer& l : layers_) {
+    TORCH_CHECK(l.deltanet || l.kv_index < k_pool.size(0), "the KV pools have no row ", l.kv_index);
+    TORCH_CHECK(!l.deltanet || (conv_pool.has_value() && delta_pool.has_value() && state_slots.has_value() &&
+                                conv_pool->dim() == 4 && delta_pool->dim() == 5 &&
+                                l.deltanet->state_index < conv_pool->size(0) &&
+                                l.deltanet->state_index < delta_pool->size(0)),
+                "a hybrid model's decode step needs its recurrent state pools and each sequence's slot in them");
+  }
+  const int64_t B = x.size(0);
   Clock clock{profiling_ ? &seconds_ : nullptr, std::chrono::steady_clock::now()};
   x = x.contiguous().clone();  // the residual stream, updated in place
   auto normed = at::empty_like(x);
@@ -168,31 +224,10 @@ at::Tensor DecodeStep::forward(at::Tensor x, const at::Tensor& cos, const at::Te
     const Layer& l = layers_[li];
     rms_norm(xp, B, hidden_, hidden_, l.input_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
     clock.lap(NORMS);
-    auto qkv = l.qkv(normed, gemv_max_rows_);  // [B, q + 2 kv]
-    clock.lap(QKV);
-    TORCH_CHECK(qkv.size(1) == q_size + 2 * kv_size, "qkv projection has ", qkv.size(1), " outputs");
-    auto q = qkv.narrow(1, 0, q_size).view({B, heads_, head_dim_});
-    auto k = qkv.narrow(1, q_size, kv_size).view({B, kv_heads_, head_dim_});
-    auto v = qkv.narrow(1, q_size + kv_size, kv_size).view({B, kv_heads_, head_dim_});
-    if (l.q_norm.has_value()) {
-      float* base = qkv.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        float* row = base + b * qkv.size(1);
-        rms_norm(row, heads_, head_dim_, head_dim_, l.q_norm->data_ptr<float>(), eps_, row, head_dim_);
-        rms_norm(row + q_size, kv_heads_, head_dim_, head_dim_, l.k_norm->data_ptr<float>(), eps_, row + q_size,
-                 head_dim_);
-      }
-    }
-    rotary_(q, cos, sin);
-    rotary_(k, cos, sin);
-    const auto k_layer = k_pool.select(0, li), v_layer = v_pool.select(0, li);
-    write_kv(k_layer, v_layer, k, v, write_slots);
-    clock.lap(ROTARY_KV);
-    const auto attn = decode_attention(q, k_layer, v_layer, slots, lengths, scale);
-    clock.lap(ATTENTION);
-    const auto o = l.o(attn, gemv_max_rows_);
-    clock.lap(O);
-    add_into(xp, o, B * hidden_);
+    if (l.deltanet)
+      linear_attention(*l.deltanet, normed, xp, *conv_pool, *delta_pool, *state_slots, clock);
+    else
+      attention(l, li, normed, xp, cos, sin, k_pool, v_pool, write_slots, slots, lengths, clock);
     rms_norm(xp, B, hidden_, hidden_, l.post_norm.data_ptr<float>(), eps_, normed.data_ptr<float>(), hidden_);
     clock.lap(NORMS);
     if (l.moe) {
@@ -216,6 +251,68 @@ at::Tensor DecodeStep::forward(at::Tensor x, const at::Tensor& cos, const at::Te
   rms_norm(xp, B, hidden_, hidden_, final_norm_.data_ptr<float>(), eps_, out.data_ptr<float>(), hidden_);
   clock.lap(NORMS);
   return out;
+}
+
+// x += o(attention(rotate(q), rotate(k), v)) for the rows of normed, the new k/v written to the layer's pools.
+void DecodeStep::attention(const Layer& l, int64_t li, const at::Tensor& normed, float* xp, const at::Tensor& cos,
+                           const at::Tensor& sin, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                           const at::Tensor& write_slots, const at::Tensor& slots, const at::Tensor& lengths,
+                           Clock& clock) const {
+  const int64_t B = normed.size(0), kv_size = kv_heads_ * head_dim_;
+  // A gated head's q is followed by its gate in q_proj's output: the heads' q lie q_step values apart.
+  const int64_t q_step = l.output_gate ? 2 * head_dim_ : head_dim_, q_out = heads_ * q_step;
+  auto qkv = l.qkv(normed, gemv_max_rows_);  // [B, q (and gates) + 2 kv]
+  clock.lap(QKV);
+  TORCH_CHECK(qkv.size(1) == q_out + 2 * kv_size, "qkv projection of layer ", li, " has ", qkv.size(1), " outputs");
+  const int64_t width = qkv.size(1);
+  auto q = qkv.narrow(1, 0, q_out).view({B, heads_, q_step}).narrow(2, 0, head_dim_);
+  auto k = qkv.narrow(1, q_out, kv_size).view({B, kv_heads_, head_dim_});
+  auto v = qkv.narrow(1, q_out + kv_size, kv_size).view({B, kv_heads_, head_dim_});
+  float* base = qkv.data_ptr<float>();
+  if (l.q_norm.has_value()) {
+    for (int64_t b = 0; b < B; ++b) {
+      float* row = base + b * width;
+      rms_norm(row, heads_, head_dim_, q_step, l.q_norm->data_ptr<float>(), eps_, row, q_step);
+      rms_norm(row + q_out, kv_heads_, head_dim_, head_dim_, l.k_norm->data_ptr<float>(), eps_, row + q_out,
+               head_dim_);
+    }
+  }
+  const int64_t rotated = l.rotary_dim > 0 ? l.rotary_dim : head_dim_;
+  rotary_(q.narrow(2, 0, rotated), cos, sin);
+  rotary_(k.narrow(2, 0, rotated), cos, sin);
+  const auto k_layer = k_pool.select(0, l.kv_index), v_layer = v_pool.select(0, l.kv_index);
+  write_kv(k_layer, v_layer, k, v, write_slots);
+  clock.lap(ROTARY_KV);
+  const auto attn = decode_attention(q, k_layer, v_layer, slots, lengths, 1.0 / std::sqrt(double(head_dim_)));
+  if (l.output_gate) {  // attention · σ(gate), head by head
+    float* ap = attn.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < heads_; ++h) {
+        const float* gate = base + b * width + h * q_step + head_dim_;
+        float* o = ap + (b * heads_ + h) * head_dim_;
+        for (int64_t j = 0; j < head_dim_; ++j) o[j] *= 1.0f / (1.0f + std::exp(-gate[j]));
+      }
+  }
+  clock.lap(ATTENTION);
+  const auto o = l.o(attn, gemv_max_rows_);
+  clock.lap(O);
+  add_into(xp, o, B * hidden_);
+}
+
+// x += out_proj(deltanet(in_proj(normed))) for a gated DeltaNet layer, its pooled states updated in place.
+void DecodeStep::linear_attention(const DeltaNet& d, const at::Tensor& normed, float* xp, const at::Tensor& conv_pool,
+                                  const at::Tensor& delta_pool, const at::Tensor& state_slots, Clock& clock) const {
+  const auto mixed = d.in_qkv(normed, gemv_max_rows_), z = d.in_z(normed, gemv_max_rows_);
+  const auto b = d.in_b(normed, gemv_max_rows_), a = d.in_a(normed, gemv_max_rows_);
+  clock.lap(QKV);
+  const auto gated = deltanet_decode_(mixed, z, b, a, state_slots, conv_pool.select(0, d.state_index),
+                                      delta_pool.select(0, d.state_index), d.conv_weight, d.a_log, d.dt_bias,
+                                      d.norm_weight, eps_, d.key_heads, d.tiled);
+  clock.lap(DELTA_RULE);
+  const auto o = d.out_proj(gated, gemv_max_rows_);
+  clock.lap(O);
+  TORCH_CHECK(o.size(1) == hidden_, "a DeltaNet layer's out_proj has ", o.size(1), " outputs");
+  add_into(xp, o, normed.size(0) * hidden_);
 }
 
 // x[b] += the mixture's output for normed row b, as models/moe.py computes it: each expert that any row chose
@@ -293,7 +390,7 @@ void DecodeStep::set_profiling(bool on) {
 
 std::map<std::string, double> DecodeStep::profile() const {
   static const char* names[PHASES] = {"norms + residual", "qkv", "rotary + kv write", "attention", "o",
-                                      "gate_up", "silu * up", "down", "router", "experts"};
+                                      "gate_up", "silu * up", "down", "router", "experts", "delta rule"};
   std::map<std::string, double> out;
   for (int i = 0; i < PHASES; ++i) out[names[i]] = seconds_.empty() ? 0.0 : seconds_[i];
   return out;

@@ -21,7 +21,21 @@ class DecodeStep {
                  std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types, std::vector<at::Tensor> down,
                  std::vector<int64_t> down_types);
 
-  // Makes projection `which` (qkv, o, gate_up, down) of layer `li` a w8a8 product.
+  // A hybrid model's gated DeltaNet layer (Qwen3.5; models/gated_deltanet.py): `projections` are the weight
+  // segments of in_proj_qkv, in_proj_z, in_proj_b, in_proj_a and out_proj, in that order; `state_index` is its
+  // row in the recurrent state pools. The MLP is as in add_layer (or set_moe).
+  void add_linear_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<std::vector<at::Tensor>> projections,
+                        std::vector<std::vector<int64_t>> projection_types, at::Tensor conv_weight, at::Tensor a_log,
+                        at::Tensor dt_bias, at::Tensor norm_weight, int64_t key_heads, bool tiled,
+                        int64_t state_index, std::vector<at::Tensor> gate_up, std::vector<int64_t> gate_up_types,
+                        std::vector<at::Tensor> down, std::vector<int64_t> down_types);
+
+  // A softmax-attention layer of a hybrid model: its row in the KV pools, the values of each head rotated (the
+  // first rotary_dim), and Qwen3.5's output gate (q_proj gives each head's q, then its gate: attention · σ(gate)).
+  void set_attention(int64_t li, int64_t kv_index, int64_t rotary_dim, bool output_gate);
+
+  // Makes projection `which` (qkv, o, gate_up, down; in_qkv, in_z, in_b, in_a, out_proj of a DeltaNet layer)
+  // of layer `li` a w8a8 product.
   void set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
                 c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows, c10::optional<at::Tensor> factors,
                 c10::optional<at::Tensor> offsets, bool amx, int64_t planes, int64_t zero);
@@ -38,19 +52,21 @@ class DecodeStep {
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // x [B, hidden] (the embeddings), cos/sin [B, head_dim], pools [layers, slots, kv_heads, head_dim]; returns
-  // the final-norm hidden states [B, hidden]. Each sequence's new k/v go to write_slots[b]; it attends over
-  // slots[b, :lengths[b]].
+  // x [B, hidden] (the embeddings), cos/sin [B, rotary_dim], pools [attention layers, slots, kv_heads, head_dim];
+  // returns the final-norm hidden states [B, hidden]. Each sequence's new k/v go to write_slots[b]; it attends
+  // over slots[b, :lengths[b]]. Hybrid models also pass the recurrent state pools, conv [linear layers, slots,
+  // channels, kernel - 1] and delta [linear layers, slots, Hv, Dk, Dv], and each sequence's slot in them.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
                      const at::Tensor& v_pool, const at::Tensor& write_slots, const at::Tensor& slots,
-                     const at::Tensor& lengths) const;
+                     const at::Tensor& lengths, const c10::optional<at::Tensor>& conv_pool,
+                     const c10::optional<at::Tensor>& delta_pool, const c10::optional<at::Tensor>& state_slots) const;
 
   // Seconds spent in each part of forward() since profiling was switched on (benchmarks/profile_decode.py).
   void set_profiling(bool on);
   std::map<std::string, double> profile() const;
 
  private:
-  enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, ROUTER, EXPERTS, PHASES };
+  enum Phase { NORMS, QKV, ROTARY_KV, ATTENTION, O, GATE_UP, SILU, DOWN, ROUTER, EXPERTS, DELTA_RULE, PHASES };
 
   struct Clock {  // adds the time since the previous lap to a phase, when profiling
     std::vector<double>* seconds;
@@ -93,12 +109,31 @@ class DecodeStep {
     int64_t shared_width = 0;
   };
 
+  // A gated DeltaNet token mixer (Qwen3.5's linear attention): its four input projections, what
+  // deltanet_decode_ (delta_rule.cpp) needs between them and out_proj, and its row in the state pools.
+  struct DeltaNet {
+    Linear in_qkv, in_z, in_b, in_a, out_proj;
+    at::Tensor conv_weight, a_log, dt_bias, norm_weight;
+    int64_t key_heads = 0, state_index = 0;
+    bool tiled = false;
+  };
+
   struct Layer {
     at::Tensor input_norm, post_norm;
     c10::optional<at::Tensor> q_norm, k_norm;  // Qwen3
     Linear qkv, o, gate_up, down;
     std::shared_ptr<Moe> moe;  // set for the sparse layers of Qwen2-MoE / Qwen3-MoE
+    std::shared_ptr<DeltaNet> deltanet;  // set for a hybrid's linear-attention layers (then qkv and o are unused)
+    int64_t kv_index = 0, rotary_dim = 0;  // row in the KV pools; values rotated per head (0: all)
+    bool output_gate = false;
   };
+
+  void attention(const Layer& l, int64_t li, const at::Tensor& normed, float* xp, const at::Tensor& cos,
+                 const at::Tensor& sin, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                 const at::Tensor& write_slots, const at::Tensor& slots, const at::Tensor& lengths,
+                 Clock& clock) const;
+  void linear_attention(const DeltaNet& d, const at::Tensor& normed, float* xp, const at::Tensor& conv_pool,
+                        const at::Tensor& delta_pool, const at::Tensor& state_slots, Clock& clock) const;
 
   void mixture(const Moe& m, const at::Tensor& normed, float* xp, Clock& clock) const;
   static at::Tensor check_vector(const at::Tensor& t, int64_t n, const char* what);

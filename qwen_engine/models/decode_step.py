@@ -3,7 +3,8 @@
 A decode step of a small model is mostly small operations (norms, SiLU, residual adds, splits, the rotation),
 each costing more to dispatch from Python than to compute. `kernels/decode_step.cpp` runs the whole stack of
 layers natively over the same weights — GGUF blocks through the quantised kernels, float32 weights read in
-place — and the same KV pool. The PyTorch layers (models/qwen.py) stay the reference: prefill, vision rows,
+place — and the same KV pool; for hybrid models (Qwen3.5, Qwen3-Next) also their DeltaNet layers, over the
+same recurrent state pools. The PyTorch layers (models/qwen.py) stay the reference: prefill, vision rows,
 non-float32 dtypes, CUDA and machines without the kernels use them, and tests compare the two.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .layers import ZeroCenteredRMSNorm
 from .moe import ExpertMixture
 from .quant import GEMV_MAX_ROWS, QuantLinear
 from .w8a8 import W8A8Linear
@@ -56,44 +58,67 @@ def _float32_cpu(model: nn.Module) -> bool:
 def build(model: nn.Module):
     """The native decode step for a QwenForCausalLM, or None where it does not apply (then the PyTorch layers run)."""
     native = kernels.native()
-    if model.config.linear_attention is not None:  # hybrid (Qwen3.5): the PyTorch layers run its recurrences
-        return None
     if native is None or not hasattr(native, "DecodeStep") or not _float32_cpu(model.model.layers):
         return None
     cfg = model.config
     step = native.DecodeStep(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
-                             cfg.rms_norm_eps, model.model.norm.weight.detach().float(), GEMV_MAX_ROWS)
+                             cfg.rms_norm_eps, _norm_scale(model.model.norm), GEMV_MAX_ROWS)
     int8 = hasattr(native, "int8_linear_units")
     for index, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        attn, mlp = getattr(layer, "self_attn", None), layer.mlp
         mixture = mlp if isinstance(mlp, ExpertMixture) else None
         if mixture is not None:  # the dense MLP's slots stay empty: set_moe below gives the layer its experts
-            projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": [], "down": []}
+            projections: dict[str, list[nn.Module]] = {"gate_up": [], "down": []}
         else:
             gate_up = [mlp.gate_up_proj] if mlp.gate_up_proj is not None else [mlp.gate_proj, mlp.up_proj]
-            projections = {"qkv": qkv, "o": [attn.o_proj], "gate_up": gate_up, "down": [mlp.down_proj]}
+            projections = {"gate_up": gate_up, "down": [mlp.down_proj]}
+        if attn is not None:
+            qkv = [attn.qkv_proj] if attn.qkv_proj is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+            projections |= {"qkv": qkv, "o": [attn.o_proj]}
+        else:  # a hybrid's gated DeltaNet layer
+            mixer = layer.linear_attn
+            projections |= {"in_qkv": [mixer.in_proj_qkv], "in_z": [mixer.in_proj_z], "in_b": [mixer.in_proj_b],
+                            "in_a": [mixer.in_proj_a], "out_proj": [mixer.out_proj]}
         try:
-            parts = [_segments(p) for p in projections.values()]
+            parts = {name: _segments(p) for name, p in projections.items()}
             moe_args = _mixture_args(mixture) if mixture is not None else None
         except TypeError:
             return None
         if moe_args is None and mixture is not None:
             return None
         w8 = {name: p[0] for name, p in projections.items() if p and isinstance(p[0], W8A8Linear)}
-        if any(bias is not None for _, _, bias in parts[1:]) or any(w8[n].bias is not None for n in w8 if n != "qkv"):
+        if any(bias is not None for name, (_, _, bias) in parts.items() if name != "qkv") or any(
+                w8[n].bias is not None for n in w8 if n != "qkv"):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
         if w8 and (not int8 or any(p.packed is None or p.padded != p.in_features for p in w8.values())):
             return None
-        norms = (None, None) if attn.q_norm is None else (attn.q_norm.weight.detach(), attn.k_norm.weight.detach())
-        step.add_layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(), *norms,
-                       *parts[0], parts[1][0], parts[1][1], parts[2][0], parts[2][1], parts[3][0], parts[3][1])
+        norms = _norm_scale(layer.input_layernorm), _norm_scale(layer.post_attention_layernorm)
+        mlp_parts = (*parts["gate_up"][:2], *parts["down"][:2])
+        if attn is not None:
+            heads = (None, None) if attn.q_norm is None else (_norm_scale(attn.q_norm), _norm_scale(attn.k_norm))
+            step.add_layer(*norms, *heads, *parts["qkv"], *parts["o"][:2], *mlp_parts)
+            if cfg.linear_attention is not None or attn.output_gate or cfg.rotary_dim != cfg.head_dim:
+                step.set_attention(index, attn.layer, cfg.rotary_dim, attn.output_gate)
+        else:
+            names = ("in_qkv", "in_z", "in_b", "in_a", "out_proj")
+            step.add_linear_layer(*norms, [parts[n][0] for n in names], [parts[n][1] for n in names],
+                                  mixer.conv1d.weight.detach()[:, 0].contiguous(), mixer.A_log.detach(),
+                                  mixer.dt_bias.detach(), mixer.norm.weight.detach(), mixer.num_k_heads, mixer.tiled,
+                                  mixer.index, *mlp_parts)
         for name, p in w8.items():
             step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features, p.input_factors,
                           p.weight_offsets, p.layout == "amx", p.planes, p.zero)
         if moe_args is not None:
             step.set_moe(index, *moe_args)
     return step
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor:
+    """What an RMSNorm multiplies by: its weight, or 1 + weight for Qwen3.5's zero-centred norms (computed as
+    ZeroCenteredRMSNorm computes it, so the two paths multiply by the same floats)."""
+    if isinstance(norm, ZeroCenteredRMSNorm):
+        return 1.0 + norm.weight.detach().float()
+    return norm.weight.detach()
 
 
 def _mixture_args(mixture: ExpertMixture) -> tuple | None:

@@ -134,7 +134,7 @@ class GatedDeltaNet(nn.Module):
             if native is not None:
                 gated[rows] = native.deltanet_decode_(
                     mixed[rows].contiguous(), z[rows].contiguous(), b[rows].contiguous(), a[rows].contiguous(),
-                    _slot_indices(slots, conv_state.device), conv_state, delta_state,
+                    states.single_slots(), conv_state, delta_state,
                     self.conv1d.weight[:, 0].contiguous(), self.A_log.contiguous(), self.dt_bias.contiguous(),
                     self.norm.weight.contiguous(), self.norm.eps, self.num_k_heads, self.tiled)
             else:
@@ -201,8 +201,3 @@ class GatedDeltaNet(nn.Module):
             q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
         return q, k, v.reshape(rows, self.num_v_heads, self.v_dim)
 
-
-def _slot_indices(slots: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
-    if isinstance(slots, slice):
-        return torch.arange(slots.start, slots.stop, dtype=torch.int64, device=device)
-    return slots.to(torch.int64).contiguous()

@@ -132,7 +132,7 @@ class QwenForCausalLM(nn.Module):
         self.model = QwenModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Decode steps run natively (models/decode_step.py) unless this is False; built on the first such step.
-        self.native_decode = cfg.linear_attention is None
+        self.native_decode = True
         self._decode_step = None
         if cfg.vision is not None:
             from .vision import VisionConfig, VisionTransformer
