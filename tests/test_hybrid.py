@@ -350,6 +350,42 @@ def test_w8a8_runs_hybrid_models(qwen3_5):
     assert torch.equal(again.logits(ids), got)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 70, 37), (16, 64, 128)])
+def test_native_triangular_solve_equals_pytorch(native, shape):
+    """The chunked delta rule's system (I + L) X = B, L strictly lower, by forward substitution, against
+    torch.linalg.solve_triangular; the diagonal and upper triangle given must not be read."""
+    heads, n, width = shape
+    gen = torch.Generator().manual_seed(n)
+    lower = (torch.randn(heads, n, n, generator=gen) * 0.3).tril(-1)
+    b = torch.randn(heads, n, width, generator=gen)
+    expected = torch.linalg.solve_triangular(torch.eye(n) + lower, b, upper=False, unitriangular=True)
+    noisy = lower + torch.randn(heads, n, n, generator=gen).triu()  # what the solve must ignore
+    got = native.unit_lower_solve(noisy, b)
+    print(f"max|Δ| = {(got - expected).abs().max():.2e} (max {expected.abs().max():.2f})")
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 70])
+def test_native_causal_conv_equals_pytorch(native, tokens):
+    """A prompt chunk's convolution and SiLU in one native pass against the PyTorch form (cat, grouped conv1d, SiLU):
+    chunks shorter than the kernel's memory, as long as it and longer; 37 channels (not a multiple of a vector).
+    The state must come out as the chunk's last inputs (or the old state's tail and the chunk, for 1-2 tokens)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(tokens)
+    channels, kernel = 37, 4
+    x = torch.randn(tokens, channels, generator=gen)
+    state = torch.randn(channels, kernel - 1, generator=gen)
+    weight = torch.randn(channels, kernel, generator=gen)
+    conv = torch.cat([state, x.T], dim=-1)
+    expected = F.silu(F.conv1d(conv[None], weight[:, None], groups=channels)[0]).T
+    expected_state = conv[:, -(kernel - 1):]
+    got = native.causal_conv_silu_(x, state, weight)
+    print(f"max|Δ| = {(got - expected).abs().max():.2e}")
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state, expected_state)
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("consecutive", [False, True])
 def test_native_deltanet_decode_equals_pytorch(native, tiled, consecutive):

@@ -68,6 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one token of the gated delta rule per sequence and value head, the state updated in place");
   m.def("deltanet_decode_", &deltanet_decode_,
         "a gated DeltaNet layer's decode step between its projections, the pooled states updated in place");
+  m.def("causal_conv_silu_", &causal_conv_silu_,
+        "a prompt chunk's causal depthwise convolution and SiLU, token-major, the sequence's state updated in place");
+  m.def("unit_lower_solve", &unit_lower_solve,
+        "(I + L)^-1 B per head for a strictly lower L: the chunked delta rule's triangular system");
   // int8_matmul.cpp: the Python side offers the int8 modes only where these exist (models/a8.py, w8a8.py)
 #if QE_INT8
   m.def("int8_has_amx", &int8_has_amx, "whether AMX tiles can run here (then weights are packed for them)");

@@ -176,3 +176,77 @@ at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const 
   });
   return out;
 }
+
+// A prompt chunk's causal depthwise convolution and SiLU (models/gated_deltanet.py: the prefill branch of
+// GatedDeltaNet.forward): x [T, C] token-major, state [C, K − 1] the sequence's last inputs before x (replaced by
+// its last inputs after x), weight [C, K]. Returns silu(conv) [T, C], token-major as the heads read it. Each
+// output sums its K products in the decode kernel's order (deltanet_decode_ above). PyTorch's form — cat, a
+// grouped conv1d, SiLU and two transposes — took ~8 % of a Qwen3.5-0.8B-shaped prefill (benchmarks.md,
+// thirty-seventh pass).
+at::Tensor causal_conv_silu_(const at::Tensor& x, at::Tensor state, const at::Tensor& weight) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x, &state, &weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() && t->dim() == 2,
+                "causal_conv_silu_: x [T, C], state [C, K - 1] and weight [C, K] must be contiguous CPU float32");
+  const int64_t T = x.size(0), C = x.size(1), K = weight.size(1), kept = K - 1;
+  TORCH_CHECK(weight.size(0) == C && state.size(0) == C && state.size(1) == kept && K >= 1,
+              "causal_conv_silu_: the channels or the kernel width do not match");
+  // The weights tap by tap ([K, C]) and the state as K − 1 token rows, so every loop below runs along channels.
+  std::vector<float> taps(K * C), before(kept * C);
+  const float *w = weight.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* sp = state.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t j = 0; j < K; ++j) taps[j * C + c] = w[c * K + j];
+    for (int64_t j = 0; j < kept; ++j) before[j * C + c] = sp[c * kept + j];
+  }
+  // input i of the extended sequence [state, x], i in 0 .. kept + T
+  auto row = [&](int64_t i) { return i < kept ? before.data() + i * C : xp + (i - kept) * C; };
+  at::Tensor out = at::empty({T, C}, x.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sum(C);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t j = 0; j < K; ++j) {
+        const float *in = row(t + j), *tap = taps.data() + j * C;
+        for (int64_t c = 0; c < C; ++c) sum[c] += in[c] * tap[c];
+      }
+      float* o = op + t * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = silu(sum[c]);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < kept; ++j) sp[c * kept + j] = row(T + j)[c];
+  return out;
+}
+
+// X = (I + L)⁻¹ B for each of H heads, L [H, C, C] strictly lower (its diagonal and upper triangle are not read),
+// B [H, C, D]: forward substitution, x_i = b_i − Σ_{j<i} L_ij · x_j, a row of D values at a time. The chunked
+// delta rule's triangular system (models/gated_deltanet.py: chunked_delta_rule); PyTorch's solve_triangular on
+// I + L, a batched LAPACK call, took ~0.7 ms a chunk of 64 tokens × 16 heads here, ~5 % of an a8 prefill of
+// Qwen3.5-0.8B's shapes (benchmarks.md, thirty-seventh pass).
+at::Tensor unit_lower_solve(const at::Tensor& lower, const at::Tensor& b) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&lower, &b})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu() && t->is_contiguous() && t->dim() == 3,
+                "unit_lower_solve: L [H, C, C] and B [H, C, D] must be contiguous CPU float32");
+  const int64_t H = b.size(0), C = b.size(1), D = b.size(2);
+  TORCH_CHECK(lower.size(0) == H && lower.size(1) == C && lower.size(2) == C,
+              "unit_lower_solve: L must be [H, C, C] for B [H, C, D]");
+  at::Tensor x = b.clone();
+  float* xp = x.data_ptr<float>();
+  const float* lp = lower.data_ptr<float>();
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      float* X = xp + h * C * D;
+      const float* L = lp + h * C * C;
+      for (int64_t i = 1; i < C; ++i) {
+        float* xi = X + i * D;
+        for (int64_t j = 0; j < i; ++j) {
+          const float l = L[i * C + j];
+          const float* xj = X + j * D;
+          for (int64_t d = 0; d < D; ++d) xi[d] -= l * xj[d];
+        }
+      }
+    }
+  });
+  return x;
+}

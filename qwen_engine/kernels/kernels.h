@@ -73,3 +73,5 @@ at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const 
                             const at::Tensor& slots, at::Tensor conv_pool, at::Tensor delta_pool,
                             const at::Tensor& conv_weight, const at::Tensor& a_log, const at::Tensor& dt_bias,
                             const at::Tensor& norm_weight, double eps, int64_t key_heads, bool tiled);
+at::Tensor causal_conv_silu_(const at::Tensor& x, at::Tensor state, const at::Tensor& weight);
+at::Tensor unit_lower_solve(const at::Tensor& lower, const at::Tensor& b);

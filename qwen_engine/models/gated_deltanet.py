@@ -78,6 +78,9 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     """
     heads, length, _ = q.shape
     out = v.new_empty(heads, length, v.shape[-1])
+    native = kernels.native() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    # (else each product copies its chunk, and the products' layouts follow these views')
+    q, k, v, g, beta = q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
     for start in range(0, length, chunk):
         stop = min(length, start + chunk)
         qc, kc, vc, bc = q[:, start:stop], k[:, start:stop], v[:, start:stop], beta[:, start:stop, None]
@@ -88,9 +91,13 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         relative = (log_decay[:, :, None] - log_decay[:, None, :]).masked_fill(~causal, float("-inf")).exp()
         strictly = relative.masked_fill(torch.eye(n, dtype=torch.bool, device=q.device), 0.0)
-        system = torch.eye(n, device=q.device) + bc * (kc @ kc.transpose(1, 2)) * strictly
+        lower = bc * (kc @ kc.transpose(1, 2)) * strictly
         known = bc * (vc - decay[..., None] * (kc @ state))
-        written = torch.linalg.solve_triangular(system, known, upper=False, unitriangular=True)
+        if native is not None and hasattr(native, "unit_lower_solve"):
+            written = native.unit_lower_solve(lower.contiguous(), known.contiguous())
+        else:
+            system = torch.eye(n, device=q.device) + lower
+            written = torch.linalg.solve_triangular(system, known, upper=False, unitriangular=True)
         out[:, start:stop] = decay[..., None] * (qc @ state) + ((qc @ kc.transpose(1, 2)) * relative) @ written
         to_end = (log_decay[:, -1:] - log_decay).exp()  # Γc/Γj
         state.mul_(decay[:, -1, None, None]).add_((kc * to_end[..., None]).transpose(1, 2) @ written)
@@ -130,7 +137,7 @@ class GatedDeltaNet(nn.Module):
         singles = states.single_rows
         if singles is not None:  # sequences adding one token each: one batched update
             rows, slots = singles
-            native = self._native_decode(x, conv_state, delta_state)
+            native = self._native_kernels(x, conv_state, delta_state)
             if native is not None:
                 gated[rows] = native.deltanet_decode_(
                     mixed[rows].contiguous(), z[rows].contiguous(), b[rows].contiguous(), a[rows].contiguous(),
@@ -141,25 +148,32 @@ class GatedDeltaNet(nn.Module):
                 gated[rows] = self._decode_reference(mixed[rows], z[rows], b[rows], a[rows], slots, conv_state,
                                                      delta_state)
         weight = self.conv1d.weight[:, 0]  # [channels, kernel]
+        native = self._native_kernels(x, conv_state, delta_state) if states.runs else None
         for start, stop, slot in states.runs:  # prompt chunks, one sequence at a time
             beta, g = self._gates(b[start:stop], a[start:stop])
-            piece = mixed[start:stop].T.to(conv_state.dtype)  # [channels, T]
-            conv = torch.cat([conv_state[slot], piece], dim=-1)
-            conv_state[slot] = conv[:, conv.shape[1] - (self.kernel - 1):]
-            features = F.silu(F.conv1d(conv[None], weight[:, None].to(conv.dtype), groups=weight.shape[0])[0].float())
-            q, k, v = self._heads(features.T)
+            if native is not None:  # convolution and SiLU in one pass, token-major
+                features = native.causal_conv_silu_(mixed[start:stop].contiguous(), conv_state[slot],
+                                                    weight.contiguous())
+            else:
+                piece = mixed[start:stop].T.to(conv_state.dtype)  # [channels, T]
+                conv = torch.cat([conv_state[slot], piece], dim=-1)
+                conv_state[slot] = conv[:, conv.shape[1] - (self.kernel - 1):]
+                features = F.silu(F.conv1d(conv[None], weight[:, None].to(conv.dtype),
+                                           groups=weight.shape[0])[0].float()).T
+            q, k, v = self._heads(features)
             o = chunked_delta_rule(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.T, beta.T,
                                    delta_state[slot])
             gated[start:stop] = self._gated_norm(o.transpose(0, 1), z[start:stop])
         return self.out_proj(gated)
 
-    def _native_decode(self, x: torch.Tensor, conv_state: torch.Tensor, delta_state: torch.Tensor):
-        """The native kernels, where they take this decode step (float32 on the CPU), else None."""
+    def _native_kernels(self, x: torch.Tensor, conv_state: torch.Tensor, delta_state: torch.Tensor):
+        """The native kernels, where they take this layer's steps (float32 on the CPU), else None."""
         if x.device.type != "cpu" or not all(t.dtype == torch.float32 for t in (x, conv_state, delta_state)):
             return None
         native = kernels.native()
-        usable = (native is not None and hasattr(native, "deltanet_decode_") and conv_state.is_contiguous()
-                  and delta_state.is_contiguous() and self.conv1d.weight.dtype == torch.float32)
+        usable = (native is not None and hasattr(native, "deltanet_decode_") and hasattr(native, "causal_conv_silu_")
+                  and conv_state.is_contiguous() and delta_state.is_contiguous()
+                  and self.conv1d.weight.dtype == torch.float32)
         return native if usable else None
 
     def _decode_reference(self, mixed: torch.Tensor, z: torch.Tensor, b: torch.Tensor, a: torch.Tensor,

@@ -201,7 +201,7 @@ def rotate_partly(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     if width == x.shape[-1]:
         return rotate(x, cos, sin)
     out = x.clone()
-    out[..., :width] = apply_rotary(x[..., :width], cos, sin)
+    out[..., :width] = rotate(out[..., :width], cos, sin)  # (in place where the native kernel takes it)
     return out
 
 
