@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "vec_math.h"
 
 namespace {
 
@@ -69,8 +70,6 @@ at::Tensor delta_rule_step_(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 namespace {
-
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }  // PyTorch's threshold
 
@@ -142,8 +141,9 @@ at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const 
         sum += input * wc[kept];
         for (int64_t t = 0; t + 1 < kept; ++t) window[t] = window[t + 1];
         if (kept > 0) window[kept - 1] = input;
-        f[c] = silu(sum);
+        f[c] = sum;
       }
+      silu_mul_to(f, nullptr, f, channels);  // (vectorised: std::exp took ~1 ms of a one-stream step)
       for (int64_t h = 0; h < key_heads; ++h) {
         l2_normalise(f + h * dk, dk, q_scale);
         l2_normalise(f + (key_heads + h) * dk, dk, 1.0f);
@@ -158,7 +158,7 @@ at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const 
   float* op = out.data_ptr<float>();
   const int64_t repeat = heads / key_heads;
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> predicted(dv);
+    std::vector<float> predicted(dv), gate(dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t i = bh / heads, h = bh % heads, kh = tiled ? h % key_heads : h / repeat;
       const float* f = features.data() + i * channels;
@@ -170,8 +170,8 @@ at::Tensor deltanet_decode_(const at::Tensor& mixed, const at::Tensor& z, const 
       float squares = 0.0f;
       for (int64_t j = 0; j < dv; ++j) squares += o[j] * o[j];
       const float r = 1.0f / std::sqrt(squares / static_cast<float>(dv) + static_cast<float>(eps));
-      const float* gate = zp + bh * dv;
-      for (int64_t j = 0; j < dv; ++j) o[j] = nw[j] * (o[j] * r) * silu(gate[j]);
+      silu_mul_to(zp + bh * dv, nullptr, gate.data(), dv);
+      for (int64_t j = 0; j < dv; ++j) o[j] = nw[j] * (o[j] * r) * gate[j];
     }
   });
   return out;
@@ -210,8 +210,7 @@ at::Tensor causal_conv_silu_(const at::Tensor& x, at::Tensor state, const at::Te
         const float *in = row(t + j), *tap = taps.data() + j * C;
         for (int64_t c = 0; c < C; ++c) sum[c] += in[c] * tap[c];
       }
-      float* o = op + t * C;
-      for (int64_t c = 0; c < C; ++c) o[c] = silu(sum[c]);
+      silu_mul_to(sum.data(), nullptr, op + t * C, C);
     }
   });
   for (int64_t c = 0; c < C; ++c)

@@ -227,8 +227,9 @@ inline float exp_shifted(const float* x, float shift, float* y, int64_t n) {
   return sum;
 }
 
-// out[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u for n values (out may be g). The division is a reciprocal
-// estimate refined by one Newton step (~1 ulp; a vector division costs ~16 cycles and dominated this loop).
+// out[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u for n values (out may be g; u nullptr: silu alone). The division
+// is a reciprocal estimate refined by one Newton step (~1 ulp; a vector division costs ~16 cycles and dominated
+// this loop).
 inline void silu_mul_to(const float* g, const float* u, float* out, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -238,17 +239,18 @@ inline void silu_mul_to(const float* g, const float* u, float* out, int64_t n) {
     const __m512 d = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
     __m512 r = _mm512_rcp14_ps(d);
     r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, two));  // r (2 - d r)
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(x, r), _mm512_loadu_ps(u + i)));
+    const __m512 y = _mm512_mul_ps(x, r);
+    _mm512_storeu_ps(out + i, u ? _mm512_mul_ps(y, _mm512_loadu_ps(u + i)) : y);
   }
 #elif QE_VEC8
   const __m256 one = _mm256_set1_ps(1.0f);
   for (; i + 8 <= n; i += 8) {
     const __m256 x = _mm256_loadu_ps(g + i);
-    const __m256 d = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(x, d), _mm256_loadu_ps(u + i)));
+    const __m256 y = _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+    _mm256_storeu_ps(out + i, u ? _mm256_mul_ps(y, _mm256_loadu_ps(u + i)) : y);
   }
 #endif
-  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  for (; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * (u ? u[i] : 1.0f);
 }
 
 inline void silu_mul(float* g, const float* u, int64_t n) { silu_mul_to(g, u, g, n); }
