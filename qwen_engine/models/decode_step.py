@@ -97,8 +97,7 @@ def build(model: nn.Module):
         if attn is not None:
             heads = (None, None) if attn.q_norm is None else (_norm_scale(attn.q_norm), _norm_scale(attn.k_norm))
             step.add_layer(*norms, *heads, *parts["qkv"], *parts["o"][:2], *mlp_parts)
-            if cfg.linear_attention is not None or attn.output_gate or cfg.rotary_dim != cfg.head_dim:
-                step.set_attention(index, attn.layer, cfg.rotary_dim, attn.output_gate)
+            step.set_attention(index, attn.layer, cfg.rotary_dim, attn.output_gate)
         else:
             names = ("in_qkv", "in_z", "in_b", "in_a", "out_proj")
             step.add_linear_layer(*norms, [parts[n][0] for n in names], [parts[n][1] for n in names],

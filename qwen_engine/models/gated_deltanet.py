@@ -79,6 +79,7 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     heads, length, _ = q.shape
     out = v.new_empty(heads, length, v.shape[-1])
     native = kernels.native() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    solve = getattr(native, "unit_lower_solve", None)
     # (else each product copies its chunk, and the products' layouts follow these views')
     q, k, v, g, beta = q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
     for start in range(0, length, chunk):
@@ -93,8 +94,8 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         strictly = relative.masked_fill(torch.eye(n, dtype=torch.bool, device=q.device), 0.0)
         lower = bc * (kc @ kc.transpose(1, 2)) * strictly
         known = bc * (vc - decay[..., None] * (kc @ state))
-        if native is not None and hasattr(native, "unit_lower_solve"):
-            written = native.unit_lower_solve(lower.contiguous(), known.contiguous())
+        if solve is not None:
+            written = solve(lower.contiguous(), known.contiguous())
         else:
             system = torch.eye(n, device=q.device) + lower
             written = torch.linalg.solve_triangular(system, known, upper=False, unitriangular=True)
