@@ -136,9 +136,9 @@ class GatedDeltaNet(nn.Module):
         conv_state, delta_state = states.layer(self.index)
         gated = x.new_empty(x.shape[0], self.value_size)
         singles = states.single_rows
+        native = self._native_kernels(x, conv_state, delta_state)
         if singles is not None:  # sequences adding one token each: one batched update
             rows, slots = singles
-            native = self._native_kernels(x, conv_state, delta_state)
             if native is not None:
                 gated[rows] = native.deltanet_decode_(
                     mixed[rows].contiguous(), z[rows].contiguous(), b[rows].contiguous(), a[rows].contiguous(),
@@ -149,7 +149,6 @@ class GatedDeltaNet(nn.Module):
                 gated[rows] = self._decode_reference(mixed[rows], z[rows], b[rows], a[rows], slots, conv_state,
                                                      delta_state)
         weight = self.conv1d.weight[:, 0]  # [channels, kernel]
-        native = self._native_kernels(x, conv_state, delta_state) if states.runs else None
         for start, stop, slot in states.runs:  # prompt chunks, one sequence at a time
             beta, g = self._gates(b[start:stop], a[start:stop])
             if native is not None:  # convolution and SiLU in one pass, token-major
