@@ -34,10 +34,12 @@ def build_tiny(
     seed: int = 0,
     bfloat16: bool = False,
     dense_layers: tuple[int, ...] = (1,),
+    expert_widths: tuple[int, int] = (48, 80),
 ) -> torch.nn.Module:
     """Save a tiny `arch` ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "qwen3_5" or "qwen3_5_moe") model into `folder`; return the reference model (eager, fp32).
     `bfloat16`: saved in bfloat16, as Qwen publishes its checkpoints; the reference is then transformers loading
-    that checkpoint in float32. `dense_layers`: the MoE layers that keep a dense MLP."""
+    that checkpoint in float32. `dense_layers`: the MoE layers that keep a dense MLP; `expert_widths`: the experts'
+    and the shared expert's intermediate sizes."""
     import transformers
 
     rope = {"rope_type": "default", "rope_theta": 1_000_000.0}
@@ -50,7 +52,8 @@ def build_tiny(
     )
     # Mixtures of experts: 6 experts of width 48 (hidden ≠ 2·48, so a transposed expert layout could not pass),
     # 2 chosen per token; `dense_layers` keep a dense MLP (mlp_only_layers) so both kinds of layer are covered.
-    moe = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+    width, shared_width = expert_widths
+    moe = dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=width, decoder_sparse_step=1,
                mlp_only_layers=list(dense_layers))
     if arch == "qwen2":
         cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
@@ -76,7 +79,8 @@ def build_tiny(
         else:
             cfg = transformers.Qwen3_5MoeTextConfig(
                 **{k: v for k, v in common.items() if k != "intermediate_size"}, **hybrid,
-                num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)
+                num_experts=6, num_experts_per_tok=2, moe_intermediate_size=width,
+                shared_expert_intermediate_size=shared_width)
             cls = transformers.Qwen3_5MoeForCausalLM
     elif arch == "qwen3_next":  # Qwen3.5's hybrid layers with fused projections, and a MoE with a dense layer 1
         common = {**common, "num_hidden_layers": 4,
@@ -84,11 +88,11 @@ def build_tiny(
         cfg = transformers.Qwen3NextConfig(
             **common, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
             linear_value_head_dim=24, linear_conv_kernel_dim=4, tie_word_embeddings=False,
-            layer_types=["linear_attention", "full_attention"] * 2, **moe, shared_expert_intermediate_size=80,
+            layer_types=["linear_attention", "full_attention"] * 2, **moe, shared_expert_intermediate_size=shared_width,
             norm_topk_prob=True)
         cls = transformers.Qwen3NextForCausalLM
     elif arch == "qwen2_moe":  # Qwen1.5/Qwen2-MoE: q/k/v biases, a shared expert, weights not renormalised
-        cfg = transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=80, norm_topk_prob=False,
+        cfg = transformers.Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=shared_width, norm_topk_prob=False,
                                           tie_word_embeddings=False)
         cls = transformers.Qwen2MoeForCausalLM
     else:

@@ -51,7 +51,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add_layer", &DecodeStep::add_layer)
       .def("add_linear_layer", &DecodeStep::add_linear_layer)
       .def("set_attention", &DecodeStep::set_attention)
-      .def("set_int8", &DecodeStep::set_int8)
+      .def("set_int8", &DecodeStep::set_int8, py::arg("li"), py::arg("which"), py::arg("weight"), py::arg("scales"),
+           py::arg("bias"), py::arg("group"), py::arg("packed_rows"), py::arg("factors"), py::arg("offsets"),
+           py::arg("amx"), py::arg("planes"), py::arg("zero"), py::arg("append") = false)
       .def("set_moe", &DecodeStep::set_moe)
       .def_property_readonly("num_layers", &DecodeStep::num_layers)
       .def("set_profiling", &DecodeStep::set_profiling)

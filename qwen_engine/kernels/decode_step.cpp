@@ -79,6 +79,22 @@ DecodeStep::DecodeStep(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t 
       gemv_max_rows_(gemv_max_rows) {}
 
 at::Tensor DecodeStep::Linear::operator()(const at::Tensor& x, int64_t gemv_max_rows) const {
+  if (!parts.empty()) {
+    std::vector<at::Tensor> ys;
+    int64_t N = 0;
+    for (const auto& part : parts) N += ys.emplace_back(part(x, gemv_max_rows)).size(1);
+    const int64_t M = x.size(0);
+    auto y = at::empty({M, N}, x.options());
+    float* yp = y.data_ptr<float>();
+    int64_t n0 = 0;
+    for (const auto& part : ys) {  // (its rows of outputs into their columns)
+      const int64_t n = part.size(1);
+      const float* pp = part.data_ptr<float>();
+      for (int64_t m = 0; m < M; ++m) std::copy_n(pp + m * n, n, yp + m * N + n0);
+      n0 += n;
+    }
+    return y;
+  }
 #if QE_INT8
   if (group > 0)
     return int8_amx ? int8_linear_amx(x, int8_weight, packed_rows, int8_scales, bias, group, int8_factors)
@@ -152,7 +168,7 @@ void DecodeStep::set_attention(int64_t li, int64_t kv_index, int64_t rotary_dim,
 void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
                           c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows,
                           c10::optional<at::Tensor> factors, c10::optional<at::Tensor> offsets, bool amx,
-                          int64_t planes, int64_t zero) {
+                          int64_t planes, int64_t zero, bool append) {
   TORCH_CHECK(li >= 0 && li < num_layers(), "no layer ", li);
   Layer& l = layers_[li];
   DeltaNet* d = l.deltanet.get();
@@ -160,10 +176,37 @@ void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weigh
             : d == nullptr ? (which == "qkv" ? &l.qkv : which == "o" ? &l.o : nullptr)
             : which == "in_qkv" ? &d->in_qkv : which == "in_z" ? &d->in_z : which == "in_b" ? &d->in_b
             : which == "in_a" ? &d->in_a : which == "out_proj" ? &d->out_proj : nullptr;
+  if (p == nullptr && l.moe) p = expert_projection(*l.moe, which);
   TORCH_CHECK(p != nullptr, "no projection ", which);
   TORCH_CHECK(group > 0 && packed_rows > 0, "int8 weights must be packed (AMX tiles or units of rows)");
   TORCH_CHECK(!amx || int8_has_amx(), "AMX tiles are not available to this process");
-  *p = Linear{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx, planes, zero};
+  Linear made{{}, {}, bias, weight, scales, group, packed_rows, factors, offsets, amx, planes, zero};
+  if (!append) {
+    *p = std::move(made);
+    return;
+  }
+  TORCH_CHECK(p->group > 0 || !p->parts.empty(), "projection ", which, " has no int8 part to follow");
+  if (p->parts.empty()) {  // the product so far becomes the first part
+    Linear first = std::move(*p);
+    *p = Linear{{}, {}, c10::nullopt};
+    p->parts.push_back(std::move(first));
+  }
+  p->parts.push_back(std::move(made));
+}
+
+// A mixture's "experts.<e>.gate_up" / "experts.<e>.down" / "shared.gate_up" / "shared.down"; null for any other.
+DecodeStep::Linear* DecodeStep::expert_projection(Moe& m, const std::string& which) {
+  const auto dot = which.rfind('.');
+  if (dot == std::string::npos) return nullptr;
+  const std::string owner = which.substr(0, dot), kind = which.substr(dot + 1);
+  if (kind != "gate_up" && kind != "down") return nullptr;
+  if (owner == "shared") return !m.shared ? nullptr : kind == "gate_up" ? &m.shared_gate_up : &m.shared_down;
+  if (owner.rfind("experts.", 0) != 0) return nullptr;
+  const std::string number = owner.substr(8);
+  if (number.empty() || number.find_first_not_of("0123456789") != std::string::npos) return nullptr;
+  const size_t e = std::stoul(number);
+  if (e >= m.gate_up.size()) return nullptr;
+  return kind == "gate_up" ? &m.gate_up[e] : &m.down[e];
 }
 
 void DecodeStep::set_moe(int64_t li, std::vector<at::Tensor> router, std::vector<int64_t> router_types,
@@ -187,7 +230,7 @@ void DecodeStep::set_moe(int64_t li, std::vector<at::Tensor> router, std::vector
   moe->top_k = top_k;
   moe->width = width;
   moe->norm_topk = norm_topk;
-  moe->shared = !shared_gate_up.empty();
+  moe->shared = shared_width > 0;  // (its products' segments are empty where they are int8: set_int8 then)
   if (moe->shared) {
     moe->shared_gate_up = Linear{std::move(shared_gate_up), std::move(shared_gate_up_types), c10::nullopt};
     moe->shared_down = Linear{std::move(shared_down), std::move(shared_down_types), c10::nullopt};
@@ -347,25 +390,48 @@ void DecodeStep::mixture(const Moe& m, const at::Tensor& normed, float* xp, Cloc
   auto out = at::zeros({B, hidden_}, normed.options());
   float* op = out.data_ptr<float>();
   const float* np = normed.data_ptr<float>();
-  for (int64_t e = 0; e < experts; ++e) {
-    const auto& picks = rows_of[e];
-    if (picks.empty()) continue;
-    const int64_t n = static_cast<int64_t>(picks.size());
-    at::Tensor xe = normed;
-    if (n != B) {  // gather this expert's rows
-      xe = at::empty({n, hidden_}, normed.options());
-      float* xep = xe.data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
+  if (B == 1 && at::get_num_threads() > 1) {
+    // One token: its k experts are shared out between the threads whole, each run on one thread (the products'
+    // own parallel_for runs inline there), rather than each small product split across the threads in turn: a
+    // thread then streams several experts' weights back to back. Summed in ascending order as below.
+    std::vector<int64_t> chosen;
+    for (int64_t e = 0; e < experts; ++e)
+      if (!rows_of[e].empty()) chosen.push_back(e);
+    std::vector<at::Tensor> ys(chosen.size());
+    at::parallel_for(0, static_cast<int64_t>(chosen.size()), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t e = chosen[j];
+        const auto gate_up = m.gate_up[e](normed, gemv_max_rows_);
+        TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
+        ys[j] = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);
+      }
+    });
+    for (size_t j = 0; j < chosen.size(); ++j) {
+      const float* yp = ys[j].data_ptr<float>();
+      const float w = rows_of[chosen[j]][0].second;
+      for (int64_t c = 0; c < hidden_; ++c) op[c] += yp[c] * w;
     }
-    const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
-    TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
-    const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
-    const float* yp = y.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) {
-      float* o = op + picks[i].first * hidden_;
-      const float* yr = yp + i * hidden_;
-      const float w = picks[i].second;
-      for (int64_t c = 0; c < hidden_; ++c) o[c] += yr[c] * w;
+  } else {
+    for (int64_t e = 0; e < experts; ++e) {
+      const auto& picks = rows_of[e];
+      if (picks.empty()) continue;
+      const int64_t n = static_cast<int64_t>(picks.size());
+      at::Tensor xe = normed;
+      if (n != B) {  // gather this expert's rows
+        xe = at::empty({n, hidden_}, normed.options());
+        float* xep = xe.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
+      }
+      const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
+      TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
+      const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
+      const float* yp = y.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) {
+        float* o = op + picks[i].first * hidden_;
+        const float* yr = yp + i * hidden_;
+        const float w = picks[i].second;
+        for (int64_t c = 0; c < hidden_; ++c) o[c] += yr[c] * w;
+      }
     }
   }
   clock.lap(EXPERTS);

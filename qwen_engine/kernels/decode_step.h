@@ -34,11 +34,13 @@ class DecodeStep {
   // first rotary_dim), and Qwen3.5's output gate (q_proj gives each head's q, then its gate: attention · σ(gate)).
   void set_attention(int64_t li, int64_t kv_index, int64_t rotary_dim, bool output_gate);
 
-  // Makes projection `which` (qkv, o, gate_up, down; in_qkv, in_z, in_b, in_a, out_proj of a DeltaNet layer)
-  // of layer `li` a w8a8 product.
+  // Makes projection `which` (qkv, o, gate_up, down; in_qkv, in_z, in_b, in_a, out_proj of a DeltaNet layer;
+  // experts.<e>.gate_up, experts.<e>.down, shared.gate_up, shared.down of a mixture, after set_moe) of layer `li`
+  // a w8a8 (or a8) product; `append`: a further int8 part of it, whose outputs follow the earlier parts' (a8
+  // keeps a projection whose block types differ in their groups or packing as side-by-side parts).
   void set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,
                 c10::optional<at::Tensor> bias, int64_t group, int64_t packed_rows, c10::optional<at::Tensor> factors,
-                c10::optional<at::Tensor> offsets, bool amx, int64_t planes, int64_t zero);
+                c10::optional<at::Tensor> offsets, bool amx, int64_t planes, int64_t zero, bool append);
 
   // Makes layer `li`'s MLP a mixture of experts (its dense gate_up/down are then unused). Each expert is given
   // as its gate_up and down weight segments; `shared_*` is empty without a shared expert.
@@ -93,6 +95,7 @@ class DecodeStep {
     c10::optional<at::Tensor> int8_factors, int8_offsets;
     bool int8_amx = false;
     int64_t int8_planes = -1, int8_zero = 128;
+    std::vector<Linear> parts;  // more int8 products side by side (set_int8's append): outputs concatenated
     at::Tensor operator()(const at::Tensor& x, int64_t gemv_max_rows) const;
   };
 
@@ -136,6 +139,7 @@ class DecodeStep {
                         const at::Tensor& delta_pool, const at::Tensor& state_slots, Clock& clock) const;
 
   void mixture(const Moe& m, const at::Tensor& normed, float* xp, Clock& clock) const;
+  static Linear* expert_projection(Moe& m, const std::string& which);
   static at::Tensor check_vector(const at::Tensor& t, int64_t n, const char* what);
 
   int64_t hidden_, heads_, kv_heads_, head_dim_, intermediate_;

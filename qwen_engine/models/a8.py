@@ -21,6 +21,10 @@ same and changes nothing else:
   thirty-fifth pass). The integers are the same, so are the outputs. (Q6_K's two planes gained 1.0-1.1x at one
   row and lost 8-25 % at 4-32 rows: it stays in bytes.)
 
+Mixtures of experts: every expert's gate/up and down (and a shared expert's) are converted like a dense MLP's;
+the router and the shared expert's gate, a few outputs each, stay on the default path, so routing sees the
+float products (it can still choose differently where rounded activations upstream move a score past another).
+
 So its only loss is the activations' rounding. `benchmarks/compare.py` prints its mean KL divergence from the
 float32 model beside llama.cpp's. A product with a block type outside `GROUPS` (F16, BF16, other quants) stays on
 the default path's kernels. Embeddings, norms and attention stay float32.
@@ -127,7 +131,8 @@ def int8_form(blocks: torch.Tensor, qtype: Q, in_features: int,
 
 def store_path(source: Path) -> Path | None:
     """Where the a8 layers of the GGUF at `source` are kept (weights/w8a8_store.py), or None if turned off."""
-    kind = layout() + ("-nibbles" if layout() == "units16" else "")  # (stores of byte units only are made again)
+    # (stores made before nibble units, or before A8Parts, are made again: the same numbers, slower layouts)
+    kind = layout() + ("-nibbles" if layout() == "units16" else "") + "-parts"
     return w8a8_store.store_path(source, kind, mode=MODE)
 
 
@@ -250,11 +255,56 @@ class A8Linear(w8a8.W8A8Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}{offsets}"
 
 
+class A8Parts(nn.Module):
+    """Products side by side (q/k/v, gate/up) whose block types want different groups or packings — a Q6_K v
+    (groups of 16, bytes) beside Q4_K q and k (32, nibbles) — as one A8Linear each, outputs concatenated. One
+    A8Linear of them all would take the finest group and bytes for every part: the Q4_K_M files' q/k/v then read
+    1.5 bytes a weight instead of ~0.8 and scale every 16 products."""
+
+    def __init__(self, parts: list[A8Linear]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], -1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"part{i}.{key}": t for i, part in enumerate(self.parts) for key, t in part.tensors().items()}
+
+
+def _kind(qtype: Q) -> tuple:
+    return GROUPS[qtype], NIBBLES.get(qtype)
+
+
+def _a8_product(segments: list[tuple[torch.Tensor, Q]], in_features: int,
+                bias: torch.Tensor | None) -> A8Linear | A8Parts:
+    """One A8Linear for a weight's segments, or A8Parts where their kinds differ (runs of one kind each)."""
+    runs: list[list[tuple[torch.Tensor, Q]]] = []
+    for segment in segments:
+        if runs and _kind(runs[-1][-1][1]) == _kind(segment[1]):
+            runs[-1].append(segment)
+        else:
+            runs.append([segment])
+    if len(runs) == 1:
+        return A8Linear(segments, in_features, bias)
+    parts, row = [], 0
+    for run in runs:
+        rows = sum(int(raw.shape[0]) for raw, _ in run)
+        parts.append(A8Linear(run, in_features, None if bias is None else bias[row : row + rows]))
+        row += rows
+    return A8Parts(parts)
+
+
 def convertible(layers: list[nn.Module]) -> bool:
     return all(isinstance(x, QuantLinear) and all(t in GROUPS for t in x.qtypes) for x in layers)
 
 
-def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> A8Linear:
+def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str) -> A8Linear | A8Parts:
+    if f"{name}.part0.weight" in tensors:
+        count = sum(1 for key in tensors if key.startswith(f"{name}.part") and key.endswith(".weight"))
+        return A8Parts([_stored_layer(in_features, tensors, f"{name}.part{i}") for i in range(count)])
     nibbles = tensors.get(f"{name}.nibbles")
     planes, zero = (-1, 128) if nibbles is None else (int(nibbles[0]), int(nibbles[1]))
     return A8Linear.stored(in_features, tensors[f"{name}.weight"], tensors[f"{name}.scales"],
@@ -264,8 +314,8 @@ def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str)
 
 
 def convert(model: nn.Module, store=None) -> int:
-    """Replace the decoder's products and the LM head whose blocks have an exact int8 form by A8Linear (q/k/v
-    and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
+    """Replace the decoder's products (experts' too) and the LM head whose blocks have an exact int8 form by
+    A8Linear (q/k/v and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
     taken from it instead (w8a8_store.read), and fresh ones kept there. Returns how many layers were made."""
     products = [p for p in w8a8._products(model) if convertible(p[4])]
     stored = w8a8.from_store(store, products, _stored_layer) if store is not None else None
@@ -275,7 +325,8 @@ def convert(model: nn.Module, store=None) -> int:
             made[name] = stored[name]
         else:  # (GGUF loads stack q/k/v and gate/up already: weights/quantized.py, fuse_projections)
             joint = layers[0] if len(layers) == 1 else QuantLinear.stack(layers)
-            made[name] = A8Linear(list(zip(joint.blocks, joint.qtypes, strict=True)), joint.in_features, joint.bias)
+            made[name] = _a8_product(list(zip(joint.blocks, joint.qtypes, strict=True)), joint.in_features,
+                                     joint.bias)
             w8a8._release(layers)
         setattr(parent, attr, made[name])
         for p in parts:

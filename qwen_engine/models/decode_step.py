@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .a8 import A8Parts
 from .layers import ZeroCenteredRMSNorm
 from .moe import ExpertMixture
 from .quant import GEMV_MAX_ROWS, QuantLinear
@@ -28,7 +29,7 @@ def _segments(layers: list[nn.Module]) -> tuple[list[torch.Tensor], list[int], t
     types: list[int] = []
     biases: list[torch.Tensor | None] = []
     for layer in layers:
-        if isinstance(layer, W8A8Linear):  # set afterwards (DecodeStep.set_int8)
+        if _int8_parts(layer):  # set afterwards (DecodeStep.set_int8)
             return [], [], None
         if isinstance(layer, QuantLinear):
             blocks.extend(layer.blocks)
@@ -86,11 +87,13 @@ def build(model: nn.Module):
             return None
         if moe_args is None and mixture is not None:
             return None
-        w8 = {name: p[0] for name, p in projections.items() if p and isinstance(p[0], W8A8Linear)}
+        w8 = {name: _int8_parts(p[0]) for name, p in projections.items() if p and _int8_parts(p[0])}
+        if mixture is not None:  # the a8 mode's experts (set after set_moe, which makes their slots)
+            w8 |= _expert_int8(mixture)
         if any(bias is not None for name, (_, _, bias) in parts.items() if name != "qkv") or any(
-                w8[n].bias is not None for n in w8 if n != "qkv"):
+                p.bias is not None for n in w8 if n != "qkv" for p in w8[n]):
             return None  # Qwen has biases on q/k/v only; anything else is not this architecture
-        if w8 and (not int8 or any(p.packed is None or p.padded != p.in_features for p in w8.values())):
+        if w8 and (not int8 or any(p.packed is None for ps in w8.values() for p in ps)):  # (x is padded natively)
             return None
         norms = _norm_scale(layer.input_layernorm), _norm_scale(layer.post_attention_layernorm)
         mlp_parts = (*parts["gate_up"][:2], *parts["down"][:2])
@@ -104,12 +107,32 @@ def build(model: nn.Module):
                                   mixer.conv1d.weight.detach()[:, 0].contiguous(), mixer.A_log.detach(),
                                   mixer.dt_bias.detach(), mixer.norm.weight.detach(), mixer.num_k_heads, mixer.tiled,
                                   mixer.index, *mlp_parts)
-        for name, p in w8.items():
-            step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features, p.input_factors,
-                          p.weight_offsets, p.layout == "amx", p.planes, p.zero)
         if moe_args is not None:
             step.set_moe(index, *moe_args)
+        for name, ps in w8.items():
+            for i, p in enumerate(ps):
+                step.set_int8(index, name, p.packed, p.weight_scales, p.bias, p.group, p.out_features,
+                              p.input_factors, p.weight_offsets, p.layout == "amx", p.planes, p.zero, append=i > 0)
     return step
+
+
+def _int8_parts(layer: nn.Module) -> list[W8A8Linear]:
+    """The int8 products a layer is made of, side by side (one, or a8's A8Parts); empty for any other layer."""
+    if isinstance(layer, W8A8Linear):
+        return [layer]
+    return list(layer.parts) if isinstance(layer, A8Parts) else []
+
+
+def _expert_int8(mixture: ExpertMixture) -> dict[str, list[W8A8Linear]]:
+    """A mixture's int8 products by DecodeStep.set_int8's names for them."""
+    owners = [(f"experts.{j}", e) for j, e in enumerate(mixture.experts)]
+    owners += [("shared", mixture.shared_expert)] if mixture.shared_expert is not None else []
+    found = {}
+    for owner, mlp in owners:
+        for kind, layer in (("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
+            if _int8_parts(layer):
+                found[f"{owner}.{kind}"] = _int8_parts(layer)
+    return found
 
 
 def _norm_scale(norm: nn.Module) -> torch.Tensor:

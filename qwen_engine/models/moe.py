@@ -81,8 +81,15 @@ class ExpertMixture(nn.Module):
 
 
 
+def named_swiglus(mlp: nn.Module, prefix: str) -> list[tuple[str, SwiGLU]]:
+    """The SwiGLU MLPs a layer's `mlp` (named `prefix`) is made of, with their names: itself, or a mixture's
+    experts and shared expert (not its router or shared-expert gate)."""
+    if not isinstance(mlp, ExpertMixture):
+        return [(prefix, mlp)]
+    named = [(f"{prefix}.experts.{j}", expert) for j, expert in enumerate(mlp.experts)]
+    return named + ([(f"{prefix}.shared_expert", mlp.shared_expert)] if mlp.shared_expert is not None else [])
+
+
 def swiglus(mlp: nn.Module) -> list[SwiGLU]:
     """The SwiGLU MLPs a layer's `mlp` is made of: itself, or a mixture's experts and shared expert."""
-    if isinstance(mlp, ExpertMixture):
-        return [*mlp.experts, *([mlp.shared_expert] if mlp.shared_expert is not None else [])]
-    return [mlp]
+    return [swiglu for _, swiglu in named_swiglus(mlp, "mlp")]

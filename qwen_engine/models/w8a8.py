@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import kernels
 from ..weights import w8a8_store
+from .moe import named_swiglus
 from .quant import QuantLinear, dequantize
 
 # "w8a8-vision": the same, and a vision tower's linear layers in int8 too, its attention with int8 scores and
@@ -448,7 +449,8 @@ def _products(model: nn.Module) -> list[tuple[str, nn.Module, str, tuple[str, ..
             mixer = layer.linear_attn
             wanted = [(mixer, "linear_attn", attr, ()) for attr in
                       ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")]
-        wanted += [(mlp, "mlp", "gate_up_proj", ("gate_proj", "up_proj")), (mlp, "mlp", "down_proj", ())]
+        for where, swiglu in named_swiglus(mlp, "mlp"):
+            wanted += [(swiglu, where, "gate_up_proj", ("gate_proj", "up_proj")), (swiglu, where, "down_proj", ())]
         for parent, where, attr, parts in wanted:
             current = getattr(parent, attr, None)
             layers = [current] if current is not None else [getattr(parent, p, None) for p in parts]
