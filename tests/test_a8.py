@@ -324,3 +324,19 @@ def test_mixture_of_experts(arch, tmp_path, qwen3_tokenizer_dir):
     assert 0 < kl < 1.5e-2
     if hasattr(kernels.native() or object(), "int8_linear_units"):
         assert_same_steps(lossy, PROMPTS, 1e-3)
+
+
+def test_memory_estimate_and_refusal(tmp_path, qwen3_tokenizer_dir, monkeypatch):
+    """The converted layers' size is known before converting (within 1 % of what is made), and a machine without
+    that much memory available gets a clear refusal instead of the out-of-memory killer."""
+    model = build_tiny("qwen3_moe", tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=24, expert_widths=(96, 160))
+    write_gguf(model, qwen3_tokenizer_dir, tmp_path / "tiny.gguf", types=MOE_TYPES)
+    estimates = []
+    estimate = a8.converted_bytes
+    monkeypatch.setattr(a8, "converted_bytes", lambda products: estimates.append(estimate(products)) or estimates[-1])
+    lossy = LLM(tmp_path / "tiny.gguf", progress=False, quantization="a8")
+    made = sum(t.numel() * t.element_size() for m in products(lossy.model).values() for t in m.tensors().values())
+    assert abs(estimates[0] - made) < 0.01 * made, (estimates, made)
+    monkeypatch.setattr(a8, "available_memory", lambda: estimates[0] - 1)
+    with pytest.raises(InputError, match=r"would take ~.* GiB of memory and .* GiB are available"):
+        LLM(tmp_path / "tiny.gguf", progress=False, quantization="a8")

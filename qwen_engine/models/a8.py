@@ -313,12 +313,46 @@ def _stored_layer(in_features: int, tensors: dict[str, torch.Tensor], name: str)
                            planes=planes, zero=zero)
 
 
+def converted_bytes(products: list) -> int:
+    """About how many bytes the a8 layers of `products` (w8a8._products' rows) take: int8 weights (4-bit codes and
+    bit planes where nibble units are kept), a float32 scale per group, and an offset per group for Q4_K/Q5_K."""
+    nibbles = layout() == "units16"
+    total = 0
+    for _, _, _, _, layers in products:
+        for layer in layers:
+            K = w8a8.padded_size(layer.in_features)
+            for raw, qtype in zip(layer.blocks, layer.qtypes, strict=True):
+                group = GROUPS[qtype]
+                weight = (4 + NIBBLES[qtype][0]) / 8 if nibbles and qtype in NIBBLES else 1.0
+                per_value = weight + 4 / group * (2 if qtype in (Q.Q4_K, Q.Q5_K) else 1)
+                total += int(raw.shape[0] * K * per_value)
+    return total
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (free memory plus what the kernel can reclaim, such as a mapped
+    file's pages), or None where there is no such file."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def convert(model: nn.Module, store=None) -> int:
     """Replace the decoder's products (experts' too) and the LM head whose blocks have an exact int8 form by
     A8Linear (q/k/v and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
     taken from it instead (w8a8_store.read), and fresh ones kept there. Returns how many layers were made."""
     products = [p for p in w8a8._products(model) if convertible(p[4])]
     stored = w8a8.from_store(store, products, _stored_layer) if store is not None else None
+    if stored is None:  # the converted layers are all in memory before they are kept (or for good, without a store)
+        need, have = converted_bytes(products), available_memory()
+        if have is not None and need > have:
+            raise MemoryError(f"its int8 layers would take ~{need / 2**30:.1f} GiB of memory and "
+                              f"{have / 2**30:.1f} GiB are available; run without it (the file's own blocks, mapped)")
     made = {}
     for name, parent, attr, parts, layers in products:
         if stored is not None:

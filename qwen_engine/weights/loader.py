@@ -144,6 +144,8 @@ def load_model(
             a8.convert(loaded.model, store=a8.store_path(source.path))
         except ValueError as e:
             raise ModelLoadError(f"quantization='a8': {e}") from None
+        except MemoryError as e:
+            raise InputError(f"quantization='a8': {e}") from None
     elif quantization is not None:
         calibration = calibration_ids(loaded.tokenizer)  # for the smoothing (models/w8a8.py); None if turned off
         w8a8.convert(loaded.model, store=w8a8_store.store_path(source.path, w8a8.store_kind(calibration)),
