@@ -108,8 +108,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--quantization", choices=["a8", "w8a8", "w8a8-vision"], help="optional lossy modes with int8 "
                    "products: a8 keeps a GGUF's own weights and rounds only the activations to int8, as llama.cpp "
-                   "does; w8a8 also re-quantises the weights to int8 (any model but mixtures of experts); w8a8-vision: a vision tower too, "
-                   "with bf16 attention products (see docs/usage.md)")
+                   "does; w8a8 also re-quantises the weights to int8 (any model but mixtures of experts); "
+                   "w8a8-vision: a vision tower too, with bf16 attention products (see docs/usage.md)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="type the KV cache stores (default auto: the model's); float16 holds twice the tokens in "
                    "the same memory, bfloat16 also speeds long contexts; lossy (see docs/usage.md)")

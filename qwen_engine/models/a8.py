@@ -344,8 +344,10 @@ def available_memory() -> int | None:
 
 def convert(model: nn.Module, store=None) -> int:
     """Replace the decoder's products (experts' too) and the LM head whose blocks have an exact int8 form by
-    A8Linear (q/k/v and gate/up one layer each). With `store` (weights/w8a8_store.py), the layers an earlier load kept there are
-    taken from it instead (w8a8_store.read), and fresh ones kept there. Returns how many layers were made."""
+    A8Linear (q/k/v and gate/up one layer each, or A8Parts where their block types differ in kind). With `store`
+    (weights/w8a8_store.py), the layers an earlier load kept there are taken from it instead (w8a8_store.read),
+    and fresh ones kept there. Raises MemoryError, before converting, where the layers would not fit in the
+    memory available. Returns how many layers were made."""
     products = [p for p in w8a8._products(model) if convertible(p[4])]
     stored = w8a8.from_store(store, products, _stored_layer) if store is not None else None
     if stored is None:  # the converted layers are all in memory before they are kept (or for good, without a store)
