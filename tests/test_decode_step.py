@@ -94,6 +94,7 @@ def test_mixtures_of_experts(arch, source, tmp_path, qwen3_tokenizer_dir):
         write_gguf(ref, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
     llm = LLM(tmp_path / "tiny.gguf" if source == "gguf" else tmp_path / "hf")
     assert_same_steps(llm, PROMPTS, 1e-4)
+    assert_same_steps(llm, PROMPTS[1:2], 1e-4)  # one sequence: its experts shared out between the threads
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
