@@ -200,10 +200,10 @@ def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
     lossy = LLM(demo_gguf, progress=False, quantization="a8")
     made = [m for m in lossy.model.modules() if isinstance(m, a8.A8Linear)]
     # q/k/v, o, gate/up, down per layer, and the LM head; half the layers' q/k/v are Q5_0 q and k beside a Q8_0 v,
-    # which A8Parts keeps as two products (the Q5_0 pair in nibbles)
+    # which A8Parts keeps as two products where the Q5_0 pair goes in nibbles (AVX-512 VNNI; one group of 32 for all)
     split = [layer.self_attn.qkv_proj for layer in lossy.model.model.layers
              if isinstance(layer.self_attn.qkv_proj, a8.A8Parts)]
-    assert len(split) == 12 and all(len(p.parts) == 2 for p in split)
+    assert len(split) == (12 if a8.layout() == "units16" else 0) and all(len(p.parts) == 2 for p in split)
     assert len(made) == 4 * lossy.config.num_layers + 1 + len(split)
     if a8.layout() == "units16":  # Q5_0 (o, gate/up, q/k/v), Q4_K (half the down) in nibble units
         nibbles = sum(m.layout == "nibbles16" for m in made)
@@ -228,14 +228,17 @@ def test_demo_model(demo_gguf, demo_llm, tmp_path, monkeypatch):
 
 def test_gguf_with_types_a8_leaves_alone(tmp_path, qwen3_tokenizer_dir):
     """The test GGUF's mix: q Q8_0 with k F16 and v BF16 (the stacked q/k/v stays on the default kernels), o Q4_0,
-    gate Q8_0 with up Q5_0 (int8, two parts: A8Parts), down and the LM head F16 (default kernels): both kinds in one decode step."""
+    gate Q8_0 with up Q5_0 (int8), down and the LM head F16 (default kernels): both kinds in one decode step."""
     model = build_tiny("qwen3", tmp_path / "hf", tokenizer_dir=qwen3_tokenizer_dir, seed=12)
     write_gguf(model, qwen3_tokenizer_dir, tmp_path / "tiny.gguf")
     exact = LLM(tmp_path / "tiny.gguf", progress=False)
     lossy = LLM(tmp_path / "tiny.gguf", progress=False, quantization="a8")
     layer = lossy.model.model.layers[0]
     assert isinstance(layer.self_attn.o_proj, a8.A8Linear)
-    assert [type(p) for p in layer.mlp.gate_up_proj.parts] == [a8.A8Linear] * 2  # bytes and (AVX-512) nibbles
+    if a8.layout() == "units16":  # Q8_0 gate in bytes beside the Q5_0 up in nibbles: A8Parts
+        assert [type(p) for p in layer.mlp.gate_up_proj.parts] == [a8.A8Linear] * 2
+    else:  # the same group of 32, in bytes: one product
+        assert isinstance(layer.mlp.gate_up_proj, a8.A8Linear)
     assert not isinstance(layer.self_attn.qkv_proj, a8.A8Linear) and not isinstance(layer.mlp.down_proj, a8.A8Linear)
     if hasattr(kernels.native() or object(), "int8_linear_units"):
         assert_same_steps(lossy, PROMPTS, 1e-4)

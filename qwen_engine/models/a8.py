@@ -274,16 +274,18 @@ class A8Parts(nn.Module):
         return {f"part{i}.{key}": t for i, part in enumerate(self.parts) for key, t in part.tensors().items()}
 
 
-def _kind(qtype: Q) -> tuple:
-    return GROUPS[qtype], NIBBLES.get(qtype)
-
-
 def _a8_product(segments: list[tuple[torch.Tensor, Q]], in_features: int,
                 bias: torch.Tensor | None) -> A8Linear | A8Parts:
-    """One A8Linear for a weight's segments, or A8Parts where their kinds differ (runs of one kind each)."""
+    """One A8Linear for a weight's segments, or A8Parts where their kinds differ (runs of one kind each): the
+    group, and with AVX-512 VNNI (nibble units) the packing."""
+    nibbles = layout() == "units16"
+
+    def kind(qtype: Q) -> tuple:
+        return GROUPS[qtype], NIBBLES.get(qtype) if nibbles else None
+
     runs: list[list[tuple[torch.Tensor, Q]]] = []
     for segment in segments:
-        if runs and _kind(runs[-1][-1][1]) == _kind(segment[1]):
+        if runs and kind(runs[-1][-1][1]) == kind(segment[1]):
             runs[-1].append(segment)
         else:
             runs.append([segment])
