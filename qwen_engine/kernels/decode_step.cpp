@@ -194,13 +194,14 @@ void DecodeStep::set_int8(int64_t li, const std::string& which, at::Tensor weigh
   p->parts.push_back(std::move(made));
 }
 
-// A mixture's "experts.<e>.gate_up" / "experts.<e>.down" / "shared.gate_up" / "shared.down"; null for any other.
+// A mixture's "experts.<e>.gate_up" / "experts.<e>.down" / "shared_expert.gate_up" / "shared_expert.down"; null for
+// any other.
 DecodeStep::Linear* DecodeStep::expert_projection(Moe& m, const std::string& which) {
   const auto dot = which.rfind('.');
   if (dot == std::string::npos) return nullptr;
   const std::string owner = which.substr(0, dot), kind = which.substr(dot + 1);
   if (kind != "gate_up" && kind != "down") return nullptr;
-  if (owner == "shared") return !m.shared ? nullptr : kind == "gate_up" ? &m.shared_gate_up : &m.shared_down;
+  if (owner == "shared_expert") return !m.shared ? nullptr : kind == "gate_up" ? &m.shared_gate_up : &m.shared_down;
   if (owner.rfind("experts.", 0) != 0) return nullptr;
   const std::string number = owner.substr(8);
   if (number.empty() || number.find_first_not_of("0123456789") != std::string::npos) return nullptr;
@@ -390,6 +391,11 @@ void DecodeStep::mixture(const Moe& m, const at::Tensor& normed, float* xp, Cloc
   auto out = at::zeros({B, hidden_}, normed.options());
   float* op = out.data_ptr<float>();
   const float* np = normed.data_ptr<float>();
+  const auto expert_output = [&](int64_t e, const at::Tensor& x) {  // [rows, hidden]
+    const auto gate_up = m.gate_up[e](x, gemv_max_rows_);
+    TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
+    return m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);
+  };
   if (B == 1 && at::get_num_threads() > 1) {
     // One token: its k experts are shared out between the threads whole, each run on one thread (the products'
     // own parallel_for runs inline there), rather than each small product split across the threads in turn: a
@@ -399,12 +405,7 @@ void DecodeStep::mixture(const Moe& m, const at::Tensor& normed, float* xp, Cloc
       if (!rows_of[e].empty()) chosen.push_back(e);
     std::vector<at::Tensor> ys(chosen.size());
     at::parallel_for(0, static_cast<int64_t>(chosen.size()), 1, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t e = chosen[j];
-        const auto gate_up = m.gate_up[e](normed, gemv_max_rows_);
-        TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
-        ys[j] = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);
-      }
+      for (int64_t j = j0; j < j1; ++j) ys[j] = expert_output(chosen[j], normed);
     });
     for (size_t j = 0; j < chosen.size(); ++j) {
       const float* yp = ys[j].data_ptr<float>();
@@ -422,9 +423,7 @@ void DecodeStep::mixture(const Moe& m, const at::Tensor& normed, float* xp, Cloc
         float* xep = xe.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) std::copy_n(np + picks[i].first * hidden_, hidden_, xep + i * hidden_);
       }
-      const auto gate_up = m.gate_up[e](xe, gemv_max_rows_);
-      TORCH_CHECK(gate_up.size(1) == 2 * m.width, "expert ", e, " gate/up has ", gate_up.size(1), " outputs");
-      const auto y = m.down[e](silu_mul_in_place(gate_up, m.width), gemv_max_rows_);  // [n, hidden]
+      const auto y = expert_output(e, xe);
       const float* yp = y.data_ptr<float>();
       for (int64_t i = 0; i < n; ++i) {
         float* o = op + picks[i].first * hidden_;

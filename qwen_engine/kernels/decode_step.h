@@ -35,7 +35,7 @@ class DecodeStep {
   void set_attention(int64_t li, int64_t kv_index, int64_t rotary_dim, bool output_gate);
 
   // Makes projection `which` (qkv, o, gate_up, down; in_qkv, in_z, in_b, in_a, out_proj of a DeltaNet layer;
-  // experts.<e>.gate_up, experts.<e>.down, shared.gate_up, shared.down of a mixture, after set_moe) of layer `li`
+  // experts.<e>.gate_up / down, shared_expert.gate_up / down of a mixture, after set_moe) of layer `li`
   // a w8a8 (or a8) product; `append`: a further int8 part of it, whose outputs follow the earlier parts' (a8
   // keeps a projection whose block types differ in their groups or packing as side-by-side parts).
   void set_int8(int64_t li, const std::string& which, at::Tensor weight, at::Tensor scales,

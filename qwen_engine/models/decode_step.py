@@ -16,7 +16,7 @@ from torch import nn
 from .. import kernels
 from .a8 import A8Parts
 from .layers import ZeroCenteredRMSNorm
-from .moe import ExpertMixture
+from .moe import ExpertMixture, named_swiglus
 from .quant import GEMV_MAX_ROWS, QuantLinear
 from .w8a8 import W8A8Linear
 
@@ -87,7 +87,7 @@ def build(model: nn.Module):
             return None
         if moe_args is None and mixture is not None:
             return None
-        w8 = {name: _int8_parts(p[0]) for name, p in projections.items() if p and _int8_parts(p[0])}
+        w8 = {name: int8 for name, p in projections.items() if p and (int8 := _int8_parts(p[0]))}
         if mixture is not None:  # the a8 mode's experts (set after set_moe, which makes their slots)
             w8 |= _expert_int8(mixture)
         if any(bias is not None for name, (_, _, bias) in parts.items() if name != "qkv") or any(
@@ -124,14 +124,12 @@ def _int8_parts(layer: nn.Module) -> list[W8A8Linear]:
 
 
 def _expert_int8(mixture: ExpertMixture) -> dict[str, list[W8A8Linear]]:
-    """A mixture's int8 products by DecodeStep.set_int8's names for them."""
-    owners = [(f"experts.{j}", e) for j, e in enumerate(mixture.experts)]
-    owners += [("shared", mixture.shared_expert)] if mixture.shared_expert is not None else []
+    """A mixture's int8 products by DecodeStep.set_int8's names for them ("experts.3.gate_up", "shared_expert.down")."""
     found = {}
-    for owner, mlp in owners:
+    for owner, mlp in named_swiglus(mixture, "mlp"):
         for kind, layer in (("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
-            if _int8_parts(layer):
-                found[f"{owner}.{kind}"] = _int8_parts(layer)
+            if int8 := _int8_parts(layer):
+                found[f"{owner.removeprefix('mlp.')}.{kind}"] = int8
     return found
 
 

@@ -134,8 +134,8 @@ def load_model(
             raise ModelLoadError(f"{source.name}: {e}") from None
         raise
     if quantization in w8a8.MODES and loaded.config.moe is not None:  # (its smoothing is calibrated per product)
-        raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it, or use 'a8' "
-                         "(a GGUF's own weights, int8 activations)")
+        raise InputError(f"quantization={quantization!r} does not run mixture-of-experts models yet; drop it, or "
+                         "use 'a8' (a GGUF's own weights, int8 activations)")
     if quantization == a8.MODE:
         if not any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             raise InputError("quantization='a8' keeps a GGUF's own quantised weights; this model has none "
