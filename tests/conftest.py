@@ -15,9 +15,14 @@ from video_helpers import define_torchvision_ops
 define_torchvision_ops()
 
 if not os.environ.get("QWEN_ENGINE_HOME"):
+    import atexit
+    import shutil
     import tempfile
 
+    # ~0.5 GB a run (the assembled demo model, converted stores): removed when the run ends, or repeated runs
+    # on one machine fill its disk.
     os.environ["QWEN_ENGINE_HOME"] = tempfile.mkdtemp(prefix="qwen-engine-test-home-")
+    atexit.register(shutil.rmtree, os.environ["QWEN_ENGINE_HOME"], ignore_errors=True)
 
 # Tests never reach the network: transformers is the offline reference.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
