@@ -10,7 +10,8 @@
 //   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
 //     of x. Q8_0 and Q5_0 decode to unscaled integers (Q5_0 with one two-table permute per 16 values, in a
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
-//     and Q6_K at M = 1 factor their scales out of the inner loop. The weights are prefetched into L2 16 KiB
+//     and Q6_K at M = 1 factor their scales out of the inner loop (AVX-512 Q4_K: x in its nibbles' lane order,
+//     q4k_lanes_x). The weights are prefetched into L2 16 KiB
 //     ahead. K-quants with 2-8 rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
 //     Q5F (1-8 rows) and Q6F (1 row): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8 rows
 //     decodes each 8 values once for all rows, as the K-quants.
@@ -25,6 +26,7 @@
 // Block layouts and their decoding: quant_blocks.h.
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
@@ -140,13 +142,40 @@ void sums32(const float* x, int64_t K, float* out) {
     out[b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(x + 32 * b), _mm512_loadu_ps(x + 32 * b + 16)));
 }
 
-// One row of x against Q4_K weight row n, scales factored out: sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], with
-// the nibbles turned into floats by one permute each and xs the 32-value sums of x.
-void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xs, float* y,
+// Q4_K at one row of x reads 64 bytes of nibbles at a time as 16 int32 lanes, each lane 8 nibbles: vector (h, n)
+// holds nibble n of every lane of bytes 64h..64h+63 of a block's qs, so lanes 0-7 hold sub-block 4h + n % 2 and
+// lanes 8-15 sub-block 4h + 2 + n % 2, values 4 * lane + n / 2 of them. x is put in that order once per call
+// (q4k_lanes_x); a nibble becomes a float by a shift and a permute. The kernel before widened 16 bytes at a time
+// and permuted both nibbles of each: this one runs 1.29x faster in L2 (benchmarks/gemv_q4k.py), a one-stream
+// decode step of the Qwen3-30B-A3B-shaped file ~1.1x (docs/benchmarks.md, thirty-ninth pass).
+int16_t q4k_lane_source(int i) {  // the value of a 256-block that position i of the lane order holds
+  const int h = i / 128, n = (i / 16) % 8, lane = i % 16;
+  return static_cast<int16_t>(32 * (2 * (2 * h + lane / 8) + n % 2) + 4 * (lane % 8) + n / 2);
+}
+
+void q4k_lanes_x(const float* x, int64_t K, float* out) {
+  static const auto order = [] {
+    std::array<int16_t, 256> o{};
+    for (int i = 0; i < 256; ++i) o[i] = q4k_lane_source(i);
+    return o;
+  }();
+  for (int64_t b = 0; b < K; b += 256)
+    for (int i = 0; i < 256; ++i) out[b + i] = x[b + order[i]];
+}
+
+// One row of x (xl: in the lane order above) against Q4_K weight row n, scales factored out:
+// sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], xs the 32-value sums of x.
+void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xl, const float* xs, float* y,
                const float* bias, int64_t n) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Per (h, parity): the sub-block scales of lanes 0-7 and 8-15, picked from the block's 8
+  const __m512i pick[4] = {
+      _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+      _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
+      _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+      _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
   const uint8_t* row = W + n * row_bytes;
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   __m256 accm = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 256; ++b) {
     const uint8_t* blk = row + b * Q4_K::BYTES;
@@ -154,23 +183,24 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, c
     __m256 ds, dm;
     q4k_scales(blk, ds, dm);
     accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
-    alignas(32) float dsa[8];
-    _mm256_store_ps(dsa, ds);
-    const uint8_t* qs = blk + 16;
-    const float* xb = x + 256 * b;
-    for (int g = 0; g < 4; ++g) {
-      const __m512i q0 = bytes16(qs + 32 * g), q1 = bytes16(qs + 32 * g + 16);
-      const float* xg = xb + 64 * g;
-      const __m512 lo = _mm512_fmadd_ps(_mm512_permutexvar_ps(q1, iota), _mm512_loadu_ps(xg + 16),
-                                        _mm512_mul_ps(_mm512_permutexvar_ps(q0, iota), _mm512_loadu_ps(xg)));
-      const __m512 hi = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q1, 4), iota), _mm512_loadu_ps(xg + 48),
-                                        _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q0, 4), iota),
-                                                      _mm512_loadu_ps(xg + 32)));
-      acc0 = _mm512_fmadd_ps(lo, _mm512_set1_ps(dsa[2 * g]), acc0);
-      acc1 = _mm512_fmadd_ps(hi, _mm512_set1_ps(dsa[2 * g + 1]), acc1);
+    const __m512 ds16 = _mm512_castps256_ps512(ds);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i w = _mm512_loadu_si512(blk + 16 + 64 * h);
+      const float* xh = xl + 256 * b + 128 * h;
+      // nibble k of each lane as a float: the permute reads only an index's low 4 bits
+      auto value = [&](int k) { return _mm512_permutexvar_ps(k == 0 ? w : _mm512_srli_epi32(w, 4 * k), iota); };
+      __m512 even = _mm512_mul_ps(value(0), _mm512_loadu_ps(xh));
+      __m512 odd = _mm512_mul_ps(value(1), _mm512_loadu_ps(xh + 16));
+      for (int k = 2; k < 8; k += 2) {
+        even = _mm512_fmadd_ps(value(k), _mm512_loadu_ps(xh + 16 * k), even);
+        odd = _mm512_fmadd_ps(value(k + 1), _mm512_loadu_ps(xh + 16 * k + 16), odd);
+      }
+      acc[2 * h] = _mm512_fmadd_ps(even, _mm512_permutexvar_ps(pick[2 * h], ds16), acc[2 * h]);
+      acc[2 * h + 1] = _mm512_fmadd_ps(odd, _mm512_permutexvar_ps(pick[2 * h + 1], ds16), acc[2 * h + 1]);
     }
   }
-  y[n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - hsum8(accm) + (bias ? bias[n] : 0.0f);
+  const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+  y[n] = _mm512_reduce_add_ps(sum) - hsum8(accm) + (bias ? bias[n] : 0.0f);
 }
 
 // Sum of every 16 values of x (K / 16 floats): the part of a Q6_K product that its offset -32 scales.
@@ -1030,6 +1060,7 @@ struct XForms {
   const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
   const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
+  const float* xl;    // x in gemv1_q4k's lane order (one row of x with a Q4_K segment, AVX-512)
   const float* xf;    // x as fields_x<Q5F> (up to REG_ROWS rows with a Q5F segment)
   const float* xf6;   // x as fields_x<Q6F> (one row of x with a Q6F segment)
   int64_t M, Mp;
@@ -1047,7 +1078,7 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
     if (in.M <= REG_ROWS) return gemv_q6f(W, row_bytes, K, in.x, in.xf6, in.xs16, in.M, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
-      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, x, in.xs, y, bias, n);
+      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, in.xl, in.xs, y, bias, n);
       return;
     }
   if constexpr (std::is_same<B, Q6_K>::value)
@@ -1229,7 +1260,7 @@ int64_t amx_min_rows(const std::vector<Segment>& segs, int64_t K) {
 // cache-tile GEMM over the transposed x (more rows).
 void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segment>& segs, int64_t N,
                   const float* bias_ptr, float* yp, const at::TensorOptions& options) {
-  XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
+  XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
   at::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
 #if QE_AVX512 || QE_AVX2
   bool any_q4k = false, any_q5f = false;
@@ -1245,6 +1276,14 @@ void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segme
     for (int64_t m = 0; m < M; ++m) sums32(xp + m * K, K, xs.data_ptr<float>() + m * (K / 32));
     in.xs = xs.data_ptr<float>();
   }
+#if QE_AVX512
+  at::Tensor xl;
+  if (any_q4k && M == 1) {
+    xl = at::empty({K}, options);
+    q4k_lanes_x(xp, K, xl.data_ptr<float>());
+    in.xl = xl.data_ptr<float>();
+  }
+#endif
   bool any_q6k = false, any_q6f = false;
   for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
   if (M == 1 && any_q6f) {  // (more rows read x as it is)
