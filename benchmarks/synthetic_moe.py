@@ -34,7 +34,8 @@ import numpy as np
 
 Q = gguf.GGMLQuantizationType
 VOCAB = 151936
-SHAPE = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, layers=48, experts=16, used=8, expert_width=768)
+SHAPE = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, layers=48, experts=16, used=8, expert_width=768,
+             width=6144)  # (width: the dense MLP width Qwen3-30B-A3B's config states; no layer has one)
 DENSE_SHAPE = dict(hidden=2048, heads=16, kv_heads=8, head_dim=128, layers=28, width=6144)  # Qwen3-1.7B
 
 
@@ -70,7 +71,7 @@ def write(path: Path, seed: int = 0, dense: bool = False) -> None:
     w.add_context_length(40960)
     w.add_embedding_length(s["hidden"])
     w.add_block_count(s["layers"])
-    w.add_feed_forward_length(s["width"] if dense else 6144)
+    w.add_feed_forward_length(s["width"])
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv_heads"])
     w.add_key_length(s["head_dim"])
