@@ -144,7 +144,7 @@ void sums32(const float* x, int64_t K, float* out) {
 
 // Q4_K at one row of x reads 64 bytes of nibbles at a time as 16 int32 lanes, each lane 8 nibbles: vector (h, n)
 // holds nibble n of every lane of bytes 64h..64h+63 of a block's qs, so lanes 0-7 hold sub-block 4h + n % 2 and
-// lanes 8-15 sub-block 4h + 2 + n % 2, values 4 * lane + n / 2 of them. x is put in that order once per call
+// lanes 8-15 sub-block 4h + 2 + n % 2, value 4 * (lane % 8) + n / 2 of it. x is put in that order once per call
 // (q4k_lanes_x); a nibble becomes a float by a shift and a permute. The kernel before widened 16 bytes at a time
 // and permuted both nibbles of each: this one, two weight rows a pass, runs 1.18-1.4x faster in L2
 // (benchmarks/gemv_q4k.py); one-stream decode steps of Q4_K files 1.1-1.2x (docs/benchmarks.md, thirty-ninth pass).
