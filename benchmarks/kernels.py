@@ -71,7 +71,8 @@ def weights(path: Path) -> tuple[dict[str, list], list]:
     for i in layers:
         p = f"blk.{i}."
         names = [p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"]
-        bias = torch.cat([f(p + "attn_q.bias"), f(p + "attn_k.bias"), f(p + "attn_v.bias")])
+        biased = p + "attn_q.bias" in t  # Qwen2 has q/k/v biases, Qwen3 none
+        bias = torch.cat([f(p + "attn_q.bias"), f(p + "attn_k.bias"), f(p + "attn_v.bias")]) if biased else None
         kinds["qkv"].append(([w(n) for n in names], [qt(n) for n in names], bias))
         kinds["attn_output"].append(([w(p + "attn_output.weight")], [qt(p + "attn_output.weight")], None))
         names = [p + "ffn_gate.weight", p + "ffn_up.weight"]
@@ -80,7 +81,8 @@ def weights(path: Path) -> tuple[dict[str, list], list]:
         kind = "down Q4_K" if qt(down) == int(gguf.GGMLQuantizationType.Q4_K) else "down Q6_K"
         kinds[kind].append(([w(down)], [qt(down)], None))
         order += [kinds["qkv"][-1], kinds["attn_output"][-1], kinds["gate+up"][-1], kinds[kind][-1]]
-    kinds["lm_head"].append(([w("output.weight")], [qt("output.weight")], None))
+    head = "output.weight" if "output.weight" in t else "token_embd.weight"  # tied embeddings
+    kinds["lm_head"].append(([w(head)], [qt(head)], None))
     return kinds, order + kinds["lm_head"]
 
 

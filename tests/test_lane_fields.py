@@ -67,6 +67,20 @@ def test_products_on_every_path(native, layout, rows, batch):
     assert within_rounding(y, x, reference(raw, layout.source, cols))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_long_rows_at_2_to_8_rows_of_x(native, layout):
+    """Q6F at 7-8 rows reads x interleaved and scaled (fields_x) in chunks of K (in_chunks): K of whole chunks
+    and a partial last one, with a bias; fewer rows read x as given."""
+    cols = layout.widths[-1]
+    raw, fields = layout.blocks(native, 37, cols, seed=5)
+    w = reference(raw, layout.source, cols)
+    bias = torch.randn(37)
+    for batch in range(2, 9):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        y = native.linear(x, [fields], [int(layout.fields)], bias, GEMV_MAX_ROWS)
+        assert within_rounding(y - bias, x, w), batch
+
+
 @pytest.mark.parametrize("batch", [1, 2, 4, 8, 9, GEMV_MAX_ROWS + 1])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_stacked_with_ggml_types_and_a_bias(native, layout, batch):

@@ -132,6 +132,21 @@ def test_long_k_quant_rows_in_chunks_of_k(native, qtype, cols, wide):
         native.set_wide_vectors(was)
 
 
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q5_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", [896, 1056, 2048, 4864])
+def test_long_rows_of_32_value_blocks_in_chunks_of_k(native, qtype, cols):
+    """From 6 rows of x, Q8_0 and Q5_0 take K in chunks (in_chunks) once it outgrows two chunks (1024 values
+    at 8 rows): none at 896, a partial last chunk at 1056, whole ones at 2048 (a Qwen3-1.7B LM head's K)."""
+    rows = 37
+    raw = random_blocks(qtype, rows, cols, seed=cols)
+    w = reference(raw, qtype, cols)
+    bias = torch.randn(rows)
+    for batch in range(2, 9):
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        y = native.linear(x, [torch.from_numpy(raw)], [int(qtype)], bias, GEMV_MAX_ROWS)
+        assert within_rounding(y - bias, x, w), batch
+
+
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q8_0, Q.Q4_K, Q.Q6_K], ids=lambda t: t.name)
 def test_every_batch_size(native, qtype):
     cols = 256

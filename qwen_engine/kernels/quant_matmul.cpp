@@ -534,6 +534,12 @@ void fields_x(const float* x, int64_t M, int64_t K, float* out) {
   }
 }
 
+// Rows of x interleaved 8 values at a time, as fields_x without its scaling.
+void rows_by_8(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t k = 0; k < K; k += 8)
+    for (int64_t m = 0; m < M; ++m) _mm256_storeu_ps(out + k * M + 8 * m, _mm256_loadu_ps(x + m * K + k));
+}
+
 inline __m256 q5f_field(const __m256i (&g)[3], int v) {  // q 2^shift(v) of values 8v .. 8v + 7, as floats
   return _mm256_cvtepi32_ps(_mm256_and_si256(g[Q5F::group(v)], _mm256_set1_epi32(31 << Q5F::shift(v))));
 }
@@ -688,12 +694,16 @@ void gemv1_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* xf, 
   y[n] = hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum8(offsets) + (bias ? bias[n] : 0.0f);
 }
 
-// 2-8 rows of x against Q6F weight row n: each 8 values shifted down to q - 32 and scaled to the dequantised
-// float32 once, one FMA per row of x, as gemvm_q6k. (x as fields_x, rows interleaved as for Q5F, ran 1.05-1.2x
-// slower from 3 rows.)
-template <int M>
-void gemvm_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, float* y, int64_t ldy,
-                     const float* bias, int64_t n) {
+// 2-8 rows of x against Q6F weight row n: each 8 values offset by -32 and scaled to the dequantised float32 once,
+// one FMA per row of x. FIELDS: x as fields_x<Q6F> (rows interleaved, each value scaled by 2^-shift of its
+// field), the fields offset where they sit ((q - 32) 2^s, exact) and no shift; else x as given, rows K apart.
+// With rows apart, the compiler keeps the 8 x M addresses in scalar registers and spills them (~2 scalar
+// instructions per FMA at 8 rows), but from L2 the M rows are M streams that the prefetchers follow: the
+// interleaved rows (one stream) ran 1.2-1.35x slower at 3-4 rows; at 7-8 rows, in chunks of K that keep x in
+// L1, they run 1.3x faster (the Qwen3-1.7B-shaped down projection, docs/benchmarks.md, fortieth pass).
+template <int M, bool FIELDS>
+void gemvm_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, float* y, int64_t ldy,
+               const float* bias, int64_t n) {
   constexpr int A = M <= 2 ? 4 : M <= 4 ? 2 : 1;
   const uint8_t* row = W + n * row_bytes;
   __m256 acc[M][A];
@@ -706,11 +716,15 @@ void gemvm_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, f
     q6f_scales(blk, s);
     __m256i g[6];
     Q6F::load(blk, g);
-    const float* xb = x + Q6F::QK * b;
+    const float* xb = x + Q6F::QK * (FIELDS ? M : 1) * b;
 #pragma GCC unroll 32
     for (int v = 0; v < 32; ++v) {
-      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(Q6F::q8(g, v)), _mm256_broadcast_ss(s + v / 2));
-      for (int m = 0; m < M; ++m) acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + m * K + 8 * v), acc[m][v % A]);
+      const __m256i q = FIELDS ? _mm256_sub_epi32(Q6F::field(g, v), _mm256_set1_epi32(32 << Q6F::shift(v))) : Q6F::q8(g, v);
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_broadcast_ss(s + v / 2));
+      for (int m = 0; m < M; ++m) {
+        const float* xv = FIELDS ? xb + 8 * (M * v + m) : xb + m * ldx + 8 * v;
+        acc[m][v % A] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xv), acc[m][v % A]);
+      }
     }
   }
   store_sums<M, A>(acc, y, ldy, bias, n);
@@ -747,21 +761,35 @@ void in_chunks(const uint8_t* W, int64_t row_bytes, int64_t K, int64_t QK, int64
   }
 }
 
-// M rows of x (one row: also as fields_x<Q6F>, xf, with its sums of 16, xs) against Q6F weight rows [n0, n1).
-// (Taken through in_chunks at 2-8 rows it ran no faster, 25 % slower at 2: unlike Q4_K's, these products are not
-// bound by reading x from L2.)
+// M rows of x against Q6F weight rows [n0, n1): x as given (x) and as fields_x<Q6F> (xf: one row, with its sums
+// of 16, xs; or FIELDS_ROWS and more).
+constexpr int FIELDS_ROWS = 7;
 void gemv_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, const float* xf, const float* xs,
               int64_t M, float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) switch (M) {
-      case 1: gemv1_q6f(W, row_bytes, K, xf, xs, y, bias, n); break;
-      case 2: gemvm_q6f<2>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      case 3: gemvm_q6f<3>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      case 4: gemvm_q6f<4>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      case 5: gemvm_q6f<5>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      case 6: gemvm_q6f<6>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      case 7: gemvm_q6f<7>(W, row_bytes, K, x, y, ldy, bias, n); break;
-      default: gemvm_q6f<8>(W, row_bytes, K, x, y, ldy, bias, n); break;
+  if (M == 1) {
+    for (int64_t n = n0; n < n1; ++n) gemv1_q6f(W, row_bytes, K, xf, xs, y, bias, n);
+    return;
+  }
+  auto rows = [&](auto m) {
+    constexpr int R = decltype(m)::value;
+    if constexpr (R >= FIELDS_ROWS) {
+      const auto row = [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
+        gemvm_q6f<R, true>(Wc, row_bytes, kc, xf + k0 * R, 0, out, ldo, b, n);
+      };
+      in_chunks<R>(W, row_bytes, K, Q6F::QK, Q6F::BYTES, y, ldy, bias, n0, n1, row);
+    } else {  // (in chunks of K, rows apart, it ran no faster, 25 % slower at 2)
+      for (int64_t n = n0; n < n1; ++n) gemvm_q6f<R, false>(W, row_bytes, K, x, K, y, ldy, bias, n);
     }
+  };
+  switch (M) {
+    case 2: return rows(std::integral_constant<int, 2>{});
+    case 3: return rows(std::integral_constant<int, 3>{});
+    case 4: return rows(std::integral_constant<int, 4>{});
+    case 5: return rows(std::integral_constant<int, 5>{});
+    case 6: return rows(std::integral_constant<int, 6>{});
+    case 7: return rows(std::integral_constant<int, 7>{});
+    default: return rows(std::integral_constant<int, 8>{});
+  }
 }
 
 // 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
@@ -773,7 +801,8 @@ constexpr int kq_sums() { return M <= 2 ? 4 : M <= 4 ? 2 : 1; }
 
 // Q4_K: w = d·sc·q − dmin·m; the minimums' part is taken off per block with the sums of 32 values of each row
 // of x (xs, K/32 a row).
-template <int M>
+// IL: x as rows_by_8 (rows interleaved 8 values at a time; ldx unused), every x vector at a fixed offset.
+template <int M, bool IL = false>
 void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
                int64_t ldxs, float* y, int64_t ldy, const float* bias, int64_t n) {
   constexpr int A = kq_sums<M>();
@@ -791,19 +820,20 @@ void gemvm_q4k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
     alignas(32) float dsa[8];
     _mm256_store_ps(dsa, ds);
     const uint8_t* qs = blk + 16;
-    const float* xb = x + 256 * b;
+    const float* xb = x + 256 * (IL ? M : 1) * b;
     for (int g = 0; g < 4; ++g) {
       const __m256 slo = _mm256_broadcast_ss(dsa + 2 * g), shi = _mm256_broadcast_ss(dsa + 2 * g + 1);
       for (int part = 0; part < 4; ++part) {
         const __m256i q = bytes8(qs + 32 * g + 8 * part);
         const __m256 wl = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(q, fifteen)), slo);
         const __m256 wh = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)), shi);
-        const float* xp = xb + 64 * g + 8 * part;
+        const int c = 8 * g + part;  // values 8c .. 8c + 7 of the block (wl), and 8 (c + 4) .. (wh)
         constexpr int lo = 0, hi = A > 1 ? 1 : 0;
         const int pair = A == 4 ? 2 * (part & 1) : 0;
         for (int m = 0; m < M; ++m) {
-          acc[m][pair + lo] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(xp + m * ldx), acc[m][pair + lo]);
-          acc[m][pair + hi] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(xp + m * ldx + 32), acc[m][pair + hi]);
+          const float *x_lo = IL ? xb + 8 * (M * c + m) : xb + m * ldx + 8 * c, *x_hi = IL ? x_lo + 32 * M : x_lo + 32;
+          acc[m][pair + lo] = _mm256_fmadd_ps(wl, _mm256_loadu_ps(x_lo), acc[m][pair + lo]);
+          acc[m][pair + hi] = _mm256_fmadd_ps(wh, _mm256_loadu_ps(x_hi), acc[m][pair + hi]);
         }
       }
     }
@@ -852,10 +882,14 @@ void gemvm_q6k(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, i
 // Weight rows [n0, n1) of a K-quant against M (2-8) rows of x.
 template <class B, int M>
 void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t ldx, const float* xs,
-                   float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+                   float* y, int64_t ldy, const float* bias, int64_t n0, int64_t n1, const float* x8 = nullptr) {
   const auto row = [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
-    if constexpr (std::is_same<B, Q4_K>::value)
-      gemvm_q4k<M>(Wc, row_bytes, kc, x + k0, ldx, xs + k0 / 32, K / 32, out, ldo, b, n);
+    if constexpr (std::is_same<B, Q4_K>::value) {
+      if (x8)
+        gemvm_q4k<M, true>(Wc, row_bytes, kc, x8 + k0 * M, 0, xs + k0 / 32, K / 32, out, ldo, b, n);
+      else
+        gemvm_q4k<M>(Wc, row_bytes, kc, x + k0, ldx, xs + k0 / 32, K / 32, out, ldo, b, n);
+    }
     else
       gemvm_q6k<M>(Wc, row_bytes, kc, x + k0, ldx, out, ldo, b, n);
   };
@@ -868,17 +902,18 @@ void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* 
     for (int64_t n = n0; n < n1; ++n) row(W, 0, K, y, ldy, bias, n);
 }
 
+// x8: x as rows_by_8 (Q4_K from 7 rows, AVX-512 builds), or null.
 template <class B>
 void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, const float* xs, float* y,
-              int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+              int64_t ldy, const float* bias, int64_t n0, int64_t n1, const float* x8 = nullptr) {
   switch (M) {
     case 2: return gemvm_kq_rows<B, 2>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
     case 3: return gemvm_kq_rows<B, 3>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
     case 4: return gemvm_kq_rows<B, 4>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
     case 5: return gemvm_kq_rows<B, 5>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
     case 6: return gemvm_kq_rows<B, 6>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
+    case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1, x8);
+    default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1, x8);
   }
 }
 
@@ -1080,10 +1115,13 @@ struct XForms {
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
   const float* xl;    // x in gemv1_q4k's lane order (one row of x with a Q4_K segment, AVX-512)
   const float* xf;    // x as fields_x<Q5F> (up to REG_ROWS rows with a Q5F segment)
-  const float* xf6;   // x as fields_x<Q6F> (one row of x with a Q6F segment)
+  const float* xf6;   // x as fields_x<Q6F> (1 or FIELDS_ROWS to REG_ROWS rows with a Q6F segment)
+  const float* x8;    // x as rows_by_8 (X8_ROWS to REG_ROWS rows with a Q4_K segment, AVX-512 on AMD)
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
+constexpr int64_t CHUNKED_ROWS = 6;
+constexpr int64_t X8_ROWS = 7;
 
 template <class B>
 void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, float* y, int64_t ldy,
@@ -1112,8 +1150,27 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
   // Where 512-bit operations run at full width (Intel), the 16-lane decode in chunks of K instead.
   if constexpr (std::is_same<B, Q4_K>::value || std::is_same<B, Q6_K>::value)
     if (in.M >= 3 && in.M <= REG_ROWS) {
-      if (!wide_vectors) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1);
+      if (!wide_vectors) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1, in.x8);
       return gemvm_kq_wide<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
+    }
+  // Q8_0 and Q5_0 from CHUNKED_ROWS rows: in chunks of K, as the K-quants, where x outgrows L1 from K = 1024 (an
+  // LM head over 2048 hidden values at 8 rows: 64 KiB). The Qwen3-1.7B-shaped LM head, 151936 x 2048 Q8_0, ran
+  // 1.15-1.35x faster at 6-8 rows, 0.9x at 5 (docs/benchmarks.md, fortieth pass). (Rows interleaved as Q5F's
+  // fields_x on top made no difference.)
+  if constexpr (Unscaled<B>::value)
+    if (in.M >= CHUNKED_ROWS && in.M <= REG_ROWS) {
+      auto rows = [&](auto m) {
+        constexpr int R = decltype(m)::value;
+        in_chunks<R>(W, row_bytes, K, B::QK, B::BYTES, y, ldy, bias, n0, n1,
+                     [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
+                       gemv_one_row<B, R>(Wc, row_bytes, kc, x + k0, K, out, ldo, b, n);
+                     });
+      };
+      switch (in.M) {
+        case 6: return rows(std::integral_constant<int, 6>{});
+        case 7: return rows(std::integral_constant<int, 7>{});
+        default: return rows(std::integral_constant<int, 8>{});
+      }
     }
   if (in.M > REG_ROWS) {
     const float* xt = permuted<B>() ? in.xtq : in.xt;
@@ -1280,7 +1337,8 @@ int64_t amx_min_rows(const std::vector<Segment>& segs, int64_t K) {
 // cache-tile GEMM over the transposed x (more rows).
 void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segment>& segs, int64_t N,
                   const float* bias_ptr, float* yp, const at::TensorOptions& options) {
-  XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, (M + XT_LANES - 1) / XT_LANES * XT_LANES};
+  XForms in{xp, xp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M,
+            (M + XT_LANES - 1) / XT_LANES * XT_LANES};
   at::Tensor xq, xt, xtq, xs, xs16, xf, xf6;
 #if QE_AVX512 || QE_AVX2
   bool any_q4k = false, any_q5f = false;
@@ -1297,7 +1355,12 @@ void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segme
     in.xs = xs.data_ptr<float>();
   }
 #if QE_AVX512
-  at::Tensor xl;
+  at::Tensor xl, x8;
+  if (any_q4k && !wide_vectors && M >= X8_ROWS && M <= REG_ROWS) {
+    x8 = at::empty({M, K}, options);
+    rows_by_8(xp, M, K, x8.data_ptr<float>());
+    in.x8 = x8.data_ptr<float>();
+  }
   if (any_q4k && M == 1) {
     xl = at::empty({K}, options);
     q4k_lanes_x(xp, K, xl.data_ptr<float>());
@@ -1306,7 +1369,7 @@ void small_linear(const float* xp, int64_t M, int64_t K, const std::vector<Segme
 #endif
   bool any_q6k = false, any_q6f = false;
   for (const auto& s : segs) any_q6k |= s.qtype == T_Q6_K, any_q6f |= s.qtype == T_Q6_K_FIELDS;
-  if (M == 1 && any_q6f) {  // (more rows read x as it is)
+  if (any_q6f && (M == 1 || (M >= FIELDS_ROWS && M <= REG_ROWS))) {
     xf6 = at::empty({M, K}, options);
     fields_x<Q6F>(xp, M, K, xf6.data_ptr<float>());
     in.xf6 = xf6.data_ptr<float>();
