@@ -13,8 +13,9 @@
 //     and Q6_K at M = 1 factor their scales out of the inner loop (AVX-512 Q4_K: x in its nibbles' lane order,
 //     q4k_lanes_x). The weights are prefetched into L2 16 KiB
 //     ahead. K-quants with 2-8 rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
-//     Q5F (1-8 rows) and Q6F (1 row): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8 rows
-//     decodes each 8 values once for all rows, as the K-quants.
+//     Q5F (1-8 rows) and Q6F (1 row, 7-8 rows): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8
+//     rows decodes each 8 values once for all rows, as the K-quants. Where 6-8 rows of x outgrow L1, K is
+//     taken in chunks (in_chunks: K-quants, Q6F from 7 rows, Q8_0/Q5_0 from 6).
 //   * 9 <= M <= 64 (many sequences decoding together): weight rows dequantised chunk by chunk into an L1
 //     buffer, each value broadcast against 16 rows of x at once from a transposed copy of x. On AVX-512 a
 //     few rows past a group of 16 go to the GEMVs above instead (row_pieces).
