@@ -919,6 +919,29 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
 }
 
 #if QE_AVX512
+// Q8_0 and Q5_0 (blocks of 32 values with one scale) at CHUNKED_ROWS to REG_ROWS rows: in chunks of K, as the
+// K-quants, where x outgrows L1 from K = 1024 (an LM head over 2048 hidden values at 8 rows: 64 KiB). The
+// Qwen3-1.7B-shaped LM head, 151936 x 2048 Q8_0, ran 1.15-1.35x faster at 6-8 rows, 0.9x at 5 (AVX-512, Zen 4;
+// docs/benchmarks.md, fortieth pass). Rows interleaved as Q5F's fields_x on top made no difference; the AVX2
+// build's 8-lane kernel (same host) gained nothing in chunks, so it reads x whole.
+constexpr int64_t CHUNKED_ROWS = 6;
+template <class B>
+void gemv_in_chunks(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y,
+                    int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
+  auto rows = [&](auto m) {
+    constexpr int R = decltype(m)::value;
+    in_chunks<R>(W, row_bytes, K, B::QK, B::BYTES, y, ldy, bias, n0, n1,
+                 [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
+                   gemv_one_row<B, R>(Wc, row_bytes, kc, x + k0, K, out, ldo, b, n);
+                 });
+  };
+  switch (M) {
+    case 6: return rows(std::integral_constant<int, 6>{});
+    case 7: return rows(std::integral_constant<int, 7>{});
+    default: return rows(std::integral_constant<int, 8>{});
+  }
+}
+
 // Whether 512-bit operations run at full width here (Intel), not in two halves (AMD's Zen 4): there the 8-lane
 // K-quant kernels above give away half of every multiply-add.
 bool wide_vectors = !__builtin_cpu_is("amd");  // tests switch it to run either kernel
@@ -1121,7 +1144,6 @@ struct XForms {
   int64_t M, Mp;
 };
 constexpr int64_t REG_ROWS = 8;  // up to this many rows of x: weights dequantised in registers
-constexpr int64_t CHUNKED_ROWS = 6;
 constexpr int64_t X8_ROWS = 7;
 
 template <class B>
@@ -1154,25 +1176,8 @@ void gemv(const uint8_t* W, int64_t row_bytes, int64_t K, const XForms& in, floa
       if (!wide_vectors) return gemvm_kq<B>(W, row_bytes, K, in.x, in.M, in.xs, y, ldy, bias, n0, n1, in.x8);
       return gemvm_kq_wide<B>(W, row_bytes, K, in.x, in.M, y, ldy, bias, n0, n1);
     }
-  // Q8_0 and Q5_0 from CHUNKED_ROWS rows: in chunks of K, as the K-quants, where x outgrows L1 from K = 1024 (an
-  // LM head over 2048 hidden values at 8 rows: 64 KiB). The Qwen3-1.7B-shaped LM head, 151936 x 2048 Q8_0, ran
-  // 1.15-1.35x faster at 6-8 rows, 0.9x at 5 (docs/benchmarks.md, fortieth pass). (Rows interleaved as Q5F's
-  // fields_x on top made no difference.)
   if constexpr (Unscaled<B>::value)
-    if (in.M >= CHUNKED_ROWS && in.M <= REG_ROWS) {
-      auto rows = [&](auto m) {
-        constexpr int R = decltype(m)::value;
-        in_chunks<R>(W, row_bytes, K, B::QK, B::BYTES, y, ldy, bias, n0, n1,
-                     [&](const uint8_t* Wc, int64_t k0, int64_t kc, float* out, int64_t ldo, const float* b, int64_t n) {
-                       gemv_one_row<B, R>(Wc, row_bytes, kc, x + k0, K, out, ldo, b, n);
-                     });
-      };
-      switch (in.M) {
-        case 6: return rows(std::integral_constant<int, 6>{});
-        case 7: return rows(std::integral_constant<int, 7>{});
-        default: return rows(std::integral_constant<int, 8>{});
-      }
-    }
+    if (in.M >= CHUNKED_ROWS && in.M <= REG_ROWS) return gemv_in_chunks<B>(W, row_bytes, K, x, in.M, y, ldy, bias, n0, n1);
   if (in.M > REG_ROWS) {
     const float* xt = permuted<B>() ? in.xtq : in.xt;
     switch (in.Mp / 16) {
