@@ -535,10 +535,24 @@ void fields_x(const float* x, int64_t M, int64_t K, float* out) {
   }
 }
 
-// Rows of x interleaved 8 values at a time, as fields_x without its scaling.
+#if QE_AVX512
+// Rows of x interleaved 8 values at a time, as fields_x without its scaling (gemvm_q4k's IL form).
 void rows_by_8(const float* x, int64_t M, int64_t K, float* out) {
   for (int64_t k = 0; k < K; k += 8)
     for (int64_t m = 0; m < M; ++m) _mm256_storeu_ps(out + k * M + 8 * m, _mm256_loadu_ps(x + m * K + k));
+}
+#endif
+
+// f(std::integral_constant<int, R>{}) for the row count M, R from LO to REG_ROWS (8; more rows count as 8): the
+// GEMVs' row counts are template arguments.
+template <int LO, class F>
+inline void with_row_count(int64_t M, F&& f) {
+  if constexpr (LO < 8) {
+    if (M == LO) return f(std::integral_constant<int, LO>{});
+    return with_row_count<LO + 1>(M, f);
+  } else {
+    return f(std::integral_constant<int, 8>{});
+  }
 }
 
 inline __m256 q5f_field(const __m256i (&g)[3], int v) {  // q 2^shift(v) of values 8v .. 8v + 7, as floats
@@ -782,15 +796,7 @@ void gemv_q6f(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, co
       for (int64_t n = n0; n < n1; ++n) gemvm_q6f<R, false>(W, row_bytes, K, x, K, y, ldy, bias, n);
     }
   };
-  switch (M) {
-    case 2: return rows(std::integral_constant<int, 2>{});
-    case 3: return rows(std::integral_constant<int, 3>{});
-    case 4: return rows(std::integral_constant<int, 4>{});
-    case 5: return rows(std::integral_constant<int, 5>{});
-    case 6: return rows(std::integral_constant<int, 6>{});
-    case 7: return rows(std::integral_constant<int, 7>{});
-    default: return rows(std::integral_constant<int, 8>{});
-  }
+  with_row_count<2>(M, rows);
 }
 
 // 2-8 rows of x against a K-quant weight row: each 8 weights are decoded and scaled once (the float32 values
@@ -924,7 +930,7 @@ void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, in
 // Qwen3-1.7B-shaped LM head, 151936 x 2048 Q8_0, ran 1.15-1.35x faster at 6-8 rows, 0.9x at 5 (AVX-512, Zen 4;
 // docs/benchmarks.md, fortieth pass). Rows interleaved as Q5F's fields_x on top made no difference; the AVX2
 // build's 8-lane kernel (same host) gained nothing in chunks, so it reads x whole.
-constexpr int64_t CHUNKED_ROWS = 6;
+constexpr int CHUNKED_ROWS = 6;
 template <class B>
 void gemv_in_chunks(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, float* y,
                     int64_t ldy, const float* bias, int64_t n0, int64_t n1) {
@@ -935,11 +941,7 @@ void gemv_in_chunks(const uint8_t* W, int64_t row_bytes, int64_t K, const float*
                    gemv_one_row<B, R>(Wc, row_bytes, kc, x + k0, K, out, ldo, b, n);
                  });
   };
-  switch (M) {
-    case 6: return rows(std::integral_constant<int, 6>{});
-    case 7: return rows(std::integral_constant<int, 7>{});
-    default: return rows(std::integral_constant<int, 8>{});
-  }
+  with_row_count<CHUNKED_ROWS>(M, rows);
 }
 
 // Whether 512-bit operations run at full width here (Intel), not in two halves (AMD's Zen 4): there the 8-lane
