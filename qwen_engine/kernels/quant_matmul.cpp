@@ -909,19 +909,13 @@ void gemvm_kq_rows(const uint8_t* W, int64_t row_bytes, int64_t K, const float* 
     for (int64_t n = n0; n < n1; ++n) row(W, 0, K, y, ldy, bias, n);
 }
 
-// x8: x as rows_by_8 (Q4_K from 7 rows, AVX-512 builds), or null.
+// x8: x as rows_by_8 (Q4_K from X8_ROWS rows, AVX-512 builds), or null.
 template <class B>
 void gemvm_kq(const uint8_t* W, int64_t row_bytes, int64_t K, const float* x, int64_t M, const float* xs, float* y,
               int64_t ldy, const float* bias, int64_t n0, int64_t n1, const float* x8 = nullptr) {
-  switch (M) {
-    case 2: return gemvm_kq_rows<B, 2>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 3: return gemvm_kq_rows<B, 3>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 4: return gemvm_kq_rows<B, 4>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 5: return gemvm_kq_rows<B, 5>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 6: return gemvm_kq_rows<B, 6>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1);
-    case 7: return gemvm_kq_rows<B, 7>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1, x8);
-    default: return gemvm_kq_rows<B, 8>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1, x8);
-  }
+  with_row_count<2>(M, [&](auto m) {
+    gemvm_kq_rows<B, decltype(m)::value>(W, row_bytes, K, x, K, xs, y, ldy, bias, n0, n1, x8);
+  });
 }
 
 #if QE_AVX512
