@@ -46,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_bf16", &rms_norm_bf16, "RMS norm of bfloat16 rows, rounded where the reference rounds");
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   // decode_step.cpp
-  py::class_<DecodeStep>(m, "DecodeStep", "all decoder layers of a decode step (one token per sequence)")
+  // module_local: another build loaded beside this one (benchmarks/kernels.py --baseline) registers its own
+  py::class_<DecodeStep>(m, "DecodeStep", py::module_local(), "all decoder layers of a decode step (one token per sequence)")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
       .def("add_linear_layer", &DecodeStep::add_linear_layer)
