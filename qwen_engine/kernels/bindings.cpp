@@ -47,7 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_bf16", &silu_mul_bf16, "silu(gate) * up of bfloat16 tensors, rounded as the two PyTorch ops round");
   // decode_step.cpp
   // module_local: another build loaded beside this one (benchmarks/kernels.py --baseline) registers its own
-  py::class_<DecodeStep>(m, "DecodeStep", py::module_local(), "all decoder layers of a decode step (one token per sequence)")
+  py::class_<DecodeStep>(m, "DecodeStep", py::module_local(),
+                         "all decoder layers of a decode step (one token per sequence)")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, at::Tensor, int64_t>())
       .def("add_layer", &DecodeStep::add_layer)
       .def("add_linear_layer", &DecodeStep::add_linear_layer)

@@ -10,9 +10,9 @@
 //   * M <= 8 (decode): a fused GEMV; each weight block is decoded in registers and multiplied with the M rows
 //     of x. Q8_0 and Q5_0 decode to unscaled integers (Q5_0 with one two-table permute per 16 values, in a
 //     permuted lane order that x is permuted to once per call); M = 1 takes two weight rows at a time; Q4_K
-//     and Q6_K at M = 1 factor their scales out of the inner loop (AVX-512 Q4_K: x in its nibbles' lane order,
-//     q4k_lanes_x). The weights are prefetched into L2 16 KiB
-//     ahead. K-quants with 2-8 rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
+//     and Q6_K at M = 1 factor their scales out of the inner loop (AVX-512 Q4_K, also at M = 2: x in its
+//     nibbles' lane order, q4k_lanes_x). The weights are prefetched into L2 16 KiB ahead. K-quants with 2-8
+//     rows (AVX-512: 3-8) decode each 8 values once for all rows, on 8-lane vectors.
 //     Q5F (1-8 rows) and Q6F (1 row, 7-8 rows): 8-lane fields, x read scaled per field (fields_x); Q6F at 2-8
 //     rows decodes each 8 values once for all rows, as the K-quants. Where 6-8 rows of x outgrow L1, K is
 //     taken in chunks (in_chunks: K-quants, Q6F from 7 rows, Q8_0/Q5_0 from 6).
@@ -209,7 +209,7 @@ __attribute__((noinline)) void gemv1_q4k(const uint8_t* W, int64_t row_bytes, in
       for (int r = 0; r < R; ++r) {
         w[r] = _mm512_loadu_si512(blk[r] + 16 + 64 * h);
         // kept in a register: the compiler folded the load into each of the 7 shifts below (8 loads of the same
-        // 64 bytes), and on Zen 4 one-row Q4_K products ran 1.07-1.12x faster without (fortieth-first pass)
+        // 64 bytes), and on Zen 4 one-row Q4_K products ran 1.07-1.12x faster without (forty-first pass)
         __asm__("" : "+v"(w[r]));
       }
       // nibble k of each lane as a float: the permute reads only an index's low 4 bits
@@ -230,9 +230,10 @@ __attribute__((noinline)) void gemv1_q4k(const uint8_t* W, int64_t row_bytes, in
       }
       for (int r = 0; r < R; ++r)
         for (int m = 0; m < M; ++m) {
-          acc[r][m][2 * h] = _mm512_fmadd_ps(even[r][m], _mm512_permutexvar_ps(pick[2 * h], ds16[r]), acc[r][m][2 * h]);
-          acc[r][m][2 * h + 1] =
-              _mm512_fmadd_ps(odd[r][m], _mm512_permutexvar_ps(pick[2 * h + 1], ds16[r]), acc[r][m][2 * h + 1]);
+          const __m512 se = _mm512_permutexvar_ps(pick[2 * h], ds16[r]);
+          const __m512 so = _mm512_permutexvar_ps(pick[2 * h + 1], ds16[r]);
+          acc[r][m][2 * h] = _mm512_fmadd_ps(even[r][m], se, acc[r][m][2 * h]);
+          acc[r][m][2 * h + 1] = _mm512_fmadd_ps(odd[r][m], so, acc[r][m][2 * h + 1]);
         }
     }
   }
@@ -1153,7 +1154,7 @@ struct XForms {
   const float* xq;
   const float* xt;
   const float* xtq;  // xt of xq (more than REG_ROWS rows with a Q5_0 segment)
-  const float* xs;    // sums of every 32 values of x (one row of x with a Q4_K segment)
+  const float* xs;    // sums of every 32 values of x (up to REG_ROWS rows with a Q4_K or Q5F segment)
   const float* xs16;  // sums of every 16 values of x (one row of x with a Q6_K segment)
   const float* xl;    // x in gemv1_q4k's lane order (one or two rows of x with a Q4_K segment, AVX-512)
   const float* xf;    // x as fields_x<Q5F> (up to REG_ROWS rows with a Q5F segment)
