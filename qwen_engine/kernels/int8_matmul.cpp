@@ -13,8 +13,11 @@
 // on u * q (2 * 255 * 127), so it multiplies |q| by w with q's sign moved onto it (2 * 127 * 127 fits; w is
 // within ±127, so w = u ^ 0x80 and its negation are bytes), then vpmaddwd sums the pairs into 32-bit lanes.
 //
-// Without either the extension does not define these functions and models/w8a8.py computes the same numbers in
-// PyTorch.
+// Without VNNI or AVX2 the extension does not define these functions and models/w8a8.py computes the same numbers
+// in PyTorch.
+//
+// Where AMX tiles are granted, the units (of 16 rows: already a weight tile's layout) go to the tiles from 8 rows of
+// x (amx_units_range), with the same outputs; w8a8 keeps its own AMX layout there (amx_linear, groups of 64+).
 
 #include <algorithm>
 #include <cmath>
@@ -27,6 +30,13 @@
 
 #if QE_INT8
 #include <immintrin.h>
+
+// (The tile kernels scale and store with AVX-512: a build told -mno-avx512f on an AMX CPU has no AMX path.)
+#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define QE_AMX 1
+#else
+#define QE_AMX 0
+#endif
 
 namespace {
 
@@ -249,6 +259,149 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
       store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j);
 }
 
+
+#if QE_AMX
+// The units on AMX tiles (Sapphire Rapids and later), from 8 rows of x: a unit's 16 rows are [K / 4][row][k % 4],
+// so a stretch of K is already a weight tile, rows of 64 bytes (4 values of 16 outputs), and a tile instruction
+// multiplies up to 16 rows of x by it. The a8 mode scales every 16-32 values, so a tile covers one group (G / 4
+// rows of the weight tile, G bytes of x; 64-byte pieces of a coarser group add into the same product tile); each
+// product tile is stored and scaled as units_tile scales its integers, in the same order: the same outputs bit for
+// bit. On the vector units an 8-stream a8 step's gate/up multiplied at ~130 G a second on this kind of host, one
+// vpdpbusd after another; on the tiles the scaling is most of the work (forty-second pass in benchmarks.md).
+// Tiles: 0 = x (the rows of one group), 1-3 = the group's weights of up to three units, 4-6 = their products.
+bool amx_units = true;  // tests switch it off to compare with the vector tiles
+
+void configure_units(int rows, int64_t chunk) {
+  qe_amx::TileConfig c;
+  c.rows[0] = static_cast<uint8_t>(rows), c.colsb[0] = static_cast<uint16_t>(chunk);
+  for (int t = 1; t <= 3; ++t) c.rows[t] = static_cast<uint8_t>(chunk / 4), c.colsb[t] = 64;
+  for (int t = 4; t <= 6; ++t) c.rows[t] = static_cast<uint8_t>(rows), c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Groups g0..g1 of `rows` (<= 16) rows of q against NR byte units, added into acc [rows][48]: unit j's group g0 at
+// wg + j * stride, each next group 16 * G bytes on; in pieces of `chunk` values (G, or 64 where G is coarser). sw,
+// so: the units' scales (and offsets) of group 0, as units_tile's; zero8, cols too.
+template <int NR>
+void amx_units_groups(const uint8_t* wg, int64_t stride, const int8_t* q, const int32_t* starts, const float* sx,
+                      int64_t K, int64_t G, int64_t chunk, int rows, int64_t g0, int64_t g1, int64_t ldy,
+                      const float* sw, const float* so, int cols, int zero8, float* acc, const char* fetch,
+                      int64_t lines, int64_t slice, int64_t slices) {
+  const int64_t groups = K / G;
+  alignas(64) int32_t dots[NR][16][16];
+  for (int64_t g = g0; g < g1; ++g) {
+    prefetch_share(fetch, lines, slice + g - g0, slices);
+    const uint8_t* w = wg + (g - g0) * 16 * G;
+    _tile_zero(4);
+    if constexpr (NR > 1) _tile_zero(5);
+    if constexpr (NR > 2) _tile_zero(6);
+    for (int64_t k = 0; k < G; k += chunk) {
+      _tile_loadd(0, q + g * G + k, K);
+      _tile_loadd(1, w + 16 * k, 64);
+      _tile_dpbsud(4, 0, 1);
+      if constexpr (NR > 1) {
+        _tile_loadd(2, w + stride + 16 * k, 64);
+        _tile_dpbsud(5, 0, 2);
+      }
+      if constexpr (NR > 2) {
+        _tile_loadd(3, w + 2 * stride + 16 * k, 64);
+        _tile_dpbsud(6, 0, 3);
+      }
+    }
+    _tile_stored(4, dots[0], 64);
+    if constexpr (NR > 1) _tile_stored(5, dots[1], 64);
+    if constexpr (NR > 2) _tile_stored(6, dots[2], 64);
+    __m512 swv[NR], sov[NR];
+    for (int j = 0; j < NR; ++j) {
+      swv[j] = unit_scales16(sw + g * ldy + 16 * j, cols - 16 * j);
+      if (so) sov[j] = unit_scales16(so + g * ldy + 16 * j, cols - 16 * j);
+    }
+    for (int i = 0; i < rows; ++i) {  // units_tile's order: each group's product, then its offset term
+      const __m512i start = _mm512_set1_epi32(zero8 * starts[i * groups + g]);
+      const __m512 s = _mm512_set1_ps(sx[i * groups + g]);
+      const __m512 gs = so ? _mm512_set1_ps(group_sum(sx, starts, i * groups + g)) : _mm512_setzero_ps();
+      for (int j = 0; j < NR; ++j) {
+        float* a = acc + i * 48 + 16 * j;
+        const __m512i dot = _mm512_add_epi32(_mm512_load_si512(dots[j][i]), start);
+        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(swv[j], s), _mm512_loadu_ps(a));
+        if (so) v = _mm512_fmadd_ps(sov[j], gs, v);
+        _mm512_storeu_ps(a, v);
+      }
+    }
+  }
+}
+constexpr decltype(&amx_units_groups<1>) AMX_UNIT_GROUPS[3] = {amx_units_groups<1>, amx_units_groups<2>,
+                                                               amx_units_groups<3>};
+// Nibble units are expanded to bytes this many groups at a time, into a buffer that stays in L1 while the tiles
+// read it (whole units expanded first, 43-233 KB for three, stalled on their stores: 40 % of gate/up's time).
+constexpr int64_t AMX_EXPAND_GROUPS = 8;
+
+// From 8 rows of x, where the tiles are granted, and for groups of 32 values or more: a decode step of the demo
+// model in a8 (profile_decode.py) 1.11-1.16x faster at 8 streams, 1.06-1.14x at 16 and 32; at 5 streams 0.87-0.92x
+// (the products of 5 rows run no faster on the tiles; Q6_K's groups of 16, 0.9-1.0x, stay on the vectors).
+constexpr int64_t AMX_UNITS_ROWS = 8;
+bool amx_units_take(int64_t rows, int64_t G, int64_t planes) {
+  if (!amx_units || rows < AMX_UNITS_ROWS || G < 32 || (G > 64 && (G % 64 || planes >= 0))) return false;
+  return qe_amx::tiles_granted();
+}
+
+// Units begin..end (unit_bytes each, nibble units with `planes` >= 0) against rows m0..m1 of x on the tiles, three
+// units at a time; y, N, sw, so, bias as int8_linear_units has them.
+void amx_units_range(const uint8_t* w, int64_t unit_bytes, int planes, int64_t begin, int64_t end, int64_t m0,
+                     int64_t m1, const int8_t* q, const int32_t* starts, const float* sx, int64_t K, int64_t G,
+                     float* y, int64_t N, const float* sw, const float* so, const float* bias, int zero8) {
+  const int64_t groups = K / G, chunk = std::min<int64_t>(G, 64);
+  const int64_t block = AMX_EXPAND_GROUPS, blocks = (groups + block - 1) / block, group_bytes = G * (8 + 2 * planes);
+  alignas(64) uint8_t expanded[3 * AMX_EXPAND_GROUPS * 16 * 64];
+  const int64_t tiles = (m1 - m0 + 15) / 16;
+  thread_local std::vector<float> sums;
+  sums.resize((m1 - m0) * 48);
+  int configured = 0;
+  for (int64_t u = begin; u < end; u += 3) {
+    const int nr = static_cast<int>(std::min<int64_t>(3, end - u));
+    const int cols = static_cast<int>(std::min<int64_t>(16 * nr, N - u * 16));
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    // the next three units into L2, a few lines at each group and tile of rows: the weights stream from memory,
+    // and without this the tiles lost to the vector tiles in a decode step (0.8-0.9x at 8 streams; a burst at
+    // each block of groups: even at 32 streams, still 0.9x at 8)
+    const char* next = reinterpret_cast<const char*>(w + (u + 3) * unit_bytes);
+    const int64_t next_lines = u + 3 < end ? std::min<int64_t>(3, end - u - 3) * unit_bytes / 64 : 0;
+    for (int64_t g0 = 0; g0 < groups; g0 += block) {
+      const int64_t g1 = std::min(groups, g0 + block);
+      for (int64_t g = g1; g < std::min(groups, g1 + block); ++g) {  // the next block's scales (and offsets): a
+        // group's lie a row of N floats after the previous group's
+        _mm_prefetch(reinterpret_cast<const char*>(sw + g * N + u * 16), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(sw + g * N + u * 16 + 32), _MM_HINT_T0);
+        if (so) {
+          _mm_prefetch(reinterpret_cast<const char*>(so + g * N + u * 16), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(so + g * N + u * 16 + 32), _MM_HINT_T0);
+        }
+      }
+      const uint8_t* wg = w + u * unit_bytes + g0 * 16 * G;
+      int64_t stride = unit_bytes;
+      if (planes >= 0) {
+        for (int j = 0; j < nr; ++j)
+          EXPAND_NIBBLES[planes](w + (u + j) * unit_bytes + g0 * group_bytes, (g1 - g0) * G, G,
+                                 expanded + j * block * 16 * G);
+        wg = expanded, stride = block * 16 * G;
+      }
+      for (int64_t m = m0, t = 0; m < m1; m += 16, ++t) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, m1 - m));
+        if (rows != configured) configure_units(configured = rows, chunk);
+        AMX_UNIT_GROUPS[nr - 1](wg, stride, q + m * K, starts + m * groups, sx + m * groups, K, G, chunk, rows, g0,
+                                g1, N, sw + u * 16, so ? so + u * 16 : nullptr, cols, zero8,
+                                sums.data() + (m - m0) * 48, next, next_lines, ((g0 / block) * tiles + t) * block,
+                                blocks * tiles * block);
+      }
+    }
+    for (int64_t m = m0; m < m1; ++m)
+      for (int j = 0; j < nr; ++j)
+        store_unit16(_mm512_loadu_ps(sums.data() + (m - m0) * 48 + 16 * j), y + m * N + u * 16 + 16 * j,
+                     bias ? bias + u * 16 + 16 * j : nullptr, cols - 16 * j);
+  }
+  if (configured) _tile_release();
+}
+#endif
 #else
 constexpr int64_t UNIT_ROWS = 8;
 
@@ -582,8 +735,18 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
     // between two threads, and down ran at 1.6x one thread's speed instead of 2x (thirty-second pass).
     const int64_t parts = std::min<int64_t>(at::get_num_threads(), units);
     const int64_t unit_bytes = R * K * eighths / 8;
+#if QE_INT8 == 512 && QE_AMX
+    const bool on_tiles = amx_units_take(m1 - m0, group, planes);
+#endif
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
       const int64_t begin = units * p0 / parts, end = units * p1 / parts, tiles = (m1 - m0 + UMR - 1) / UMR;
+#if QE_INT8 == 512 && QE_AMX
+      if (on_tiles) {
+        amx_units_range(w, unit_bytes, static_cast<int>(planes), begin, end, m0, m1, q, starts, sx, K, group, yp,
+                        N, sw, so, bias_ptr, static_cast<int>(zero / 8));
+        return;
+      }
+#endif
 #if QE_INT8 == 512
       if (planes >= 0 && m1 - m0 > UMR && m1 - m0 <= WIDE_ROWS) {
         for (int64_t u = begin; u < end; ++u)
@@ -644,13 +807,6 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
   TORCH_CHECK(false, "this build has no int8 kernels");
 #endif
 }
-
-// (The tile kernel scales and stores with AVX-512: a build told -mno-avx512f on an AMX CPU has no AMX path.)
-#if defined(__AVX512F__) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define QE_AMX 1
-#else
-#define QE_AMX 0
-#endif
 
 namespace {
 #if QE_AMX
@@ -773,6 +929,19 @@ at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_
 }
 
 #endif  // QE_INT8
+
+// Whether the units take the AMX tiles from AMX_UNITS_ROWS rows of x (where they are granted); returns the
+// previous setting (always false without AMX kernels). Tests switch it to compare the two.
+bool set_int8_amx_units(bool on) {
+#if QE_INT8 == 512 && QE_AMX
+  const bool was = amx_units;
+  amx_units = on;
+  return was;
+#else
+  (void)on;
+  return false;
+#endif
+}
 
 // In every build: DecodeStep::set_int8 asks it, and a module with an unresolved symbol does not load.
 bool int8_has_amx() {

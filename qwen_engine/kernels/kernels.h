@@ -56,6 +56,7 @@ at::Tensor argmax_rows(const at::Tensor& x);
 
 // int8_matmul.cpp: the int8 products exist where vec_math.h sets QE_INT8 (VNNI or AVX2); int8_has_amx everywhere
 bool int8_has_amx();
+bool set_int8_amx_units(bool on);
 at::Tensor int8_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t N, const at::Tensor& weight_scales,
                            const c10::optional<at::Tensor>& bias, int64_t group,
                            const c10::optional<at::Tensor>& factors);

@@ -179,8 +179,8 @@ def unpack_nibbles16(packed: torch.Tensor, N: int, K: int, group: int, planes: i
 
 
 def layout() -> str:
-    """Units of rows (AVX-512 VNNI or AVX2) — also where AMX runs: its tiles take groups of 64 and more — else
-    rows for the PyTorch reference."""
+    """Units of rows (AVX-512 VNNI or AVX2; where AMX tiles run, the kernel hands them 8+ rows of x over the same
+    units: kernels/int8_matmul.cpp, amx_units_range), else rows for the PyTorch reference."""
     native = kernels.native()
     if native is not None and hasattr(native, "int8_units_layout"):
         return native.int8_units_layout() or "rows"
