@@ -83,7 +83,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("packed"), py::arg("N"), py::arg("weight_scales"), py::arg("bias"), py::arg("group"),
         py::arg("factors") = py::none());
   m.def("set_int8_amx_units", &set_int8_amx_units,
-        "whether int8_linear_units runs 5+ rows of x on AMX tiles where granted (default on); returns the previous "
+        "whether int8_linear_units runs 8+ rows of x on AMX tiles where granted (default on); returns the previous "
         "setting (false in builds without AMX)", py::arg("on"));
   m.def("int8_units_layout", []() { return std::string(QE_INT8 == 512 ? "units16" : "units"); },
         "the layout of int8 weights in units of rows here: units (8 rows, AVX2) or units16 (AVX-512 VNNI), "

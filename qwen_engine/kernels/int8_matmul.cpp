@@ -259,7 +259,6 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
       store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j);
 }
 
-
 #if QE_AMX
 // The units on AMX tiles (Sapphire Rapids and later), from 8 rows of x: a unit's 16 rows are [K / 4][row][k % 4],
 // so a stretch of K is already a weight tile, rows of 64 bytes (4 values of 16 outputs), and a tile instruction
@@ -337,8 +336,8 @@ constexpr decltype(&amx_units_groups<1>) AMX_UNIT_GROUPS[3] = {amx_units_groups<
 constexpr int64_t AMX_EXPAND_GROUPS = 8;
 
 // From 8 rows of x, where the tiles are granted, and for groups of 32 values or more: a decode step of the demo
-// model in a8 (profile_decode.py) 1.11-1.16x faster at 8 streams, 1.06-1.14x at 16 and 32; at 5 streams 0.87-0.92x
-// (the products of 5 rows run no faster on the tiles; Q6_K's groups of 16, 0.9-1.0x, stay on the vectors).
+// model in a8 (profile_decode.py) 1.11-1.16x faster at 8 streams, 1.06-1.14x at 16 and 32; with byte units on the
+// tiles from 5 rows, 0.87-0.92x at 5 streams. Q6_K's groups of 16 (0.8-1.05x on the tiles) stay on the vectors.
 constexpr int64_t AMX_UNITS_ROWS = 8;
 bool amx_units_take(int64_t rows, int64_t G, int64_t planes) {
   if (!amx_units || rows < AMX_UNITS_ROWS || G < 32 || (G > 64 && (G % 64 || planes >= 0))) return false;
