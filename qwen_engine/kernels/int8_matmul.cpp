@@ -280,16 +280,18 @@ void configure_units(int rows, int64_t chunk) {
 
 // Groups g0..g1 of `rows` (<= 16) rows of q against NR byte units, added into acc [rows][48]: unit j's group g0 at
 // wg + j * stride, each next group 16 * G bytes on; in pieces of `chunk` values (G, or 64 where G is coarser). sw,
-// so: the units' scales (and offsets) of group 0, as units_tile's; zero8, cols too.
+// so: the units' scales (and offsets) of group 0, as units_tile's; zero8, cols too. `ahead`: prefetch the scales a
+// few groups ahead (the first tile of rows); fetch, lines: the next units, a share at each group.
 template <int NR>
 void amx_units_groups(const uint8_t* wg, int64_t stride, const int8_t* q, const int32_t* starts, const float* sx,
                       int64_t K, int64_t G, int64_t chunk, int rows, int64_t g0, int64_t g1, int64_t ldy,
-                      const float* sw, const float* so, int cols, int zero8, float* acc, const char* fetch,
-                      int64_t lines, int64_t slice, int64_t slices) {
+                      const float* sw, const float* so, int cols, int zero8, float* acc, bool ahead,
+                      const char* fetch, int64_t lines, int64_t slice, int64_t slices) {
   const int64_t groups = K / G;
   alignas(64) int32_t dots[NR][16][16];
   for (int64_t g = g0; g < g1; ++g) {
     prefetch_share(fetch, lines, slice + g - g0, slices);
+    if (ahead) prefetch_scales<NR>(sw, so, g, groups, ldy);
     const uint8_t* w = wg + (g - g0) * 16 * G;
     _tile_zero(4);
     if constexpr (NR > 1) _tile_zero(5);
@@ -367,15 +369,6 @@ void amx_units_range(const uint8_t* w, int64_t unit_bytes, int planes, int64_t b
     const int64_t next_lines = u + 3 < end ? std::min<int64_t>(3, end - u - 3) * unit_bytes / 64 : 0;
     for (int64_t g0 = 0; g0 < groups; g0 += block) {
       const int64_t g1 = std::min(groups, g0 + block);
-      for (int64_t g = g1; g < std::min(groups, g1 + block); ++g) {  // the next block's scales (and offsets): a
-        // group's lie a row of N floats after the previous group's
-        _mm_prefetch(reinterpret_cast<const char*>(sw + g * N + u * 16), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(sw + g * N + u * 16 + 32), _MM_HINT_T0);
-        if (so) {
-          _mm_prefetch(reinterpret_cast<const char*>(so + g * N + u * 16), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(so + g * N + u * 16 + 32), _MM_HINT_T0);
-        }
-      }
       const uint8_t* wg = w + u * unit_bytes + g0 * 16 * G;
       int64_t stride = unit_bytes;
       if (planes >= 0) {
@@ -389,8 +382,8 @@ void amx_units_range(const uint8_t* w, int64_t unit_bytes, int planes, int64_t b
         if (rows != configured) configure_units(configured = rows, chunk);
         AMX_UNIT_GROUPS[nr - 1](wg, stride, q + m * K, starts + m * groups, sx + m * groups, K, G, chunk, rows, g0,
                                 g1, N, sw + u * 16, so ? so + u * 16 : nullptr, cols, zero8,
-                                sums.data() + (m - m0) * 48, next, next_lines, ((g0 / block) * tiles + t) * block,
-                                blocks * tiles * block);
+                                sums.data() + (m - m0) * 48, t == 0, next, next_lines,
+                                ((g0 / block) * tiles + t) * block, blocks * tiles * block);
       }
     }
     for (int64_t m = m0; m < m1; ++m)
