@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from ..errors import ContextLengthError, InputError
+from ..models.heap import settle_thresholds
 from ..models.qwen import VisualRows
 from ..vision.prompt import Prompt, VisionItem
 from .block_manager import BlockManager
@@ -63,6 +64,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_ids = list(eos_token_ids)
         self.config = config
+        settle_thresholds()  # prefill activations reuse freed heap blocks, not fresh mappings (models/heap.py)
         cfg = model.config
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device

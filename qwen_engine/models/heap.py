@@ -1,5 +1,4 @@
-"""A vision tower's large activations reused, not faulted in afresh, block after block (glibc; elsewhere
-nothing changes). Used by towers in the w8a8-vision mode (VisionTransformer.reuse_freed_memory).
+"""Large activations reused, not faulted in afresh, layer after layer (glibc; elsewhere nothing changes).
 
 glibc serves an allocation above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it when it is
 freed, so every large activation of a tower (70-90 MB at 1024x1024) has its pages faulted in and zeroed by the
@@ -7,6 +6,12 @@ kernel again, in every block: ~20 % of an int8 product's time there ([4096, 1024
 the pages reused, 69 ms without). Inside `heap_for_large_tensors()`, allocations of any size come from the heap,
 whose freed blocks the next ones reuse; on the way out the heap's free pages go back to the system
 (malloc_trim), so the process does not keep the pass's peak.
+
+Text models take those settled thresholds when their engine starts (`settle_thresholds`). Until then glibc maps
+blocks above a threshold that starts at 128 KiB, raises it only as large blocks are freed, and hands the top of
+its heap back beyond twice it: a 523-token prefill of the demo model faulted its 2-20 MB activations in afresh
+layer after layer (85-117 k minor faults a prefill, against 3 k with the settled thresholds; 5-10 % of its time,
+docs/benchmarks.md, forty-third pass).
 
 mallopt turns off glibc's dynamic threshold for good, so on the way out the thresholds are set to where that
 rule settles once large blocks have been freed (mmap above 32 MiB, trim above 64 MiB), not back to the
@@ -61,6 +66,21 @@ def heap_for_large_tensors() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _LIBC.mallopt(_M_MMAP_MAX, _MMAP_MAX_DEFAULT)
-                _LIBC.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_SETTLED)
-                _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 * _THRESHOLD_SETTLED)
+                _settle(_LIBC)
                 _LIBC.malloc_trim(0)
+
+
+def settle_thresholds() -> None:
+    """glibc's mmap and trim thresholds set where its dynamic rule settles (mmap above 32 MiB, trim above 64 MiB),
+    so that activations below 32 MiB come from the heap and reuse its freed blocks (a no-op inside
+    heap_for_large_tensors, which settles them on its way out)."""
+    if _LIBC is None:
+        return
+    with _lock:
+        if _depth == 0:
+            _settle(_LIBC)
+
+
+def _settle(libc: ctypes.CDLL) -> None:
+    libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD_SETTLED)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _THRESHOLD_SETTLED)
