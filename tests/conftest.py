@@ -86,7 +86,56 @@ def qwen3_tokenizer_dir() -> Path:
 def demo_llm(demo_gguf):
     from qwen_engine import LLM
 
-    return LLM(demo_gguf, progress=False)
+    llm = LLM(demo_gguf, progress=False)
+    _compare_with_a_second_load(llm, demo_gguf)
+    return llm
+
+
+def _compare_with_a_second_load(llm, path: Path) -> None:
+    """Warns, naming the first module whose output differs, if a second load of the demo model computes other
+    logits than `llm` (~3 s a run). In 3 of ~12 full runs on the AMX host the session's demo model gave logits
+    ~2.6e-3 away from every other load's, from its first use on (docs/benchmarks.md, forty-third pass)."""
+    from qwen_engine import LLM
+
+    second = LLM(path, progress=False)
+    ids = llm.tokenizer.encode(llm.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}]))
+    outputs: dict[int, list[tuple[str, torch.Tensor]]] = {0: [], 1: []}
+
+    def hook(which: int, name: str):
+        def record(module, inputs, output):
+            first = output[0] if isinstance(output, tuple) else output
+            if isinstance(first, torch.Tensor):
+                outputs[which].append((name, first.detach().clone()))
+        return record
+
+    handles = [m.register_forward_hook(hook(i, n)) for i, model in enumerate((llm.model, second.model))
+               for n, m in model.named_modules() if n]
+    try:
+        ours, again = llm.logits(ids), second.logits(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    if torch.equal(ours, again):
+        return
+    first = next(((n, (a - b).abs().max().item()) for (n, a), (_, b) in zip(outputs[0], outputs[1], strict=False)
+                  if a.shape != b.shape or not torch.equal(a, b)), ("none", 0.0))
+    state = [n for (n, a), (_, b) in zip(_tensors(llm.model), _tensors(second.model), strict=False)
+             if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)]
+    per_position = (ours - again).abs().amax(-1)
+    warnings.warn(f"the session's demo model differs from a second load: max|dlogit| {per_position.max().item():.3g} "
+                  f"(by position: {[round(v, 6) for v in per_position.tolist()[:6]]}); first module whose output "
+                  f"differs: {first[0]} (max {first[1]:.3g}); state that differs: {state[:8]}",
+                  RuntimeWarning, stacklevel=1)
+
+
+def _tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor a module holds: parameters, buffers, and plain attributes (QuantLinear's blocks and bias)."""
+    found = []
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [("", value)]
+            found += [(f"{name}.{attr}{key}", v) for key, v in values if isinstance(v, torch.Tensor)]
+    return found
 
 
 @pytest.fixture(scope="session")
