@@ -30,31 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-_THIRD = torch.tensor(1 / 3, dtype=torch.float32)  # 1/3 rounded to nearest: 0.33333334
-_rounding_warned = False
-
-
-@pytest.fixture(autouse=True)
-def _threads_round_to_nearest():
-    """Warns (once a run) after the first test after which a PyTorch thread rounds floats other than to nearest.
-
-    Once, on the AMX host, the session's demo model drifted mid-run by ~2.6e-3 in logits (test_parity_demo,
-    test_quantized_demo and test_server failed; a rerun passed): the same drift as one of the two intra-op threads
-    rounding towards zero (measured: 2.2-2.8e-3). The cause was not found; if it is that, the warning names the
-    test it follows (a warning, not a failure: only tolerance-bound tests would notice). 2M divisions are split
-    between the threads, so each thread's rounding shows (~1 ms a test)."""
-    global _rounding_warned
-    yield
-    if _rounding_warned:
-        return
-    thirds = torch.ones(1 << 21) / 3
-    if not bool((thirds == _THIRD).all()):
-        _rounding_warned = True
-        values = sorted({float(v) for v in thirds.unique()})
-        warnings.warn(f"after this test a PyTorch thread rounds other than to nearest: 1/3 gave {values}",
-                      RuntimeWarning, stacklevel=1)
-
-
 @pytest.fixture(scope="session")
 def native():
     """The native kernels' module; tests that need it skip where no C++ compiler could build it."""
