@@ -107,9 +107,14 @@ def _tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Every tensor a module holds: parameters, buffers, and plain attributes (QuantLinear's blocks and bias)."""
     found = []
     for name, module in model.named_modules():
-        for attr, value in vars(module).items():
-            values = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [("", value)]
-            found += [(f"{name}.{attr}{key}", v) for key, v in values if isinstance(v, torch.Tensor)]
+        for attr, value in vars(module).items():  # _parameters and _buffers are dicts; blocks a list
+            if isinstance(value, dict):
+                items = [(f".{k}", v) for k, v in value.items()]
+            elif isinstance(value, list):
+                items = [(f"[{i}]", v) for i, v in enumerate(value)]
+            else:
+                items = [("", value)]
+            found += [(f"{name}.{attr}{key}", v) for key, v in items if isinstance(v, torch.Tensor)]
     return found
 
 
