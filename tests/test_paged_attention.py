@@ -281,3 +281,14 @@ def test_paged_batch_half_pool_same_with_and_without_native_kernel(dtype):
     tolerance = 2 * 2.0**-9 * cache.v.float().abs().max().item() if bf16_products(kernels.native(), dtype, 64) else 2e-6
     assert torch.allclose(outs[0][:1], outs[1][:1], rtol=1e-5, atol=tolerance)
     assert torch.equal(cache.k[0, writes], k.to(dtype))
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 5])
+def test_slots_of_every_stretch_of_positions(block_size):
+    cache = PagedKVCache(1, 1, 8, num_blocks=40, block_size=block_size)
+    blocks = torch.randperm(40, generator=torch.Generator().manual_seed(block_size))[: -(-37 // block_size) + 1].tolist()
+    for start, end in [(0, 1), (0, 37), (36, 37), (5, 23), (block_size, 2 * block_size), (7, 7)]:
+        expected = [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        assert cache.slots(blocks, start, end).tolist() == expected
+    with pytest.raises(ValueError, match="need"):
+        cache.slots(blocks[:1], 0, block_size + 1)

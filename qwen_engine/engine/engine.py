@@ -204,9 +204,10 @@ class Engine:
             visual.extend((len(ids) - start, item, used) for item, used in _items_in(seq.vision, start, end))
             ids.extend(seq.token_ids[start:end])
             positions.append(_positions(seq, start, end))
-            writes.append(self.cache.slots(seq.table.block_ids, start, end))
+            context = self.cache.slots(seq.table.block_ids, 0, end)
+            writes.append(context[start:end])
             row = len(ids)
-            slices.append(SequenceSlice(row - chunk.num_tokens, row, self.cache.slots(seq.table.block_ids, 0, end)))
+            slices.append(SequenceSlice(row - chunk.num_tokens, row, context))
             if end == seq.num_tokens:  # the chunk reaches the end: its last row's logits pick the next token
                 sample_rows.append(row - 1)
                 sampled.append(seq)
