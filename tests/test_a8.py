@@ -123,25 +123,42 @@ NIBBLE_SHAPES = {Q.Q4_0: 896, Q.Q5_0: 896, Q.Q4_K: 512, Q.Q5_K: 256}  # 896: inp
 
 
 @pytest.mark.parametrize("qtype", list(a8.NIBBLES), ids=lambda t: t.name)
-@pytest.mark.parametrize("M", [1, 3, 6, 8, 17])
-def test_nibble_units_equal_byte_units(qtype, M):
+@pytest.mark.parametrize("M,N", [(1, 37), (3, 37), (6, 37), (8, 37), (17, 37), (17, 200), (6, 200)])
+def test_nibble_units_equal_byte_units(qtype, M, N):
     """With AVX-512 a single 4-5-bit type is kept in nibble units; its products are the byte units' bit for bit,
-    from one row (nibble tiles of 1-4 rows, then 5-8 rows a unit wide) to many (units expanded to bytes once, then
-    the byte tiles)."""
+    from one row (nibble tiles of 1-4 rows, then 5-8 rows a unit wide) to many (units expanded to bytes, the first
+    ones before their products, each next ones beside the products of those before: N = 200 gives each thread
+    several passes, then the byte tiles)."""
     if a8.layout() != "units16":
         pytest.skip("nibble units are AVX-512 VNNI's")
     K = NIBBLE_SHAPES[qtype]
-    raw = torch.from_numpy(blocks_of(qtype, 37, K, seed=3))
-    bias = torch.randn(37)
+    raw = torch.from_numpy(blocks_of(qtype, N, K, seed=3))
+    bias = torch.randn(N)
     layer = a8.A8Linear([(raw, qtype)], K, bias)
     assert layer.layout == "nibbles16" and (layer.planes, layer.zero) == a8.NIBBLES[qtype]
-    assert layer.packed.numel() == 48 * layer.padded * (4 + layer.planes) // 8
+    assert layer.packed.numel() == 16 * -(-N // 16) * layer.padded * (4 + layer.planes) // 8
     u8, _, _ = a8.int8_form(raw, qtype, K, layer.group)
     assert torch.equal(layer.weight_rows()[:, :K], u8)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
-    as_bytes = kernels.native().int8_linear_units(x, w8a8.pack_units16(layer.weight_rows()), 37, layer.weight_scales,
+    as_bytes = kernels.native().int8_linear_units(x, w8a8.pack_units16(layer.weight_rows()), N, layer.weight_scales,
                                                   bias, layer.group, None, layer.weight_offsets)
     assert torch.equal(layer(x), as_bytes)
+
+
+@pytest.mark.parametrize("M", [6, 9])
+def test_nibble_units_streaming_large_outputs(M):
+    """Over 4 MiB of y (a tied LM head of 4-5-bit quants) the nibble tiles, of 5-8 rows a unit wide or of the
+    expanded units, store y to memory directly: the same numbers as the weight taken in slices."""
+    if a8.layout() != "units16":
+        pytest.skip("nibble units are AVX-512 VNNI's")
+    K, N = 64, (4 << 20) // (4 * M) + 21
+    raw = torch.from_numpy(blocks_of(Q.Q4_0, N, K, seed=M))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    whole = a8.A8Linear([(raw, Q.Q4_0)], K, None)
+    assert whole.layout == "nibbles16"
+    cut = 16 * 1024
+    sliced = torch.cat([a8.A8Linear([(raw[a : a + cut], Q.Q4_0)], K, None)(x) for a in range(0, N, cut)], dim=1)
+    assert torch.equal(whole(x), sliced)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q4_K, Q.Q8_0, Q.Q6_K], ids=lambda t: t.name)

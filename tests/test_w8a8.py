@@ -101,6 +101,45 @@ def test_kernel_equals_reference(M, K, N):
     assert (y - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
+def test_rows_apart_are_read_in_place():
+    """x may be the first columns of a wider tensor (the decode step's down projection reads the first half of
+    gate/up's rows): quantised where it lies, the same numbers as a contiguous copy."""
+    native = int8_native()
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(9, 2 * 320, generator=gen)
+    x = wide[:, :320]
+    assert not x.is_contiguous()
+    got, want = native.int8_quantize(x, 32, None), native.int8_quantize(x.contiguous(), 32, None)
+    assert len(got) == len(want) == 3 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    layer = w8a8.W8A8Linear(torch.randn(40, 320, generator=gen) * 0.05, None)
+    if native.int8_units_layout() == w8a8.weight_layout():
+        assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+@pytest.mark.parametrize("M", [7, 32])
+def test_large_outputs_streamed_to_memory_are_the_same_numbers(M):
+    """From 4 MiB of y (the LM head over 7 rows or more) the units tiles store y with non-temporal stores: the
+    outputs equal the same product taken in slices of the weight (stored as usual) bit for bit, the last unit's
+    partial line included, and the reference's within float rounding."""
+    native = int8_native()
+    if native.int8_units_layout() is None:
+        pytest.skip("no units layout in this build")
+    K, N = 64, (4 << 20) // (4 * M) + 37  # just over 4 MiB of y; N % 16 = 5 or 1: a partial last unit
+    gen = torch.Generator().manual_seed(M)
+    x, rows = torch.randn(M, K, generator=gen), torch.randint(0, 256, (N, K), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(K // 32, N, generator=gen) * 0.01
+    layout = native.int8_units_layout()
+    pack = w8a8.PACK[layout][0]
+    whole = native.int8_linear_units(x, pack(rows), N, scales, None, 32)
+    cut = 16 * 1024  # slices of whole units, each far below 4 MiB of y
+    sliced = torch.cat([native.int8_linear_units(x, pack(rows[a : a + cut]), min(cut, N - a),
+                                                 scales[:, a : a + cut].contiguous(), None, 32)
+                        for a in range(0, N, cut)], dim=1)
+    assert torch.equal(whole, sliced)
+    ref = w8a8.reference_linear(x, rows, scales, None, 32)
+    assert (whole - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
 @pytest.mark.parametrize("M,K,N", [(1, 896, 40), (7, 256, 33), (20, 100, 9), (130, 4864, 24)])
 def test_smoothing_factors_in_the_kernel(M, K, N):
     """A smoothed layer (weight columns times s, x times 1/s as it is quantised): the kernel's quantisation of x

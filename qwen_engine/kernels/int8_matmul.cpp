@@ -51,6 +51,7 @@ inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t 
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
 }
 
+
 // The weight scales (and offsets) of NR units a few groups ahead, by the tile that streams the units alone (one
 // tile of rows: decode): a group's lie a row of N floats after the previous group's, a page or more away for the
 // wider products, where the hardware prefetchers do not follow.
@@ -82,8 +83,10 @@ inline __mmask16 first_of_16(int cols) {
 // One group's weight scales of a unit's 16 outputs (zeros past `cols`: the last unit of a weight is padded).
 inline __m512 unit_scales16(const float* sw, int cols) { return _mm512_maskz_loadu_ps(first_of_16(cols), sw); }
 
-// y[0..cols) = acc + bias for one unit's 16 outputs (cols < 16 in the last unit of a weight).
-inline void store_unit16(__m512 acc, float* y, const float* bias, int cols) {
+// y[0..cols) = acc + bias for one unit's 16 outputs (cols < 16 in the last unit of a weight). `stream`: a whole
+// aligned line goes straight to memory (stream_y below).
+inline void store_unit16(__m512 acc, float* y, const float* bias, int cols, bool stream = false) {
+  if (stream && cols >= 16 && !bias && (reinterpret_cast<uintptr_t>(y) & 63) == 0) return _mm512_stream_ps(y, acc);
   const __mmask16 mask = first_of_16(cols);
   if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias));
   _mm512_mask_storeu_ps(y, mask, acc);
@@ -107,6 +110,61 @@ float quantize_group(const float* x, int64_t G, int8_t* q, int32_t& sum) {
   }
   sum = _mm512_reduce_add_epi32(sums);
   return scale;
+}
+
+// Lane i of the result = op over the 16 lanes of v[i] (max or add): 46 shuffles and ops for 16 groups where a
+// reduction each took 8 in a chain, and the groups' scales and sums no longer wait on one another.
+template <typename Op>
+inline __m512 across16(__m512 (&v)[16], Op op) {
+  __m512 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k)  // 128-bit quarters: lanes 0-7 of a[k] v[2k]'s, lanes 8-15 v[2k + 1]'s
+    a[k] = op(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44), _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)  // quarter j of b[k]: v[4k + j]'s four partials
+    b[k] = op(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88), _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // quarter j of c[k]: two partials of v[8k + j], then two of v[8k + 4 + j]
+    c[k] = op(_mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0x44), _mm512_shuffle_ps(b[2 * k], b[2 * k + 1], 0xEE));
+  const __m512 d = op(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  // element 4j + t of d is v[4t + j]'s
+  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  return _mm512_permutexvar_ps(order, d);
+}
+
+// quantize_group for n <= 16 groups side by side (x's values G apart, none past the row's end): the same scales,
+// bytes and sums, with the reductions across groups done together (across16). A 32-stream decode step quantises
+// ~300 groups of 16-32 values a layer; one at a time they took ~37 cycles each.
+void quantize_groups16(const float* x, int64_t G, int n, int8_t* q, float* scales, int32_t* starts) {
+  __m512 part[16];
+  for (int i = 0; i < 16; ++i) {
+    __m512 amax = _mm512_setzero_ps();
+    if (i < n)
+      for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + i * G + k)));
+    part[i] = amax;
+  }
+  const __m512 scale = _mm512_div_ps(across16(part, [](__m512 a, __m512 b) { return _mm512_max_ps(a, b); }),
+                                     _mm512_set1_ps(127.0f));
+  const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+  _mm512_mask_storeu_ps(scales, live, scale);
+  alignas(64) float d[16];
+  _mm512_store_ps(d, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                          _mm512_set1_ps(1.0f), scale));
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int i = 0; i < 16; ++i) {
+    __m512 sum = _mm512_setzero_ps();  // the group's integers summed in float: exact (|sum| <= 127 G < 2^24)
+    if (i < n) {
+      const __m512 di = _mm512_set1_ps(d[i]);
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 r = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i * G + k), di),
+                                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                                                     lo),
+                                       hi);
+        sum = _mm512_add_ps(sum, r);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * G + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+      }
+    }
+    part[i] = sum;
+  }
+  const __m512i sums = _mm512_cvtps_epi32(across16(part, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); }));
+  _mm512_mask_storeu_epi32(starts, live, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-8)));
 }
 
 // One group of G weights → G bytes int8 + 128; returns the group's scale.
@@ -208,7 +266,7 @@ inline void nibble_products(const uint8_t* wu, const int8_t* q, int64_t K, int64
 template <int P, int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_t* starts, const float* sx, int64_t K,
                 int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias, int cols,
-                int zero8, bool ahead, const char* fetch, int64_t fetch_lines) {
+                int zero8, bool ahead, const char* fetch, int64_t fetch_lines, bool stream) {
   const int64_t groups = K / G;
   __m512 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
@@ -256,7 +314,7 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t*, const int32_
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
-      store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j);
+      store_unit16(acc[i][j], y + i * ldy + 16 * j, bias ? bias + 16 * j : nullptr, cols - 16 * j, stream);
 }
 
 #if QE_AMX
@@ -489,7 +547,7 @@ float quantize_weight_group(const float* row, int64_t G, uint8_t* dst) {
 template <int MR, int NR>
 void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int32_t* starts, const float* sx,
                 int64_t K, int64_t G, float* y, int64_t ldy, const float* sw, const float* so, const float* bias,
-                int cols, int, bool ahead, const char* fetch, int64_t fetch_lines) {
+                int cols, int, bool ahead, const char* fetch, int64_t fetch_lines, bool) {
   const int64_t groups = K / G;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[MR][NR];
@@ -544,10 +602,17 @@ void units_tile(const uint8_t* wu, const int8_t* q, const uint8_t* a, const int3
 // 16 and 32 streams within the host's noise. (Whole slices at the start of each tile were slower: 56 / 50 ms.)
 constexpr int64_t SPREAD_TILES = 2;
 
-// units_tile(wu, q, |q| (AVX2), starts, sx, K, G, y, ldy, sw, offsets, bias, cols, zero8, ahead, fetch, fetch_lines)
+// units_tile(wu, q, |q| (AVX2), starts, sx, K, G, y, ldy, sw, offsets, bias, cols, zero8, ahead, fetch, fetch_lines,
+// stream)
 using UnitsFn = void (*)(const uint8_t*, const int8_t*, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
                         float*, int64_t, const float*, const float*, const float*, int, int, bool, const char*,
-                        int64_t);
+                        int64_t, bool);
+
+// From this many bytes of y (the LM head over 7 rows of x or more, a prefill's gate/up), the tiles store y with
+// non-temporal stores (AVX-512): y's lines are not read from memory first only to be overwritten, and they do not
+// push the weights out of the caches. The LM head at 32 rows of x (19 MB of y) ran 0.90x the time, the same as
+// with no stores at all; at 16 rows 0.88-0.91x, at 8 0.93x (forty-fifth pass in benchmarks.md).
+constexpr int64_t STREAM_Y_BYTES = int64_t{4} << 20;
 #if QE_INT8 == 512
 // 12 integer and 12 float accumulators, 3 weight vectors and x: 28 of the 32 registers
 constexpr int UMR = 4, UNR = 3;
@@ -583,32 +648,47 @@ constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
 
-// x [M, Kx] → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]: -8 * sum(q),
+// x [M, Kx] (rows ldx apart) → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]:
+// -8 * sum(q),
 // from which the kernels take off the weights' +128: the VNNI units tile and AMX start each output at 16x that
 // (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
 // (the weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
 // With `factors` (Kx floats; the layer's smoothing, models/w8a8.py), x's columns are multiplied by them first.
 constexpr int64_t MAX_GROUP = 512;
-void quantize_rows(const float* x, int64_t Kx, int64_t M, int64_t K, int64_t G, const float* factors, int8_t* q,
-                   float* scales, int32_t* starts) {
-  const int64_t groups = K / G;
-  at::parallel_for(0, M * groups, 64, [&](int64_t a, int64_t b) {
+void quantize_rows(const float* x, int64_t Kx, int64_t ldx, int64_t M, int64_t K, int64_t G, const float* factors,
+                   int8_t* q, float* scales, int32_t* starts) {
+  const int64_t groups = K / G, blocks = (groups + 15) / 16;
+  // groups wholly within x and unscaled go 16 at a time (AVX-512: quantize_groups16), the rest (the padding past
+  // Kx, smoothed x) one by one
+  const int64_t whole = QE_INT8 == 512 && !factors ? Kx / G : 0;
+  at::parallel_for(0, M * blocks, 4, [&](int64_t a, int64_t b) {
     alignas(64) float padded[MAX_GROUP];
-    for (int64_t i = a; i < b; ++i) {
-      const int64_t row = i / groups, column = (i % groups) * G, offset = row * K + column;
-      const float* values = x + row * Kx + column;
-      if (column + G > Kx || factors) {
-        const int64_t real = std::min(G, std::max<int64_t>(0, Kx - column));
-        if (factors)
-          for (int64_t k = 0; k < real; ++k) padded[k] = values[k] * factors[column + k];
-        else
-          std::copy(values, values + real, padded);
-        std::fill(padded + real, padded + G, 0.0f);
-        values = padded;
+    for (int64_t block = a; block < b; ++block) {
+      const int64_t row = block / blocks, g0 = (block % blocks) * 16, g1 = std::min(groups, g0 + 16);
+      int64_t g = g0;
+#if QE_INT8 == 512
+      if (g0 < whole) {
+        g = std::min(g1, whole);
+        quantize_groups16(x + row * ldx + g0 * G, G, static_cast<int>(g - g0), q + row * K + g0 * G,
+                          scales + row * groups + g0, starts + row * groups + g0);
       }
-      int32_t sum;
-      scales[i] = quantize_group(values, G, q + offset, sum);
-      starts[i] = -8 * sum;
+#endif
+      for (; g < g1; ++g) {
+        const int64_t i = row * groups + g, column = g * G;
+        const float* values = x + row * ldx + column;
+        if (column + G > Kx || factors) {
+          const int64_t real = std::min(G, std::max<int64_t>(0, Kx - column));
+          if (factors)
+            for (int64_t k = 0; k < real; ++k) padded[k] = values[k] * factors[column + k];
+          else
+            std::copy(values, values + real, padded);
+          std::fill(padded + real, padded + G, 0.0f);
+          values = padded;
+        }
+        int32_t sum;
+        scales[i] = quantize_group(values, G, q + row * K + column, sum);
+        starts[i] = -8 * sum;
+      }
     }
   });
 }
@@ -664,13 +744,16 @@ std::vector<at::Tensor> quantize_padded(const at::Tensor& x, int64_t K, int64_t 
   TORCH_CHECK(!factors.has_value() || (factors->dtype() == at::kFloat && factors->is_contiguous() &&
                                        factors->device().is_cpu() && factors->numel() == x.size(1)),
               "input factors must be contiguous CPU float32 [", x.size(1), "]");
-  const auto xc = x.contiguous();
+  // rows apart are read where they lie (the decode step's down projection takes the first half of gate/up's
+  // rows: a copy of them was ~2 % of a 32-stream a8 step)
+  const auto xc = x.stride(1) == 1 && x.stride(0) >= x.size(1) ? x : x.contiguous();
   const int64_t M = xc.size(0);
   auto q = at::empty({M, K}, at::dtype(at::kChar));
   auto scales = at::empty({M, K / group}, at::dtype(at::kFloat));
   auto starts = at::empty({M, K / group}, at::dtype(at::kInt));
-  quantize_rows(xc.data_ptr<float>(), xc.size(1), M, K, group, factors ? factors->data_ptr<float>() : nullptr,
-                q.data_ptr<int8_t>(), scales.data_ptr<float>(), starts.data_ptr<int32_t>());
+  quantize_rows(xc.data_ptr<float>(), xc.size(1), xc.stride(0), M, K, group,
+                factors ? factors->data_ptr<float>() : nullptr, q.data_ptr<int8_t>(), scales.data_ptr<float>(),
+                starts.data_ptr<int32_t>());
   return {q, scales, starts};
 }
 }  // namespace
@@ -713,6 +796,7 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
   const auto magnitudes = QE_INT8 == 256 ? parts[0].abs() : parts[0];
   const int64_t M = x.size(0), groups = K / group;
   auto y = at::empty({M, N}, at::dtype(at::kFloat));
+  const bool stream = QE_INT8 == 512 && M * N * 4 >= STREAM_Y_BYTES;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const int8_t* q = parts[0].data_ptr<int8_t>();
   const uint8_t* a = reinterpret_cast<const uint8_t*>(magnitudes.data_ptr<int8_t>());
@@ -745,7 +829,9 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
           WIDE_NIBBLE_TILES[planes][m1 - m0 - UMR - 1](
               w + u * unit_bytes, q + m0 * K, a + m0 * K, starts + m0 * groups, sx + m0 * groups, K, group,
               yp + m0 * N + u * R, N, sw + u * R, so ? so + u * R : nullptr, bias_ptr ? bias_ptr + u * R : nullptr,
-              static_cast<int>(std::min<int64_t>(R, N - u * R)), static_cast<int>(zero / 8), true, nullptr, 0);
+              static_cast<int>(std::min<int64_t>(R, N - u * R)), static_cast<int>(zero / 8), true, nullptr, 0,
+              stream);
+        if (stream) _mm_sfence();
         return;
       }
 #endif
@@ -796,9 +882,10 @@ at::Tensor int8_linear_units(const at::Tensor& x, const at::Tensor& packed, int6
           tile(weights, q + m * K, a + m * K, starts + m * groups, sx + m * groups, K, group, yp + m * N + u * R, N,
                sw + u * R, so ? so + u * R : nullptr, bias_ptr ? bias_ptr + u * R : nullptr,
                static_cast<int>(std::min<int64_t>(R * nr, N - u * R)), static_cast<int>(zero / 8), ahead,
-               next + l0 * 64, l1 - l0);
+               next + l0 * 64, l1 - l0, stream);
         }
       }
+      if (stream) _mm_sfence();  // the streamed lines visible before the pool's barrier hands y on
     });
   }
   return y;
