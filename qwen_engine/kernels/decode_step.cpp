@@ -52,8 +52,6 @@ void rms_norm(const float* x, int64_t rows, int64_t dim, int64_t stride, const f
   }
 }
 
-// x[i] += y[i] for the n values of a contiguous float32 tensor y (the residual adds: a plain loop here costs
-// well under the few microseconds of a dispatched add_).
 // rms_norm of the residual stream's rows, shared between the threads from 8 rows (one thread normed a 32-stream
 // step's 49 times 32 rows while the other waited: ~1 % of the step, perf).
 void rms_norm_parallel(const float* x, int64_t rows, int64_t dim, const float* w, float eps, float* y) {
@@ -63,6 +61,8 @@ void rms_norm_parallel(const float* x, int64_t rows, int64_t dim, const float* w
   });
 }
 
+// x[i] += y[i] for the n values of a contiguous float32 tensor y (the residual adds: a plain loop here costs
+// well under the few microseconds of a dispatched add_).
 void add_into(float* x, const at::Tensor& y, int64_t n) {
   TORCH_CHECK(y.is_contiguous() && y.numel() == n, "residual branch must be contiguous with ", n, " values");
   const float* yp = y.data_ptr<float>();

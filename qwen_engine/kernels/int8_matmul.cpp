@@ -51,7 +51,6 @@ inline void prefetch_share(const char* fetch, int64_t lines, int64_t g, int64_t 
   for (int64_t l = g * lines / groups; l < (g + 1) * lines / groups; ++l) _mm_prefetch(fetch + l * 64, _MM_HINT_T1);
 }
 
-
 // The weight scales (and offsets) of NR units a few groups ahead, by the tile that streams the units alone (one
 // tile of rows: decode): a group's lie a row of N floats after the previous group's, a page or more away for the
 // wider products, where the hardware prefetchers do not follow.
@@ -84,7 +83,7 @@ inline __mmask16 first_of_16(int cols) {
 inline __m512 unit_scales16(const float* sw, int cols) { return _mm512_maskz_loadu_ps(first_of_16(cols), sw); }
 
 // y[0..cols) = acc + bias for one unit's 16 outputs (cols < 16 in the last unit of a weight). `stream`: a whole
-// aligned line goes straight to memory (stream_y below).
+// aligned line goes straight to memory (STREAM_Y_BYTES below).
 inline void store_unit16(__m512 acc, float* y, const float* bias, int cols, bool stream = false) {
   if (stream && cols >= 16 && !bias && (reinterpret_cast<uintptr_t>(y) & 63) == 0) return _mm512_stream_ps(y, acc);
   const __mmask16 mask = first_of_16(cols);
@@ -153,10 +152,9 @@ void quantize_groups16(const float* x, int64_t G, int n, int8_t* q, float* scale
     if (i < n) {
       const __m512 di = _mm512_set1_ps(d[i]);
       for (int64_t k = 0; k < G; k += 16) {
-        const __m512 r = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i * G + k), di),
-                                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
-                                                     lo),
-                                       hi);
+        const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i * G + k), di),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 r = _mm512_min_ps(_mm512_max_ps(rounded, lo), hi);
         sum = _mm512_add_ps(sum, r);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i * G + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
       }
@@ -648,11 +646,10 @@ constexpr UnitsFn UNIT_TILES[UMR][UNR] = {
 // Rows of x are taken this many at a time, so their bytes stay in L2 while every weight row passes by.
 constexpr int64_t ROW_CHUNK = 256;
 
-// x [M, Kx] (rows ldx apart) → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts [M, K / G]:
-// -8 * sum(q),
-// from which the kernels take off the weights' +128: the VNNI units tile and AMX start each output at 16x that
-// (the AVX2 kernel has none to take off and does not read them). Columns Kx..K
-// (the weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
+// x [M, Kx] (rows ldx apart) → q [M, K] int8, scales [M, K / G] (max |x| / 127 per group) and lane starts
+// [M, K / G]: -8 * sum(q), from which the kernels take off the weights' +128: the VNNI units tile and AMX start
+// each output at 16x that (the AVX2 kernel has none to take off and does not read them). Columns Kx..K (the
+// weight's padding to a multiple of 64) quantise as zeros, so x need not be padded (a copy as large as x).
 // With `factors` (Kx floats; the layer's smoothing, models/w8a8.py), x's columns are multiplied by them first.
 constexpr int64_t MAX_GROUP = 512;
 void quantize_rows(const float* x, int64_t Kx, int64_t ldx, int64_t M, int64_t K, int64_t G, const float* factors,
