@@ -7,7 +7,9 @@ tokens when streams run, up to 2048 for a lone prompt), the fused kernel (`prefi
 in place) against `kv_cache.causal_attention` (grouped products with a materialised score matrix, or PyTorch's
 SDPA above 64 M scores). Decode: B sequences of C cached positions, one new query each, `decode_attention`
 against the PyTorch path (gather the slots, grouped product, masked softmax). ms per call of one layer, minimum
-of --repeat calls, and the largest difference between the two. Not a test: nothing is asserted.
+of --repeat calls, and the largest difference between the two. Then decode as a step meets it: one call on each
+of --step-layers layers' own pools, so every layer's keys and values come from memory (a step's weights have
+pushed them out of the caches), beside one plain read of the same bytes. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from qwen_engine.engine.kv_cache import causal_attention, decode_attention
 
 PREFILL = [(523, 523), (512, 1024), (512, 2048), (512, 4096), (2048, 2048), (2048, 4096)]
 DECODE = [(1, 523), (8, 523), (1, 4096), (8, 4096), (32, 523)]
+STEP = [(32, 130), (16, 620), (1, 8000)]  # compare.py's streams (~40-token prompts, 64 tokens), chats, one long
 
 
 def timed(repeat: int, fn, *args) -> tuple[float, torch.Tensor]:
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--step-layers", type=int, default=24, help="layers of the step table (0: skip it)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     native = kernels.native()
@@ -90,6 +94,40 @@ def main() -> None:
         ours, got = timed(args.repeat, native.decode_attention, q, k, v, table, lengths, scale)
         diff = (got - expected).abs().max()
         print(f"| {B} × {C} | {ref:.2f} | {ours:.2f} | {ref / ours:.2f}× | {diff:.1e} |")
+
+    if args.step_layers:
+        step_table(native, gen, args, scale)
+
+
+def attend_layers(native, q, ks, vs, table, lengths, scale: float) -> None:
+    for k, v in zip(ks, vs, strict=True):
+        native.decode_attention(q, k, v, table, lengths, scale)
+
+
+def read_layers(ks, vs) -> None:
+    for k, v in zip(ks, vs, strict=True):
+        k.sum(), v.sum()
+
+
+def step_table(native, gen: torch.Generator, args: argparse.Namespace, scale: float) -> None:
+    """decode_attention once on each of L layers' pools (blocks of the sequences interleaved, as sequences that
+    grow together get them), against one plain read of the same keys and values."""
+    L, H, Hkv, D = args.step_layers, args.heads, args.kv_heads, args.head_dim
+    print(f"\n| decode step, {L} layers: B × context | K+V MB | native ms | GB/s | a plain read of them, ms |")
+    print("|---|---|---|---|---|")
+    for B, C in STEP:
+        blocks = (C + 15) // 16
+        order = torch.randperm(B * blocks, generator=gen).view(blocks, B).t()  # block j of every sequence, then j+1
+        table = (order[:, :, None] * 16 + torch.arange(16)).reshape(B, -1)[:, :C].contiguous()
+        ks = [torch.randn(B * blocks * 16, Hkv, D, generator=gen) for _ in range(L)]
+        vs = [torch.randn(B * blocks * 16, Hkv, D, generator=gen) for _ in range(L)]
+        q = torch.randn(B, H, D, generator=gen)
+        lengths = torch.full((B,), C)
+        mb = 2 * L * B * C * Hkv * D * 4 / 1e6
+
+        ours, _ = timed(args.repeat, attend_layers, native, q, ks, vs, table, lengths, scale)
+        plain, _ = timed(args.repeat, read_layers, ks, vs)
+        print(f"| {B} × {C} | {mb:.0f} | {ours:.1f} | {mb / ours:.1f} | {plain:.1f} |")
 
 
 if __name__ == "__main__":
