@@ -106,25 +106,24 @@ def attend_layers(native, q, ks, vs, table, lengths, scale: float) -> None:
 
 def read_layers(ks, vs) -> None:
     for k, v in zip(ks, vs, strict=True):
-        k.sum(), v.sum()
+        k.sum()
+        v.sum()
 
 
 def step_table(native, gen: torch.Generator, args: argparse.Namespace, scale: float) -> None:
-    """decode_attention once on each of L layers' pools (blocks of the sequences interleaved, as sequences that
-    grow together get them), against one plain read of the same keys and values."""
+    """decode_attention once on each of L layers' pools (slots handed out as in the decode table), against one
+    plain read of the same keys and values."""
     L, H, Hkv, D = args.step_layers, args.heads, args.kv_heads, args.head_dim
     print(f"\n| decode step, {L} layers: B × context | K+V MB | native ms | GB/s | a plain read of them, ms |")
     print("|---|---|---|---|---|")
     for B, C in STEP:
-        blocks = (C + 15) // 16
-        order = torch.randperm(B * blocks, generator=gen).view(blocks, B).t()  # block j of every sequence, then j+1
-        table = (order[:, :, None] * 16 + torch.arange(16)).reshape(B, -1)[:, :C].contiguous()
-        ks = [torch.randn(B * blocks * 16, Hkv, D, generator=gen) for _ in range(L)]
-        vs = [torch.randn(B * blocks * 16, Hkv, D, generator=gen) for _ in range(L)]
+        pool = (B * C + 15) // 16 * 16
+        ks = [torch.randn(pool, Hkv, D, generator=gen) for _ in range(L)]
+        vs = [torch.randn(pool, Hkv, D, generator=gen) for _ in range(L)]
         q = torch.randn(B, H, D, generator=gen)
+        table = paged_slots(B * C, gen).view(B, C)
         lengths = torch.full((B,), C)
-        mb = 2 * L * B * C * Hkv * D * 4 / 1e6
-
+        mb = 2 * L * pool * Hkv * D * 4 / 1e6
         ours, _ = timed(args.repeat, attend_layers, native, q, ks, vs, table, lengths, scale)
         plain, _ = timed(args.repeat, read_layers, ks, vs)
         print(f"| {B} × {C} | {mb:.0f} | {ours:.1f} | {mb / ours:.1f} | {plain:.1f} |")
